@@ -1,0 +1,387 @@
+"""Every knob of a tinylab run: the `Config` dataclass, named presets, flag parsing, validation.
+
+Resolution order, lowest to highest: dataclass defaults (the `grokking` preset) -> `--preset NAME`
+-> `--config FILE` -> flags typed on the command line. Stdlib only, so anything may import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+
+
+class ConfigError(Exception):
+    """Bad input a user can fix: one line naming the flag (or file) and what to do."""
+
+
+def _section(title: str):
+    """Returns a field factory whose knobs are listed under `title` in --help."""
+
+    def knob(default, help: str):
+        return field(default=default, metadata={"help": help, "group": title})
+
+    return knob
+
+
+_run = _section("run")
+_task = _section("task: modular arithmetic")
+_dyck = _section("task: Dyck languages")
+_text = _section("task: text")
+_model = _section("model")
+_optim = _section("optimization")
+_eval = _section("evaluation and early stopping")
+_log = _section("logging, checkpoints, W&B")
+_runtime = _section("runtime")
+
+TASKS = ("modular", "dyck", "text")
+OPERATIONS = ("add", "subtract", "multiply", "divide")
+NORMS = ("none", "layernorm", "rmsnorm")
+ACTIVATIONS = ("relu", "gelu")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+SHAKESPEARE_URL = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+
+
+@dataclass
+class Config:
+    # The defaults are the `grokking` preset: `python train.py` groks modular addition on a CPU.
+
+    # ---- run ----
+    run: str = _run("", "run name; the run lives in <save_model_dir>/<run>/ (empty: generated)")
+    save_model_dir: str = _run("runs", "directory that holds run directories")
+    preset: str = _run("grokking", "named set of defaults applied before --config and flags")
+    seed: int = _run(0, "seed for the data split, initialisation and sampling")
+    resume: str = _run("", "'auto' (resume <run>/last.pt if it exists) or a checkpoint / run dir")
+
+    # ---- task ----
+    task: str = _task("modular", "modular | dyck | text")
+    modulus: int = _task(113, "p: numbers are 0..p-1 (prime for divide)")
+    operation: str = _task("add", "add | subtract | multiply | divide (mod p)")
+    frac_train: float = _task(0.3, "fraction of all p*p pairs used for training (rest: validation)")
+
+    dyck_types: int = _dyck(2, "number of bracket types")
+    dyck_max_depth: int = _dyck(6, "maximum nesting depth")
+    dyck_min_len: int = _dyck(2, "minimum number of brackets in a sequence (even)")
+    dyck_max_len: int = _dyck(30, "maximum number of brackets in a sequence (even)")
+    dyck_num_train: int = _dyck(20000, "distinct training sequences")
+    dyck_num_val: int = _dyck(2000, "distinct validation sequences (never in training)")
+
+    data_path: str = _text("data/tiny_shakespeare.txt", "text corpus; downloaded from --data_url if missing")
+    data_url: str = _text(SHAKESPEARE_URL, "where to download --data_path from")
+    tokenizer: str = _text("char", "char, or a tiktoken encoding (gpt2, cl100k_base, o200k_base, ...)")
+    val_frac: float = _text(0.1, "fraction of the corpus (its end) held out for validation")
+
+    # ---- model ----
+    num_blocks: int = _model(1, "transformer blocks")
+    num_heads: int = _model(4, "attention heads per block")
+    embedding_dim: int = _model(128, "d_model, the residual stream width")
+    mlp_dim: int = _model(512, "d_mlp, MLP hidden width (0: 4 * embedding_dim)")
+    context_len: int = _model(3, "maximum sequence length (positional embeddings)")
+    norm: str = _model("none", "none | layernorm | rmsnorm (pre-norm blocks and a final norm)")
+    activation: str = _model("relu", "relu | gelu")
+    tie_embeddings: bool = _model(False, "share the embedding and unembedding matrices")
+    attention_only: bool = _model(False, "blocks without MLPs")
+    bias: bool = _model(True, "biases in linear layers and norms")
+    dropout: float = _model(0.0, "dropout on attention weights and residual branches")
+    attention_sink: bool = _model(False, "learnable per-head sink logit (attention may go nowhere)")
+    init_std: float = _model(0.02, "std of the normal initialisation of weight matrices")
+
+    # ---- optimization ----
+    max_steps: int = _optim(3000, "optimizer steps (0: use --epochs)")
+    epochs: float = _optim(0.0, "passes over the training set, used when --max_steps is 0")
+    batch_size: int = _optim(0, "global batch (sequences per optimizer step, all ranks); 0: full batch")
+    accumulation_steps: int = _optim(1, "micro-batches per optimizer step")
+    lr: float = _optim(3e-3, "AdamW learning rate (peak)")
+    weight_decay: float = _optim(1.0, "AdamW decoupled weight decay (matrices and embeddings)")
+    decay_all_params: bool = _optim(False, "also decay biases, norms and sinks (plain AdamW on everything)")
+    beta1: float = _optim(0.9, "AdamW beta1")
+    beta2: float = _optim(0.98, "AdamW beta2")
+    use_muon: bool = _optim(True, "Muon for hidden 2-D matrices, AdamW for the rest")
+    muon_lr: float = _optim(0.02, "Muon learning rate (peak)")
+    muon_momentum: float = _optim(0.95, "Muon momentum (Nesterov)")
+    muon_weight_decay: float = _optim(0.1, "Muon decoupled weight decay")
+    warmup_steps: int = _optim(10, "linear warm-up steps")
+    lr_schedule: str = _optim("constant", "decay after warm-up: cosine | linear | constant")
+    min_lr_frac: float = _optim(0.1, "final LR as a fraction of the peak (cosine, linear)")
+    grad_clip: float = _optim(1.0, "clip the global gradient norm (0: off)")
+    grokfast_lamb: float = _optim(0.0, "Grokfast: add lamb x EMA of the gradient to the gradient (0: off)")
+    grokfast_alpha: float = _optim(0.98, "Grokfast: decay of that gradient EMA")
+
+    # ---- evaluation and early stopping ----
+    eval_every: int = _eval(10, "evaluate every N optimizer steps")
+    eval_max_batches: int = _eval(0, "cap on validation batches per eval (0: the whole split)")
+    eval_batch_size: int = _eval(0, "sequences per validation batch (0: batch_size, or all for modular)")
+    target_val_acc: float = _eval(0.99, "stop once val_acc reaches this (0: off)")
+    patience: int = _eval(0, "stop after N evals without val_loss improving by min_delta (0: off)")
+    min_delta: float = _eval(0.0, "smallest val_loss decrease that counts as improvement")
+
+    # ---- logging, checkpoints, W&B ----
+    log_every: int = _log(10, "log training metrics every N optimizer steps")
+    save_model: bool = _log(True, "write last.pt and best.pt")
+    save_every: int = _log(500, "write last.pt every N optimizer steps (0: only at the end)")
+    sample_tokens: int = _log(0, "tokens sampled from fixed prompts at each eval (text)")
+    temperature: float = _log(0.8, "sampling temperature")
+    top_k: int = _log(200, "sample from the k most likely tokens (0: all)")
+    wandb_enabled: bool = _log(False, "log to Weights & Biases (settings from .env; WANDB_MODE=offline works)")
+    wandb_project: str = _log("tinylab", "W&B project")
+    wandb_entity: str = _log("", "W&B entity (empty: your default)")
+
+    # ---- runtime ----
+    device: str = _runtime("auto", "auto | cpu | cuda | mps")
+    dtype: str = _runtime("auto", "auto (bf16 autocast on capable GPUs, else fp32) | float32 | bfloat16 | float16")
+    torch_compile: bool = _runtime(False, "torch.compile the model (slow start; worth it on GPUs)")
+
+    def validate(self) -> "Config":
+        """Raises ConfigError naming the first flag whose value cannot work."""
+
+        def need(ok: bool, flag: str, message: str):
+            if not ok:
+                raise ConfigError(f"--{flag}: {message}")
+
+        for name, choices in (
+            ("task", TASKS), ("operation", OPERATIONS), ("norm", NORMS), ("activation", ACTIVATIONS),
+            ("lr_schedule", SCHEDULES), ("dtype", DTYPES), ("device", DEVICES), ("preset", PRESETS),
+        ):
+            value = getattr(self, name)
+            need(value in choices, name, f"{value!r} is not one of {', '.join(choices)}")
+        for name in ("num_blocks", "num_heads", "embedding_dim", "context_len", "accumulation_steps",
+                     "eval_every", "log_every", "dyck_types", "dyck_num_train", "dyck_num_val"):
+            need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("mlp_dim", "max_steps", "batch_size", "warmup_steps", "save_every", "patience",
+                     "sample_tokens", "top_k", "eval_max_batches", "eval_batch_size"):
+            need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
+        for name in ("lr", "muon_lr", "weight_decay", "muon_weight_decay", "grad_clip", "epochs",
+                     "min_delta", "init_std", "temperature", "grokfast_lamb"):
+            need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
+        need(self.embedding_dim % self.num_heads == 0, "num_heads",
+             f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}; "
+             f"pick a head count that divides it")
+        need(0 < self.frac_train < 1, "frac_train", f"must be strictly between 0 and 1, got {self.frac_train}")
+        need(0 < self.val_frac < 1, "val_frac", f"must be strictly between 0 and 1, got {self.val_frac}")
+        need(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        need(0 <= self.target_val_acc <= 1, "target_val_acc", f"must be in [0, 1], got {self.target_val_acc}")
+        need(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
+        for name in ("beta1", "beta2", "muon_momentum", "grokfast_alpha"):
+            need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        need(self.max_steps > 0 or self.epochs > 0, "max_steps", "set --max_steps or --epochs above 0")
+        if self.task == "modular":
+            need(self.modulus >= 2, "modulus", f"must be at least 2, got {self.modulus}")
+            if self.operation == "divide":
+                need(_is_prime(self.modulus), "modulus",
+                     f"{self.modulus} is not prime, so division mod p is not defined; use a prime")
+            need(self.context_len >= 3, "context_len",
+                 f"a modular example 'a b =' has 3 tokens; context_len {self.context_len} is too short")
+        if self.task == "dyck":
+            need(self.dyck_min_len % 2 == 0 and self.dyck_min_len >= 2, "dyck_min_len",
+                 f"must be an even number >= 2, got {self.dyck_min_len}")
+            need(self.dyck_max_len % 2 == 0 and self.dyck_max_len >= self.dyck_min_len, "dyck_max_len",
+                 f"must be even and >= dyck_min_len ({self.dyck_min_len}), got {self.dyck_max_len}")
+            need(self.dyck_max_depth >= 1, "dyck_max_depth", f"must be at least 1, got {self.dyck_max_depth}")
+            need(self.context_len >= self.dyck_max_len + 1, "context_len",
+                 f"Dyck sequences need dyck_max_len + 1 = {self.dyck_max_len + 1} positions "
+                 f"(BOS, brackets, EOS, shifted by one); got {self.context_len}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+# Named sets of defaults. `grokking` is the dataclass itself; the others list what differs from it.
+PRESETS: dict[str, dict] = {
+    "grokking": {},
+    # Nanda et al. 2023, "Progress measures for grokking via mechanistic interpretability":
+    # 1 layer, 4 heads, d_model 128, d_mlp 512, ReLU, no LayerNorm, untied embeddings,
+    # full-batch AdamW (lr 1e-3, weight decay 1.0 on every parameter, betas 0.9/0.98),
+    # 10 warm-up steps, p = 113 and 30 % of pairs for training, TransformerLens init N(0, 0.8/sqrt(d_model)).
+    # The paper trains 40k epochs.
+    "nanda": dict(
+        num_blocks=1, num_heads=4, embedding_dim=128, mlp_dim=512, activation="relu", norm="none",
+        tie_embeddings=False, bias=True, use_muon=False, lr=1e-3, weight_decay=1.0,
+        decay_all_params=True, beta1=0.9, beta2=0.98, batch_size=0, warmup_steps=10,
+        lr_schedule="constant", grad_clip=0.0, init_std=0.8 / 128**0.5, max_steps=40000,
+        eval_every=100, log_every=100, save_every=5000,
+    ),
+    "dyck": dict(
+        task="dyck", num_blocks=2, num_heads=4, embedding_dim=128, mlp_dim=512, context_len=31,
+        norm="layernorm", activation="gelu", tie_embeddings=True, batch_size=128, lr=3e-3,
+        weight_decay=0.1, beta2=0.95, use_muon=True, muon_weight_decay=0.0, lr_schedule="cosine",
+        warmup_steps=50, max_steps=2000, eval_every=100, log_every=50, target_val_acc=0.0,
+        save_every=1000,
+    ),
+    # nanoGPT's shakespeare_char: 6 blocks, 6 heads, 384 wide, context 256, batch 64, dropout 0.2.
+    "shakespeare_char": dict(
+        task="text", tokenizer="char", num_blocks=6, num_heads=6, embedding_dim=384, mlp_dim=0,
+        context_len=256, norm="layernorm", activation="gelu", tie_embeddings=True, bias=False,
+        dropout=0.2, batch_size=64, lr=1e-3, weight_decay=0.1, beta2=0.99, use_muon=False,
+        warmup_steps=100, lr_schedule="cosine", min_lr_frac=0.1, max_steps=5000, eval_every=250,
+        eval_max_batches=20, log_every=10, target_val_acc=0.0, save_every=1000, sample_tokens=200,
+    ),
+}
+
+# Fields that name a run rather than describe it: `--config` leaves them to the new run.
+_IDENTITY_FIELDS = ("run", "resume")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; we want one clear line
+        raise ConfigError(message)
+
+
+def _field_types() -> dict[str, type]:
+    hints = {"str": str, "int": int, "float": float, "bool": bool}
+    return {f.name: hints[f.type if isinstance(f.type, str) else f.type.__name__]
+            for f in dataclasses.fields(Config)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="train.py",
+        description="Train a small transformer. Later sources override earlier ones: "
+        "defaults < --preset < --config < flags.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # `--lr` must never silently mean `--lr_schedule`
+    )
+    parser.add_argument("--config", default=None, help="JSON file of a run's config (runs/<run>/config.json)")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    types = _field_types()
+    for f in dataclasses.fields(Config):
+        group_name = f.metadata["group"]
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        kind = types[f.name]
+        help_text = f.metadata["help"]
+        if f.name == "preset":
+            help_text += f" ({', '.join(PRESETS)})"
+        if kind is bool:
+            # `--flag`, `--flag true`, `--flag=False` all work.
+            group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True,
+                               default=f.default, metavar="BOOL", help=help_text)
+        else:
+            group.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=kind.__name__.upper(),
+                               help=help_text)
+    return parser
+
+
+# What nanoGPT, TransformerLens and friends call our knobs: used only to suggest the right name.
+_OTHER_NAMES = {
+    "learning_rate": "lr", "n_layer": "num_blocks", "n_layers": "num_blocks", "n_head": "num_heads",
+    "n_heads": "num_heads", "n_embd": "embedding_dim", "d_model": "embedding_dim", "d_mlp": "mlp_dim",
+    "block_size": "context_len", "n_ctx": "context_len", "max_iters": "max_steps",
+    "gradient_accumulation_steps": "accumulation_steps", "compile": "torch_compile",
+    "wandb_log": "wandb_enabled", "out_dir": "save_model_dir", "eval_interval": "eval_every",
+    "log_interval": "log_every", "warmup_iters": "warmup_steps", "wd": "weight_decay", "p": "modulus",
+}
+
+
+def _suggest(flag: str) -> str:
+    name = flag.lstrip("-").split("=")[0]
+    if name in _OTHER_NAMES:
+        return f"; did you mean --{_OTHER_NAMES[name]}?"
+    names = ["config"] + [f.name for f in dataclasses.fields(Config)]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    return f"; did you mean --{close[0]}?" if close else "; see --help for the list"
+
+
+def load_config_file(path: str) -> dict:
+    """Reads a config JSON; every key must be a Config field."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: {path} does not exist; pass the config.json of an existing run")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--config: {path} is not readable JSON ({e}); pass a run's config.json")
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config: {path} must hold a JSON object of flag names and values")
+    known = {f.name for f in dataclasses.fields(Config)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"--config: {path} has unknown key {key!r}{_suggest(key)}")
+    return values
+
+
+def _coerce(values: dict, source: str) -> dict:
+    """Type-checks values from a preset or JSON file against the dataclass field types."""
+    types = _field_types()
+    out = {}
+    for key, value in values.items():
+        kind = types[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"--{key}: {source} gives {value!r}, expected {kind.__name__}")
+        out[key] = value
+    return out
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
+    """Flags -> validated Config, plus the set of field names typed explicitly on the command line.
+
+    Raises ConfigError (unknown flag with a suggestion, bad value, missing --config file).
+    `--help` prints every flag with its default and exits 0, as argparse does.
+    """
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        if flag.startswith("-"):
+            raise ConfigError(f"unknown flag {flag.split('=')[0]}{_suggest(flag)}")
+        raise ConfigError(f"unexpected argument {flag!r}; flags look like --name value or --name=value")
+
+    # Which fields did the user type? Parse again with every default suppressed.
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(probe.parse_known_args(argv)[0])) - {"config"}
+
+    values = Config().to_dict()
+    preset = args.preset if "preset" in explicit else Config.preset
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    values.update(_coerce(PRESETS[preset], f"preset {preset!r}"))
+    values["preset"] = preset
+    if args.config is not None:
+        from_file = _coerce(load_config_file(args.config), args.config)
+        values.update({k: v for k, v in from_file.items() if k not in _IDENTITY_FIELDS})
+    values.update({name: getattr(args, name) for name in explicit})
+    return Config(**values).validate(), explicit
+
+
+def config_from_dict(values: dict, overrides: dict | None = None) -> Config:
+    """A Config from a saved dict (e.g. a checkpoint's), with optional overrides; validated."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    merged = {k: v for k, v in values.items() if k in known}
+    merged.update(overrides or {})
+    return Config(**_coerce(merged, "saved config")).validate()
+
+
+def format_config(cfg: Config) -> str:
+    """The config as `section: key=value ...` lines, for the head of every log."""
+    sections: dict[str, list[str]] = {}
+    for f in dataclasses.fields(Config):
+        sections.setdefault(f.metadata["group"], []).append(f"{f.name}={getattr(cfg, f.name)!r}")
+    return "\n".join(f"  {title}: {' '.join(items)}" for title, items in sections.items())

@@ -1,0 +1,480 @@
+"""Tasks -> train/val data and batches: modular arithmetic, Dyck languages, text (char or tiktoken).
+
+Batches are a pure function of (seed, step): the global batch of step s is the same whatever the
+world size or accumulation, each rank takes its own slice of it, and resuming at step s draws
+exactly the batches the uninterrupted run would have. The "data-iterator position" of a
+checkpoint is therefore just its step.
+
+Every task yields `(tokens, targets)` pairs: tokens [batch, seq], targets [batch, seq] with IGNORE
+wherever no loss is taken (padding after a Dyck sequence's EOS) — or, for tasks whose loss reads
+only the end of the sequence (modular arithmetic), targets [batch, loss_positions] for the last
+positions, and the model computes only those logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from config import Config, ConfigError
+from utils import Dist
+
+IGNORE = -100  # cross_entropy's ignore_index
+
+
+def _step_seed(seed: int, *parts: int) -> int:
+    """A well-mixed 63-bit seed for (seed, *parts), so nearby steps get unrelated streams."""
+    digest = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class TaskData:
+    """What the training loop needs from a task. Subclasses fill the fields and batch methods."""
+
+    vocab_size: int
+    seq_len: int  # length of the model's input sequences
+    train_size: int  # training examples (sequences, or windows for text)
+    loss_positions: int | None = None  # targets cover only the last N positions (None: all)
+
+    def __init__(self, cfg: Config, dist_info: Dist, device: torch.device):
+        self.cfg = cfg
+        self.dist = dist_info
+        self.device = device
+
+    # -- training
+    def global_batch_size(self) -> int:
+        full = self.train_size
+        return full if self.cfg.batch_size == 0 or self.cfg.batch_size >= full else self.cfg.batch_size
+
+    def train_batches(self, step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        """This rank's micro-batches for optimizer step `step`, and the number of supervised targets
+        in the whole global batch (all ranks, all micro-steps), which normalises the loss."""
+        raise NotImplementedError
+
+    def steps_per_epoch(self) -> int:
+        return max(1, self.train_size // self.global_batch_size())
+
+    def _my_chunks(self, items: torch.Tensor) -> list[torch.Tensor]:
+        """Splits a global batch into accumulation_steps × world_size chunks; returns this rank's."""
+        accumulation, world = self.cfg.accumulation_steps, self.dist.world_size
+        chunks = torch.tensor_split(items, accumulation * world)
+        return [chunks[micro * world + self.dist.rank] for micro in range(accumulation)]
+
+    # -- evaluation
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """This rank's share of the validation split, as (tokens, targets, extras)."""
+        raise NotImplementedError
+
+    def eval_sums(self, logits: torch.Tensor, targets: torch.Tensor, extras: dict) -> dict[str, float]:
+        """Additive statistics of one validation batch; summed over batches and ranks."""
+        mask = targets != IGNORE
+        loss_sum = F.cross_entropy(logits.float()[mask], targets[mask], reduction="sum")
+        correct = (logits.argmax(-1)[mask] == targets[mask]).sum()
+        return {"loss_sum": loss_sum.item(), "correct": correct.item(), "count": int(mask.sum())}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        count = max(sums.get("count", 0), 1)
+        return {"val_loss": sums["loss_sum"] / count, "val_acc": sums["correct"] / count}
+
+    def _split_for_rank(self, n: int) -> torch.Tensor:
+        return torch.arange(n)[self.dist.rank :: self.dist.world_size]
+
+    def _eval_batch_size(self, default: int) -> int:
+        return self.cfg.eval_batch_size or default
+
+
+class _IndexedData(TaskData):
+    """A dataset held whole on the device; a batch is an index gather (modular, Dyck)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+    def _finish(self):
+        self.train_size = len(self.train_x)
+        self.seq_len = self.train_x.shape[1]
+        assert self.train_y.shape[1] == (self.loss_positions or self.seq_len)
+        self._epoch_order = (-1, None)
+        self._targets_per_example = (self.train_y != IGNORE).sum(1)
+
+    def _global_indices(self, step: int) -> torch.Tensor:
+        batch = self.global_batch_size()
+        if batch == self.train_size:
+            return torch.arange(self.train_size)  # full batch: order is irrelevant
+        epoch, offset = divmod(step, self.steps_per_epoch())
+        if self._epoch_order[0] != epoch:  # a fresh shuffle per epoch, drop the ragged tail
+            generator = torch.Generator().manual_seed(_step_seed(self.cfg.seed, 1, epoch))
+            self._epoch_order = (epoch, torch.randperm(self.train_size, generator=generator))
+        return self._epoch_order[1][offset * batch : (offset + 1) * batch]
+
+    def train_batches(self, step):
+        indices = self._global_indices(step)
+        num_targets = int(self._targets_per_example[indices].sum())
+        batches = []
+        for chunk in self._my_chunks(indices):
+            chunk = chunk.to(self.device)
+            batches.append((self.train_x[chunk], self.train_y[chunk]))
+        return batches, num_targets
+
+    def val_batches(self):
+        mine = self._split_for_rank(len(self.val_x)).to(self.device)
+        size = self._eval_batch_size(len(mine))
+        limit = self.cfg.eval_max_batches or None
+        for i, start in enumerate(range(0, len(mine), size)):
+            if limit is not None and i >= limit:
+                break
+            chunk = mine[start : start + size]
+            yield self.val_x[chunk], self.val_y[chunk], self._val_extras(chunk)
+
+    def _val_extras(self, chunk: torch.Tensor) -> dict:
+        return {}
+
+
+# ---------------------------------------------------------------- modular arithmetic
+
+
+def modular_table(p: int, operation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every pair (a, b) in 0..p-1 with its answer; division skips b = 0. Ordered by a*p + b."""
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.flatten(), b.flatten()
+    if operation == "divide":
+        keep = b != 0
+        a, b = a[keep], b[keep]
+        inverse = torch.tensor([pow(int(x), -1, p) for x in b])  # b⁻¹ mod p (p prime)
+        answer = (a * inverse) % p
+    else:
+        answer = {"add": a + b, "subtract": a - b, "multiply": a * b}[operation] % p
+    return a, b, answer
+
+
+class ModularData(_IndexedData):
+    """`a b =` → answer at `=`. Tokens 0..p-1 are numbers, token p is `=`. Targets [N, 1]: the answer.
+
+    All p² pairs (p(p-1) for division) are split once, by a permutation seeded with cfg.seed,
+    into frac_train for training and the rest for validation.
+    """
+
+    def __init__(self, cfg, dist_info, device):
+        super().__init__(cfg, dist_info, device)
+        p = cfg.modulus
+        self.p = p
+        self.equals_token = p
+        self.vocab_size = p + 1
+        self.a, self.b, self.answer = modular_table(p, cfg.operation)
+        n = len(self.a)
+        tokens = torch.stack([self.a, self.b, torch.full_like(self.a, p)], dim=1)
+        targets = self.answer[:, None]
+        self.loss_positions = 1
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+        num_train = int(round(cfg.frac_train * n))
+        if not 0 < num_train < n:
+            raise ConfigError(f"--frac_train: {cfg.frac_train} of {n} pairs leaves an empty split")
+        # Indices into the full table (ordered by a*p + b), kept for analysis of the run.
+        self.train_idx = order[:num_train].sort().values
+        self.val_idx = order[num_train:].sort().values
+        self.tokens, self.targets = tokens.to(device), targets.to(device)
+        self.train_x, self.train_y = self.tokens[self.train_idx.to(device)], self.targets[self.train_idx.to(device)]
+        self.val_x, self.val_y = self.tokens[self.val_idx.to(device)], self.targets[self.val_idx.to(device)]
+        self._finish()
+
+
+# ---------------------------------------------------------------- Dyck languages
+
+
+class DyckData(_IndexedData):
+    """Balanced sequences over k bracket types: BOS, brackets, EOS, then PAD.
+
+    Vocabulary: 0 PAD, 1 BOS, 2 EOS, 3..3+k-1 opening brackets, 3+k..3+2k-1 closing brackets.
+    Targets are next tokens (PAD ignored). Each validation position also knows its set of valid
+    continuations: an opening bracket while depth and remaining length allow one, the closing
+    bracket matching the top of the stack, EOS once balanced and long enough. A position is
+    *forced* when exactly one continuation is valid (e.g. at maximum depth the stack decides
+    the closing bracket); `val_forced_acc` is accuracy there and `val_valid_frac` the share of
+    positions whose argmax is a valid continuation.
+    """
+
+    PAD, BOS, EOS = 0, 1, 2
+
+    def __init__(self, cfg, dist_info, device):
+        super().__init__(cfg, dist_info, device)
+        k = cfg.dyck_types
+        self.open_tokens = list(range(3, 3 + k))
+        self.close_tokens = list(range(3 + k, 3 + 2 * k))
+        self.vocab_size = 3 + 2 * k
+        rng = np.random.default_rng(_step_seed(cfg.seed, 2))
+        wanted = cfg.dyck_num_train + cfg.dyck_num_val
+        sequences, valid = generate_dyck(2 * wanted + 1000, k, cfg.dyck_max_depth, cfg.dyck_min_len,
+                                         cfg.dyck_max_len, rng)
+        # Distinct sequences only, in their random order, so validation never appears in training.
+        _, first = np.unique(sequences, axis=0, return_index=True)
+        first.sort()
+        if len(first) < wanted:
+            raise ConfigError(
+                f"--dyck_num_train: only {len(first)} distinct sequences exist for these settings but "
+                f"{wanted} (train + val) were asked for; lower --dyck_num_train/--dyck_num_val "
+                f"or raise --dyck_max_len")
+        val_rows, train_rows = first[: cfg.dyck_num_val], first[cfg.dyck_num_val : wanted]
+        self.train_sequences = sequences[train_rows]
+        self.val_sequences = sequences[val_rows]
+
+        def split(rows):
+            seq = torch.from_numpy(sequences[rows]).long()
+            x, y = seq[:, :-1].clone(), seq[:, 1:].clone()
+            y[y == self.PAD] = IGNORE
+            return x.to(device), y.to(device)
+
+        self.train_x, self.train_y = split(train_rows)
+        self.val_x, self.val_y = split(val_rows)
+        self.val_valid = torch.from_numpy(valid[val_rows]).to(device)  # [N, seq, vocab] bool
+        self._finish()
+
+    def _val_extras(self, chunk):
+        return {"valid": self.val_valid[chunk]}
+
+    def eval_sums(self, logits, targets, extras):
+        sums = super().eval_sums(logits, targets, extras)
+        mask = targets != IGNORE
+        valid = extras["valid"]
+        predicted = logits.argmax(-1)
+        predicted_valid = valid.gather(-1, predicted.unsqueeze(-1)).squeeze(-1)
+        forced = mask & (valid.sum(-1) == 1)
+        sums["valid_hits"] = int(predicted_valid[mask].sum())
+        sums["forced_correct"] = int((predicted == targets)[forced].sum())
+        sums["forced_count"] = int(forced.sum())
+        return sums
+
+    def eval_metrics(self, sums):
+        metrics = super().eval_metrics(sums)
+        metrics["val_forced_acc"] = sums["forced_correct"] / max(sums["forced_count"], 1)
+        metrics["val_valid_frac"] = sums["valid_hits"] / max(sums["count"], 1)
+        return metrics
+
+
+def generate_dyck(n: int, k: int, max_depth: int, min_len: int, max_len: int, rng: np.random.Generator):
+    """n random Dyck sequences (vectorised over sequences) and their valid-continuation masks.
+
+    Returns sequences [n, max_len + 2] (BOS ... EOS PAD...) and valid [n, max_len + 1, 3 + 2k]:
+    valid[i, t] is the set of tokens that may follow sequences[i, : t + 1].
+    """
+    PAD, BOS, EOS, OPEN, CLOSE = 0, 1, 2, 3, 3 + k
+    vocab = 3 + 2 * k
+    lengths = rng.choice(np.arange(min_len, max_len + 1, 2), size=n)
+    seq = np.full((n, max_len + 2), PAD, dtype=np.int64)
+    seq[:, 0] = BOS
+    valid = np.zeros((n, max_len + 1, vocab), dtype=bool)
+    stack = np.zeros((n, max_depth), dtype=np.int64)
+    depth = np.zeros(n, dtype=np.int64)
+    rows = np.arange(n)
+    for t in range(max_len + 1):  # t brackets written so far; choose token t + 1
+        # What may follow the prefix (for any sequence, not just this one's sampled length).
+        may_open = (depth < max_depth) & (t + depth + 2 <= max_len)
+        valid[:, t, OPEN : OPEN + k] = may_open[:, None]
+        has_top = depth > 0
+        top = stack[rows, np.maximum(depth - 1, 0)]
+        valid[rows[has_top], t, CLOSE + top[has_top]] = True
+        valid[:, t, EOS] = (depth == 0) & (t >= min_len)
+        if t == max_len:
+            break
+        # The sampled continuation, steering toward this sequence's own length.
+        active = t < lengths
+        remaining = lengths - t
+        can_open = active & (depth < max_depth) & (depth + 1 <= remaining - 1)
+        can_close = active & has_top
+        opens = can_open & (~can_close | (rng.random(n) < 0.5))
+        closes = active & ~opens
+        kinds = rng.integers(0, k, n)
+        o = rows[opens]
+        seq[o, t + 1] = OPEN + kinds[o]
+        stack[o, depth[o]] = kinds[o]
+        depth[o] += 1
+        c = rows[closes]
+        seq[c, t + 1] = CLOSE + top[c]
+        depth[c] -= 1
+    seq[rows, lengths + 1] = EOS
+    # Positions after EOS have nothing valid to predict (their targets are PAD, ignored).
+    after = np.arange(max_len + 1)[None, :] > lengths[:, None]
+    valid[after] = False
+    return seq, valid
+
+
+# ---------------------------------------------------------------- text
+
+
+class CharTokenizer:
+    def __init__(self, vocab: str):
+        self.vocab = vocab
+        self.n_vocab = len(vocab)
+        self._index = {ch: i for i, ch in enumerate(vocab)}
+
+    def encode(self, text: str) -> list[int]:
+        return [self._index[ch] for ch in text if ch in self._index]
+
+    def decode(self, ids) -> str:
+        return "".join(self.vocab[i] for i in ids if 0 <= i < self.n_vocab)
+
+
+class TiktokenTokenizer:
+    def __init__(self, name: str):
+        import tiktoken
+
+        try:
+            self._encoding = tiktoken.get_encoding(name)
+        except ValueError:
+            known = ", ".join(tiktoken.list_encoding_names())
+            raise ConfigError(f"--tokenizer: {name!r} is neither 'char' nor a tiktoken encoding ({known})") from None
+        except Exception as e:  # the BPE file could not be downloaded
+            raise ConfigError(
+                f"--tokenizer: could not load the {name!r} BPE file ({type(e).__name__}); when offline, "
+                f"set TIKTOKEN_CACHE_DIR to a directory that holds it") from None
+        self.n_vocab = self._encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self._encoding.encode_ordinary(text)
+
+    def decode(self, ids) -> str:
+        return self._encoding.decode([int(i) for i in ids if 0 <= int(i) < self.n_vocab])
+
+
+def download(url: str, path: str) -> None:
+    """Fetches `url` to `path` through a temporary file, so a failed download leaves nothing."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.download-{os.getpid()}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise ConfigError(
+            f"--data_path: {path} is missing and downloading it from {url} failed ({e}); "
+            f"place the file there by hand or point --data_path at a copy") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_tokens(cfg: Config):
+    """The corpus as a token memmap cached next to the text, and its tokenizer.
+
+    The cache is `<text>.<tokenizer>.bin` (uint16 when the vocabulary fits, else uint32) with a
+    `.json` beside it recording the tokenizer, dtype, length and the text's size; a stale or
+    foreign cache is rebuilt.
+    """
+    path = cfg.data_path
+    if not os.path.isfile(path):
+        download(cfg.data_url, path)
+    stat = os.stat(path)
+    cache, meta_path = f"{path}.{cfg.tokenizer}.bin", f"{path}.{cfg.tokenizer}.json"
+    meta = None
+    if os.path.isfile(meta_path) and os.path.isfile(cache):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            meta = None
+        if meta and (meta.get("source_bytes") != stat.st_size or meta.get("tokenizer") != cfg.tokenizer):
+            meta = None
+    if meta is None:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if cfg.tokenizer == "char":
+            tokenizer = CharTokenizer("".join(sorted(set(text))))
+        else:
+            tokenizer = TiktokenTokenizer(cfg.tokenizer)
+        ids = np.array(tokenizer.encode(text), dtype=np.int64)
+        dtype = "uint16" if tokenizer.n_vocab <= 2**16 else "uint32"
+        meta = {"tokenizer": cfg.tokenizer, "dtype": dtype, "num_tokens": int(len(ids)),
+                "source_bytes": stat.st_size, "n_vocab": tokenizer.n_vocab,
+                "vocab": tokenizer.vocab if cfg.tokenizer == "char" else None}
+        tmp = f"{cache}.tmp-{os.getpid()}"
+        ids.astype(dtype).tofile(tmp)
+        os.replace(tmp, cache)
+        with open(f"{meta_path}.tmp-{os.getpid()}", "w") as f:
+            json.dump(meta, f)
+        os.replace(f"{meta_path}.tmp-{os.getpid()}", meta_path)
+    else:
+        tokenizer = CharTokenizer(meta["vocab"]) if cfg.tokenizer == "char" else TiktokenTokenizer(cfg.tokenizer)
+    tokens = np.memmap(cache, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+    return tokens, tokenizer
+
+
+class TextData(TaskData):
+    """Next-token prediction on a corpus: the first 1 - val_frac for training (random windows of
+    context_len), the end for validation (consecutive, non-overlapping windows)."""
+
+    SAMPLE_PROMPTS = ("\n", "ROMEO:", "First Citizen:\n")
+
+    def __init__(self, cfg, dist_info, device):
+        super().__init__(cfg, dist_info, device)
+        tokens, self.tokenizer = load_tokens(cfg)
+        self.seq_len = cfg.context_len
+        split = int(len(tokens) * (1 - cfg.val_frac))
+        self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
+        for name, part in (("training", self.train_tokens), ("validation", self.val_tokens)):
+            if len(part) <= self.seq_len + 1:
+                raise ConfigError(f"--context_len: the {name} split of {cfg.data_path} has {len(part)} "
+                                  f"tokens, too few for windows of {self.seq_len}; lower --context_len")
+        # Embedding rows are padded to a multiple of 64 for large vocabularies (faster matmuls);
+        # the padded rows are never targets.
+        n = self.tokenizer.n_vocab
+        self.vocab_size = n if n <= 256 else (n + 63) // 64 * 64
+        self.train_size = len(self.train_tokens) // self.seq_len
+        self._pin = device.type == "cuda"
+
+    def global_batch_size(self):
+        return self.cfg.batch_size or 64  # "full batch" has no meaning for a corpus
+
+    def _windows(self, source: np.ndarray, starts: np.ndarray):
+        span = self.seq_len + 1
+        rows = np.stack([source[s : s + span] for s in starts]).astype(np.int64)
+        batch = torch.from_numpy(rows)
+        if self._pin:
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True)
+        return batch[:, :-1], batch[:, 1:]
+
+    def train_batches(self, step):
+        batch = self.global_batch_size()
+        generator = np.random.default_rng(_step_seed(self.cfg.seed, 3, step))
+        starts = generator.integers(0, len(self.train_tokens) - self.seq_len - 1, size=batch)
+        mine = self._my_chunks(torch.from_numpy(starts))
+        return [self._windows(self.train_tokens, chunk.numpy()) for chunk in mine], batch * self.seq_len
+
+    def val_batches(self):
+        num_windows = (len(self.val_tokens) - 1) // self.seq_len
+        size = self._eval_batch_size(self.global_batch_size())
+        if self.cfg.eval_max_batches:
+            num_windows = min(num_windows, self.cfg.eval_max_batches * size * self.dist.world_size)
+        mine = self._split_for_rank(num_windows).numpy() * self.seq_len
+        for start in range(0, len(mine), size):
+            x, y = self._windows(self.val_tokens, mine[start : start + size])
+            yield x, y, {}
+
+    def eval_metrics(self, sums):
+        metrics = super().eval_metrics(sums)
+        metrics["val_perplexity"] = float(np.exp(min(metrics["val_loss"], 50.0)))
+        return metrics
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def build_data(cfg: Config, dist_info: Dist, device: torch.device) -> TaskData:
+    data = {"modular": ModularData, "dyck": DyckData, "text": TextData}[cfg.task](cfg, dist_info, device)
+    if data.seq_len > cfg.context_len:
+        raise ConfigError(f"--context_len: {cfg.task} sequences have {data.seq_len} tokens; "
+                          f"raise --context_len to at least that")
+    return data

@@ -1,0 +1,192 @@
+"""Optimizers and schedules: parameter groups, Muon (ours) + AdamW, warm-up and decay, early stopping."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from config import Config
+
+# Quintic Newton–Schulz coefficients from Keller Jordan's Muon (also torch.optim.Muon's defaults).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32,
+                  eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U Vᵀ for matrix = U S Vᵀ, by `steps` quintic Newton–Schulz iterations in `dtype`.
+
+    The iteration pushes every singular value towards ~1 (roughly into [0.7, 1.2]); working on the
+    wide orientation keeps the Gram matrix X Xᵀ the small one.
+    """
+    a, b, c = NS_COEFFICIENTS
+    x = matrix.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # Frobenius norm bounds the spectral norm: start inside [0, 1]
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then orthogonalised updates, for 2-D hidden weight matrices.
+
+    Same update as torch.optim.Muon (EMA momentum buffer, Nesterov, decoupled weight decay, the
+    learning rate scaled by sqrt(max(1, rows/cols))), but Newton–Schulz runs in `ns_dtype`:
+    PyTorch's runs in bf16, which a CPU executes 2–3× slower than fp32. We default to bf16 on
+    CUDA (tensor cores) and fp32 elsewhere.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        ns_steps=ns_steps, ns_dtype=ns_dtype)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes only 2-D parameters, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
+                ns_dtype = group["ns_dtype"] or (torch.bfloat16 if p.is_cuda else torch.float32)
+                update = orthogonalize(update, group["ns_steps"], ns_dtype)
+                p.mul_(1 - lr * decay)
+                p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+        return loss
+
+
+class GrokfastEMA:
+    """Amplifies the slow part of the gradient (Lee et al. 2024, "Grokfast"): g <- g + lamb * EMA(g).
+
+    The EMA (decay alpha) starts from the first gradient. Applied after backward, before clipping;
+    its state goes into the checkpoint so a resumed run continues exactly.
+    """
+
+    def __init__(self, params, alpha: float, lamb: float):
+        self.params = [p for p in params if p.requires_grad]
+        self.alpha, self.lamb = alpha, lamb
+        self.averages: list[torch.Tensor | None] = [None] * len(self.params)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            if self.averages[i] is None:
+                self.averages[i] = p.grad.detach().clone()
+            else:
+                self.averages[i].lerp_(p.grad, 1 - self.alpha)
+            p.grad.add_(self.averages[i], alpha=self.lamb)
+
+    def state_dict(self) -> dict:
+        return {"averages": self.averages}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.averages = [None if a is None else a.to(p.device) for a, p in zip(state["averages"], self.params)]
+
+
+def _is_hidden_matrix(name: str, p: nn.Parameter) -> bool:
+    """Muon's share: 2-D weights inside blocks (attention and MLP), not embeddings or unembedding."""
+    return p.ndim == 2 and name.startswith("blocks.")
+
+
+def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimizer]:
+    """AdamW alone, or Muon for hidden matrices plus AdamW for everything else.
+
+    AdamW decays matrices and embeddings and leaves biases, norms and sinks alone (unless
+    --decay_all_params, the plain `AdamW(model.parameters())` of Nanda et al.).
+    Each group remembers its peak LR as `initial_lr`; `apply_lr` scales from it.
+    """
+    seen: set[int] = set()
+    muon_params, decay, no_decay = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        if cfg.use_muon and _is_hidden_matrix(name, p):
+            muon_params.append(p)
+        elif p.ndim >= 2 or cfg.decay_all_params:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    fused = next(model.parameters()).is_cuda
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)]
+    if muon_params:
+        optimizers.append(Muon(muon_params, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                               weight_decay=cfg.muon_weight_decay))
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(step: int, cfg: Config, max_steps: int) -> float:
+    """Linear warm-up over warmup_steps, then cosine / linear decay to min_lr_frac, or constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    if cfg.lr_schedule == "cosine":
+        shape = 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        shape = 1 - progress
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * shape
+
+
+def apply_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+
+class EarlyStopping:
+    """Stops on a target validation accuracy, or after `patience` evals without val_loss improving
+    by more than `min_delta`. Its state goes into the checkpoint."""
+
+    def __init__(self, patience: int = 0, min_delta: float = 0.0, target_val_acc: float = 0.0):
+        self.patience, self.min_delta, self.target_val_acc = patience, min_delta, target_val_acc
+        self.best_loss = math.inf
+        self.bad_evals = 0
+        self.reason = ""
+
+    def update(self, val_loss: float, val_acc: float | None) -> bool:
+        """Records one eval; True when training should stop (the reason is in `self.reason`)."""
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.bad_evals = val_loss, 0
+        else:
+            self.bad_evals += 1
+        if self.target_val_acc and val_acc is not None and val_acc >= self.target_val_acc:
+            self.reason = f"val_acc {val_acc:.4f} reached target {self.target_val_acc}"
+        elif self.patience and self.bad_evals >= self.patience:
+            self.reason = f"val_loss did not improve by {self.min_delta} for {self.patience} evals"
+        return bool(self.reason)
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_loss, self.bad_evals = state["best_loss"], state["bad_evals"]

@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+
+from config import Config
+from model import Transformer
+from optimizer import EarlyStopping, Muon, build_optimizers, lr_multiplier, orthogonalize
+
+
+def _run_both(ns_dtype, shapes=((64, 32), (32, 96), (48, 48)), steps=4, **hyper):
+    torch.manual_seed(0)
+    ours_params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    theirs_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = Muon(ours_params, ns_dtype=ns_dtype, **hyper)
+    theirs = torch.optim.Muon(theirs_params, **hyper)
+    for _ in range(steps):
+        grads = [torch.randn(*s) for s in shapes]
+        for p, q, g in zip(ours_params, theirs_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    return [p.detach() for p in ours_params], [q.detach() for q in theirs_params]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_matches_torch_optim_muon_in_bf16(nesterov):
+    # torch.optim.Muon runs Newton–Schulz in bf16; in the same dtype ours gives the same update.
+    hyper = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=0.1)
+    ours, theirs = _run_both(torch.bfloat16, **hyper)
+    for p, q in zip(ours, theirs):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0)
+
+
+def test_muon_fp32_is_the_same_update_more_precisely():
+    ours, theirs = _run_both(torch.float32, lr=0.02, momentum=0.95, weight_decay=0.0)
+    start = _run_both(torch.float32, steps=0)[0]
+    for p, q, p0 in zip(ours, theirs, start):
+        step_ours, step_theirs = p - p0, q - p0
+        cosine = torch.nn.functional.cosine_similarity(step_ours.flatten(), step_theirs.flatten(), dim=0)
+        assert cosine > 0.99  # bf16 rounding apart, the same direction and size
+        assert step_ours.norm() == pytest.approx(step_theirs.norm().item(), rel=0.02)
+
+
+def test_orthogonalize_flattens_the_spectrum():
+    torch.manual_seed(0)
+    tall = torch.randn(128, 32) * torch.logspace(0, 2, 32)  # singular values spread over 100x
+    for matrix in (tall, tall.T):
+        assert torch.linalg.svdvals(matrix).max() / torch.linalg.svdvals(matrix).min() > 50
+        singular = torch.linalg.svdvals(orthogonalize(matrix))
+        assert singular.max() < 1.3 and singular.min() > 0.5
+
+
+def test_muon_rejects_non_matrices():
+    with pytest.raises(ValueError, match="2-D"):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
+def test_parameter_groups():
+    cfg = Config(num_blocks=2, norm="layernorm", attention_sink=True)
+    model = Transformer(cfg, 20)
+    adamw, muon = build_optimizers(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert muon_names == {f"blocks.{i}.{m}" for i in range(2)
+                          for m in ("attn.qkv.weight", "attn.out.weight", "mlp.fc_in.weight", "mlp.fc_out.weight")}
+    decay, no_decay = adamw.param_groups
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay_names == {"embed.weight", "pos_embed.weight", "unembed.weight"}
+    assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "blocks.0.attn.sink" in no_decay_names and "blocks.1.ln1.norm.weight" in no_decay_names
+    counted = sum(len(g["params"]) for o in (adamw, muon) for g in o.param_groups)
+    assert counted == len(list(model.parameters()))  # every parameter exactly once
+
+
+def test_adamw_only_and_decay_all():
+    cfg = Config(use_muon=False, decay_all_params=True, tie_embeddings=True)
+    (adamw,) = build_optimizers(Transformer(cfg, 20), cfg)
+    assert len(adamw.param_groups) == 1 and adamw.param_groups[0]["weight_decay"] == cfg.weight_decay
+
+
+def test_schedules():
+    cfg = Config(warmup_steps=10, lr_schedule="cosine", min_lr_frac=0.1)
+    assert lr_multiplier(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_multiplier(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_multiplier(110, cfg, 110) == pytest.approx(0.1)
+    cfg.lr_schedule = "linear"
+    assert lr_multiplier(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_multiplier(35, cfg, 110) == pytest.approx(0.1 + 0.9 * 0.75)
+    cfg.lr_schedule = "constant"
+    assert lr_multiplier(100, cfg, 110) == 1.0
+
+
+def test_early_stopping():
+    target = EarlyStopping(target_val_acc=0.99)
+    assert not target.update(1.0, 0.5) and target.update(2.0, 0.995)
+    assert "0.995" in target.reason
+    patient = EarlyStopping(patience=2, min_delta=0.1)
+    assert not patient.update(1.0, None)
+    assert not patient.update(0.95, None)  # improvement below min_delta: counts as bad
+    assert patient.update(0.97, None)
+    resumed = EarlyStopping(patience=2, min_delta=0.1)
+    resumed.load_state_dict(EarlyStopping(patience=2).state_dict() | {"best_loss": 1.0, "bad_evals": 1})
+    assert resumed.update(1.0, None)
+    assert math.isinf(EarlyStopping().best_loss)

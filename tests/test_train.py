@@ -1,0 +1,208 @@
+"""train.main end to end: run directories, checkpoints, resume, W&B offline, and bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from conftest import run_train, tiny_args
+from utils import read_metrics
+
+RUN_FILES = {"config.json", "train.log", "metrics.jsonl", "last.pt", "best.pt", "training_curves.png"}
+
+
+def files(run_dir):
+    return set(os.listdir(run_dir))
+
+
+def test_modular_run_writes_its_run_directory(tmp_path, capsys):
+    summary = train.main(tiny_args(tmp_path, "--run", "m1"))
+    run_dir = tmp_path / "runs" / "m1"
+    assert summary["run_dir"] == str(run_dir) and summary["steps"] == 20
+    assert RUN_FILES <= files(run_dir)
+    out = capsys.readouterr().out
+    assert "done: 20 steps in" in out and "torch" in out.splitlines()[2 + 9]  # config, then versions
+    log = (run_dir / "train.log").read_text()
+    assert "optimization: max_steps=20" in log and "done: 20 steps" in log
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 5, 10, 15, 20]
+    for key in ("train_loss", "train_acc", "lr", "grad_norm", "ms_per_step", "tokens_per_sec"):
+        assert all(key in r for r in records)
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20] and all("val_acc" in r for r in evals)
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["modulus"] == 17 and config["run"] == "m1"
+
+    ckpt = torch.load(run_dir / "last.pt", weights_only=True)
+    for key in ("model", "optimizers", "scaler", "step", "rng", "data_position", "early_stopping",
+                "best_val_loss", "config", "wandb_id"):
+        assert key in ckpt
+    assert ckpt["step"] == 20 and ckpt["config"]["modulus"] == 17
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["best_val_loss"] == min(r["val_loss"] for r in evals)
+
+
+def test_generated_run_names_never_collide(tmp_path):
+    first = train.main(tiny_args(tmp_path, "--max_steps", "2"))["run_dir"]
+    second = train.main(tiny_args(tmp_path, "--max_steps", "2"))["run_dir"]
+    assert first != second and os.path.basename(first).startswith("add17-")
+
+
+def test_dyck_run(tmp_path):
+    summary = train.main(["--preset", "dyck", "--save_model_dir", str(tmp_path), "--run", "d",
+                          "--max_steps", "30", "--eval_every", "15", "--num_blocks", "1",
+                          "--embedding_dim", "32", "--mlp_dim", "64", "--dyck_num_train", "300",
+                          "--dyck_num_val", "100", "--batch_size", "32"])
+    assert RUN_FILES <= files(tmp_path / "d")
+    assert {"val_forced_acc", "val_valid_frac", "val_acc", "val_loss"} <= set(summary)
+    assert 0 <= summary["val_valid_frac"] <= 1
+
+
+def test_text_run_samples_and_perplexity(tmp_path, corpus, capsys):
+    summary = train.main(["--preset", "shakespeare_char", "--data_path", corpus, "--save_model_dir",
+                          str(tmp_path), "--run", "t", "--num_blocks", "1", "--embedding_dim", "32",
+                          "--num_heads", "2", "--context_len", "32", "--batch_size", "8",
+                          "--max_steps", "12", "--eval_every", "6", "--sample_tokens", "20"])
+    assert RUN_FILES <= files(tmp_path / "t")
+    assert summary["val_perplexity"] == pytest.approx(2.718281828 ** summary["val_loss"], rel=1e-6)
+    out = capsys.readouterr().out
+    assert "--- sample from 'ROMEO:'" in out
+
+
+def test_accumulation_gives_the_same_step_as_one_big_batch(tmp_path):
+    args = ["--save_model_dir", str(tmp_path), "--modulus", "17", "--batch_size", "32", "--max_steps", "3",
+            "--eval_every", "3"]
+    one = train.main(args + ["--run", "one"])
+    four = train.main(args + ["--run", "four", "--accumulation_steps", "4"])
+    assert four["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "four" / "last.pt", weights_only=True)["model"]
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+@pytest.mark.parametrize("task_args", [
+    ["--modulus", "17", "--batch_size", "64", "--dropout", "0.1"],
+    ["--preset", "dyck", "--num_blocks", "1", "--embedding_dim", "32", "--mlp_dim", "64",
+     "--dyck_num_train", "300", "--dyck_num_val", "50", "--batch_size", "16", "--dropout", "0.1",
+     "--lr_schedule", "constant"],
+], ids=["modular", "dyck"])
+def test_resume_continues_exactly(tmp_path, task_args):
+    """Stop at step 10, resume to 20: the same losses and weights as 20 steps straight."""
+    common = ["--save_model_dir", str(tmp_path), "--eval_every", "5", "--log_every", "5", *task_args]
+    train.main(common + ["--run", "straight", "--max_steps", "20"])
+    train.main(common + ["--run", "stopped", "--max_steps", "10"])
+    summary = train.main(common + ["--run", "stopped", "--max_steps", "20", "--resume", "auto"])
+    assert summary["steps"] == 20
+
+    straight = {r["step"]: r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")}
+    resumed = {r["step"]: r for r in read_metrics(tmp_path / "stopped" / "metrics.jsonl")}
+    assert set(straight) <= set(resumed) and max(resumed) == 20 and 15 in straight
+    for step, record in straight.items():
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            if key in record:
+                assert resumed[step][key] == record[key], (step, key)
+    x = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    y = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    assert "resumed at step 10" in (tmp_path / "stopped" / "train.log").read_text()
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
+    summary = train.main(tiny_args(tmp_path, "--run", "fresh", "--resume", "auto", "--max_steps", "3"))
+    assert summary["steps"] == 3
+
+
+def test_resume_from_a_path_uses_the_saved_config(tmp_path):
+    train.main(tiny_args(tmp_path, "--run", "src", "--max_steps", "5", "--embedding_dim", "64"))
+    summary = train.main(["--resume", str(tmp_path / "runs" / "src"), "--max_steps", "8"])
+    assert summary["steps"] == 8
+    config = json.loads((tmp_path / "runs" / "src" / "config.json").read_text())
+    assert config["embedding_dim"] == 64 and config["max_steps"] == 8 and config["modulus"] == 17
+
+
+def test_config_json_reproduces_a_run(tmp_path):
+    first = train.main(tiny_args(tmp_path, "--run", "a", "--max_steps", "6", "--seed", "3"))
+    second = train.main(["--config", str(tmp_path / "runs" / "a" / "config.json"), "--run", "b"])
+    assert second["train_loss"] == first["train_loss"] and second["val_loss"] == first["val_loss"]
+
+
+def test_wandb_offline(tmp_path):
+    env_before = dict(os.environ)
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    try:
+        train.main(tiny_args(tmp_path, "--run", "w", "--max_steps", "4", "--wandb_enabled"))
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    wandb_dir = tmp_path / "runs" / "w" / "wandb"
+    runs = [d for d in os.listdir(wandb_dir) if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    ckpt = torch.load(tmp_path / "runs" / "w" / "last.pt", weights_only=True)
+    assert ckpt["wandb_id"] and runs[0].endswith(ckpt["wandb_id"])
+
+
+# ---------------------------------------------------------------- bad input, as a real process
+
+
+def assert_clean_failure(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    train.main(tiny_args(tmp_path, "--run", "keep", "--max_steps", "2"))
+    run_dir = tmp_path / "runs" / "keep"
+    snapshot = {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)}
+    return run_dir, snapshot
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--learning_rate", "1e-3"], ["--learning_rate", "did you mean --lr"]),
+    (["--num_heads", "3"], ["--num_heads", "not divisible"]),
+    (["--frac_train", "1.2"], ["--frac_train"]),
+    (["--context_len", "2"], ["--context_len"]),
+    (["--config", "missing/config.json"], ["missing/config.json"]),
+    (["--resume", "nowhere/last.pt"], ["nowhere/last.pt"]),
+    (["--task", "text", "--data_path", "no/such/corpus.txt", "--data_url", "http://127.0.0.1:9/x.txt"],
+     ["no/such/corpus.txt", "by hand"]),
+])
+def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, args, fragments):
+    run_dir, snapshot = existing_run
+    result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", *args], cwd=str(tmp_path))
+    assert_clean_failure(result, *fragments)
+    assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == snapshot
+    assert os.listdir(tmp_path / "runs") == ["keep"]
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path, existing_run):
+    run_dir, snapshot = existing_run
+    result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", "--modulus", "17"],
+                       cwd=str(tmp_path))
+    assert_clean_failure(result, "already holds a run", "--resume auto")
+    assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == snapshot
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated"])
+def test_unreadable_checkpoint(tmp_path, existing_run, content):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    result = run_train(["--resume", str(bad)], cwd=str(tmp_path))
+    assert_clean_failure(result, str(bad), "not a readable checkpoint")
+
+
+def test_help_lists_every_flag(tmp_path):
+    result = run_train(["--help"], cwd=str(tmp_path))
+    assert result.returncode == 0
+    assert "--num_blocks" in result.stdout and "--wandb_enabled" in result.stdout and "default:" in result.stdout

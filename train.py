@@ -1,0 +1,301 @@
+"""Train a small transformer. One loop, top to bottom:
+
+argv -> Config -> (resume?) -> data -> model (-> compile -> DDP) -> optimizers -> run directory ->
+loop { batch -> forward/backward (x accumulation) -> clip -> step -> schedule -> log / eval / save }
+-> final checkpoint -> plot.
+
+    python train.py                                  # groks modular addition on a CPU
+    python train.py --preset shakespeare_char --data_path data/tiny_shakespeare.txt
+    torchrun --nproc_per_node=8 train.py --preset shakespeare_char
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from config import ConfigError, config_from_dict, format_config, parse_config
+from data import IGNORE, build_data
+from model import Transformer
+from optimizer import EarlyStopping, GrokfastEMA, apply_lr, build_optimizers, lr_multiplier
+from utils import (CheckpointError, all_reduce_sum, attach_log_file, autocast, broadcast_object,
+                   close_logging, create_run_dir, describe_environment, find_checkpoint,
+                   flops_per_token, generate_run_name, load_checkpoint, peak_flops, pick_device,
+                   pick_dtype, plot_training_curves, rng_state, save_checkpoint, seed_everything,
+                   set_rng_state, setup_distributed, setup_logging, teardown_distributed,
+                   unique_run_name)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs one training run; returns a summary (steps, seconds, final and best metrics, run dir).
+
+    Bad input raises ConfigError / CheckpointError before anything is written; `python train.py`
+    turns those into one line on stderr and exit status 2.
+    """
+    started = time.perf_counter()
+    cfg, explicit = parse_config(argv)
+
+    # ---- resume: the checkpoint's config, with the flags typed now on top (e.g. a longer max_steps)
+    checkpoint = None
+    if cfg.resume:
+        path = os.path.join(cfg.save_model_dir, cfg.run, "last.pt") if cfg.resume == "auto" else cfg.resume
+        if cfg.resume != "auto" or (cfg.run and os.path.isfile(path)):
+            path = find_checkpoint(path)
+            checkpoint = load_checkpoint(path)
+            cfg = config_from_dict(checkpoint["config"], {k: getattr(cfg, k) for k in explicit})
+            run_dir = os.path.dirname(os.path.abspath(path))
+            cfg.save_model_dir, cfg.run = os.path.dirname(run_dir), os.path.basename(run_dir)
+
+    # ---- processes, device, precision
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    dist = setup_distributed(device.type)
+    is_main = dist.is_main
+    dtype = pick_dtype(cfg.dtype, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+    log = setup_logging(is_main)
+
+    try:
+        # ---- data (before the run directory, so a missing file leaves nothing behind)
+        data = build_data(cfg, dist, device)
+        global_batch = data.global_batch_size()
+        if global_batch % (cfg.accumulation_steps * dist.world_size) and global_batch < data.train_size:
+            raise ConfigError(f"--batch_size: {global_batch} does not split into accumulation_steps "
+                              f"({cfg.accumulation_steps}) x world size ({dist.world_size}) equal parts")
+        max_steps = cfg.max_steps or math.ceil(cfg.epochs * data.steps_per_epoch())
+
+        # ---- model
+        seed_everything(cfg.seed)
+        raw_model = Transformer(cfg, data.vocab_size).to(device)
+        if checkpoint is not None:
+            raw_model.load_state_dict(checkpoint["model"])
+        model = torch.compile(raw_model) if cfg.torch_compile else raw_model
+        if dist.enabled:
+            model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+
+        # ---- optimizers, precision scaler, early stopping
+        optimizers = build_optimizers(raw_model, cfg)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        early_stopping = EarlyStopping(cfg.patience, cfg.min_delta, cfg.target_val_acc)
+        grokfast = GrokfastEMA(raw_model.parameters(), cfg.grokfast_alpha, cfg.grokfast_lamb) if cfg.grokfast_lamb else None
+        step, best_val_loss, wandb_id = 0, math.inf, None
+        if checkpoint is not None:
+            for optimizer, state in zip(optimizers, checkpoint["optimizers"]):
+                optimizer.load_state_dict(state)
+            scaler.load_state_dict(checkpoint["scaler"])
+            early_stopping.load_state_dict(checkpoint["early_stopping"])
+            if grokfast is not None and checkpoint.get("grokfast"):
+                grokfast.load_state_dict(checkpoint["grokfast"])
+            step, best_val_loss, wandb_id = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["wandb_id"]
+            set_rng_state(checkpoint["rng"])
+
+        # ---- run directory: <save_model_dir>/<run>/ (only rank 0 writes)
+        run_name = broadcast_object(cfg.run or unique_run_name(cfg.save_model_dir, generate_run_name(cfg)))
+        cfg.run = run_name
+        run_dir = os.path.join(cfg.save_model_dir, run_name)
+        if is_main:
+            create_run_dir(cfg.save_model_dir, run_name, resuming=checkpoint is not None)
+            attach_log_file(log, os.path.join(run_dir, "train.log"))
+            cfg.save(os.path.join(run_dir, "config.json"))
+        metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    except (ConfigError, CheckpointError):
+        close_logging(log)
+        teardown_distributed()
+        raise
+
+    # ---- the run describes itself: config, versions, hardware, sizes
+    log.info(f"tinylab run {run_name} ({'resumed at step ' + str(step) if checkpoint else 'new'}) "
+             f"-> {run_dir}")
+    log.info(format_config(cfg))
+    log.info(describe_environment(device, dist.world_size))
+    tokens_per_step = global_batch * data.seq_len
+    flops_token = flops_per_token(raw_model.num_params(exclude_embeddings=True), cfg.num_blocks,
+                                  cfg.num_heads, cfg.embedding_dim // cfg.num_heads, data.seq_len)
+    peak = peak_flops(device)
+    log.info(f"model {raw_model.num_params():,} parameters · vocab {data.vocab_size} · "
+             f"dtype {str(dtype).replace('torch.', '')} · compile {cfg.torch_compile}")
+    log.info(f"data {cfg.task}: {data.train_size:,} train examples · global batch {global_batch} "
+             f"({tokens_per_step:,} tokens/step) · {max_steps:,} steps"
+             + ("" if peak else " · MFU: not shown (no peak-FLOPs figure for this device)"))
+
+    wandb_run = None
+    if cfg.wandb_enabled and is_main:
+        from dotenv import load_dotenv
+
+        load_dotenv()  # WANDB_API_KEY, WANDB_MODE, ... from .env
+        import wandb
+
+        wandb_run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=run_name,
+                               dir=run_dir, config=cfg.to_dict(), id=wandb_id, resume="allow")
+        wandb_id = wandb_run.id
+
+    def write_metrics(record: dict) -> None:
+        if not is_main:
+            return
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if wandb_run is not None:
+            wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def save(name: str) -> None:
+        if not (is_main and cfg.save_model):
+            return
+        save_checkpoint({
+            "model": raw_model.state_dict(),  # clean keys: never the compiled or DDP wrapper's
+            "optimizers": [optimizer.state_dict() for optimizer in optimizers],
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "rng": rng_state(),
+            "data_position": {"step": step},  # batches are a function of (seed, step)
+            "early_stopping": early_stopping.state_dict(),
+            "grokfast": grokfast.state_dict() if grokfast is not None else None,
+            "best_val_loss": best_val_loss,
+            "config": cfg.to_dict(),
+            "wandb_id": wandb_id,
+        }, os.path.join(run_dir, name))
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        sums: dict[str, float] = {}
+        for x, y, extras in data.val_batches():
+            with autocast(device, dtype):
+                logits = raw_model(x, data.loss_positions)  # no DDP wrapper: eval needs no gradient sync
+            for key, value in data.eval_sums(logits, y, extras).items():
+                sums[key] = sums.get(key, 0.0) + value
+        model.train()
+        return data.eval_metrics(all_reduce_sum(sums, device))
+
+    def print_samples() -> None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed + step)
+        raw_model.eval()
+        for prompt in data.SAMPLE_PROMPTS:
+            tokens = torch.tensor([data.encode(prompt)], device=device)
+            with autocast(device, dtype):
+                out = raw_model.generate(tokens, cfg.sample_tokens, cfg.temperature, cfg.top_k or None, generator)
+            log.info(f"--- sample from {prompt!r}:\n{data.decode(out[0].tolist())}")
+        raw_model.train()
+
+    # ---- the loop
+    if step >= max_steps:
+        log.info(f"nothing to do: step {step} >= max_steps {max_steps}")
+    model.train()
+    stop = False
+    train_started = time.perf_counter()
+    window_start, window_steps, start_step = time.perf_counter(), 0, step
+    last = {}
+    while step < max_steps and not stop:
+        apply_lr(optimizers, lr_multiplier(step, cfg, max_steps))
+        batches, num_targets = data.train_batches(step)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for micro, (x, y) in enumerate(batches):
+            # Gradients are all-reduced only on the last micro-step (DDP's no_sync on the others).
+            sync = micro == len(batches) - 1
+            with (model.no_sync() if dist.enabled and not sync else contextlib.nullcontext()):
+                with autocast(device, dtype):
+                    logits = model(x, data.loss_positions)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
+                                       reduction="sum")
+                # Sum over this micro-batch / targets in the whole global batch = this micro-batch's
+                # share of the global mean; DDP averages over ranks, so scale by world size.
+                scaler.scale(loss * (dist.world_size / num_targets)).backward()
+            loss_sum += loss.detach()
+            correct += ((logits.argmax(-1) == y) & (y != IGNORE)).sum()
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
+        if grokfast is not None:
+            grokfast.apply()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+        scaler.update()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+
+        record = {}
+        if step % cfg.log_every == 0 or step == max_steps or step == start_step + 1:
+            sums = all_reduce_sum({"loss_sum": loss_sum.item(), "correct": correct.item()}, device)
+            elapsed = time.perf_counter() - window_start
+            ms_per_step = 1000 * elapsed / window_steps
+            tokens_per_sec = tokens_per_step * window_steps / elapsed
+            record = {"step": step, "train_loss": sums["loss_sum"] / num_targets,
+                      "train_acc": sums["correct"] / num_targets,
+                      "lr": optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(),
+                      "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec}
+            if peak:
+                record["mfu"] = flops_token * tokens_per_sec / dist.world_size / peak
+            eta = (max_steps - step) * ms_per_step / 1000
+            log.info(f"step {step:>6}/{max_steps} | train_loss {record['train_loss']:.4f} | "
+                     f"train_acc {record['train_acc']:.4f} | lr {record['lr']:.2e} | "
+                     f"grad_norm {record['grad_norm']:.3f} | {ms_per_step:.1f} ms/step | "
+                     f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if peak else "")
+                     + f" | {time.perf_counter() - train_started:.0f}s, ETA {_duration(eta)}")
+            window_start, window_steps = time.perf_counter(), 0
+
+        paused = time.perf_counter()  # eval and checkpoints are kept out of ms/step and tokens/s
+        if step % cfg.eval_every == 0 or step == max_steps:
+            val = evaluate()
+            record = {"step": step, **record, **val}
+            stop = early_stopping.update(val["val_loss"], val.get("val_acc"))
+            log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
+            if cfg.task == "text" and cfg.sample_tokens and is_main:
+                print_samples()
+            if val["val_loss"] < best_val_loss:
+                best_val_loss = val["val_loss"]
+                save("best.pt")
+            last = {**last, **val}
+        if record:
+            last = {**last, **record}
+            write_metrics(record)
+        if cfg.save_every and step % cfg.save_every == 0:
+            save("last.pt")
+        window_start += time.perf_counter() - paused
+
+    # ---- the end: checkpoint, picture, summary
+    save("last.pt")
+    seconds = time.perf_counter() - started
+    if stop:
+        log.info(f"early stop: {early_stopping.reason}")
+    if is_main and os.path.isfile(metrics_path):
+        plot_training_curves(metrics_path, os.path.join(run_dir, "training_curves.png"), title=run_name)
+    summary = {"run_dir": run_dir, "steps": step, "seconds": seconds,
+               "train_seconds": time.perf_counter() - train_started, "best_val_loss": best_val_loss,
+               **{k: v for k, v in last.items() if k != "step"}}
+    log.info(f"done: {step} steps in {_duration(seconds)} (training {_duration(summary['train_seconds'])})"
+             + "".join(f" | {k} {last[k]:.4f}" for k in ("val_loss", "val_acc") if k in last)
+             + f" | {run_dir}")
+    if wandb_run is not None:
+        wandb_run.summary.update({"steps": step, "seconds": seconds})
+        wandb_run.finish()
+    close_logging(log)
+    teardown_distributed()
+    return summary
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds))) if seconds >= 10 else max(0.0, seconds)
+    if isinstance(seconds, float):
+        return f"{seconds:.1f}s"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,394 @@
+"""Runtime plumbing: distributed setup, device and precision, seeding and RNG state, logging,
+atomic checkpoints, run directories, and the peak-FLOPs table behind MFU."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import logging.handlers
+import os
+import platform
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from config import Config, ConfigError
+
+
+# ---------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    """Reads torchrun's RANK/LOCAL_RANK/WORLD_SIZE; without them the run is one process."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    info = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    if not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if device_kind == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sums a dict of floats over ranks (identity in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return dict(values)
+    keys = sorted(values)
+    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, packed.tolist()))
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {k: v / world for k, v in all_reduce_sum(values, device).items()}
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s object on every rank (e.g. the generated run name)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+# ---------------------------------------------------------------- device and precision
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device: cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        return torch.device("cuda", local_rank)
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device: mps was asked for but is not available; use --device cpu or auto")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: bf16 on GPUs that support it under 'auto', fp32 elsewhere."""
+    if requested == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed-precision context for the forward pass; a no-op in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- seeding and RNG state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state() -> dict:
+    """Every global RNG, in types that `torch.load(weights_only=True)` accepts."""
+    numpy_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": numpy_state["bit_generator"],
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": n["bit_generator"],
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"], "gauss": n["gauss"],
+    })
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- logging
+
+
+def setup_logging(is_main: bool) -> logging.Logger:
+    """A logger that prints on rank 0 and buffers until `attach_log_file` names train.log.
+
+    Other ranks log nothing, so their stdout stays quiet under torchrun.
+    """
+    logger = logging.getLogger("tinylab")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.CRITICAL + 1)
+    if is_main:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+        # Lines logged before the run directory exists reach train.log once it does.
+        logger.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
+    return logger
+
+
+def attach_log_file(logger: logging.Logger, path: str) -> None:
+    file_handler = logging.FileHandler(path, mode="a")
+    file_handler.setFormatter(logging.Formatter("%(message)s"))
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.handlers.MemoryHandler):
+            handler.setTarget(file_handler)
+            handler.flush()
+            logger.removeHandler(handler)
+            handler.close()
+    logger.addHandler(file_handler)
+
+
+def close_logging(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def describe_environment(device: torch.device, world_size: int) -> str:
+    """Versions and hardware, so that a log describes the machine it came from."""
+    lines = [
+        f"python {platform.python_version()} · torch {torch.__version__} · numpy {np.__version__}",
+        f"host {platform.node()} · {platform.platform()} · {os.cpu_count()} CPUs · "
+        f"torch threads {torch.get_num_threads()}",
+        f"device {device} · world size {world_size}",
+    ]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        lines.append(f"gpu {props.name} · {props.total_memory / 2**30:.0f} GiB · "
+                     f"CUDA {torch.version.cuda} · cuDNN {torch.backends.cudnn.version()}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- run directory and checkpoints
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read or used; the message names the file."""
+
+
+def generate_run_name(cfg: Config) -> str:
+    what = {"modular": f"{cfg.operation}{cfg.modulus}", "dyck": f"dyck{cfg.dyck_types}",
+            "text": f"text-{cfg.tokenizer}"}[cfg.task]
+    return f"{what}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def create_run_dir(save_model_dir: str, run: str, resuming: bool) -> str:
+    """Makes <save_model_dir>/<run>/. A fresh run never reuses another run's directory."""
+    path = os.path.join(save_model_dir, run)
+    if os.path.exists(path) and not resuming:
+        if os.listdir(path):
+            raise ConfigError(f"--run: {path} already holds a run; pick another --run name "
+                              f"or pass --resume auto to continue it")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def unique_run_name(save_model_dir: str, base: str) -> str:
+    name, n = base, 1
+    while os.path.exists(os.path.join(save_model_dir, name)):
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def save_checkpoint(obj: dict, path: str) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`.
+
+    A crash (or kill) mid-write leaves the previous checkpoint intact and loadable.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Loads with weights_only=True; any failure becomes a CheckpointError naming the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, unsafe pickle, ...
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a tinylab checkpoint (no 'model' and 'config' entries)")
+    return ckpt
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint file, or a run directory (its last.pt, else best.pt)."""
+    if os.path.isdir(path):
+        for name in ("last.pt", "best.pt"):
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return candidate
+        raise CheckpointError(f"{path} holds no last.pt or best.pt")
+    return path
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strips the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes from keys."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------- FLOPs and MFU
+
+# Peak dense bf16/fp16 tensor-core FLOP/s per GPU (no sparsity), from the vendors' data sheets.
+# Matched by substring of torch.cuda.get_device_name(); the first match wins, so specific names
+# come before general ones. A GPU not listed gets no MFU rather than a guess.
+PEAK_FLOPS = [
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def flops_per_token(num_params: int, num_blocks: int, num_heads: int, head_dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus 12·L·H·Q·T for attention (PaLM, app. B)."""
+    return 6 * num_params + 12 * num_blocks * num_heads * head_dim * seq_len
+
+
+# ---------------------------------------------------------------- metrics file and plots
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics.jsonl (one JSON object per logged step or eval)."""
+    import json
+
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    return records
+
+
+def plot_training_curves(metrics_path: str, out_path: str, title: str = "") -> str:
+    """Train/val loss and accuracy against optimizer steps on a log axis: the grokking picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+
+    def series(key):
+        points = [(r["step"], r[key]) for r in records if key in r and r["step"] > 0]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    has_acc = any("val_acc" in r or "train_acc" in r for r in records)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
+    loss_ax = axes[0, 0]
+    for key, style in (("train_loss", "-"), ("val_loss", "-")):
+        steps, values = series(key)
+        if steps:
+            loss_ax.plot(steps, values, style, label=key)
+    loss_ax.set(xscale="log", yscale="log", xlabel="step", ylabel="loss", title="loss")
+    if has_acc:
+        acc_ax = axes[0, 1]
+        for key in ("train_acc", "val_acc"):
+            steps, values = series(key)
+            if steps:
+                acc_ax.plot(steps, values, label=key)
+        acc_ax.set(xscale="log", xlabel="step", ylabel="accuracy", title="accuracy", ylim=(-0.02, 1.02))
+    for ax in axes.flat:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
