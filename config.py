@@ -51,7 +51,11 @@ SHAKESPEARE_URL = (
 
 @dataclass
 class Config:
-    # The defaults are the `grokking` preset: `python train.py` groks modular addition on a CPU.
+    # The defaults are the `grokking` preset: `python train.py` groks modular addition on a CPU in
+    # about 300 steps. What makes it fast, measured on p = 113 (steps to val_acc 0.99): tied
+    # embeddings (untied: ~870 at Muon lr 0.05) and a large Muon LR with strong decoupled decay
+    # (lr 0.02 / decay 0.1: not by 1,500; 0.1 / 0.5: 575; 0.2 / 0.5: 350-375 over 3 seeds;
+    # 0.3 / 0.5: 300-330 over 3 seeds). Raising the decay to 1.0 or adding Grokfast slowed it.
 
     # ---- run ----
     run: str = _run("", "run name; the run lives in <save_model_dir>/<run>/ (empty: generated)")
@@ -86,7 +90,7 @@ class Config:
     context_len: int = _model(3, "maximum sequence length (positional embeddings)")
     norm: str = _model("none", "none | layernorm | rmsnorm (pre-norm blocks and a final norm)")
     activation: str = _model("relu", "relu | gelu")
-    tie_embeddings: bool = _model(False, "share the embedding and unembedding matrices")
+    tie_embeddings: bool = _model(True, "share the embedding and unembedding matrices")
     attention_only: bool = _model(False, "blocks without MLPs")
     bias: bool = _model(True, "biases in linear layers and norms")
     dropout: float = _model(0.0, "dropout on attention weights and residual branches")
@@ -104,9 +108,9 @@ class Config:
     beta1: float = _optim(0.9, "AdamW beta1")
     beta2: float = _optim(0.98, "AdamW beta2")
     use_muon: bool = _optim(True, "Muon for hidden 2-D matrices, AdamW for the rest")
-    muon_lr: float = _optim(0.02, "Muon learning rate (peak)")
+    muon_lr: float = _optim(0.3, "Muon learning rate (peak)")
     muon_momentum: float = _optim(0.95, "Muon momentum (Nesterov)")
-    muon_weight_decay: float = _optim(0.1, "Muon decoupled weight decay")
+    muon_weight_decay: float = _optim(0.5, "Muon decoupled weight decay")
     warmup_steps: int = _optim(10, "linear warm-up steps")
     lr_schedule: str = _optim("constant", "decay after warm-up: cosine | linear | constant")
     min_lr_frac: float = _optim(0.1, "final LR as a fraction of the peak (cosine, linear)")
@@ -220,9 +224,9 @@ PRESETS: dict[str, dict] = {
     "dyck": dict(
         task="dyck", num_blocks=2, num_heads=4, embedding_dim=128, mlp_dim=512, context_len=31,
         norm="layernorm", activation="gelu", tie_embeddings=True, batch_size=128, lr=3e-3,
-        weight_decay=0.1, beta2=0.95, use_muon=True, muon_weight_decay=0.0, lr_schedule="cosine",
-        warmup_steps=50, max_steps=2000, eval_every=100, log_every=50, target_val_acc=0.0,
-        save_every=1000,
+        weight_decay=0.1, beta2=0.95, use_muon=True, muon_lr=0.02, muon_weight_decay=0.0,
+        lr_schedule="cosine", warmup_steps=50, max_steps=2000, eval_every=100, log_every=50,
+        target_val_acc=0.0, save_every=1000,
     ),
     # nanoGPT's shakespeare_char: 6 blocks, 6 heads, 384 wide, context 256, batch 64, dropout 0.2.
     "shakespeare_char": dict(
@@ -270,18 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     groups: dict[str, argparse._ArgumentGroup] = {}
     types = _field_types()
     for f in dataclasses.fields(Config):
-        group_name = f.metadata["group"]
-        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        if f.metadata["group"] not in groups:
+            groups[f.metadata["group"]] = parser.add_argument_group(f.metadata["group"])
+        group = groups[f.metadata["group"]]
         kind = types[f.name]
         help_text = f.metadata["help"]
         if f.name == "preset":
             help_text += f" ({', '.join(PRESETS)})"
+        # torchrun's own parser reads `--run` anywhere on its command line as an abbreviation of
+        # its `--run-path`, so the run name also answers to `--run_name`, which torchrun leaves alone.
+        names = [f"--{f.name}", "--run_name"] if f.name == "run" else [f"--{f.name}"]
         if kind is bool:
             # `--flag`, `--flag true`, `--flag=False` all work.
-            group.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True,
+            group.add_argument(*names, type=_parse_bool, nargs="?", const=True,
                                default=f.default, metavar="BOOL", help=help_text)
         else:
-            group.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=kind.__name__.upper(),
+            group.add_argument(*names, type=kind, default=f.default, metavar=kind.__name__.upper(),
                                help=help_text)
     return parser
 

@@ -119,3 +119,10 @@ def test_config_file_with_wrong_type(tmp_path):
     path.write_text(json.dumps({"num_blocks": "two"}))
     with pytest.raises(ConfigError, match="--num_blocks"):
         parse_config(["--config", str(path)])
+
+
+def test_run_name_alias_for_torchrun():
+    # torchrun claims `--run` for its own `--run-path`; `--run_name` sets the same field.
+    for argv in (["--run_name", "r7"], ["--run_name=r7"], ["--run", "r7"]):
+        cfg, explicit = parse_config(argv)
+        assert cfg.run == "r7" and explicit == {"run"}

@@ -57,7 +57,7 @@ def test_muon_rejects_non_matrices():
 
 
 def test_parameter_groups():
-    cfg = Config(num_blocks=2, norm="layernorm", attention_sink=True)
+    cfg = Config(num_blocks=2, norm="layernorm", attention_sink=True, tie_embeddings=False)
     model = Transformer(cfg, 20)
     adamw, muon = build_optimizers(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}

@@ -1,0 +1,31 @@
+"""`python train.py` with no flags groks modular addition and stops by itself (about a minute)."""
+
+import os
+import re
+
+import pytest
+import torch
+
+from conftest import run_train
+from utils import read_metrics
+
+
+@pytest.mark.slow
+def test_default_run_groks_and_stops_by_itself(tmp_path):
+    result = run_train([], cwd=str(tmp_path), timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_name,) = os.listdir(tmp_path / "runs")
+    run_dir = tmp_path / "runs" / run_name
+    assert {"config.json", "train.log", "metrics.jsonl", "last.pt", "best.pt", "training_curves.png"} <= set(os.listdir(run_dir))
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r for r in records if "val_acc" in r]
+    max_steps = torch.load(run_dir / "last.pt", weights_only=True)["config"]["max_steps"]
+    assert evals[-1]["val_acc"] >= 0.99 and evals[-1]["step"] < max_steps  # the target stopped it
+    assert records[-1]["train_acc"] == 1.0
+    # Memorisation comes first: train accuracy is perfect while validation is still far from it.
+    assert any(r.get("train_acc", 0) == 1.0 and r.get("val_acc", 1) < 0.5 for r in records)
+
+    assert "early stop: val_acc" in result.stdout
+    done = re.search(r"done: (\d+) steps in ([\d.]+s|\d+m\d+s)", result.stdout)
+    assert done and int(done.group(1)) == evals[-1]["step"]
