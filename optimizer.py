@@ -173,6 +173,11 @@ class EarlyStopping:
         self.bad_evals = 0
         self.reason = ""
 
+    @property
+    def active(self) -> bool:
+        """Whether anything but max_steps may end the run."""
+        return bool(self.target_val_acc or self.patience)
+
     def update(self, val_loss: float, val_acc: float | None) -> bool:
         """Records one eval; True when training should stop (the reason is in `self.reason`)."""
         if val_loss < self.best_loss - self.min_delta:

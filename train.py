@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         generator = torch.Generator(device=device).manual_seed(cfg.seed + step)
         raw_model.eval()
         for prompt in data.SAMPLE_PROMPTS:
-            tokens = torch.tensor([data.encode(prompt)], device=device)
+            tokens = torch.tensor([data.encode(prompt) or [0]], device=device)  # unknown characters drop out
             with autocast(device, dtype):
                 out = raw_model.generate(tokens, cfg.sample_tokens, cfg.temperature, cfg.top_k or None, generator)
             log.info(f"--- sample from {prompt!r}:\n{data.decode(out[0].tolist())}")
@@ -236,12 +236,13 @@ def main(argv: list[str] | None = None) -> dict:
                       "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec}
             if peak:
                 record["mfu"] = flops_token * tokens_per_sec / dist.world_size / peak
-            eta = (max_steps - step) * ms_per_step / 1000
+            # ETA to max_steps; "<=" when early stopping may end the run sooner.
+            eta = ("<=" if early_stopping.active else "") + _duration((max_steps - step) * ms_per_step / 1000)
             log.info(f"step {step:>6}/{max_steps} | train_loss {record['train_loss']:.4f} | "
                      f"train_acc {record['train_acc']:.4f} | lr {record['lr']:.2e} | "
                      f"grad_norm {record['grad_norm']:.3f} | {ms_per_step:.1f} ms/step | "
                      f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if peak else "")
-                     + f" | {time.perf_counter() - train_started:.0f}s, ETA {_duration(eta)}")
+                     + f" | {_duration(time.perf_counter() - train_started)}, ETA {eta}")
             window_start, window_steps = time.perf_counter(), 0
 
         paused = time.perf_counter()  # eval and checkpoints are kept out of ms/step and tokens/s
@@ -285,12 +286,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds))) if seconds >= 10 else max(0.0, seconds)
-    if isinstance(seconds, float):
-        return f"{seconds:.1f}s"
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else (f"{minutes}m{secs:02d}s" if minutes else f"{secs}s")
+    """12.3s, 4m05s, 2h13m."""
+    if seconds < 60:
+        return f"{max(seconds, 0.0):.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 if __name__ == "__main__":

@@ -269,9 +269,15 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, not a torch file, unsafe pickle, ...
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
+    except Exception as e:  # truncated, not a torch file, or a pickle that needs code to load
+        text = str(e)
+        if "weights_only" in text or "npickl" in type(e).__name__:
+            detail = "not a torch checkpoint, or one that only loads by running its own code"
+        elif isinstance(e, EOFError) or not text:
+            detail = "empty or cut short"
+        else:  # e.g. "PytorchStreamReader failed reading zip archive: failed finding central directory"
+            detail = text.splitlines()[0].split(". ")[0][:160]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({detail})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a tinylab checkpoint (no 'model' and 'config' entries)")
     return ckpt

@@ -87,7 +87,7 @@ def test_accumulation_gives_the_same_step_as_one_big_batch(tmp_path):
 
 
 @pytest.mark.parametrize("task_args", [
-    ["--modulus", "17", "--batch_size", "64", "--dropout", "0.1"],
+    ["--modulus", "17", "--batch_size", "64", "--dropout", "0.1", "--grokfast_lamb", "2"],
     ["--preset", "dyck", "--num_blocks", "1", "--embedding_dim", "32", "--mlp_dim", "64",
      "--dyck_num_train", "300", "--dyck_num_val", "50", "--batch_size", "16", "--dropout", "0.1",
      "--lr_schedule", "constant"],
@@ -111,6 +111,12 @@ def test_resume_continues_exactly(tmp_path, task_args):
     y = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(x[k], y[k]) for k in x)
     assert "resumed at step 10" in (tmp_path / "stopped" / "train.log").read_text()
+
+
+def test_epochs_set_the_length_when_max_steps_is_zero(tmp_path):
+    # 0.3 * 17 * 17 = 87 training pairs; batches of 16 give 5 steps per epoch.
+    summary = train.main(tiny_args(tmp_path, "--max_steps", "0", "--epochs", "2", "--batch_size", "16"))
+    assert summary["steps"] == 10
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
