@@ -254,10 +254,14 @@ class Transformer(nn.Module):
         return names
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        params = {id(p): p for p in self.parameters()}  # tied weights count once
+        """Parameters, tied weights once. exclude_embeddings drops the lookup tables (positional, and
+        the token embedding unless it doubles as the unembedding), leaving what costs FLOPs."""
+        params = {id(p): p for p in self.parameters()}
         total = sum(p.numel() for p in params.values())
         if exclude_embeddings:
             total -= self.pos_embed.weight.numel()
+            if self.unembed.weight is not self.embed.weight:
+                total -= self.embed.weight.numel()
         return total
 
     # ------------------------------------------------------------ forward

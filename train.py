@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
         optimizers = build_optimizers(raw_model, cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         early_stopping = EarlyStopping(cfg.patience, cfg.min_delta, cfg.target_val_acc)
-        grokfast = GrokfastEMA(raw_model.parameters(), cfg.grokfast_alpha, cfg.grokfast_lamb) if cfg.grokfast_lamb else None
+        grokfast = None
+        if cfg.grokfast_lamb:
+            grokfast = GrokfastEMA(raw_model.parameters(), cfg.grokfast_alpha, cfg.grokfast_lamb)
         step, best_val_loss, wandb_id = 0, math.inf, None
         if checkpoint is not None:
             for optimizer, state in zip(optimizers, checkpoint["optimizers"]):

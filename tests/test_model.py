@@ -167,3 +167,10 @@ def test_dropout_only_in_training():
     assert torch.equal(model(x), model(x))
     model.train()
     assert not torch.equal(model(x), model(x))
+
+
+def test_non_embedding_parameters_are_those_that_cost_flops():
+    for tied in (True, False):
+        model = make(tie_embeddings=tied)
+        lookup = model.pos_embed.weight.numel() + (0 if tied else model.embed.weight.numel())
+        assert model.num_params(exclude_embeddings=True) == model.num_params() - lookup

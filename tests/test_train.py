@@ -23,7 +23,10 @@ def test_modular_run_writes_its_run_directory(tmp_path, capsys):
     assert summary["run_dir"] == str(run_dir) and summary["steps"] == 20
     assert RUN_FILES <= files(run_dir)
     out = capsys.readouterr().out
-    assert "done: 20 steps in" in out and "torch" in out.splitlines()[2 + 9]  # config, then versions
+    assert "done: 20 steps in" in out
+    head = out.splitlines()[:20]  # the run describes itself: config, then versions and hardware
+    assert any(line.startswith("  model: num_blocks=") for line in head)
+    assert any(line.startswith("python ") and " torch " in line for line in head)
     log = (run_dir / "train.log").read_text()
     assert "optimization: max_steps=20" in log and "done: 20 steps" in log
 
