@@ -96,6 +96,7 @@ class Config:
     dropout: float = _model(0.0, "dropout on attention weights and residual branches")
     attention_sink: bool = _model(False, "learnable per-head sink logit (attention may go nowhere)")
     init_std: float = _model(0.02, "std of the normal initialisation of weight matrices")
+    scale_residual_init: bool = _model(True, "GPT-2: scale output projections' init std by 1/sqrt(2 * blocks)")
 
     # ---- optimization ----
     max_steps: int = _optim(3000, "optimizer steps (0: use --epochs)")
@@ -121,7 +122,8 @@ class Config:
     # ---- evaluation and early stopping ----
     eval_every: int = _eval(10, "evaluate every N optimizer steps")
     eval_max_batches: int = _eval(0, "cap on validation batches per eval (0: the whole split)")
-    eval_batch_size: int = _eval(0, "sequences per validation batch (0: batch_size, or all for modular)")
+    eval_batch_size: int = _eval(0, "sequences per validation batch (0: the whole split for modular and "
+                                    "Dyck, batch_size for text)")
     target_val_acc: float = _eval(0.99, "stop once val_acc reaches this (0: off)")
     patience: int = _eval(0, "stop after N evals without val_loss improving by min_delta (0: off)")
     min_delta: float = _eval(0.0, "smallest val_loss decrease that counts as improvement")
@@ -164,6 +166,8 @@ class Config:
         for name in ("lr", "muon_lr", "weight_decay", "muon_weight_decay", "grad_clip", "epochs",
                      "min_delta", "init_std", "temperature", "grokfast_lamb"):
             need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
+        need("/" not in self.run and "\\" not in self.run and self.run not in (".", ".."), "run",
+             f"{self.run!r} is a path; give a name (the run lives in --save_model_dir/<run>)")
         need(self.embedding_dim % self.num_heads == 0, "num_heads",
              f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}; "
              f"pick a head count that divides it")
@@ -218,7 +222,8 @@ PRESETS: dict[str, dict] = {
         num_blocks=1, num_heads=4, embedding_dim=128, mlp_dim=512, activation="relu", norm="none",
         tie_embeddings=False, bias=True, use_muon=False, lr=1e-3, weight_decay=1.0,
         decay_all_params=True, beta1=0.9, beta2=0.98, batch_size=0, warmup_steps=10,
-        lr_schedule="constant", grad_clip=0.0, init_std=0.8 / 128**0.5, max_steps=40000,
+        lr_schedule="constant", grad_clip=0.0, init_std=0.8 / 128**0.5, scale_residual_init=False,
+        max_steps=40000,
         eval_every=100, log_every=100, save_every=5000,
     ),
     "dyck": dict(
@@ -237,6 +242,14 @@ PRESETS: dict[str, dict] = {
         eval_max_batches=20, log_every=10, target_val_acc=0.0, save_every=1000, sample_tokens=200,
     ),
 }
+
+# Fields that shape the model, the data or the optimizer state: a resumed run keeps the checkpoint's.
+RESUME_FIXED = (
+    "task", "modulus", "operation", "frac_train", "dyck_types", "dyck_max_depth", "dyck_min_len",
+    "dyck_max_len", "dyck_num_train", "dyck_num_val", "data_path", "tokenizer", "val_frac", "seed",
+    "num_blocks", "num_heads", "embedding_dim", "mlp_dim", "context_len", "norm", "activation",
+    "tie_embeddings", "attention_only", "bias", "attention_sink", "use_muon", "decay_all_params",
+)
 
 # Fields that name a run rather than describe it: `--config` leaves them to the new run.
 _IDENTITY_FIELDS = ("run", "resume")

@@ -39,6 +39,7 @@ def _step_seed(seed: int, *parts: int) -> int:
 class TaskData:
     """What the training loop needs from a task. Subclasses fill the fields and batch methods."""
 
+    EVAL_KEYS = ("loss_sum", "correct", "count")  # what eval_sums returns; summed over batches and ranks
     vocab_size: int
     seq_len: int  # length of the model's input sequences
     train_size: int  # training examples (sequences, or windows for text)
@@ -84,11 +85,12 @@ class TaskData:
         count = max(sums.get("count", 0), 1)
         return {"val_loss": sums["loss_sum"] / count, "val_acc": sums["correct"] / count}
 
-    def _split_for_rank(self, n: int) -> torch.Tensor:
+    def _val_share(self, n: int, batch: int) -> torch.Tensor:
+        """This rank's indices into n validation items: the first eval_max_batches x batch of them
+        (all when 0), dealt out across ranks, so the set evaluated never depends on world size."""
+        if self.cfg.eval_max_batches:
+            n = min(n, self.cfg.eval_max_batches * batch)
         return torch.arange(n)[self.dist.rank :: self.dist.world_size]
-
-    def _eval_batch_size(self, default: int) -> int:
-        return self.cfg.eval_batch_size or default
 
 
 class _IndexedData(TaskData):
@@ -126,12 +128,9 @@ class _IndexedData(TaskData):
         return batches, num_targets
 
     def val_batches(self):
-        mine = self._split_for_rank(len(self.val_x)).to(self.device)
-        size = self._eval_batch_size(len(mine))
-        limit = self.cfg.eval_max_batches or None
-        for i, start in enumerate(range(0, len(mine), size)):
-            if limit is not None and i >= limit:
-                break
+        size = self.cfg.eval_batch_size or len(self.val_x)  # the whole split at once by default
+        mine = self._val_share(len(self.val_x), size).to(self.device)
+        for start in range(0, len(mine), size):
             chunk = mine[start : start + size]
             yield self.val_x[chunk], self.val_y[chunk], self._val_extras(chunk)
 
@@ -203,6 +202,7 @@ class DyckData(_IndexedData):
     """
 
     PAD, BOS, EOS = 0, 1, 2
+    EVAL_KEYS = TaskData.EVAL_KEYS + ("valid_hits", "forced_correct", "forced_count")
 
     def __init__(self, cfg, dist_info, device):
         super().__init__(cfg, dist_info, device)
@@ -368,7 +368,7 @@ def load_tokens(cfg: Config):
 
     The cache is `<text>.<tokenizer>.bin` (uint16 when the vocabulary fits, else uint32) with a
     `.json` beside it recording the tokenizer, dtype, length and the text's size; a stale or
-    foreign cache is rebuilt.
+    foreign cache is rebuilt. Where that directory is read-only the tokens stay in memory.
     """
     path = cfg.data_path
     if not os.path.isfile(path):
@@ -385,8 +385,11 @@ def load_tokens(cfg: Config):
         if meta and (meta.get("source_bytes") != stat.st_size or meta.get("tokenizer") != cfg.tokenizer):
             meta = None
     if meta is None:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--data_path: {path} is not UTF-8 text (byte {e.start}); pass a text file") from None
         if cfg.tokenizer == "char":
             tokenizer = CharTokenizer("".join(sorted(set(text))))
         else:
@@ -396,16 +399,29 @@ def load_tokens(cfg: Config):
         meta = {"tokenizer": cfg.tokenizer, "dtype": dtype, "num_tokens": int(len(ids)),
                 "source_bytes": stat.st_size, "n_vocab": tokenizer.n_vocab,
                 "vocab": tokenizer.vocab if cfg.tokenizer == "char" else None}
-        tmp = f"{cache}.tmp-{os.getpid()}"
-        ids.astype(dtype).tofile(tmp)
-        os.replace(tmp, cache)
-        with open(f"{meta_path}.tmp-{os.getpid()}", "w") as f:
-            json.dump(meta, f)
-        os.replace(f"{meta_path}.tmp-{os.getpid()}", meta_path)
+        try:
+            _write_cache(ids.astype(dtype), cache, meta, meta_path)
+        except OSError:  # a read-only directory beside the text: keep the tokens in memory instead
+            return ids.astype(dtype), tokenizer
     else:
         tokenizer = CharTokenizer(meta["vocab"]) if cfg.tokenizer == "char" else TiktokenTokenizer(cfg.tokenizer)
     tokens = np.memmap(cache, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
     return tokens, tokenizer
+
+
+def _write_cache(ids: np.ndarray, cache: str, meta: dict, meta_path: str) -> None:
+    """Token file, then its description, each through a temporary file and a rename."""
+    tmp = f"{cache}.tmp-{os.getpid()}"
+    try:
+        ids.tofile(tmp)
+        os.replace(tmp, cache)
+        with open(f"{meta_path}.tmp-{os.getpid()}", "w") as f:
+            json.dump(meta, f)
+        os.replace(f"{meta_path}.tmp-{os.getpid()}", meta_path)
+    finally:
+        for leftover in (tmp, f"{meta_path}.tmp-{os.getpid()}"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
 
 
 class TextData(TaskData):
@@ -446,16 +462,13 @@ class TextData(TaskData):
     def train_batches(self, step):
         batch = self.global_batch_size()
         generator = np.random.default_rng(_step_seed(self.cfg.seed, 3, step))
-        starts = generator.integers(0, len(self.train_tokens) - self.seq_len - 1, size=batch)
+        starts = generator.integers(0, len(self.train_tokens) - self.seq_len, size=batch)  # s + T + 1 <= n
         mine = self._my_chunks(torch.from_numpy(starts))
         return [self._windows(self.train_tokens, chunk.numpy()) for chunk in mine], batch * self.seq_len
 
     def val_batches(self):
-        num_windows = (len(self.val_tokens) - 1) // self.seq_len
-        size = self._eval_batch_size(self.global_batch_size())
-        if self.cfg.eval_max_batches:
-            num_windows = min(num_windows, self.cfg.eval_max_batches * size * self.dist.world_size)
-        mine = self._split_for_rank(num_windows).numpy() * self.seq_len
+        size = self.cfg.eval_batch_size or self.global_batch_size()
+        mine = self._val_share((len(self.val_tokens) - 1) // self.seq_len, size).numpy() * self.seq_len
         for start in range(0, len(mine), size):
             x, y = self._windows(self.val_tokens, mine[start : start + size])
             yield x, y, {}

@@ -99,7 +99,8 @@ class Attention(nn.Module):
         else:
             # The sink is one more key with logit sink[h] for every query and a zero value.
             zeros = q.new_zeros(B, H, 1, Dh)
-            mask = torch.cat([self._causal_bias(T, q).expand(H, T, T), self.sink.to(q.dtype).view(H, 1, 1).expand(H, T, 1)], -1)
+            sink = self.sink.to(q.dtype).view(H, 1, 1).expand(H, T, 1)
+            mask = torch.cat([self._causal_bias(T, q).expand(H, T, T), sink], -1)
             z = F.scaled_dot_product_attention(q, torch.cat([k, zeros], 2), torch.cat([v, zeros], 2),
                                                attn_mask=mask, dropout_p=dropout)
         z = self._hook("hook_z", z.transpose(1, 2))  # [B, T, H, Dh]
@@ -220,14 +221,16 @@ class Transformer(nn.Module):
         self.hook_names = self._list_hook_names()
 
     def _init_weights(self):
-        # GPT-2 style: N(0, init_std) for matrices, zero biases, and residual-branch outputs scaled
-        # by 1/sqrt(2 · blocks) so the residual stream's variance does not grow with depth.
+        # GPT-2 style: N(0, init_std) for matrices, zero biases, and (scale_residual_init) residual-
+        # branch outputs scaled by 1/sqrt(2 · blocks) so the residual stream's variance does not grow
+        # with depth. TransformerLens, and so the `nanda` preset, leaves them unscaled.
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if name.endswith("sink") or "norm" in name:
                 continue
             if p.dim() >= 2:
-                scale = 1 / math.sqrt(2 * self.cfg.num_blocks) if name.endswith(("out.weight", "fc_out.weight")) else 1
+                scaled = self.cfg.scale_residual_init and name.endswith(("out.weight", "fc_out.weight"))
+                scale = 1 / math.sqrt(2 * self.cfg.num_blocks) if scaled else 1
                 nn.init.normal_(p, mean=0.0, std=std * scale)
             else:
                 nn.init.zeros_(p)
@@ -248,9 +251,9 @@ class Transformer(nn.Module):
                     names.append(b + "ln2.hook_normalized")
                 names += [b + "mlp.hook_pre", b + "mlp.hook_post", b + "hook_mlp_out"]
             names.append(b + "hook_resid_post")
+        names.append("hook_resid_final")
         if cfg.norm != "none":
             names.append("ln_final.hook_normalized")
-        names.append("hook_resid_final")
         return names
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -276,6 +279,8 @@ class Transformer(nn.Module):
         """
         T = tokens.shape[1]
         hooked = bool(self._hooks)
+        if last_positions is not None and last_positions >= T:
+            last_positions = None  # every position is wanted
         embed = self.embed(tokens)
         pos_embed = self.pos_embed(torch.arange(T, device=tokens.device))[None].expand_as(embed)
         if hooked:
@@ -285,12 +290,11 @@ class Transformer(nn.Module):
         last_block = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, last_positions if i == last_block and not hooked else None)
-        x = self.ln_final(x)
         if hooked:
-            x = _run_hooks(self._hooks, "hook_resid_final", x)  # [B, T, D], what the unembedding reads
+            x = _run_hooks(self._hooks, "hook_resid_final", x)  # [B, T, D], the residual stream at the end
             if last_positions:
                 x = x[:, -last_positions:]
-        return self.unembed(x)
+        return self.unembed(self.ln_final(x))
 
     # ------------------------------------------------------------ hooks
 

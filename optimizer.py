@@ -89,6 +89,10 @@ class GrokfastEMA:
 
     @torch.no_grad()
     def apply(self) -> None:
+        # An fp16 overflow step (which GradScaler then skips) must not poison the average.
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.norm() for g in grads])).all():
+            return
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
@@ -141,6 +145,19 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:
+    """Restores moments and step counts from a checkpoint, but keeps the hyperparameters (LR, weight
+    decay, betas, momentum) that `build_optimizers` took from the current config, so flags typed
+    at resume time take effect."""
+    if len(states) != len(optimizers):
+        raise ValueError(f"the checkpoint has {len(states)} optimizers, this config builds {len(optimizers)}")
+    for optimizer, state in zip(optimizers, states):
+        current = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+        for group, settings in zip(optimizer.param_groups, current):
+            group.update(settings)
 
 
 def lr_multiplier(step: int, cfg: Config, max_steps: int) -> float:

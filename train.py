@@ -22,16 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from config import ConfigError, config_from_dict, format_config, parse_config
+from config import RESUME_FIXED, ConfigError, config_from_dict, format_config, parse_config
 from data import IGNORE, build_data
 from model import Transformer
-from optimizer import EarlyStopping, GrokfastEMA, apply_lr, build_optimizers, lr_multiplier
+from optimizer import (EarlyStopping, GrokfastEMA, apply_lr, build_optimizers, load_optimizer_states,
+                       lr_multiplier)
 from utils import (CheckpointError, all_reduce_sum, attach_log_file, autocast, broadcast_object,
                    close_logging, create_run_dir, describe_environment, find_checkpoint,
-                   flops_per_token, generate_run_name, load_checkpoint, peak_flops, pick_device,
-                   pick_dtype, plot_training_curves, rng_state, save_checkpoint, seed_everything,
-                   set_rng_state, setup_distributed, setup_logging, teardown_distributed,
-                   unique_run_name)
+                   flops_per_token, gather_objects, generate_run_name, load_checkpoint, peak_flops,
+                   pick_device, pick_dtype, plot_training_curves, rng_state, save_checkpoint,
+                   seed_everything, set_rng_state, setup_distributed, setup_logging,
+                   teardown_distributed, trim_metrics, unique_run_name)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -44,15 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, explicit = parse_config(argv)
 
     # ---- resume: the checkpoint's config, with the flags typed now on top (e.g. a longer max_steps)
-    checkpoint = None
-    if cfg.resume:
-        path = os.path.join(cfg.save_model_dir, cfg.run, "last.pt") if cfg.resume == "auto" else cfg.resume
-        if cfg.resume != "auto" or (cfg.run and os.path.isfile(path)):
-            path = find_checkpoint(path)
-            checkpoint = load_checkpoint(path)
-            cfg = config_from_dict(checkpoint["config"], {k: getattr(cfg, k) for k in explicit})
-            run_dir = os.path.dirname(os.path.abspath(path))
-            cfg.save_model_dir, cfg.run = os.path.dirname(run_dir), os.path.basename(run_dir)
+    cfg, checkpoint, checkpoint_path, continuing = resolve_resume(cfg, explicit)
 
     # ---- processes, device, precision
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
@@ -73,11 +66,17 @@ def main(argv: list[str] | None = None) -> dict:
                               f"({cfg.accumulation_steps}) x world size ({dist.world_size}) equal parts")
         max_steps = cfg.max_steps or math.ceil(cfg.epochs * data.steps_per_epoch())
 
-        # ---- model
+        # ---- model (the same initialisation on every rank; DDP also broadcasts rank 0's weights)
         seed_everything(cfg.seed)
         raw_model = Transformer(cfg, data.vocab_size).to(device)
+        if dist.rank:
+            seed_everything(cfg.seed + dist.rank)  # but each rank its own dropout masks
         if checkpoint is not None:
-            raw_model.load_state_dict(checkpoint["model"])
+            try:
+                raw_model.load_state_dict(checkpoint["model"])
+            except RuntimeError as e:
+                reason = str(e).splitlines()[0]
+                raise CheckpointError(f"{checkpoint_path} does not fit this model ({reason})") from None
         model = torch.compile(raw_model) if cfg.torch_compile else raw_model
         if dist.enabled:
             model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
@@ -91,32 +90,48 @@ def main(argv: list[str] | None = None) -> dict:
             grokfast = GrokfastEMA(raw_model.parameters(), cfg.grokfast_alpha, cfg.grokfast_lamb)
         step, best_val_loss, wandb_id = 0, math.inf, None
         if checkpoint is not None:
-            for optimizer, state in zip(optimizers, checkpoint["optimizers"]):
-                optimizer.load_state_dict(state)
-            scaler.load_state_dict(checkpoint["scaler"])
+            try:
+                load_optimizer_states(optimizers, checkpoint["optimizers"])  # keeps today's LRs
+            except ValueError as e:
+                raise CheckpointError(f"{checkpoint_path}: its optimizer state does not fit ({e})") from None
+            if scaler.is_enabled() and checkpoint["scaler"]:  # fp16 then and now
+                scaler.load_state_dict(checkpoint["scaler"])
             early_stopping.load_state_dict(checkpoint["early_stopping"])
             if grokfast is not None and checkpoint.get("grokfast"):
                 grokfast.load_state_dict(checkpoint["grokfast"])
-            step, best_val_loss, wandb_id = checkpoint["step"], checkpoint["best_val_loss"], checkpoint["wandb_id"]
-            set_rng_state(checkpoint["rng"])
+            step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+            wandb_id = checkpoint["wandb_id"] if continuing else None
+            if len(checkpoint["rng"]) == dist.world_size:
+                set_rng_state(checkpoint["rng"][dist.rank])  # each rank its own streams
+            else:  # a different number of processes: dropout streams cannot continue, so reseed
+                seed_everything(cfg.seed + 1_000_003 * step + dist.rank)
 
-        # ---- run directory: <save_model_dir>/<run>/ (only rank 0 writes)
+        # ---- run directory: <save_model_dir>/<run>/ (rank 0 writes; every rank learns if it failed)
         run_name = broadcast_object(cfg.run or unique_run_name(cfg.save_model_dir, generate_run_name(cfg)))
         cfg.run = run_name
         run_dir = os.path.join(cfg.save_model_dir, run_name)
-        if is_main:
-            create_run_dir(cfg.save_model_dir, run_name, resuming=checkpoint is not None)
-            attach_log_file(log, os.path.join(run_dir, "train.log"))
-            cfg.save(os.path.join(run_dir, "config.json"))
         metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        failure = None
+        if is_main:
+            try:
+                create_run_dir(cfg.save_model_dir, run_name, resuming=continuing)
+                trim_metrics(metrics_path, step)  # a resumed run logs the steps after its checkpoint again
+                attach_log_file(log, os.path.join(run_dir, "train.log"))
+                cfg.save(os.path.join(run_dir, "config.json"))
+            except ConfigError as e:
+                failure = str(e)
+        failure = broadcast_object(failure)
+        if failure:
+            raise ConfigError(failure)
     except (ConfigError, CheckpointError):
         close_logging(log)
         teardown_distributed()
         raise
 
     # ---- the run describes itself: config, versions, hardware, sizes
-    log.info(f"tinylab run {run_name} ({'resumed at step ' + str(step) if checkpoint else 'new'}) "
-             f"-> {run_dir}")
+    origin = "new" if checkpoint is None else (f"resumed at step {step}" if continuing
+                                                else f"started from {checkpoint_path} at step {step}")
+    log.info(f"tinylab run {run_name} ({origin}) -> {run_dir}")
     log.info(format_config(cfg))
     log.info(describe_environment(device, dist.world_size))
     tokens_per_step = global_batch * data.seq_len
@@ -149,14 +164,17 @@ def main(argv: list[str] | None = None) -> dict:
             wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def save(name: str) -> None:
-        if not (is_main and cfg.save_model):
+        if not cfg.save_model:
+            return
+        rng = gather_objects(rng_state())  # every rank's own RNG streams; all ranks take part
+        if not is_main:
             return
         save_checkpoint({
             "model": raw_model.state_dict(),  # clean keys: never the compiled or DDP wrapper's
             "optimizers": [optimizer.state_dict() for optimizer in optimizers],
             "scaler": scaler.state_dict(),
             "step": step,
-            "rng": rng_state(),
+            "rng": rng,
             "data_position": {"step": step},  # batches are a function of (seed, step)
             "early_stopping": early_stopping.state_dict(),
             "grokfast": grokfast.state_dict() if grokfast is not None else None,
@@ -168,12 +186,12 @@ def main(argv: list[str] | None = None) -> dict:
     @torch.no_grad()
     def evaluate() -> dict:
         model.eval()
-        sums: dict[str, float] = {}
+        sums = dict.fromkeys(data.EVAL_KEYS, 0.0)  # the same keys on every rank, batches or not
         for x, y, extras in data.val_batches():
             with autocast(device, dtype):
                 logits = raw_model(x, data.loss_positions)  # no DDP wrapper: eval needs no gradient sync
             for key, value in data.eval_sums(logits, y, extras).items():
-                sums[key] = sums.get(key, 0.0) + value
+                sums[key] += value
         model.train()
         return data.eval_metrics(all_reduce_sum(sums, device))
 
@@ -287,6 +305,39 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def resolve_resume(cfg, explicit: set[str]):
+    """What --resume means for this run: (config, checkpoint, its path, continuing).
+
+    `continuing` says the run directory already belongs to this run (a resume in place, or
+    `--resume auto` of a run that saved nothing yet, which restarts it from step 0). A checkpoint
+    with `--run` naming a different run starts that new run from the checkpoint's state.
+    """
+    if not cfg.resume:
+        return cfg, None, None, False
+    if cfg.resume == "auto":
+        if not cfg.run:
+            raise ConfigError("--resume: auto continues the run named by --run (or --run_name); name one")
+        run_dir = os.path.join(cfg.save_model_dir, cfg.run)
+        if not any(os.path.isfile(os.path.join(run_dir, n)) for n in ("last.pt", "best.pt")):
+            return cfg, None, None, True
+        path = find_checkpoint(run_dir)
+    else:
+        path = find_checkpoint(cfg.resume)
+    checkpoint = load_checkpoint(path)
+    saved = checkpoint["config"]
+    for key in sorted(explicit & set(RESUME_FIXED)):
+        if key in saved and getattr(cfg, key) != saved[key]:
+            raise ConfigError(f"--{key}: a resumed run keeps its checkpoint's {key} ({saved[key]!r}); "
+                              f"start a new run to change it")
+    resumed = config_from_dict(saved, {k: getattr(cfg, k) for k in explicit})
+    source_dir = os.path.dirname(os.path.abspath(path))
+    resumed.save_model_dir = cfg.save_model_dir if "save_model_dir" in explicit else os.path.dirname(source_dir)
+    if "run" not in explicit:
+        resumed.run = os.path.basename(source_dir)
+    continuing = os.path.abspath(os.path.join(resumed.save_model_dir, resumed.run)) == source_dir
+    return resumed, checkpoint, path, continuing
+
+
 def _duration(seconds: float) -> str:
     """12.3s, 4m05s, 2h13m."""
     if seconds < 60:
@@ -300,5 +351,6 @@ if __name__ == "__main__":
     try:
         main()
     except (ConfigError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import logging
 import logging.handlers
 import os
@@ -69,6 +70,15 @@ def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {k: v / world for k, v in all_reduce_sum(values, device).items()}
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj, src: int = 0):
@@ -229,11 +239,15 @@ def generate_run_name(cfg: Config) -> str:
 def create_run_dir(save_model_dir: str, run: str, resuming: bool) -> str:
     """Makes <save_model_dir>/<run>/. A fresh run never reuses another run's directory."""
     path = os.path.join(save_model_dir, run)
-    if os.path.exists(path) and not resuming:
-        if os.listdir(path):
-            raise ConfigError(f"--run: {path} already holds a run; pick another --run name "
-                              f"or pass --resume auto to continue it")
-    os.makedirs(path, exist_ok=True)
+    if os.path.exists(save_model_dir) and not os.path.isdir(save_model_dir):
+        raise ConfigError(f"--save_model_dir: {save_model_dir} is a file, not a directory")
+    if os.path.exists(path) and not resuming and (not os.path.isdir(path) or os.listdir(path)):
+        raise ConfigError(f"--run: {path} already holds a run; pick another --run name "
+                          f"or pass --resume auto to continue it")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--save_model_dir: cannot create {path} ({e.strerror})") from None
     return path
 
 
@@ -284,14 +298,31 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 
 def find_checkpoint(path: str) -> str:
-    """A checkpoint file, or a run directory (its last.pt, else best.pt)."""
+    """A checkpoint file, or a run directory's newest checkpoint.
+
+    last.pt is written every save_every steps, best.pt at every eval that improves val_loss, so
+    after a preemption either may be the later one; both hold the full training state.
+    """
     if os.path.isdir(path):
-        for name in ("last.pt", "best.pt"):
-            candidate = os.path.join(path, name)
-            if os.path.isfile(candidate):
-                return candidate
-        raise CheckpointError(f"{path} holds no last.pt or best.pt")
+        candidates = [os.path.join(path, n) for n in ("last.pt", "best.pt") if os.path.isfile(os.path.join(path, n))]
+        if not candidates:
+            raise CheckpointError(f"{path} holds no last.pt or best.pt")
+        return max(candidates, key=os.path.getmtime)
     return path
+
+
+def trim_metrics(path: str, last_step: int) -> None:
+    """Drops metrics.jsonl records past `last_step`: a resumed run logs those steps again."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    if len(kept) != len(lines):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 def clean_state_dict(state: dict) -> dict:
@@ -350,8 +381,6 @@ def flops_per_token(num_params: int, num_blocks: int, num_heads: int, head_dim: 
 
 def read_metrics(path: str) -> list[dict]:
     """The records of a metrics.jsonl (one JSON object per logged step or eval)."""
-    import json
-
     records = []
     with open(path) as f:
         for line in f:

@@ -41,8 +41,9 @@ def run(preset: str, seed: int, max_steps: int | None, runs_dir: str) -> dict:
 
 def describe(name: str, s: dict) -> str:
     where = "reached 0.99" if s["reached"] else f"stopped at the cap with val_acc {s.get('val_acc', 0):.3f}"
-    return (f"{name:<22} {s['steps']:>6} steps  {s['seconds']:>7.1f} s  "
-            f"{1000 * s['train_seconds'] / max(s['steps'], 1):6.1f} ms/step (with evals)  val_acc {s.get('val_acc', 0):.4f}  ({where})")
+    ms_per_step = 1000 * s["train_seconds"] / max(s["steps"], 1)
+    return (f"{name:<22} {s['steps']:>6} steps  {s['seconds']:>7.1f} s  {ms_per_step:6.1f} ms/step (with evals)  "
+            f"val_acc {s.get('val_acc', 0):.4f}  ({where})")
 
 
 def main() -> None:

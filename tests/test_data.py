@@ -239,3 +239,17 @@ def test_tiktoken_tokens(corpus, monkeypatch):
 def test_unknown_tokenizer(corpus):
     with pytest.raises(ConfigError, match="--tokenizer"):
         load_tokens(text_cfg(corpus, tokenizer="not_an_encoding"))
+
+
+def test_eval_cap_is_global_not_per_rank():
+    cfg = dict(modulus=23, eval_max_batches=2, eval_batch_size=5)
+    single = sum(len(x) for x, _, _ in ModularData(Config(**cfg), Dist(), CPU).val_batches())
+    pair = sum(len(x) for r in range(2) for x, _, _ in ModularData(Config(**cfg), Dist(r, r, 2), CPU).val_batches())
+    assert single == pair == 10
+
+
+def test_non_utf8_corpus(tmp_path):
+    path = tmp_path / "binary.txt"
+    path.write_bytes(b"\xff\xfe\x00\x81 not text")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_tokens(text_cfg(str(path)))

@@ -16,7 +16,8 @@ def test_default_run_groks_and_stops_by_itself(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (run_name,) = os.listdir(tmp_path / "runs")
     run_dir = tmp_path / "runs" / run_name
-    assert {"config.json", "train.log", "metrics.jsonl", "last.pt", "best.pt", "training_curves.png"} <= set(os.listdir(run_dir))
+    expected = {"config.json", "train.log", "metrics.jsonl", "last.pt", "best.pt", "training_curves.png"}
+    assert expected <= set(os.listdir(run_dir))
 
     records = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in records if "val_acc" in r]

@@ -59,7 +59,11 @@ def test_cached_activations_are_consistent():
     assert torch.allclose(attn_out, cache[b + "hook_attn_out"], atol=1e-5)
     assert torch.allclose(cache[b + "hook_resid_mid"], cache[b + "hook_resid_pre"] + cache[b + "hook_attn_out"], atol=1e-6)
     assert torch.allclose(cache["blocks.1.hook_resid_post"], cache["hook_resid_final"])
-    assert torch.allclose(model.unembed(cache["hook_resid_final"]), logits, atol=1e-5)
+    assert torch.allclose(model.unembed(cache["hook_resid_final"]), logits, atol=1e-5)  # no final norm here
+    normed = make(norm="layernorm")
+    logits, cache = normed.run_with_cache(tokens())
+    assert torch.allclose(normed.ln_final(cache["hook_resid_final"]), cache["ln_final.hook_normalized"])
+    assert torch.allclose(normed.unembed(cache["ln_final.hook_normalized"]), logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("sink", [False, True])
@@ -82,7 +86,7 @@ def test_last_positions_gives_the_same_logits(sink):
     model = make(attention_sink=sink)
     x = tokens()
     full = model(x)
-    for n in (1, 3):
+    for n in (1, 3, T, T + 5):  # n >= T asks for every position
         assert torch.allclose(model(x, last_positions=n), full[:, -n:], atol=1e-5)
 
 
@@ -133,7 +137,8 @@ def test_names_filter_forms_and_unknown_names():
     model = make()
     x = tokens()
     assert set(model.run_with_cache(x, "blocks.0.hook_resid_post")[1]) == {"blocks.0.hook_resid_post"}
-    assert set(model.run_with_cache(x, ["hook_embed", "blocks.1.mlp.hook_post"])[1]) == {"hook_embed", "blocks.1.mlp.hook_post"}
+    two = ["hook_embed", "blocks.1.mlp.hook_post"]
+    assert set(model.run_with_cache(x, two)[1]) == set(two)
     assert len(model.run_with_cache(x, lambda n: "attn.hook_q" in n)[1]) == 2
     with pytest.raises(KeyError, match="did you mean"):
         model.run_with_cache(x, "blocks.0.hook_resid_postt")

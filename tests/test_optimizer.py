@@ -105,3 +105,39 @@ def test_early_stopping():
     resumed.load_state_dict(EarlyStopping(patience=2).state_dict() | {"best_loss": 1.0, "bad_evals": 1})
     assert resumed.update(1.0, None)
     assert math.isinf(EarlyStopping().best_loss)
+
+
+def test_grokfast_ignores_an_overflowed_step():
+    from optimizer import GrokfastEMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    grokfast = GrokfastEMA([p], alpha=0.9, lamb=2.0)
+    p.grad = torch.ones(3)
+    grokfast.apply()
+    assert torch.equal(p.grad, torch.full((3,), 3.0))  # g + 2 * EMA, the EMA starting at g
+    p.grad = torch.tensor([1.0, float("inf"), 1.0])  # what an fp16 overflow looks like after unscale
+    grokfast.apply()
+    assert torch.equal(grokfast.averages[0], torch.ones(3))  # the average is untouched
+    p.grad = torch.ones(3)
+    grokfast.apply()
+    assert torch.isfinite(p.grad).all()
+
+
+def test_loaded_optimizer_state_keeps_todays_hyperparameters():
+    from optimizer import load_optimizer_states
+
+    cfg = Config()
+    model = Transformer(cfg, 20)
+    old = build_optimizers(model, cfg)
+    model(torch.randint(0, 20, (2, 3))).sum().backward()
+    for optimizer in old:
+        optimizer.step()
+    cfg.lr, cfg.muon_lr, cfg.weight_decay = 1e-4, 0.01, 0.0
+    new = build_optimizers(model, cfg)
+    load_optimizer_states(new, [o.state_dict() for o in old])
+    adamw, muon = new
+    assert adamw.param_groups[0]["initial_lr"] == 1e-4 and adamw.param_groups[0]["weight_decay"] == 0.0
+    assert muon.param_groups[0]["initial_lr"] == 0.01
+    assert adamw.state[adamw.param_groups[0]["params"][0]]["step"] == 1  # moments came back
+    with pytest.raises(ValueError, match="optimizers"):
+        load_optimizer_states(new[:1], [o.state_dict() for o in old])

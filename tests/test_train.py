@@ -1,6 +1,7 @@
 """train.main end to end: run directories, checkpoints, resume, W&B offline, and bad input."""
 
 import json
+import math
 import os
 
 import pytest
@@ -125,6 +126,54 @@ def test_epochs_set_the_length_when_max_steps_is_zero(tmp_path):
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
     summary = train.main(tiny_args(tmp_path, "--run", "fresh", "--resume", "auto", "--max_steps", "3"))
     assert summary["steps"] == 3
+    # A run that saved nothing before it was stopped restarts from step 0 in its own directory.
+    (tmp_path / "runs" / "fresh" / "last.pt").unlink()
+    (tmp_path / "runs" / "fresh" / "best.pt").unlink()
+    summary = train.main(tiny_args(tmp_path, "--run", "fresh", "--resume", "auto", "--max_steps", "3"))
+    steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "fresh" / "metrics.jsonl")]
+    assert summary["steps"] == 3 and steps == sorted(set(steps))
+
+
+def test_resume_auto_takes_the_newest_checkpoint_and_relogs_nothing_twice(tmp_path):
+    """A preemption after step 8 whose last save was at step 5: resume from 5, log 6.. once."""
+    run_dir = tmp_path / "runs" / "p"
+    args = tiny_args(tmp_path, "--run", "p", "--resume", "auto", "--eval_every", "100", "--log_every", "1",
+                     "--save_every", "5")
+    train.main(args + ["--max_steps", "5"])
+    saved_at_5 = (run_dir / "last.pt").read_bytes()
+    train.main(args + ["--max_steps", "8"])
+    (run_dir / "last.pt").write_bytes(saved_at_5)  # the newer file: what a preempted job left
+    summary = train.main(args + ["--max_steps", "10"])
+    assert summary["steps"] == 10
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 10
+    assert "resumed at step 5" in (run_dir / "train.log").read_text()
+
+
+def test_resume_from_best_only(tmp_path):
+    run_dir = tmp_path / "runs" / "b"
+    train.main(tiny_args(tmp_path, "--run", "b", "--max_steps", "20"))
+    (run_dir / "last.pt").unlink()  # stopped before its first periodic save
+    best_step = torch.load(run_dir / "best.pt", weights_only=True)["step"]
+    train.main(tiny_args(tmp_path, "--run", "b", "--resume", "auto", "--max_steps", "20"))
+    assert f"resumed at step {best_step}" in (run_dir / "train.log").read_text()
+
+
+def test_flags_typed_at_resume_take_effect(tmp_path):
+    args = tiny_args(tmp_path, "--run", "lr", "--resume", "auto", "--warmup_steps", "0")
+    train.main(args + ["--max_steps", "5"])
+    train.main(args + ["--max_steps", "10", "--lr", "1e-4"])
+    records = read_metrics(tmp_path / "runs" / "lr" / "metrics.jsonl")
+    assert [r["lr"] for r in records if r["step"] == 10] == [1e-4]
+    assert json.loads((tmp_path / "runs" / "lr" / "config.json").read_text())["lr"] == 1e-4
+
+
+def test_a_checkpoint_with_a_new_run_name_starts_a_new_run(tmp_path, existing_run):
+    run_dir, snapshot = existing_run
+    summary = train.main(["--resume", str(run_dir / "best.pt"), "--run", "branch", "--max_steps", "4"])
+    assert summary["run_dir"] == str(tmp_path / "runs" / "branch") and summary["steps"] == 4
+    assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == snapshot
+    assert "started from" in (tmp_path / "runs" / "branch" / "train.log").read_text()
 
 
 def test_resume_from_a_path_uses_the_saved_config(tmp_path):
@@ -186,6 +235,9 @@ def existing_run(tmp_path):
     (["--resume", "nowhere/last.pt"], ["nowhere/last.pt"]),
     (["--task", "text", "--data_path", "no/such/corpus.txt", "--data_url", "http://127.0.0.1:9/x.txt"],
      ["no/such/corpus.txt", "by hand"]),
+    (["--run", "/tmp/elsewhere"], ["--run", "is a path"]),
+    (["--resume", "auto", "--num_blocks", "2"], ["--num_blocks", "resumed run keeps"]),
+    (["--resume", "auto", "--use_muon", "false"], ["--use_muon", "resumed run keeps"]),
 ])
 def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, args, fragments):
     run_dir, snapshot = existing_run
@@ -193,6 +245,18 @@ def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, arg
     assert_clean_failure(result, *fragments)
     assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == snapshot
     assert os.listdir(tmp_path / "runs") == ["keep"]
+
+
+def test_resume_auto_needs_a_run_name(tmp_path):
+    result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--resume", "auto"], cwd=str(tmp_path))
+    assert_clean_failure(result, "--resume", "--run")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_save_model_dir_that_is_a_file(tmp_path):
+    (tmp_path / "runs").write_text("not a directory")
+    result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--max_steps", "1"], cwd=str(tmp_path))
+    assert_clean_failure(result, "--save_model_dir", "is a file")
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path, existing_run):
@@ -215,3 +279,11 @@ def test_help_lists_every_flag(tmp_path):
     result = run_train(["--help"], cwd=str(tmp_path))
     assert result.returncode == 0
     assert "--num_blocks" in result.stdout and "--wandb_enabled" in result.stdout and "default:" in result.stdout
+
+
+def test_resume_in_another_precision(tmp_path):
+    # An fp32 checkpoint has no GradScaler state; resuming under fp16 starts a fresh scaler.
+    args = tiny_args(tmp_path, "--run", "p16", "--resume", "auto")
+    train.main(args + ["--max_steps", "4"])
+    summary = train.main(args + ["--max_steps", "8", "--dtype", "float16"])
+    assert summary["steps"] == 8 and math.isfinite(summary["train_loss"])
