@@ -394,15 +394,15 @@ def load_tokens(cfg: Config):
             tokenizer = CharTokenizer("".join(sorted(set(text))))
         else:
             tokenizer = TiktokenTokenizer(cfg.tokenizer)
-        ids = np.array(tokenizer.encode(text), dtype=np.int64)
         dtype = "uint16" if tokenizer.n_vocab <= 2**16 else "uint32"
+        ids = np.array(tokenizer.encode(text), dtype=dtype)
         meta = {"tokenizer": cfg.tokenizer, "dtype": dtype, "num_tokens": int(len(ids)),
                 "source_bytes": stat.st_size, "n_vocab": tokenizer.n_vocab,
                 "vocab": tokenizer.vocab if cfg.tokenizer == "char" else None}
         try:
-            _write_cache(ids.astype(dtype), cache, meta, meta_path)
+            _write_cache(ids, cache, meta, meta_path)
         except OSError:  # a read-only directory beside the text: keep the tokens in memory instead
-            return ids.astype(dtype), tokenizer
+            return ids, tokenizer
     else:
         tokenizer = CharTokenizer(meta["vocab"]) if cfg.tokenizer == "char" else TiktokenTokenizer(cfg.tokenizer)
     tokens = np.memmap(cache, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))

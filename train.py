@@ -29,7 +29,7 @@ from optimizer import (EarlyStopping, GrokfastEMA, apply_lr, build_optimizers, l
                        lr_multiplier)
 from utils import (CheckpointError, all_reduce_sum, attach_log_file, autocast, broadcast_object,
                    close_logging, create_run_dir, describe_environment, find_checkpoint,
-                   flops_per_token, gather_objects, generate_run_name, load_checkpoint, peak_flops,
+                   flops_per_token, gather_objects, generate_run_name, load_checkpoint, newest_checkpoint, peak_flops,
                    pick_device, pick_dtype, plot_training_curves, rng_state, save_checkpoint,
                    seed_everything, set_rng_state, setup_distributed, setup_logging,
                    teardown_distributed, trim_metrics, unique_run_name)
@@ -317,10 +317,9 @@ def resolve_resume(cfg, explicit: set[str]):
     if cfg.resume == "auto":
         if not cfg.run:
             raise ConfigError("--resume: auto continues the run named by --run (or --run_name); name one")
-        run_dir = os.path.join(cfg.save_model_dir, cfg.run)
-        if not any(os.path.isfile(os.path.join(run_dir, n)) for n in ("last.pt", "best.pt")):
+        path = newest_checkpoint(os.path.join(cfg.save_model_dir, cfg.run))
+        if path is None:
             return cfg, None, None, True
-        path = find_checkpoint(run_dir)
     else:
         path = find_checkpoint(cfg.resume)
     checkpoint = load_checkpoint(path)

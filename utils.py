@@ -67,11 +67,6 @@ def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(keys, packed.tolist()))
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return {k: v / world for k, v in all_reduce_sum(values, device).items()}
-
-
 def gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order, on every rank ([obj] in a single process)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -297,17 +292,24 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return ckpt
 
 
-def find_checkpoint(path: str) -> str:
-    """A checkpoint file, or a run directory's newest checkpoint.
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The later of a run directory's last.pt and best.pt, or None when it holds neither.
 
     last.pt is written every save_every steps, best.pt at every eval that improves val_loss, so
     after a preemption either may be the later one; both hold the full training state.
     """
+    candidates = [os.path.join(run_dir, n) for n in ("last.pt", "best.pt")]
+    candidates = [c for c in candidates if os.path.isfile(c)]
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint file, or a run directory's newest checkpoint."""
     if os.path.isdir(path):
-        candidates = [os.path.join(path, n) for n in ("last.pt", "best.pt") if os.path.isfile(os.path.join(path, n))]
-        if not candidates:
+        newest = newest_checkpoint(path)
+        if newest is None:
             raise CheckpointError(f"{path} holds no last.pt or best.pt")
-        return max(candidates, key=os.path.getmtime)
+        return newest
     return path
 
 
@@ -323,16 +325,6 @@ def trim_metrics(path: str, last_step: int) -> None:
         with open(tmp, "w") as f:
             f.writelines(kept)
         os.replace(tmp, path)
-
-
-def clean_state_dict(state: dict) -> dict:
-    """Strips the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes from keys."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.replace(prefix, "")
-        out[key] = value
-    return out
 
 
 # ---------------------------------------------------------------- FLOPs and MFU
