@@ -136,8 +136,9 @@ class Config:
     temperature: float = _log(0.8, "sampling temperature")
     top_k: int = _log(200, "sample from the k most likely tokens (0: all)")
     wandb_enabled: bool = _log(False, "log to Weights & Biases (settings from .env; WANDB_MODE=offline works)")
-    wandb_project: str = _log("tinylab", "W&B project")
-    wandb_entity: str = _log("", "W&B entity (empty: your default)")
+    wandb_project: str = _log("", "W&B project (empty: WANDB_PROJECT from the environment or .env, else tinylab)")
+    wandb_entity: str = _log("", "W&B entity (empty: WANDB_ENTITY from the environment or .env, else your default)")
+    rclone_every: int = _log(10, "with RCLONE_DEST set, copy the run directory there every N evals (0: only at the end)")
 
     # ---- runtime ----
     device: str = _runtime("auto", "auto | cpu | cuda | mps")
@@ -161,7 +162,7 @@ class Config:
                      "eval_every", "log_every", "dyck_types", "dyck_num_train", "dyck_num_val"):
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("mlp_dim", "max_steps", "batch_size", "warmup_steps", "save_every", "patience",
-                     "sample_tokens", "top_k", "eval_max_batches", "eval_batch_size"):
+                     "sample_tokens", "top_k", "eval_max_batches", "eval_batch_size", "rclone_every"):
             need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
         for name in ("lr", "muon_lr", "weight_decay", "muon_weight_decay", "grad_clip", "epochs",
                      "min_delta", "init_std", "temperature", "grokfast_lamb"):

@@ -15,11 +15,13 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from dotenv import find_dotenv, load_dotenv
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import RESUME_FIXED, ConfigError, config_from_dict, format_config, parse_config
@@ -27,12 +29,17 @@ from data import IGNORE, build_data
 from model import Transformer
 from optimizer import (EarlyStopping, GrokfastEMA, apply_lr, build_optimizers, load_optimizer_states,
                        lr_multiplier)
-from utils import (CheckpointError, all_reduce_sum, attach_log_file, autocast, broadcast_object,
-                   close_logging, create_run_dir, describe_environment, find_checkpoint,
-                   flops_per_token, gather_objects, generate_run_name, load_checkpoint, newest_checkpoint, peak_flops,
-                   pick_device, pick_dtype, plot_training_curves, rng_state, save_checkpoint,
-                   seed_everything, set_rng_state, setup_distributed, setup_logging,
-                   teardown_distributed, trim_metrics, unique_run_name)
+from utils import (CheckpointError, RcloneSync, StopSignals, all_reduce_sum, attach_log_file, autocast,
+                   broadcast_object, close_logging, create_run_dir, describe_environment,
+                   elastic_restart_count, find_checkpoint, flops_per_token, forget_launch, gather_objects,
+                   generate_run_name, launched_run, load_checkpoint, max_over_ranks, newest_checkpoint,
+                   peak_flops, pick_device, pick_dtype, plot_training_curves, remember_launch, rng_state,
+                   same_on_all_ranks, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
+                   setup_logging, teardown_distributed, trim_metrics, unique_run_name)
+
+
+class TrainingDiverged(Exception):
+    """The loss or gradient norm stopped being finite; the message names the step and the checkpoint."""
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,6 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
     """
     started = time.perf_counter()
     cfg, explicit = parse_config(argv)
+    # Settings that stay out of config.json and the logs (WANDB_API_KEY, WANDB_PROJECT, WANDB_MODE,
+    # RCLONE_DEST, ...) may live in a .env file, in the working directory or beside train.py.
+    # Variables already set in the environment win.
+    load_dotenv(find_dotenv(usecwd=True))
+    load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
 
     # ---- resume: the checkpoint's config, with the flags typed now on top (e.g. a longer max_steps)
     cfg, checkpoint, checkpoint_path, continuing = resolve_resume(cfg, explicit)
@@ -118,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
                 trim_metrics(metrics_path, step)  # a resumed run logs the steps after its checkpoint again
                 attach_log_file(log, os.path.join(run_dir, "train.log"))
                 cfg.save(os.path.join(run_dir, "config.json"))
+                if "run" not in explicit:  # a generated name: note it for workers torchrun restarts
+                    remember_launch(cfg.save_model_dir, run_name)
             except ConfigError as e:
                 failure = str(e)
         failure = broadcast_object(failure)
@@ -146,14 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     wandb_run = None
     if cfg.wandb_enabled and is_main:
-        from dotenv import load_dotenv
-
-        load_dotenv()  # WANDB_API_KEY, WANDB_MODE, ... from .env
         import wandb
 
-        wandb_run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, name=run_name,
-                               dir=run_dir, config=cfg.to_dict(), id=wandb_id, resume="allow")
-        wandb_id = wandb_run.id
+        # The key stays in the environment: it is never part of the config, config.json or the logs.
+        wandb_run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
+                               entity=cfg.wandb_entity or None, name=run_name, dir=run_dir,
+                               config=cfg.to_dict(), id=wandb_id, resume="allow")
+        wandb_id = wandb_run.id  # checkpointed, so a resumed or requeued run continues this W&B run
+    rclone = RcloneSync(run_dir, os.environ["RCLONE_DEST"], log) if os.environ.get("RCLONE_DEST") and is_main else None
 
     def write_metrics(record: dict) -> None:
         if not is_main:
@@ -163,10 +177,15 @@ def main(argv: list[str] | None = None) -> dict:
         if wandb_run is not None:
             wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    # The newest checkpoint of this run and its step: where to go back to if training diverges.
+    saved = (checkpoint_path, checkpoint["step"]) if checkpoint is not None and continuing else None
+
     def save(name: str) -> None:
+        nonlocal saved
         if not cfg.save_model:
             return
         rng = gather_objects(rng_state())  # every rank's own RNG streams; all ranks take part
+        saved = (os.path.join(run_dir, name), step)
         if not is_main:
             return
         save_checkpoint({
@@ -182,6 +201,26 @@ def main(argv: list[str] | None = None) -> dict:
             "config": cfg.to_dict(),
             "wandb_id": wandb_id,
         }, os.path.join(run_dir, name))
+
+    # The first step whose loss or gradient norm was not finite, kept on the device so that
+    # watching for it costs no synchronisation; it is read only where the loop syncs anyway.
+    no_bad_step = 2**62
+    first_bad_step = torch.full((), no_bad_step, dtype=torch.long, device=device)
+
+    def check_finite() -> None:
+        bad = -max_over_ranks(-int(first_bad_step), dist)  # the earliest over all ranks
+        if bad == no_bad_step:
+            return
+        kept = f"{saved[0]} (step {saved[1]}) is the last good checkpoint" if saved else "nothing was saved"
+        message = (f"the loss or gradient norm became nan or inf at step {bad}; stopped before saving, so "
+                   f"{kept}. Lower --lr, lengthen --warmup_steps or set --grad_clip, then start again"
+                   + (" or --resume from it" if saved else ""))
+        log.error(f"error: {message}")
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)
+        close_logging(log)
+        teardown_distributed()
+        raise TrainingDiverged(message)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -205,101 +244,137 @@ def main(argv: list[str] | None = None) -> dict:
             log.info(f"--- sample from {prompt!r}:\n{data.decode(out[0].tolist())}")
         raw_model.train()
 
-    # ---- the loop
+    # ---- the loop; SIGTERM / SIGUSR1 (preemption) end it after the current step, with a checkpoint
     if step >= max_steps:
         log.info(f"nothing to do: step {step} >= max_steps {max_steps}")
     model.train()
-    stop = False
+    stop, interrupted, evals_done = False, 0, 0
     train_started = time.perf_counter()
     window_start, window_steps, start_step = time.perf_counter(), 0, step
     last = {}
-    while step < max_steps and not stop:
-        apply_lr(optimizers, lr_multiplier(step, cfg, max_steps))
-        batches, num_targets = data.train_batches(step)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        for micro, (x, y) in enumerate(batches):
-            # Gradients are all-reduced only on the last micro-step (DDP's no_sync on the others).
-            sync = micro == len(batches) - 1
-            with (model.no_sync() if dist.enabled and not sync else contextlib.nullcontext()):
-                with autocast(device, dtype):
-                    logits = model(x, data.loss_positions)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
-                                       reduction="sum")
-                # Sum over this micro-batch / targets in the whole global batch = this micro-batch's
-                # share of the global mean; DDP averages over ranks, so scale by world size.
-                scaler.scale(loss * (dist.world_size / num_targets)).backward()
-            loss_sum += loss.detach()
-            correct += ((logits.argmax(-1) == y) & (y != IGNORE)).sum()
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)
-        if grokfast is not None:
-            grokfast.apply()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
-        for optimizer in optimizers:
-            scaler.step(optimizer)
-        scaler.update()
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
-        window_steps += 1
+    with StopSignals() as signals:
+        while step < max_steps and not stop:
+            apply_lr(optimizers, lr_multiplier(step, cfg, max_steps))
+            batches, num_targets = data.train_batches(step)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            for micro, (x, y) in enumerate(batches):
+                # Gradients are all-reduced only on the last micro-step (DDP's no_sync on the others).
+                sync = micro == len(batches) - 1
+                with (model.no_sync() if dist.enabled and not sync else contextlib.nullcontext()):
+                    with autocast(device, dtype):
+                        logits = model(x, data.loss_positions)
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
+                                           reduction="sum")
+                    # Sum over this micro-batch / targets in the whole global batch = this micro-batch's
+                    # share of the global mean; DDP averages over ranks, so scale by world size.
+                    scaler.scale(loss * (dist.world_size / num_targets)).backward()
+                loss_sum += loss.detach()
+                correct += ((logits.argmax(-1) == y) & (y != IGNORE)).sum()
+            for optimizer in optimizers:
+                scaler.unscale_(optimizer)
+            if grokfast is not None:
+                grokfast.apply()
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
+            # Under fp16 an inf gradient is the scaler's business (it skips the step); a bad loss never is.
+            bad = ~torch.isfinite(loss_sum) if scaler.is_enabled() else ~torch.isfinite(loss_sum + grad_norm)
+            first_bad_step = torch.where(bad & (first_bad_step == no_bad_step), step + 1, first_bad_step)
+            for optimizer in optimizers:
+                scaler.step(optimizer)
+            scaler.update()
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
 
-        record = {}
-        if step % cfg.log_every == 0 or step == max_steps or step == start_step + 1:
-            sums = all_reduce_sum({"loss_sum": loss_sum.item(), "correct": correct.item()}, device)
-            elapsed = time.perf_counter() - window_start
-            ms_per_step = 1000 * elapsed / window_steps
-            tokens_per_sec = tokens_per_step * window_steps / elapsed
-            record = {"step": step, "train_loss": sums["loss_sum"] / num_targets,
-                      "train_acc": sums["correct"] / num_targets,
-                      "lr": optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(),
-                      "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec}
-            if peak:
-                record["mfu"] = flops_token * tokens_per_sec / dist.world_size / peak
-            # ETA to max_steps; "<=" when early stopping may end the run sooner.
-            eta = ("<=" if early_stopping.active else "") + _duration((max_steps - step) * ms_per_step / 1000)
-            log.info(f"step {step:>6}/{max_steps} | train_loss {record['train_loss']:.4f} | "
-                     f"train_acc {record['train_acc']:.4f} | lr {record['lr']:.2e} | "
-                     f"grad_norm {record['grad_norm']:.3f} | {ms_per_step:.1f} ms/step | "
-                     f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if peak else "")
-                     + f" | {_duration(time.perf_counter() - train_started)}, ETA {eta}")
-            window_start, window_steps = time.perf_counter(), 0
+            log_due = step % cfg.log_every == 0 or step == max_steps or step == start_step + 1
+            eval_due = step % cfg.eval_every == 0 or step == max_steps
+            save_due = cfg.save_every and step % cfg.save_every == 0
+            if log_due or eval_due or save_due:
+                check_finite()  # before anything is logged as good or saved
 
-        paused = time.perf_counter()  # eval and checkpoints are kept out of ms/step and tokens/s
-        if step % cfg.eval_every == 0 or step == max_steps:
-            val = evaluate()
-            record = {"step": step, **record, **val}
-            stop = early_stopping.update(val["val_loss"], val.get("val_acc"))
-            log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
-            if cfg.task == "text" and cfg.sample_tokens and is_main:
-                print_samples()
-            if val["val_loss"] < best_val_loss:
-                best_val_loss = val["val_loss"]
-                save("best.pt")
-            last = {**last, **val}
-        if record:
-            last = {**last, **record}
-            write_metrics(record)
-        if cfg.save_every and step % cfg.save_every == 0:
-            save("last.pt")
-        window_start += time.perf_counter() - paused
+            record = {}
+            if log_due:
+                sums = all_reduce_sum({"loss_sum": loss_sum.item(), "correct": correct.item()}, device)
+                elapsed = time.perf_counter() - window_start
+                ms_per_step = 1000 * elapsed / window_steps
+                tokens_per_sec = tokens_per_step * window_steps / elapsed
+                record = {"step": step, "train_loss": sums["loss_sum"] / num_targets,
+                          "train_acc": sums["correct"] / num_targets,
+                          "lr": optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(),
+                          "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec}
+                if peak:
+                    record["mfu"] = flops_token * tokens_per_sec / dist.world_size / peak
+                # ETA to max_steps; "<=" when early stopping may end the run sooner.
+                eta = ("<=" if early_stopping.active else "") + _duration((max_steps - step) * ms_per_step / 1000)
+                log.info(f"step {step:>6}/{max_steps} | train_loss {record['train_loss']:.4f} | "
+                         f"train_acc {record['train_acc']:.4f} | lr {record['lr']:.2e} | "
+                         f"grad_norm {record['grad_norm']:.3f} | {ms_per_step:.1f} ms/step | "
+                         f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if peak else "")
+                         + f" | {_duration(time.perf_counter() - train_started)}, ETA {eta}")
+                window_start, window_steps = time.perf_counter(), 0
 
-    # ---- the end: checkpoint, picture, summary
-    save("last.pt")
+            paused = time.perf_counter()  # eval and checkpoints are kept out of ms/step and tokens/s
+            if eval_due:
+                val = evaluate()
+                record = {"step": step, **record, **val}
+                stop = early_stopping.update(val["val_loss"], val.get("val_acc"))
+                log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
+                if cfg.task == "text" and cfg.sample_tokens and is_main:
+                    print_samples()
+                if val["val_loss"] < best_val_loss:
+                    best_val_loss = val["val_loss"]
+                    save("best.pt")
+                last = {**last, **val}
+            if record:
+                last = {**last, **record}
+                write_metrics(record)
+            if save_due:
+                save("last.pt")
+            if eval_due and rclone is not None and cfg.rclone_every:
+                evals_done += 1
+                if evals_done % cfg.rclone_every == 0:
+                    rclone.start()  # in the background; a copy still running is left to finish
+            # Every rank stops after the same step, whichever ranks the signal reached and when.
+            interrupted = max_over_ranks(signals.received, dist)
+            if interrupted and step < max_steps:
+                log.info(f"{signal.Signals(interrupted).name} received: stopping after step {step} "
+                         f"to save a checkpoint")
+                stop = True
+            window_start += time.perf_counter() - paused
+
+        # ---- the end: checkpoint, picture, summary (a second signal here changes nothing)
+        check_finite()
+        save("last.pt")
+    if dist.enabled:  # DDP keeps replicas identical; say so, or say loudly that they drifted apart
+        if same_on_all_ranks(list(raw_model.parameters())):
+            log.info(f"weights identical on all {dist.world_size} ranks")
+        else:
+            log.warning("warning: the weights differ between ranks; last.pt holds rank 0's")
     seconds = time.perf_counter() - started
-    if stop:
+    if interrupted and step < max_steps:
+        log.info(f"interrupted at step {step}; last.pt saved. Continue with --resume auto --run_name {run_name}"
+                 + (f" --save_model_dir {cfg.save_model_dir}" if cfg.save_model_dir != "runs" else ""))
+    elif stop:
         log.info(f"early stop: {early_stopping.reason}")
     if is_main and os.path.isfile(metrics_path):
         plot_training_curves(metrics_path, os.path.join(run_dir, "training_curves.png"), title=run_name)
     summary = {"run_dir": run_dir, "steps": step, "seconds": seconds,
                "train_seconds": time.perf_counter() - train_started, "best_val_loss": best_val_loss,
+               "interrupted": signal.Signals(interrupted).name if interrupted and step < max_steps else None,
                **{k: v for k, v in last.items() if k != "step"}}
     log.info(f"done: {step} steps in {_duration(seconds)} (training {_duration(summary['train_seconds'])})"
              + "".join(f" | {k} {last[k]:.4f}" for k in ("val_loss", "val_acc") if k in last)
              + f" | {run_dir}")
+    if rclone is not None:
+        rclone.finish()
     if wandb_run is not None:
         wandb_run.summary.update({"steps": step, "seconds": seconds})
+        if summary["interrupted"]:
+            wandb_run.mark_preempting()  # W&B shows the run as preempted, not failed, until it resumes
         wandb_run.finish()
+    if is_main and not summary["interrupted"]:
+        forget_launch(cfg.save_model_dir)
     close_logging(log)
     teardown_distributed()
     return summary
@@ -312,6 +387,22 @@ def resolve_resume(cfg, explicit: set[str]):
     `--resume auto` of a run that saved nothing yet, which restarts it from step 0). A checkpoint
     with `--run` naming a different run starts that new run from the checkpoint's state.
     """
+    restarted_run = None
+    if elastic_restart_count() > 0:
+        # `torchrun --max-restarts` restarted this worker after a failure: carry on with the run the
+        # first attempt named (given by --run, or noted by rank 0) from its newest checkpoint.
+        restarted_run = cfg.run or launched_run(cfg.save_model_dir)
+        if restarted_run and newest_checkpoint(os.path.join(cfg.save_model_dir, restarted_run)):
+            cfg.run, cfg.resume = restarted_run, "auto"
+            explicit = explicit | {"run"}
+        elif restarted_run:  # it saved nothing yet: start over as launched, in the same directory
+            cfg.run = restarted_run
+            explicit = explicit | {"run"}
+    cfg, checkpoint, path, continuing = _resolve_resume(cfg, explicit)
+    return cfg, checkpoint, path, continuing or bool(restarted_run)
+
+
+def _resolve_resume(cfg, explicit: set[str]):
     if not cfg.resume:
         return cfg, None, None, False
     if cfg.resume == "auto":
@@ -348,8 +439,14 @@ def _duration(seconds: float) -> str:
 
 if __name__ == "__main__":
     try:
-        main()
+        summary = main()
     except (ConfigError, CheckpointError) as error:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged:  # already logged, with the step and the checkpoint to go back to
+        sys.exit(1)
+    if summary["interrupted"]:
+        # Stopped by SIGTERM / SIGUSR1 with a checkpoint saved: exit as that signal would have
+        # (128 + its number), so schedulers and shell scripts see a run that has not finished.
+        sys.exit(128 + signal.Signals[summary["interrupted"]])

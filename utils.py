@@ -11,7 +11,10 @@ import logging.handlers
 import os
 import platform
 import random
+import signal
+import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +32,9 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    # A CPU (gloo) group for small control messages such as "stop after this step": agreeing on
+    # them every step then never waits for the GPU. None means the default group (already gloo).
+    control_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +54,19 @@ def setup_distributed(device_kind: str) -> Dist:
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend)
+        restart = elastic_restart_count()
+        if restart and os.environ.get("TORCHELASTIC_RUN_ID") == "none":
+            # torchrun's default static rendezvous keeps one store for every attempt, so restarted
+            # workers would read the dead attempt's addresses and fail to connect. Give each
+            # attempt keys of its own. (The c10d rendezvous makes a fresh store; nothing to do.)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  info.world_size, is_master=False)
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"tinylab/attempt_{restart}", store),
+                                    rank=info.rank, world_size=info.world_size)
+        else:
+            dist.init_process_group(backend=backend)
+    if dist.get_backend() != "gloo":
+        info.control_group = dist.new_group(backend="gloo")
     return info
 
 
@@ -65,6 +83,28 @@ def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, 
     packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     return dict(zip(keys, packed.tolist()))
+
+
+def max_over_ranks(value: int, info: Dist) -> int:
+    """The largest of every rank's `value` (the value itself in a single process); CPU only."""
+    if not info.enabled:
+        return value
+    packed = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=info.control_group)
+    return int(packed.item())
+
+
+def same_on_all_ranks(tensors) -> bool:
+    """True when every tensor is bit-for-bit the same on every rank (elementwise max == min)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    same = True
+    for tensor in tensors:
+        high, low = tensor.detach().clone(), tensor.detach().clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        same = same and torch.equal(high, low)
+    return same
 
 
 def gather_objects(obj) -> list:
@@ -325,6 +365,152 @@ def trim_metrics(path: str, last_step: int) -> None:
         with open(tmp, "w") as f:
             f.writelines(kept)
         os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- preemption, restarts, syncing
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 ask the loop to stop after the current step instead of killing it.
+
+    Slurm sends one of them before preemption or at the time limit (`--signal`), torchrun forwards
+    SIGTERM (and whatever TORCHELASTIC_SIGNALS_TO_HANDLE lists) to its workers, and `kill` sends
+    SIGTERM. The handler only records the first signal, so a second one, even in the middle of
+    saving a checkpoint, changes nothing. Use as a context manager: the previous handlers return on
+    exit. Outside the main thread (where Python cannot install handlers) it records nothing.
+    """
+
+    NAMES = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received = 0  # signal number, 0 for none
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                if hasattr(signal, name):  # Windows has no SIGUSR1
+                    number = getattr(signal, name)
+                    self._previous[number] = signal.signal(number, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+
+def elastic_restart_count() -> int:
+    """How many times `torchrun --max-restarts` has restarted this worker (0 outside torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _launch_pointer(save_model_dir: str) -> str | None:
+    """A file in save_model_dir naming the run this torchrun launch created (None outside torchrun).
+
+    Restarted workers must find the run their first attempt named. torchrun's run id is the same
+    for every attempt (and every node) of one launch; with the default static rendezvous it is
+    "none", and the master address and port stand in for it.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    key = os.environ["TORCHELASTIC_RUN_ID"]
+    if key in ("", "none"):
+        key = f"{os.environ.get('MASTER_ADDR', '')}-{os.environ.get('MASTER_PORT', '')}"
+    key = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    return os.path.join(save_model_dir, f".torchrun-{key}")
+
+
+def remember_launch(save_model_dir: str, run: str) -> None:
+    """Rank 0, first attempt: note which run this torchrun launch is training."""
+    path = _launch_pointer(save_model_dir)
+    if path is not None:
+        with open(path, "w") as f:
+            f.write(run)
+
+
+def launched_run(save_model_dir: str) -> str | None:
+    """The run this torchrun launch named on its first attempt, if it got that far."""
+    path = _launch_pointer(save_model_dir)
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def forget_launch(save_model_dir: str) -> None:
+    path = _launch_pointer(save_model_dir)
+    if path is not None and os.path.isfile(path):
+        os.remove(path)
+
+
+class RcloneSync:
+    """Copies the run directory to `$RCLONE_DEST/<run>` with rclone, in the background.
+
+    `rclone copy`, not `rclone sync`: a requeued job on a node with an empty local disk must never
+    delete what was already copied. A sync that fails is logged and training goes on; a sync still
+    running when the next is due is left to finish and the next one is skipped.
+    """
+
+    def __init__(self, run_dir: str, dest: str, log: logging.Logger):
+        self.run_dir, self.log = run_dir, log
+        self.target = f"{dest.rstrip('/')}/{os.path.basename(os.path.normpath(run_dir))}"
+        self.process: subprocess.Popen | None = None
+        self.disabled = False
+
+    def start(self) -> None:
+        if self.disabled or self._running():
+            return
+        try:
+            self.process = subprocess.Popen(["rclone", "copy", self.run_dir, self.target],
+                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        except OSError as e:  # rclone not installed, most likely
+            self.log.warning(f"RCLONE_DEST is set but rclone cannot run ({e.strerror}); the run "
+                             f"directory will not be copied to {self.target}")
+            self.disabled = True
+
+    def _running(self) -> bool:
+        if self.process is None:
+            return False
+        if self.process.poll() is None:
+            return True
+        self._report()
+        return False
+
+    def _report(self) -> None:
+        process, self.process = self.process, None
+        output = (process.stdout.read() if process.stdout else "").strip()
+        if process.stdout:
+            process.stdout.close()
+        if process.returncode:
+            last = output.splitlines()[-1] if output else "no output"
+            self.log.warning(f"rclone copy to {self.target} failed (exit {process.returncode}): {last}")
+
+    def finish(self, timeout: float = 600) -> bool:
+        """Waits for a running copy, then copies once more; True when the last copy succeeded."""
+        if self.process is not None:
+            self._wait(timeout)
+        self.start()
+        if self.process is None:
+            return False
+        succeeded = self._wait(timeout)
+        if succeeded:
+            self.log.info(f"copied the run directory to {self.target}")
+        return succeeded
+
+    def _wait(self, timeout: float) -> bool:
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            self.log.warning(f"rclone copy to {self.target} took over {timeout:.0f}s; stopped it")
+        succeeded = self.process.returncode == 0
+        self._report()
+        return succeeded
 
 
 # ---------------------------------------------------------------- FLOPs and MFU
