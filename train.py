@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
              f"dtype {str(dtype).replace('torch.', '')} · compile {cfg.torch_compile}")
     log.info(f"data {cfg.task}: {data.train_size:,} train examples · global batch {global_batch} "
              f"({tokens_per_step:,} tokens/step) · {max_steps:,} steps"
-             + ("" if peak else " · MFU: not shown (no peak-FLOPs figure for this device)"))
+             + ("" if peak else " · MFU: unknown, " + (f"{torch.cuda.get_device_name(device)} is not in "
+                                                        f"utils.PEAK_FLOPS" if device.type == "cuda"
+                                                        else f"no peak-FLOPs figure for {device.type}")))
 
     wandb_run = None
     if cfg.wandb_enabled and is_main:

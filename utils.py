@@ -540,11 +540,13 @@ PEAK_FLOPS = [
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+    """Peak dense bf16 FLOP/s of this GPU; None on CPU, MPS and GPUs missing from the table."""
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops_of(gpu_name: str) -> float | None:
     for key, flops in PEAK_FLOPS:
-        if key in name:
+        if key in gpu_name:
             return flops
     return None
 

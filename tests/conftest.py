@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -54,14 +57,73 @@ def http_server(tmp_path):
         server.server_close()
 
 
-def run_train(args: list[str], cwd: str, env: dict | None = None, timeout: int = 300):
-    """`python train.py ARGS` as a process; returns the CompletedProcess (text mode)."""
+def run_train(args: list[str], cwd: str, env: dict | None = None, timeout: int = 300, unset=()):
+    """`python train.py ARGS` as a process, with `env` added to and `unset` removed from ours;
+    returns the CompletedProcess (text mode)."""
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+                          env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 def tiny_args(tmp_path, *extra: str) -> list[str]:
     """Flags for a quick modular run inside tmp_path."""
     return ["--save_model_dir", str(tmp_path / "runs"), "--modulus", "17", "--max_steps", "20",
             "--eval_every", "10", "--log_every", "5", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(args: list[str], nproc: int = 2, launcher: list[str] = ()) -> list[str]:
+    """`torchrun --nproc_per_node N [launcher flags] train.py ARGS`, on a port of its own."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), *launcher, os.path.join(ROOT, "train.py"), *args]
+
+
+def run_torchrun(args: list[str], cwd: str, nproc: int = 2, launcher: list[str] = (), timeout: int = 300):
+    return subprocess.run(torchrun_command(args, nproc, launcher), cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    """Polls `condition()` until it holds; fails naming `what` after `timeout` seconds, or at once
+    if `process` ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended (status {process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc), e.g. torchrun's workers."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended while we looked
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry))
+    return sorted(children)
+
+
+def logged_steps(run_dir) -> list[int]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line)["step"] for line in f if line.strip().endswith("}")]
+
+
+def model_weights(path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)["model"]

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -190,20 +191,67 @@ def test_config_json_reproduces_a_run(tmp_path):
     assert second["train_loss"] == first["train_loss"] and second["val_loss"] == first["val_loss"]
 
 
-def test_wandb_offline(tmp_path):
-    env_before = dict(os.environ)
-    os.environ["WANDB_MODE"] = "offline"
-    os.environ["WANDB_SILENT"] = "true"
-    try:
-        train.main(tiny_args(tmp_path, "--run", "w", "--max_steps", "4", "--wandb_enabled"))
-    finally:
-        os.environ.clear()
-        os.environ.update(env_before)
-    wandb_dir = tmp_path / "runs" / "w" / "wandb"
-    runs = [d for d in os.listdir(wandb_dir) if d.startswith("offline-run-")]
-    assert len(runs) == 1
-    ckpt = torch.load(tmp_path / "runs" / "w" / "last.pt", weights_only=True)
-    assert ckpt["wandb_id"] and runs[0].endswith(ckpt["wandb_id"])
+def test_wandb_offline_settings_from_dotenv_and_one_wandb_run_across_a_resume(tmp_path):
+    secret = "sk-test-0123456789abcdef0123456789abcdef0123456789"
+    (tmp_path / ".env").write_text(f"WANDB_API_KEY={secret}\nWANDB_PROJECT=from-dotenv\n"
+                                   "WANDB_MODE=offline\nWANDB_SILENT=true\n")
+    args = tiny_args(tmp_path, "--run", "w", "--wandb_enabled", "--resume", "auto")
+    for max_steps in ("4", "8"):  # the second launch resumes the first, as a requeued job does
+        result = run_train(args + ["--max_steps", max_steps], cwd=str(tmp_path),
+                           unset=("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE"))
+        assert result.returncode == 0, result.stderr
+
+    run_dir = tmp_path / "runs" / "w"
+    wandb_runs = sorted(d for d in os.listdir(run_dir / "wandb") if d.startswith("offline-run-"))
+    wandb_id = torch.load(run_dir / "last.pt", weights_only=True)["wandb_id"]
+    assert len(wandb_runs) == 2 and all(d.endswith(f"-{wandb_id}") for d in wandb_runs)
+    assert b"from-dotenv" in (run_dir / "wandb" / wandb_runs[0] / f"run-{wandb_id}.wandb").read_bytes()
+    for root, _, names in os.walk(run_dir):  # the key is never written anywhere in the run
+        for name in names:
+            assert secret.encode() not in open(os.path.join(root, name), "rb").read(), name
+
+
+def test_rclone_copies_the_run_and_a_failing_copy_never_stops_training(tmp_path):
+    if shutil.which("rclone") is None:
+        pytest.skip("rclone is not installed (apt-get install rclone; .ci/run installs it)")
+    dest = tmp_path / "remote"
+    result = run_train(tiny_args(tmp_path, "--run", "r", "--rclone_every", "1"), cwd=str(tmp_path),
+                       env={"RCLONE_DEST": str(dest)})
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "r"
+    assert files(dest / "r") == files(run_dir)
+    assert (dest / "r" / "last.pt").read_bytes() == (run_dir / "last.pt").read_bytes()
+    assert f"copied the run directory to {dest}/r" in (run_dir / "train.log").read_text()
+
+    result = run_train(tiny_args(tmp_path, "--run", "r2", "--rclone_every", "1"), cwd=str(tmp_path),
+                       env={"RCLONE_DEST": "no-such-remote:bucket"})
+    assert result.returncode == 0, result.stderr
+    assert "rclone copy to no-such-remote:bucket/r2 failed" in result.stdout
+    assert torch.load(tmp_path / "runs" / "r2" / "last.pt", weights_only=True)["step"] == 20
+
+
+def test_fp16_keeps_its_grad_scaler_and_resumes_exactly(tmp_path):
+    common = ["--save_model_dir", str(tmp_path), "--modulus", "17", "--dtype", "float16", "--eval_every", "5",
+              "--log_every", "5", "--target_val_acc", "0"]
+    train.main(common + ["--run", "straight", "--max_steps", "12"])
+    train.main(common + ["--run", "cut", "--max_steps", "6"])
+    scaler = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 6
+    train.main(common + ["--run", "cut", "--max_steps", "12", "--resume", "auto"])
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert a["scaler"] == b["scaler"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_compiled_run_saves_clean_keys_and_matches_eager(tmp_path):
+    eager = train.main(tiny_args(tmp_path, "--run", "eager", "--max_steps", "4"))
+    compiled = train.main(tiny_args(tmp_path, "--run", "compiled", "--max_steps", "4", "--torch_compile"))
+    keys = torch.load(tmp_path / "runs" / "compiled" / "last.pt", weights_only=True)["model"].keys()
+    assert not [k for k in keys if k.startswith(("_orig_mod.", "module."))]
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    # ...so an eager model loads it as it is.
+    train.main(tiny_args(tmp_path, "--run", "compiled", "--max_steps", "6", "--resume", "auto"))
 
 
 # ---------------------------------------------------------------- bad input, as a real process

@@ -1,0 +1,114 @@
+"""torchrun on CPU: two processes with the gloo backend, as a researcher launches them on GPUs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+
+import train
+from conftest import child_pids, logged_steps, model_weights, run_torchrun, torchrun_command, wait_until
+from utils import read_metrics
+
+# A run long enough to interrupt: 150 steps, a checkpoint every 10, dropout so that every rank's
+# own RNG stream matters for an exact resume.
+LONG = ["--modulus", "23", "--batch_size", "64", "--max_steps", "150", "--target_val_acc", "0",
+        "--dropout", "0.1", "--log_every", "5", "--eval_every", "25", "--save_every", "10"]
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    """Same global batch: 2 ranks x 2 micro-steps of 16 give one process's 64-example steps.
+
+    Only float rounding differs (the sums are split differently), about 1e-7 at first; training
+    amplifies it over the steps, so the comparison covers a dozen steps.
+    """
+    common = ["--save_model_dir", str(tmp_path), "--modulus", "23", "--batch_size", "64",
+              "--max_steps", "12", "--target_val_acc", "0", "--log_every", "1", "--eval_every", "6"]
+    train.main(common + ["--run", "one"])
+    result = run_torchrun(common + ["--run_name", "two", "--accumulation_steps", "2"], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    one = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl")}
+    two = {r["step"]: r for r in read_metrics(tmp_path / "two" / "metrics.jsonl")}
+    assert sorted(one) == sorted(two) == list(range(1, 13))
+    for step in one:
+        for key in ("train_loss", "train_acc", "grad_norm", "val_loss", "val_acc"):
+            if key in one[step]:
+                assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-7), (step, key)
+    a, b = model_weights(tmp_path / "one" / "last.pt"), model_weights(tmp_path / "two" / "last.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert "world size 2" in log and "weights identical on all 2 ranks" in log
+    # Only rank 0 prints: every line of the run appears once in torchrun's combined output.
+    assert result.stdout.count("step     12/12") == 1 and result.stdout.count("tinylab run two") == 1
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted torchrun run that interrupted ones must reproduce bit for bit."""
+    root = tmp_path_factory.mktemp("straight")
+    result = run_torchrun(["--save_model_dir", str(root), "--run_name", "straight", *LONG], cwd=str(root))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "straight"
+
+
+def assert_same_run(run_dir, reference) -> None:
+    mine = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
+    theirs = {r["step"]: r for r in read_metrics(reference / "metrics.jsonl")}
+    steps = logged_steps(run_dir)
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    for step, record in theirs.items():
+        for key in ("train_loss", "val_loss", "val_acc"):
+            if key in record:
+                assert mine[step][key] == record[key], (step, key)
+    a, b = model_weights(run_dir / "last.pt"), model_weights(reference / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_to_torchrun_checkpoints_and_resume_is_exact(tmp_path, straight_run):
+    args = ["--save_model_dir", str(tmp_path), "--run_name", "cut", *LONG]
+    process = subprocess.Popen(torchrun_command(args), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_until(lambda: logged_steps(tmp_path / "cut"), 120, "the first logged step", process)
+    process.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, output[-3000:]
+
+    saved = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert 1 <= saved["step"] < 150, saved["step"]
+    assert len(saved["rng"]) == 2  # each rank's own RNG streams
+    log = (tmp_path / "cut" / "train.log").read_text()
+    assert f"SIGTERM received: stopping after step {saved['step']}" in log
+    assert f"interrupted at step {saved['step']}; last.pt saved" in log
+
+    result = run_torchrun(args + ["--resume", "auto"], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed at step {saved['step']}" in result.stdout
+    assert_same_run(tmp_path / "cut", straight_run)
+
+
+def test_max_restarts_resumes_after_a_worker_dies(tmp_path, straight_run):
+    # No run name: the restarted workers must find the run their first attempt generated.
+    args = ["--save_model_dir", str(tmp_path), *LONG]
+    process = subprocess.Popen(torchrun_command(args, launcher=["--max-restarts", "1"]), cwd=str(tmp_path),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def run_dir():
+        names = [n for n in os.listdir(tmp_path) if not n.startswith(".")]
+        return tmp_path / names[0] if names else None
+
+    wait_until(lambda: run_dir() and (run_dir() / "last.pt").exists(), 120, "the first checkpoint", process)
+    workers = child_pids(process.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-3000:]
+
+    log = (run_dir() / "train.log").read_text()
+    assert "(new)" in log and "(resumed at step " in log
+    assert_same_run(run_dir(), straight_run)
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".torchrun-")] == []  # cleaned up at the end

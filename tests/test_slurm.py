@@ -1,0 +1,152 @@
+"""train.slurm under a real Slurm: a private one-node cluster (tests/slurm_cluster.py) runs the script
+as users do, `sbatch train.slurm --flags`, on CPU with torchrun and gloo.
+
+Skipped, with the reason, where Slurm is not installed or we are not root; DEVELOPERS.md says how to
+set it up. The cluster starts once for the module (about a second).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from slurm_cluster import SlurmCluster, free_port, slurm_missing_reason
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train.slurm")
+MISSING = slurm_missing_reason()
+requires_slurm = pytest.mark.skipif(MISSING is not None, reason=f"no local Slurm: {MISSING}")
+
+# A tiny modular run: a few seconds of CPU, checkpoints every 10 steps, no early stop.
+TINY = ["--save_model_dir", "runs", "--modulus", "17", "--eval_every", "10", "--log_every", "5",
+        "--target_val_acc", "0"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+def submit(cluster: SlurmCluster, work_dir, job_name: str, train_args: list[str], processes: int = 1) -> str:
+    """`sbatch train.slurm ARGS` from work_dir, the way a user would, on CPU with this venv's python."""
+    (work_dir / "logs").mkdir(exist_ok=True)  # Slurm does not create the --output directory
+    env = {
+        "TINYLAB_PYTHON": sys.executable,  # python -m torch.distributed.run, not whatever torchrun is on PATH
+        "TINYLAB_DIR": ROOT,               # train.py lives here; runs/ and logs/ land in work_dir
+        "NPROC_PER_NODE": str(processes),
+        "OMP_NUM_THREADS": "1",            # two jobs share two cores
+        # The script's default port comes from the job id, and another test session's cluster numbers
+        # its jobs from 1 too.
+        "RDZV_PORT": str(free_port()),
+    }
+    return cluster.sbatch(["--job-name", job_name, "--gpus-per-node=0", "--time=30", SCRIPT, *train_args],
+                          cwd=work_dir, env=env)
+
+
+def job_log(work_dir, job_name: str, job_id: str) -> str:
+    """The job's output file, logs/<job name>-<job id>.out ('' until Slurm creates it)."""
+    path = work_dir / "logs" / f"{job_name}-{job_id}.out"
+    return path.read_text() if path.exists() else ""
+
+
+def metrics(run_dir) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def checkpoint(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_train_slurm_is_valid_bash():
+    subprocess.run(["bash", "-n", SCRIPT], check=True)
+
+
+@requires_slurm
+def test_sbatch_runs_a_short_run_to_completion(slurm, tmp_path):
+    # --run (not --run_name) on purpose: the script hands it to train.py as --run_name, which torchrun
+    # leaves alone.
+    job = submit(slurm, tmp_path, "smoke", [*TINY, "--max_steps", "30", "--save_every", "10", "--run", "smoke"])
+    state = slurm.wait(job, timeout=240)
+    log = job_log(tmp_path, "smoke", job)
+    assert state == "COMPLETED", log + slurm.logs(job)
+    assert slurm.restart_count(job) == 0
+    assert checkpoint(tmp_path / "runs" / "smoke" / "last.pt")["step"] == 30
+    assert "tinylab run smoke (new)" in log and "done: 30 steps" in log
+    assert "training finished (restart 0)" in log
+
+
+@pytest.mark.slow
+@requires_slurm
+def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit): the run saves,
+    the job requeues itself, resumes under the same run name, finishes, and ends with the very weights
+    of an uninterrupted run. About a minute on two cores."""
+    flags = [*TINY, "--max_steps", "300", "--save_every", "100"]
+    reference_dir, preempted_dir = tmp_path / "reference", tmp_path / "preempted"
+    reference_dir.mkdir()
+    preempted_dir.mkdir()
+    # Two ranks each (DDP over gloo): every rank must stop after the same step. The reference runs
+    # alongside, under the same script and launcher, so both see the same arithmetic.
+    reference = submit(slurm, reference_dir, "reference", flags, processes=2)
+    job = submit(slurm, preempted_dir, "preempted", flags, processes=2)
+    run_dir = preempted_dir / "runs" / f"preempted-{job}"
+
+    # Signal once training is under way (past step 5, far from step 300 and from a periodic save).
+    slurm.wait_until(lambda: any(r["step"] >= 5 for r in metrics(run_dir)), timeout=180,
+                     what="the job to log step 5", job_id=job)
+    slurm.signal(job, "USR1", batch_only=True)
+    slurm.wait_until(lambda: slurm.restart_count(job) >= 1, timeout=120, what="the job to requeue", job_id=job)
+
+    assert slurm.wait(job, timeout=240) == "COMPLETED", job_log(preempted_dir, "preempted", job) + slurm.logs(job)
+    assert slurm.wait(reference, timeout=240) == "COMPLETED", slurm.logs(reference)
+    assert slurm.restart_count(job) == 1 and slurm.restart_count(reference) == 0
+
+    # One log for both attempts (--open-mode=append); the second resumed where the first stopped.
+    log = job_log(preempted_dir, "preempted", job)
+    assert "got SIGUSR1" in log and "requeueing job" in log
+    assert "restart 0:" in log and "restart 1:" in log and "training finished (restart 1)" in log
+    resumed_at = [int(step) for step in re.findall(r"resumed at step (\d+)", log)]
+    assert len(resumed_at) == 1 and 5 <= resumed_at[0] < 100, log  # from the signal's last.pt, not a periodic one
+
+    # Bit for bit the uninterrupted run: weights, and the evaluations both logged.
+    final = checkpoint(run_dir / "last.pt")
+    expected = checkpoint(reference_dir / "runs" / f"reference-{reference}" / "last.pt")
+    assert final["step"] == expected["step"] == 300
+    assert final["model"].keys() == expected["model"].keys()
+    for name, tensor in expected["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+
+    steps = [r["step"] for r in metrics(run_dir)]
+    assert steps == sorted(set(steps)), "metrics.jsonl repeats or reorders steps"
+    reference_run = reference_dir / "runs" / f"reference-{reference}"
+    reference_evals = {r["step"]: r["val_loss"] for r in metrics(reference_run) if "val_loss" in r}
+    evals = {r["step"]: r["val_loss"] for r in metrics(run_dir) if "val_loss" in r}
+    assert evals == reference_evals
+
+
+@requires_slurm
+def test_failed_or_cancelled_jobs_are_not_requeued(slurm, tmp_path):
+    # A run that fails (here: a misspelt flag) ends the job as FAILED, once.
+    failing = submit(slurm, tmp_path, "failing", [*TINY, "--max_steps", "5", "--learning_rate", "1e-3"])
+    assert slurm.wait(failing, timeout=120) == "FAILED"
+    log = job_log(tmp_path, "failing", failing)
+    assert "unknown flag --learning_rate" in log and "training failed with status" in log
+
+    # scancel is not preemption: Slurm's SIGTERM must not make the script requeue the job.
+    cancelled = submit(slurm, tmp_path, "cancelled", [*TINY, "--max_steps", "300"])
+    slurm.wait_until(lambda: "[train.slurm" in job_log(tmp_path, "cancelled", cancelled), timeout=120,
+                     what="the batch script to start", job_id=cancelled)
+    slurm.cancel(cancelled)
+    assert slurm.wait(cancelled, timeout=60) == "CANCELLED"  # and its batch script is gone
+    assert "got SIGTERM" in job_log(tmp_path, "cancelled", cancelled)
+    assert slurm.restart_count(failing) == 0 and slurm.restart_count(cancelled) == 0
+    assert slurm.state(failing) == "FAILED" and slurm.state(cancelled) == "CANCELLED"
