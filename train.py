@@ -32,10 +32,11 @@ from optimizer import (EarlyStopping, GrokfastEMA, apply_lr, build_optimizers, l
 from utils import (CheckpointError, RcloneSync, StopSignals, all_reduce_sum, attach_log_file, autocast,
                    broadcast_object, close_logging, create_run_dir, describe_environment,
                    elastic_restart_count, find_checkpoint, flops_per_token, forget_launch, gather_objects,
-                   generate_run_name, launched_run, load_checkpoint, max_over_ranks, newest_checkpoint,
-                   peak_flops, pick_device, pick_dtype, plot_training_curves, remember_launch, rng_state,
-                   same_on_all_ranks, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
-                   setup_logging, teardown_distributed, trim_metrics, unique_run_name)
+                   generate_run_name, launched_run, load_checkpoint, max_over_ranks, min_over_ranks,
+                   newest_checkpoint, peak_flops, pick_device, pick_dtype, plot_training_curves,
+                   remember_launch, rng_state, same_on_all_ranks, save_checkpoint, seed_everything,
+                   set_rng_state, setup_distributed, setup_logging, teardown_distributed, trim_metrics,
+                   unique_run_name)
 
 
 class TrainingDiverged(Exception):
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
 
     # ---- resume: the checkpoint's config, with the flags typed now on top (e.g. a longer max_steps)
-    cfg, checkpoint, checkpoint_path, continuing = resolve_resume(cfg, explicit)
+    cfg, checkpoint, checkpoint_path, continuing, own_dir = resolve_resume(cfg, explicit)
 
     # ---- processes, device, precision
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
@@ -70,6 +71,13 @@ def main(argv: list[str] | None = None) -> dict:
     log = setup_logging(is_main)
 
     try:
+        # Every rank read --resume for itself; on several nodes they agree only if the run
+        # directory is on a file system they all share.
+        resumed_steps = gather_objects(checkpoint["step"] if checkpoint is not None else 0)
+        if len(set(resumed_steps)) > 1:
+            raise ConfigError(f"--save_model_dir: the ranks found different checkpoints (steps by rank: "
+                              f"{resumed_steps}); on several nodes it must be a directory every node shares")
+
         # ---- data (before the run directory, so a missing file leaves nothing behind)
         data = build_data(cfg, dist, device)
         global_batch = data.global_batch_size()
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         failure = None
         if is_main:
             try:
-                create_run_dir(cfg.save_model_dir, run_name, resuming=continuing)
+                create_run_dir(cfg.save_model_dir, run_name, resuming=own_dir)
                 trim_metrics(metrics_path, step)  # a resumed run logs the steps after its checkpoint again
                 attach_log_file(log, os.path.join(run_dir, "train.log"))
                 cfg.save(os.path.join(run_dir, "config.json"))
@@ -172,12 +180,28 @@ def main(argv: list[str] | None = None) -> dict:
     rclone = RcloneSync(run_dir, os.environ["RCLONE_DEST"], log) if os.environ.get("RCLONE_DEST") and is_main else None
 
     def write_metrics(record: dict) -> None:
+        nonlocal wandb_run
         if not is_main:
             return
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if wandb_run is not None:
-            wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            try:
+                wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            except Exception as e:  # W&B trouble (its service killed, say) never stops training
+                log.warning(f"warning: W&B logging failed ({type(e).__name__}: {e}); going on without W&B")
+                wandb_run = None
+
+    def finish_tracking(exit_code: int) -> None:
+        """Closes W&B (0: finished; otherwise failed, or preempted after mark_preempting) and makes
+        the last rclone copy: short after a preemption, whose grace time is running out."""
+        if wandb_run is not None:
+            try:
+                wandb_run.finish(exit_code=exit_code)
+            except Exception as e:
+                log.warning(f"warning: closing the W&B run failed ({type(e).__name__}: {e})")
+        if rclone is not None:
+            rclone.finish(timeout=20 if exit_code > 128 else 600)
 
     # The newest checkpoint of this run and its step: where to go back to if training diverges.
     saved = (checkpoint_path, checkpoint["step"]) if checkpoint is not None and continuing else None
@@ -204,22 +228,26 @@ def main(argv: list[str] | None = None) -> dict:
             "wandb_id": wandb_id,
         }, os.path.join(run_dir, name))
 
-    # The first step whose loss or gradient norm was not finite, kept on the device so that
-    # watching for it costs no synchronisation; it is read only where the loop syncs anyway.
-    no_bad_step = 2**62
-    first_bad_step = torch.full((), no_bad_step, dtype=torch.long, device=device)
+    # The first step whose loss or gradient norm was not finite (0: none yet). It stays on the
+    # device, so watching for it costs no synchronisation; it is read where the loop syncs anyway.
+    first_bad_step = torch.zeros((), dtype=torch.long, device=device)
 
     def check_finite() -> None:
-        bad = -max_over_ranks(-int(first_bad_step), dist)  # the earliest over all ranks
-        if bad == no_bad_step:
+        """Stops the run, before anything else is logged or saved, if any rank saw a nan/inf loss or
+        gradient norm, or if an update has made the weights themselves overflow."""
+        bad = int(first_bad_step)
+        if not bad and not torch.isfinite(torch.nn.utils.get_total_norm(list(raw_model.parameters()))):
+            bad = step
+        bad = min_over_ranks(bad or max_steps + 1, dist)  # the earliest step any rank saw
+        if bad > max_steps:
             return
         kept = f"{saved[0]} (step {saved[1]}) is the last good checkpoint" if saved else "nothing was saved"
-        message = (f"the loss or gradient norm became nan or inf at step {bad}; stopped before saving, so "
+        message = (f"training diverged at step {bad}: the loss, gradient norm or weights became nan or inf; "
+                   f"stopped before saving, so "
                    f"{kept}. Lower --lr, lengthen --warmup_steps or set --grad_clip, then start again"
                    + (" or --resume from it" if saved else ""))
         log.error(f"error: {message}")
-        if wandb_run is not None:
-            wandb_run.finish(exit_code=1)
+        finish_tracking(exit_code=1)
         close_logging(log)
         teardown_distributed()
         raise TrainingDiverged(message)
@@ -250,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     if step >= max_steps:
         log.info(f"nothing to do: step {step} >= max_steps {max_steps}")
     model.train()
-    stop, interrupted, evals_done = False, 0, 0
+    stop, preempted, evals_done = False, 0, 0
     train_started = time.perf_counter()
     window_start, window_steps, start_step = time.perf_counter(), 0, step
     last = {}
@@ -280,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or math.inf)
             # Under fp16 an inf gradient is the scaler's business (it skips the step); a bad loss never is.
             bad = ~torch.isfinite(loss_sum) if scaler.is_enabled() else ~torch.isfinite(loss_sum + grad_norm)
-            first_bad_step = torch.where(bad & (first_bad_step == no_bad_step), step + 1, first_bad_step)
+            first_bad_step = torch.where(bad & (first_bad_step == 0), step + 1, first_bad_step)
             for optimizer in optimizers:
                 scaler.step(optimizer)
             scaler.update()
@@ -288,33 +316,41 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             step += 1
             window_steps += 1
+            # A stop signal (preemption, torchrun shutting down, kill) reaches ranks at different
+            # moments; agreeing after every step makes them all stop after the same one.
+            signum = max_over_ranks(signals.received, dist)
 
-            log_due = step % cfg.log_every == 0 or step == max_steps or step == start_step + 1
+            # metrics.jsonl gets step 1, every log_every-th step and the last; the console also
+            # gets the first step after a resume, to show the run is moving.
+            record_due = step == 1 or step % cfg.log_every == 0 or step == max_steps
+            print_due = record_due or step == start_step + 1
             eval_due = step % cfg.eval_every == 0 or step == max_steps
             save_due = cfg.save_every and step % cfg.save_every == 0
-            if log_due or eval_due or save_due:
+            if print_due or eval_due or save_due:
                 check_finite()  # before anything is logged as good or saved
 
             record = {}
-            if log_due:
+            if print_due:
                 sums = all_reduce_sum({"loss_sum": loss_sum.item(), "correct": correct.item()}, device)
                 elapsed = time.perf_counter() - window_start
                 ms_per_step = 1000 * elapsed / window_steps
                 tokens_per_sec = tokens_per_step * window_steps / elapsed
-                record = {"step": step, "train_loss": sums["loss_sum"] / num_targets,
-                          "train_acc": sums["correct"] / num_targets,
-                          "lr": optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(),
-                          "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec}
+                train = {"step": step, "train_loss": sums["loss_sum"] / num_targets,
+                         "train_acc": sums["correct"] / num_targets,
+                         "lr": optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(),
+                         "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec}
                 if peak:
-                    record["mfu"] = flops_token * tokens_per_sec / dist.world_size / peak
+                    train["mfu"] = flops_token * tokens_per_sec / dist.world_size / peak
                 # ETA to max_steps; "<=" when early stopping may end the run sooner.
                 eta = ("<=" if early_stopping.active else "") + _duration((max_steps - step) * ms_per_step / 1000)
-                log.info(f"step {step:>6}/{max_steps} | train_loss {record['train_loss']:.4f} | "
-                         f"train_acc {record['train_acc']:.4f} | lr {record['lr']:.2e} | "
-                         f"grad_norm {record['grad_norm']:.3f} | {ms_per_step:.1f} ms/step | "
-                         f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if peak else "")
+                log.info(f"step {step:>6}/{max_steps} | train_loss {train['train_loss']:.4f} | "
+                         f"train_acc {train['train_acc']:.4f} | lr {train['lr']:.2e} | "
+                         f"grad_norm {train['grad_norm']:.3f} | {ms_per_step:.1f} ms/step | "
+                         f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {train['mfu']:.1%}" if peak else "")
                          + f" | {_duration(time.perf_counter() - train_started)}, ETA {eta}")
                 window_start, window_steps = time.perf_counter(), 0
+                last = {**last, **train}
+                record = train if record_due else {}
 
             paused = time.perf_counter()  # eval and checkpoints are kept out of ms/step and tokens/s
             if eval_due:
@@ -329,7 +365,6 @@ def main(argv: list[str] | None = None) -> dict:
                     save("best.pt")
                 last = {**last, **val}
             if record:
-                last = {**last, **record}
                 write_metrics(record)
             if save_due:
                 save("last.pt")
@@ -337,45 +372,42 @@ def main(argv: list[str] | None = None) -> dict:
                 evals_done += 1
                 if evals_done % cfg.rclone_every == 0:
                     rclone.start()  # in the background; a copy still running is left to finish
-            # Every rank stops after the same step, whichever ranks the signal reached and when.
-            interrupted = max_over_ranks(signals.received, dist)
-            if interrupted and step < max_steps:
-                log.info(f"{signal.Signals(interrupted).name} received: stopping after step {step} "
-                         f"to save a checkpoint")
-                stop = True
+            if signum and not stop and step < max_steps:  # a run that just ended is not preempted
+                preempted, stop = signum, True
+                log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
             window_start += time.perf_counter() - paused
 
         # ---- the end: checkpoint, picture, summary (a second signal here changes nothing)
         check_finite()
         save("last.pt")
+    if preempted and wandb_run is not None:
+        wandb_run.mark_preempting()  # W&B shows it as preempted, not failed, until it resumes
     if dist.enabled:  # DDP keeps replicas identical; say so, or say loudly that they drifted apart
         if same_on_all_ranks(list(raw_model.parameters())):
             log.info(f"weights identical on all {dist.world_size} ranks")
         else:
             log.warning("warning: the weights differ between ranks; last.pt holds rank 0's")
     seconds = time.perf_counter() - started
-    if interrupted and step < max_steps:
-        log.info(f"interrupted at step {step}; last.pt saved. Continue with --resume auto --run_name {run_name}"
-                 + (f" --save_model_dir {cfg.save_model_dir}" if cfg.save_model_dir != "runs" else ""))
+    if preempted:
+        log.info(f"interrupted at step {step}; "
+                 + (f"last.pt saved. Continue with --resume auto --run_name {run_name}"
+                    + (f" --save_model_dir {cfg.save_model_dir}" if cfg.save_model_dir != "runs" else "")
+                    if cfg.save_model else "nothing saved (--save_model false)"))
     elif stop:
         log.info(f"early stop: {early_stopping.reason}")
     if is_main and os.path.isfile(metrics_path):
         plot_training_curves(metrics_path, os.path.join(run_dir, "training_curves.png"), title=run_name)
     summary = {"run_dir": run_dir, "steps": step, "seconds": seconds,
                "train_seconds": time.perf_counter() - train_started, "best_val_loss": best_val_loss,
-               "interrupted": signal.Signals(interrupted).name if interrupted and step < max_steps else None,
+               "interrupted": signal.Signals(preempted).name if preempted else None,
                **{k: v for k, v in last.items() if k != "step"}}
     log.info(f"done: {step} steps in {_duration(seconds)} (training {_duration(summary['train_seconds'])})"
              + "".join(f" | {k} {last[k]:.4f}" for k in ("val_loss", "val_acc") if k in last)
              + f" | {run_dir}")
-    if rclone is not None:
-        rclone.finish()
     if wandb_run is not None:
         wandb_run.summary.update({"steps": step, "seconds": seconds})
-        if summary["interrupted"]:
-            wandb_run.mark_preempting()  # W&B shows the run as preempted, not failed, until it resumes
-        wandb_run.finish()
-    if is_main and not summary["interrupted"]:
+    finish_tracking(exit_code=128 + preempted if preempted else 0)
+    if is_main and not preempted:
         forget_launch(cfg.save_model_dir)
     close_logging(log)
     teardown_distributed()
@@ -383,25 +415,30 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def resolve_resume(cfg, explicit: set[str]):
-    """What --resume means for this run: (config, checkpoint, its path, continuing).
+    """What --resume means for this run: (config, checkpoint, its path, continuing, own_dir).
 
-    `continuing` says the run directory already belongs to this run (a resume in place, or
-    `--resume auto` of a run that saved nothing yet, which restarts it from step 0). A checkpoint
-    with `--run` naming a different run starts that new run from the checkpoint's state.
+    `continuing` says the checkpoint is this run's own (a resume in place) or that `--resume auto`
+    found a run that saved nothing yet, which restarts it from step 0. A checkpoint with `--run`
+    naming a different run starts that new run from the checkpoint's state. `own_dir` says the run
+    directory may already hold files of this run: when continuing, and when torchrun restarted us.
     """
-    restarted_run = None
-    if elastic_restart_count() > 0:
+    restarted = elastic_restart_count() > 0
+    if restarted:
         # `torchrun --max-restarts` restarted this worker after a failure: carry on with the run the
-        # first attempt named (given by --run, or noted by rank 0) from its newest checkpoint.
-        restarted_run = cfg.run or launched_run(cfg.save_model_dir)
-        if restarted_run and newest_checkpoint(os.path.join(cfg.save_model_dir, restarted_run)):
-            cfg.run, cfg.resume = restarted_run, "auto"
+        # first attempt trained (named by --run, by the checkpoint resumed in place, or noted by
+        # rank 0 when it generated the name), from that run's newest checkpoint.
+        run = cfg.run or launched_run(cfg.save_model_dir)
+        if not run and cfg.resume not in ("", "auto"):
+            in_place = cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(os.path.abspath(cfg.resume))
+            cfg.resume = in_place  # its newest checkpoint, which may be newer than the file named
+        elif run and newest_checkpoint(os.path.join(cfg.save_model_dir, run)):
+            cfg.run, cfg.resume = run, "auto"
             explicit = explicit | {"run"}
-        elif restarted_run:  # it saved nothing yet: start over as launched, in the same directory
-            cfg.run = restarted_run
+        elif run:  # nothing saved yet: start over as launched, in the same directory
+            cfg.run = run
             explicit = explicit | {"run"}
     cfg, checkpoint, path, continuing = _resolve_resume(cfg, explicit)
-    return cfg, checkpoint, path, continuing or bool(restarted_run)
+    return cfg, checkpoint, path, continuing, continuing or restarted
 
 
 def _resolve_resume(cfg, explicit: set[str]):

@@ -11,9 +11,11 @@ import logging.handlers
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 
@@ -55,10 +57,10 @@ def setup_distributed(device_kind: str) -> Dist:
         if device_kind == "cuda":
             torch.cuda.set_device(info.local_rank)
         restart = elastic_restart_count()
-        if restart and os.environ.get("TORCHELASTIC_RUN_ID") == "none":
+        if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             # torchrun's default static rendezvous keeps one store for every attempt, so restarted
             # workers would read the dead attempt's addresses and fail to connect. Give each
-            # attempt keys of its own. (The c10d rendezvous makes a fresh store; nothing to do.)
+            # attempt keys of its own (harmless where the rendezvous made a fresh store).
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                   info.world_size, is_master=False)
             dist.init_process_group(backend=backend, store=dist.PrefixStore(f"tinylab/attempt_{restart}", store),
@@ -86,11 +88,17 @@ def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, 
 
 
 def max_over_ranks(value: int, info: Dist) -> int:
-    """The largest of every rank's `value` (the value itself in a single process); CPU only."""
-    if not info.enabled:
-        return value
+    """The largest of every rank's integer `value` (itself in a single process), sent on the CPU."""
+    return _reduce_int(value, info, dist.ReduceOp.MAX) if info.enabled else value
+
+
+def min_over_ranks(value: int, info: Dist) -> int:
+    return _reduce_int(value, info, dist.ReduceOp.MIN) if info.enabled else value
+
+
+def _reduce_int(value: int, info: Dist, op) -> int:
     packed = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=info.control_group)
+    dist.all_reduce(packed, op=op, group=info.control_group)
     return int(packed.item())
 
 
@@ -399,7 +407,7 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set from C
         self._previous.clear()
 
 
@@ -411,17 +419,34 @@ def elastic_restart_count() -> int:
 def _launch_pointer(save_model_dir: str) -> str | None:
     """A file in save_model_dir naming the run this torchrun launch created (None outside torchrun).
 
-    Restarted workers must find the run their first attempt named. torchrun's run id is the same
-    for every attempt (and every node) of one launch; with the default static rendezvous it is
-    "none", and the master address and port stand in for it.
+    Restarted workers must find the run their first attempt named, and every node must compute
+    the same file name. torchrun's run id is the same for every attempt and node of one launch;
+    with the default static rendezvous it is "none", and the master's address and port stand in
+    (plus the host name when the master is this machine's loopback address, so that single-node
+    launches on hosts that share a file system keep apart).
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
     key = os.environ["TORCHELASTIC_RUN_ID"]
     if key in ("", "none"):
-        key = f"{os.environ.get('MASTER_ADDR', '')}-{os.environ.get('MASTER_PORT', '')}"
+        address = os.environ.get("MASTER_ADDR", "")
+        key = f"{address}-{os.environ.get('MASTER_PORT', '')}"
+        if address.startswith("127.") or address in ("localhost", "::1"):
+            key = f"{platform.node()}-{key}"
     key = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
     return os.path.join(save_model_dir, f".torchrun-{key}")
+
+
+def _launcher_start_time() -> float | None:
+    """When this worker's parent, the torchrun agent, started (seconds since the epoch; Linux)."""
+    try:
+        with open(f"/proc/{os.getppid()}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: start time since boot
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def remember_launch(save_model_dir: str, run: str) -> None:
@@ -433,9 +458,17 @@ def remember_launch(save_model_dir: str, run: str) -> None:
 
 
 def launched_run(save_model_dir: str) -> str | None:
-    """The run this torchrun launch named on its first attempt, if it got that far."""
+    """The run this torchrun launch named on its first attempt, if it got that far.
+
+    A pointer older than our torchrun agent was left by an earlier launch that crashed for good
+    (the first attempt of a launch always rewrites it), so it is ignored. The minute of slack
+    allows for clocks that differ between nodes and a network file system.
+    """
     path = _launch_pointer(save_model_dir)
     if path is None or not os.path.isfile(path):
+        return None
+    started = _launcher_start_time()
+    if started is not None and os.path.getmtime(path) < started - 60:
         return None
     with open(path) as f:
         return f.read().strip() or None
@@ -451,26 +484,29 @@ class RcloneSync:
     """Copies the run directory to `$RCLONE_DEST/<run>` with rclone, in the background.
 
     `rclone copy`, not `rclone sync`: a requeued job on a node with an empty local disk must never
-    delete what was already copied. A sync that fails is logged and training goes on; a sync still
-    running when the next is due is left to finish and the next one is skipped.
+    delete what was already copied. Half-written checkpoints (`.last.pt.tmp-*`) are never copied,
+    and `wandb/` (whose files change while W&B runs) only in the last copy. A copy that fails is
+    logged and training goes on; a copy still running when the next is due is left to finish and
+    the next one is skipped. rclone's output goes to a temporary file, never a pipe it could fill.
     """
 
     def __init__(self, run_dir: str, dest: str, log: logging.Logger):
         self.run_dir, self.log = run_dir, log
         self.target = f"{dest.rstrip('/')}/{os.path.basename(os.path.normpath(run_dir))}"
         self.process: subprocess.Popen | None = None
-        self.disabled = False
+        self.output = None
+        self.disabled = shutil.which("rclone") is None
+        if self.disabled:
+            log.warning(f"warning: RCLONE_DEST is set but rclone is not installed; the run directory "
+                        f"will not be copied to {self.target}")
 
-    def start(self) -> None:
+    def start(self, final: bool = False) -> None:
         if self.disabled or self._running():
             return
-        try:
-            self.process = subprocess.Popen(["rclone", "copy", self.run_dir, self.target],
-                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        except OSError as e:  # rclone not installed, most likely
-            self.log.warning(f"RCLONE_DEST is set but rclone cannot run ({e.strerror}); the run "
-                             f"directory will not be copied to {self.target}")
-            self.disabled = True
+        excludes = ["--exclude", ".*.tmp-*"] + ([] if final else ["--exclude", "wandb/**"])
+        self.output = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(["rclone", "copy", self.run_dir, self.target, *excludes],
+                                        stdout=self.output, stderr=subprocess.STDOUT, text=True)
 
     def _running(self) -> bool:
         if self.process is None:
@@ -482,18 +518,18 @@ class RcloneSync:
 
     def _report(self) -> None:
         process, self.process = self.process, None
-        output = (process.stdout.read() if process.stdout else "").strip()
-        if process.stdout:
-            process.stdout.close()
+        self.output.seek(0)
+        lines = [line for line in self.output.read().splitlines() if line.strip()]
+        self.output.close()
         if process.returncode:
-            last = output.splitlines()[-1] if output else "no output"
+            last = lines[-1] if lines else "no output"
             self.log.warning(f"rclone copy to {self.target} failed (exit {process.returncode}): {last}")
 
     def finish(self, timeout: float = 600) -> bool:
         """Waits for a running copy, then copies once more; True when the last copy succeeded."""
         if self.process is not None:
             self._wait(timeout)
-        self.start()
+        self.start(final=True)
         if self.process is None:
             return False
         succeeded = self._wait(timeout)

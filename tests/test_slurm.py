@@ -45,7 +45,7 @@ def submit(cluster: SlurmCluster, work_dir, job_name: str, train_args: list[str]
         # its jobs from 1 too.
         "RDZV_PORT": str(free_port()),
     }
-    return cluster.sbatch(["--job-name", job_name, "--gpus-per-node=0", "--time=30", SCRIPT, *train_args],
+    return cluster.sbatch(["--job-name", job_name, "--gpus-per-node=0", "--cpus-per-task=1", "--time=30", SCRIPT, *train_args],
                           cwd=work_dir, env=env)
 
 
