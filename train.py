@@ -40,14 +40,17 @@ from utils import (CheckpointError, RcloneSync, StopSignals, all_reduce_sum, att
 
 
 class TrainingDiverged(Exception):
-    """The loss or gradient norm stopped being finite; the message names the step and the checkpoint."""
+    """The loss, gradient norm or weights stopped being finite; the message names the step and the
+    checkpoint to go back to."""
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs one training run; returns a summary (steps, seconds, final and best metrics, run dir).
 
     Bad input raises ConfigError / CheckpointError before anything is written; `python train.py`
-    turns those into one line on stderr and exit status 2.
+    turns those into one line on stderr and exit status 2. SIGTERM or SIGUSR1 ends the run after
+    the current step with a checkpoint (summary["interrupted"] names the signal; exit 128 + its
+    number). A diverging run raises TrainingDiverged (exit 1).
     """
     started = time.perf_counter()
     cfg, explicit = parse_config(argv)
@@ -177,7 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
                                entity=cfg.wandb_entity or None, name=run_name, dir=run_dir,
                                config=cfg.to_dict(), id=wandb_id, resume="allow")
         wandb_id = wandb_run.id  # checkpointed, so a resumed or requeued run continues this W&B run
-    rclone = RcloneSync(run_dir, os.environ["RCLONE_DEST"], log) if os.environ.get("RCLONE_DEST") and is_main else None
+    rclone = None  # copies of the run directory to $RCLONE_DEST, rank 0 only
+    if os.environ.get("RCLONE_DEST") and is_main:
+        rclone = RcloneSync(run_dir, os.environ["RCLONE_DEST"], log)
 
     def write_metrics(record: dict) -> None:
         nonlocal wandb_run
