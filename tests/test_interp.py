@@ -1,0 +1,131 @@
+"""interp.py on tiny models whose answers we know."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import interp
+import train
+from config import Config
+from conftest import tiny_args
+from model import Transformer
+from utils import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interp")
+    train.main(tiny_args(root, "--run", "t", "--max_steps", "30"))
+    return root / "runs" / "t"
+
+
+def test_load_run_gives_the_trained_model_in_eval_mode(tiny_run):
+    run = interp.load_run(str(tiny_run))
+    assert not run.model.training and run.checkpoint_path.endswith("best.pt")
+    assert run.cfg.modulus == 17 and run.data.vocab_size == 18
+    saved = torch.load(tiny_run / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(run.model.state_dict()[k], saved[k]) for k in saved)
+    last = interp.load_run(str(tiny_run / "last.pt"))
+    assert last.step == 30 and interp.load_run(str(tiny_run), prefer="last").step == 30
+    with pytest.raises(CheckpointError, match="holds no last.pt or best.pt"):
+        interp.load_run(str(tiny_run.parent))
+
+
+def small_model(norm: str) -> Transformer:
+    torch.manual_seed(0)
+    cfg = Config(num_blocks=2, num_heads=2, embedding_dim=16, mlp_dim=32, context_len=6, norm=norm).validate()
+    return Transformer(cfg, 11).eval()
+
+
+@pytest.mark.parametrize("norm", ["none", "layernorm", "rmsnorm"])
+def test_residual_decomposition_logit_lens_and_direct_logit_attribution_add_up(norm):
+    model = small_model(norm)
+    tokens = torch.randint(11, (5, 6))
+    targets = torch.randint(11, (5,))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+    parts, labels = interp.residual_stack(model, cache, accumulated=False)
+    assert labels[:4] == ["embed", "pos_embed", "L0H0", "L0H1"] and labels[-1] == "L1 MLP"
+    assert torch.allclose(parts.sum(0), cache["hook_resid_final"], atol=1e-5)
+
+    lens, names = interp.logit_lens(model, cache)
+    assert names[-1] == "hook_resid_final" and torch.allclose(lens[-1], logits, atol=1e-5)
+
+    attribution, _ = interp.direct_logit_attribution(model, cache, targets)
+    target_logits = logits[:, -1].gather(1, targets[:, None])[:, 0]
+    if norm == "layernorm":  # the final LayerNorm's bias is no component's doing
+        target_logits = target_logits - model.unembed.weight[targets] @ model.ln_final.norm.bias
+    assert torch.allclose(attribution.sum(0), target_logits, atol=1e-4)
+
+
+def test_ablating_a_silent_component_changes_nothing_and_the_ranking_is_by_loss():
+    model = small_model("none")
+    with torch.no_grad():
+        model.blocks[0].attn.out.weight[:, 8:] = 0  # head 1 of block 0 writes nothing
+        model.blocks[1].mlp.fc_out.weight.zero_()  # nor does block 1's MLP
+    tokens = torch.randint(11, (64, 6))
+    targets = torch.randint(11, (64, 6))
+    clean, results = interp.ablation_sweep(model, tokens, targets, kind="zero")
+    by_name = {r.component: r for r in results}
+    assert set(by_name) == {"L0H0", "L0H1", "L0 MLP", "L1H0", "L1H1", "L1 MLP"}
+    assert by_name["L0H1"].loss_change == pytest.approx(0, abs=1e-6)
+    assert by_name["L1 MLP"].loss_change == pytest.approx(0, abs=1e-6)  # its biases start at zero
+    assert by_name["L0H0"].loss != clean[0]
+    assert [r.loss_change for r in results] == sorted((r.loss_change for r in results), reverse=True)
+    _, with_neurons = interp.ablation_sweep(model, tokens, targets, kind="mean", neurons=True)
+    assert sum(r.component.startswith("L1 N") for r in with_neurons) == 32
+    assert all(r.loss_change == pytest.approx(0, abs=1e-6) for r in with_neurons if r.component.startswith("L1 N"))
+
+
+def test_fourier_basis_is_orthonormal_and_finds_planted_frequencies():
+    p = 23
+    basis, labels = interp.fourier_basis(p)
+    assert torch.allclose(basis @ basis.T, torch.eye(p), atol=1e-5)
+    assert labels[:3] == ["const", "cos 1", "sin 1"] and len(labels) == p
+
+    model = Transformer(Config(modulus=p, embedding_dim=8, mlp_dim=16, num_heads=2).validate(), p + 1)
+    x = torch.arange(p).float()
+    planted = torch.zeros(p, 8)
+    planted[:, 0], planted[:, 1] = torch.cos(2 * math.pi * 4 * x / p), torch.sin(2 * math.pi * 4 * x / p)
+    planted[:, 2] = 0.8 * torch.cos(2 * math.pi * 9 * x / p)
+    planted += 0.01 * torch.randn(p, 8)
+    with torch.no_grad():
+        model.embed.weight[:p] = planted
+    assert interp.key_frequencies(interp.embedding_frequency_norms(model, p)) == [4, 9]
+
+
+def test_restriction_keeps_what_the_key_frequencies_carry_and_exclusion_removes_it():
+    p, k = 13, 3
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    s = (a + b).flatten()[:, None].float()
+    c = torch.arange(p)[None].float()
+    logits = 5 * torch.cos(2 * math.pi * k * (s - c) / p) + 2.0  # the grokking algorithm, one frequency
+    restricted, excluded = interp.restrict_to_frequencies(logits, p, [k])
+    assert torch.allclose(restricted, logits, atol=1e-4)
+    assert torch.allclose(excluded, torch.full_like(logits, 2.0), atol=1e-4)
+    other, _ = interp.restrict_to_frequencies(logits, p, [5])
+    assert torch.allclose(other, torch.full_like(logits, 2.0), atol=1e-4)
+
+
+def test_report_writes_plots_and_numbers(tiny_run, tmp_path):
+    path = interp.main([str(tiny_run), "--out", str(tmp_path / "report")])
+    text = open(path).read()
+    names = set(p.name for p in (tmp_path / "report").iterdir())
+    assert {"report.md", "attention_L0.png", "ablation.png", "fourier_embedding.png"} <= names
+    assert "| L0 MLP |" in text and "restricted to the key frequencies" in text
+    for name in names - {"report.md"}:
+        assert f"({name})" in text  # every plot is linked from the report
+
+
+def test_report_on_a_missing_run_fails_cleanly(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    result = subprocess.run([sys.executable, f"{ROOT}/interp.py", str(tmp_path / "nope")], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
