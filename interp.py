@@ -211,6 +211,133 @@ def ablation_sweep(model, tokens: torch.Tensor, targets: torch.Tensor, kind: str
     return clean, sorted(results, key=lambda r: -r.loss_change)
 
 
+# ---------------------------------------------------------------- activation patching
+
+
+def corrupt(run: Run, tokens: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, int]:
+    """A corrupted copy of tokens [B, T] that differs at one position, and that position.
+
+    Modular runs: `a` (position 0) becomes another number, so the answer changes. Other tasks:
+    the second-to-last token becomes another token of the vocabulary (never the same one).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    corrupted = tokens.clone()
+    if run.cfg.task == "modular":
+        position, span = 0, run.cfg.modulus
+    else:
+        position, span = tokens.shape[1] - 2, run.data.vocab_size
+    shift = torch.randint(1, span, (tokens.shape[0],), generator=generator).to(tokens.device)
+    corrupted[:, position] = (tokens[:, position] + shift) % span
+    return corrupted, position
+
+
+def logit_difference(logits: torch.Tensor, right: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of logit[right] - logit[wrong] at the last position."""
+    last = logits[:, -1].float()
+    return (last.gather(1, right[:, None]) - last.gather(1, wrong[:, None])).mean()
+
+
+@torch.no_grad()
+def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, right: torch.Tensor,
+                   wrong: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """Activation patching of the residual stream: for each block's `hook_resid_pre` (and
+    `hook_resid_final`) and each position, run the corrupted input with the clean activation
+    patched in there. Returns [layers, positions] of normalised recovery of the logit difference
+    right - wrong: 0 = as corrupted, 1 = as clean."""
+    model = _model(model)
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.num_blocks)] + ["hook_resid_final"]
+    clean_logits, cache = model.run_with_cache(clean, names)
+    clean_diff = logit_difference(clean_logits, right, wrong)
+    corrupted_diff = logit_difference(model(corrupted), right, wrong)
+    recovery = torch.zeros(len(names), clean.shape[1])
+    for i, name in enumerate(names):
+        for position in range(clean.shape[1]):
+            def patch(x, hook, position=position, name=name):
+                x = x.clone()
+                x[:, position] = cache[name][:, position]
+                return x
+
+            patched = logit_difference(model.run_with_hooks(corrupted, [(name, patch)]), right, wrong)
+            recovery[i, position] = (patched - corrupted_diff) / (clean_diff - corrupted_diff)
+    return recovery, names
+
+
+@torch.no_grad()
+def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, right: torch.Tensor,
+                wrong: torch.Tensor) -> torch.Tensor:
+    """Patches each head's clean output (`attn.hook_z`, all positions) into the corrupted run;
+    [blocks, heads] of normalised logit-difference recovery."""
+    model = _model(model)
+    names = [f"blocks.{i}.attn.hook_z" for i in range(model.cfg.num_blocks)]
+    clean_logits, cache = model.run_with_cache(clean, names)
+    clean_diff = logit_difference(clean_logits, right, wrong)
+    corrupted_diff = logit_difference(model(corrupted), right, wrong)
+    recovery = torch.zeros(model.cfg.num_blocks, model.cfg.num_heads)
+    for i, name in enumerate(names):
+        for head in range(model.cfg.num_heads):
+            def patch(z, hook, head=head, name=name):
+                z = z.clone()
+                z[:, :, head] = cache[name][:, :, head]
+                return z
+
+            patched = logit_difference(model.run_with_hooks(corrupted, [(name, patch)]), right, wrong)
+            recovery[i, head] = (patched - corrupted_diff) / (clean_diff - corrupted_diff)
+    return recovery
+
+
+# ---------------------------------------------------------------- linear probes
+
+
+@dataclass
+class Probe:
+    train_accuracy: float
+    heldout_accuracy: float
+    weight: torch.Tensor  # [classes, d]
+    bias: torch.Tensor  # [classes]
+
+
+def train_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None,
+                heldout_frac: float = 0.2, steps: int = 300, weight_decay: float = 1e-4, seed: int = 0) -> Probe:
+    """A linear (softmax) probe from features [N, d] to labels [N], trained full-batch with AdamW
+    on a random (1 - heldout_frac) of the rows; accuracy on both parts."""
+    features, labels = features.detach().float(), labels.detach().long().to(features.device)
+    num_classes = num_classes or int(labels.max()) + 1
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator).to(features.device)
+    cut = int(len(labels) * (1 - heldout_frac))
+    train, heldout = order[:cut], order[cut:]
+    mean, std = features[train].mean(0), features[train].std(0) + 1e-6  # standardised inputs
+    x = (features - mean) / std
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(x.shape[1], num_classes).to(x.device)
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=0.05, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(linear(x[train]), labels[train]).backward()
+            optimizer.step()
+    with torch.no_grad():
+        predicted = linear(x).argmax(-1)
+
+    def accuracy(rows):
+        return (predicted[rows] == labels[rows]).float().mean().item() if len(rows) else float("nan")
+
+    # Fold the standardisation into the weights, so the probe applies to raw features.
+    weight = linear.weight.detach() / std
+    bias = linear.bias.detach() - weight @ mean
+    return Probe(accuracy(train), accuracy(heldout), weight, bias)
+
+
+@torch.no_grad()
+def probe_residual(model, tokens: torch.Tensor, labels: torch.Tensor, position: int = -1, **probe_args
+                   ) -> dict[str, Probe]:
+    """A probe for `labels` on the residual stream before each block and at the end, at `position`."""
+    model = _model(model)
+    _, cache = model.run_with_cache(tokens, lambda n: n.endswith(("hook_resid_pre", "hook_resid_final")))
+    stack, names = residual_stack(model, cache, accumulated=True)
+    return {name: train_probe(stack[i][:, position], labels, **probe_args) for i, name in enumerate(names)}
+
+
 # ---------------------------------------------------------------- Fourier analysis of modular runs
 
 
@@ -367,6 +494,18 @@ def plot_ablation(results: list[Ablation], clean_loss: float, title: str = "", p
     return _done(fig, path)
 
 
+def plot_patching(recovery: torch.Tensor, row_labels: list[str], column_labels: list[str], title: str = "",
+                  path: str | None = None):
+    """A heat map of normalised logit-difference recovery (0: corrupted, 1: clean)."""
+    fig, ax = _figure(figsize=(1.2 * len(column_labels) + 3, 0.5 * len(row_labels) + 1.5))
+    image = ax.imshow(recovery.detach().cpu().numpy(), cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(column_labels)), column_labels)
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set(title=title or "activation patching: recovery")
+    fig.colorbar(image, ax=ax)
+    return _done(fig, path)
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -376,7 +515,8 @@ def write_report(run_dir: str, out_dir: str | None = None, device: str = "auto")
     out_dir = out_dir or os.path.join(run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir), "interp")
     os.makedirs(out_dir, exist_ok=True)
     cfg, data = run.cfg, run.data
-    tokens, targets = data.val_x[:2048], data.val_y[:2048]
+    rows = torch.randperm(len(data.val_x), generator=torch.Generator().manual_seed(0))[:2048].to(data.val_x.device)
+    tokens, targets = data.val_x[rows], data.val_y[rows]  # a random sample: the split is sorted by a
     lines = [f"# {os.path.basename(os.path.normpath(run_dir))}: interpretability report", "",
              f"Checkpoint `{run.checkpoint_path}` (step {run.step}), task `{cfg.task}`, "
              f"{cfg.num_blocks} block(s) x {cfg.num_heads} heads x {cfg.embedding_dim}.", ""]
@@ -401,6 +541,26 @@ def write_report(run_dir: str, out_dir: str | None = None, device: str = "auto")
     lines += [f"| {r.component} | {r.loss:.4f} | {r.accuracy:.4f} | {r.loss_change:+.4f} |" for r in results]
     lines += ["", "![ablation](ablation.png)", ""]
 
+    if cfg.task == "modular":
+        p = cfg.modulus
+        corrupted, _ = corrupt(run, tokens)
+        right, wrong = targets[:, 0], run.model(corrupted)[:, -1, :p].argmax(-1)  # the corrupted answer
+        keep = right != wrong
+        recovery, names = patch_residual(run.model, tokens[keep], corrupted[keep], right[keep], wrong[keep])
+        plot_patching(recovery, names, ["a", "b", "="], title="patching the residual stream (a corrupted)",
+                      path=os.path.join(out_dir, "patching_residual.png"))
+        heads = patch_heads(run.model, tokens[keep], corrupted[keep], right[keep], wrong[keep])
+        lines += ["## Activation patching (`a` corrupted)", "",
+                  "Recovery of the logit difference when one head's clean output is patched into the corrupted "
+                  "run: " + ", ".join(f"L{i}H{h} {heads[i, h]:.2f}" for i in range(heads.shape[0])
+                                      for h in range(heads.shape[1])) + ".", "",
+                  "![patching the residual stream](patching_residual.png)", "", "## Linear probes at `=`", "",
+                  "| label | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+        a, b = tokens[:, 0], tokens[:, 1]
+        for label, values in (("a", a), ("b", b), ("answer", targets[:, 0])):
+            probes = probe_residual(run.model, tokens, values, position=-1, num_classes=p)
+            lines.append(f"| {label} | " + " | ".join(f"{probes[n].heldout_accuracy:.3f}" for n in names) + " |")
+        lines += ["", "Held-out accuracy of a linear probe on the residual stream at `=`.", ""]
     if cfg.task == "modular" and cfg.operation == "add":
         norms = embedding_frequency_norms(run.model, cfg.modulus)
         losses = fourier_losses(run)

@@ -114,8 +114,8 @@ def test_report_writes_plots_and_numbers(tiny_run, tmp_path):
     path = interp.main([str(tiny_run), "--out", str(tmp_path / "report")])
     text = open(path).read()
     names = set(p.name for p in (tmp_path / "report").iterdir())
-    assert {"report.md", "attention_L0.png", "ablation.png", "fourier_embedding.png"} <= names
-    assert "| L0 MLP |" in text and "restricted to the key frequencies" in text
+    assert {"report.md", "attention_L0.png", "ablation.png", "fourier_embedding.png", "patching_residual.png"} <= names
+    assert "| L0 MLP |" in text and "restricted to the key frequencies" in text and "| answer |" in text
     for name in names - {"report.md"}:
         assert f"({name})" in text  # every plot is linked from the report
 
@@ -129,3 +129,41 @@ def test_report_on_a_missing_run_fails_cleanly(tmp_path):
     result = subprocess.run([sys.executable, f"{ROOT}/interp.py", str(tmp_path / "nope")], capture_output=True,
                             text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_patching_the_changed_position_at_the_input_recovers_everything(tiny_run):
+    run = interp.load_run(str(tiny_run))
+    clean = run.data.val_x[:64]
+    corrupted, position = interp.corrupt(run, clean)
+    assert position == 0 and (corrupted[:, 0] != clean[:, 0]).all() and (corrupted[:, 1:] == clean[:, 1:]).all()
+    p = run.cfg.modulus
+    right, wrong = run.data.val_y[:64, 0], (corrupted[:, 0] + corrupted[:, 1]) % p
+    recovery, names = interp.patch_residual(run.model, clean, corrupted, right, wrong)
+    assert names == ["blocks.0.hook_resid_pre", "hook_resid_final"] and recovery.shape == (2, 3)
+    # Before block 0 the stream at a position is that token's embedding: only position 0 differs.
+    assert recovery[0].tolist() == pytest.approx([1.0, 0.0, 0.0], abs=1e-5)
+    # At the end only the last position is read out.
+    assert recovery[1].tolist() == pytest.approx([0.0, 0.0, 1.0], abs=1e-5)
+    heads = interp.patch_heads(run.model, clean, corrupted, right, wrong)
+    assert heads.shape == (1, run.cfg.num_heads) and torch.isfinite(heads).all()
+
+
+def test_a_probe_reads_a_planted_label_and_not_a_random_one():
+    torch.manual_seed(0)
+    labels = torch.randint(5, (600,))
+    directions = torch.randn(5, 32)
+    features = directions[labels] + 0.3 * torch.randn(600, 32)
+    probe = interp.train_probe(features, labels)
+    assert probe.heldout_accuracy > 0.95
+    # The weights were folded back: they apply to the raw features.
+    assert ((features @ probe.weight.T + probe.bias).argmax(-1) == labels).float().mean() > 0.95
+    chance = interp.train_probe(torch.randn(600, 32), labels)
+    assert chance.heldout_accuracy < 0.4
+
+
+def test_probes_by_layer_on_a_trained_model(tiny_run):
+    run = interp.load_run(str(tiny_run))
+    tokens = run.data.tokens  # all 17 x 17 pairs
+    probes = interp.probe_residual(run.model, tokens, tokens[:, 0], position=0, num_classes=17)
+    assert set(probes) == {"blocks.0.hook_resid_pre", "hook_resid_final"}
+    assert probes["blocks.0.hook_resid_pre"].heldout_accuracy == 1.0  # `a` is its own token there
