@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, config_from_dict
-from data import build_data
+from data import IGNORE, build_data
 from model import Transformer
 from utils import CheckpointError, Dist, find_checkpoint, load_checkpoint, pick_device
 
@@ -164,8 +164,6 @@ def ablation_hook(kind: str, index=None, mean: torch.Tensor | None = None):
 def loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
     """Mean cross-entropy and accuracy where targets are set (targets [B, n] cover the last n
     positions of logits [B, T, vocab]; data.IGNORE marks positions without a target)."""
-    from data import IGNORE
-
     logits = logits[:, -targets.shape[1]:]
     keep = targets != IGNORE
     picked = logits[keep].float()
