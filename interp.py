@@ -235,6 +235,20 @@ def logit_difference(logits: torch.Tensor, right: torch.Tensor, wrong: torch.Ten
     return (last.gather(1, right[:, None]) - last.gather(1, wrong[:, None])).mean()
 
 
+def _patching(model: Transformer, clean, corrupted, right, wrong, names: list[str]):
+    """The clean cache of `names` and a function: hooks -> normalised recovery of the logit
+    difference when the corrupted input runs with those hooks (0: as corrupted, 1: as clean)."""
+    clean_logits, cache = model.run_with_cache(clean, names)
+    clean_diff = logit_difference(clean_logits, right, wrong)
+    corrupted_diff = logit_difference(model(corrupted), right, wrong)
+
+    def recovery(hooks) -> torch.Tensor:
+        patched = logit_difference(model.run_with_hooks(corrupted, hooks), right, wrong)
+        return (patched - corrupted_diff) / (clean_diff - corrupted_diff)
+
+    return cache, recovery
+
+
 @torch.no_grad()
 def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, right: torch.Tensor,
                    wrong: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
@@ -244,10 +258,8 @@ def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, right: t
     right - wrong: 0 = as corrupted, 1 = as clean."""
     model = _model(model)
     names = [f"blocks.{i}.hook_resid_pre" for i in range(model.cfg.num_blocks)] + ["hook_resid_final"]
-    clean_logits, cache = model.run_with_cache(clean, names)
-    clean_diff = logit_difference(clean_logits, right, wrong)
-    corrupted_diff = logit_difference(model(corrupted), right, wrong)
-    recovery = torch.zeros(len(names), clean.shape[1])
+    cache, recovery = _patching(model, clean, corrupted, right, wrong, names)
+    result = torch.zeros(len(names), clean.shape[1])
     for i, name in enumerate(names):
         for position in range(clean.shape[1]):
             def patch(x, hook, position=position, name=name):
@@ -255,9 +267,8 @@ def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, right: t
                 x[:, position] = cache[name][:, position]
                 return x
 
-            patched = logit_difference(model.run_with_hooks(corrupted, [(name, patch)]), right, wrong)
-            recovery[i, position] = (patched - corrupted_diff) / (clean_diff - corrupted_diff)
-    return recovery, names
+            result[i, position] = recovery([(name, patch)])
+    return result, names
 
 
 @torch.no_grad()
@@ -267,10 +278,8 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, right: torc
     [blocks, heads] of normalised logit-difference recovery."""
     model = _model(model)
     names = [f"blocks.{i}.attn.hook_z" for i in range(model.cfg.num_blocks)]
-    clean_logits, cache = model.run_with_cache(clean, names)
-    clean_diff = logit_difference(clean_logits, right, wrong)
-    corrupted_diff = logit_difference(model(corrupted), right, wrong)
-    recovery = torch.zeros(model.cfg.num_blocks, model.cfg.num_heads)
+    cache, recovery = _patching(model, clean, corrupted, right, wrong, names)
+    result = torch.zeros(model.cfg.num_blocks, model.cfg.num_heads)
     for i, name in enumerate(names):
         for head in range(model.cfg.num_heads):
             def patch(z, hook, head=head, name=name):
@@ -278,9 +287,8 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, right: torc
                 z[:, :, head] = cache[name][:, :, head]
                 return z
 
-            patched = logit_difference(model.run_with_hooks(corrupted, [(name, patch)]), right, wrong)
-            recovery[i, head] = (patched - corrupted_diff) / (clean_diff - corrupted_diff)
-    return recovery
+            result[i, head] = recovery([(name, patch)])
+    return result
 
 
 # ---------------------------------------------------------------- linear probes

@@ -7,13 +7,14 @@ import functools
 import http.server
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+
+from slurm_cluster import free_port  # one helper for torchrun's and Slurm's ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -71,12 +72,6 @@ def tiny_args(tmp_path, *extra: str) -> list[str]:
             "--eval_every", "10", "--log_every", "5", *extra]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun_command(args: list[str], nproc: int = 2, launcher: list[str] = ()) -> list[str]:
     """`torchrun --nproc_per_node N [launcher flags] train.py ARGS`, on a port of its own."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -115,15 +110,37 @@ def child_pids(pid: int) -> list[int]:
     return sorted(children)
 
 
-def logged_steps(run_dir) -> list[int]:
+def run_metrics(run_dir) -> list[dict]:
+    """A run's metrics.jsonl records so far ([] before it exists; a line still being written is
+    left out), for polling a run that is still going."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line)["step"] for line in f if line.strip().endswith("}")]
+        return [json.loads(line) for line in f if line.strip().endswith("}")]
+
+
+def logged_steps(run_dir) -> list[int]:
+    return [record["step"] for record in run_metrics(run_dir)]
 
 
 def model_weights(path) -> dict:
     import torch
 
     return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_run(run_dir, reference) -> None:
+    """run_dir (stopped and resumed) continued `reference` (never stopped) exactly: no step logged
+    twice, the same losses at every step the reference logged, the same final weights bit for bit."""
+    import torch
+
+    mine = {r["step"]: r for r in run_metrics(run_dir)}
+    steps = logged_steps(run_dir)
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    for record in run_metrics(reference):
+        for key in ("train_loss", "val_loss", "val_acc"):
+            if key in record:
+                assert mine[record["step"]][key] == record[key], (record["step"], key)
+    a, b = model_weights(os.path.join(run_dir, "last.pt")), model_weights(os.path.join(reference, "last.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from conftest import child_pids, logged_steps, model_weights, run_torchrun, torchrun_command, wait_until
+from conftest import assert_same_run, child_pids, logged_steps, model_weights, run_torchrun, torchrun_command, wait_until
 from utils import read_metrics
 
 # A run long enough to interrupt: 150 steps, a checkpoint every 10, dropout so that every rank's
@@ -56,19 +56,6 @@ def straight_run(tmp_path_factory):
     result = run_torchrun(["--save_model_dir", str(root), "--run_name", "straight", *LONG], cwd=str(root))
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "straight"
-
-
-def assert_same_run(run_dir, reference) -> None:
-    mine = {r["step"]: r for r in read_metrics(run_dir / "metrics.jsonl")}
-    theirs = {r["step"]: r for r in read_metrics(reference / "metrics.jsonl")}
-    steps = logged_steps(run_dir)
-    assert len(steps) == len(set(steps)), "a step was logged twice"
-    for step, record in theirs.items():
-        for key in ("train_loss", "val_loss", "val_acc"):
-            if key in record:
-                assert mine[step][key] == record[key], (step, key)
-    a, b = model_weights(run_dir / "last.pt"), model_weights(reference / "last.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sigterm_to_torchrun_checkpoints_and_resume_is_exact(tmp_path, straight_run):

@@ -12,7 +12,7 @@ import sys
 import torch
 
 import train
-from conftest import ROOT, logged_steps, model_weights, run_train, wait_until
+from conftest import ROOT, assert_same_run, logged_steps, run_train, wait_until
 from utils import read_metrics
 
 LONG = ["--modulus", "23", "--batch_size", "64", "--max_steps", "120", "--target_val_acc", "0",
@@ -39,16 +39,7 @@ def test_sigusr1_checkpoints_after_the_step_and_resume_is_exact(tmp_path):
 
     summary = train.main(common + ["--run", "cut", "--resume", "auto"])
     assert summary["steps"] == 120 and summary["interrupted"] is None
-    straight = {r["step"]: r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")}
-    resumed = {r["step"]: r for r in read_metrics(tmp_path / "cut" / "metrics.jsonl")}
-    steps = logged_steps(tmp_path / "cut")
-    assert len(steps) == len(set(steps))
-    for step, record in straight.items():
-        for key in ("train_loss", "val_loss", "val_acc"):
-            if key in record:
-                assert resumed[step][key] == record[key], (step, key)
-    a, b = model_weights(tmp_path / "straight" / "last.pt"), model_weights(tmp_path / "cut" / "last.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(tmp_path / "cut", tmp_path / "straight")
 
 
 def test_a_loss_that_blows_up_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

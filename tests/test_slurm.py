@@ -6,7 +6,6 @@ set it up. The cluster starts once for the module (about a second).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -15,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from conftest import assert_same_run, run_metrics
 from slurm_cluster import SlurmCluster, free_port, slurm_missing_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,13 +53,6 @@ def job_log(work_dir, job_name: str, job_id: str) -> str:
     """The job's output file, logs/<job name>-<job id>.out ('' until Slurm creates it)."""
     path = work_dir / "logs" / f"{job_name}-{job_id}.out"
     return path.read_text() if path.exists() else ""
-
-
-def metrics(run_dir) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def checkpoint(path) -> dict:
@@ -101,7 +94,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path
     run_dir = preempted_dir / "runs" / f"preempted-{job}"
 
     # Signal once training is under way (past step 5, far from step 300 and from a periodic save).
-    slurm.wait_until(lambda: any(r["step"] >= 5 for r in metrics(run_dir)), timeout=180,
+    slurm.wait_until(lambda: any(r["step"] >= 5 for r in run_metrics(run_dir)), timeout=180,
                      what="the job to log step 5", job_id=job)
     slurm.signal(job, "USR1", batch_only=True)
     slurm.wait_until(lambda: slurm.restart_count(job) >= 1, timeout=120, what="the job to requeue", job_id=job)
@@ -117,19 +110,14 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path
     resumed_at = [int(step) for step in re.findall(r"resumed at step (\d+)", log)]
     assert len(resumed_at) == 1 and 5 <= resumed_at[0] < 100, log  # from the signal's last.pt, not a periodic one
 
-    # Bit for bit the uninterrupted run: weights, and the evaluations both logged.
-    final = checkpoint(run_dir / "last.pt")
-    expected = checkpoint(reference_dir / "runs" / f"reference-{reference}" / "last.pt")
-    assert final["step"] == expected["step"] == 300
-    assert final["model"].keys() == expected["model"].keys()
-    for name, tensor in expected["model"].items():
-        assert torch.equal(final["model"][name], tensor), name
-
-    steps = [r["step"] for r in metrics(run_dir)]
-    assert steps == sorted(set(steps)), "metrics.jsonl repeats or reorders steps"
+    # Bit for bit the uninterrupted run: weights, and every loss both logged.
     reference_run = reference_dir / "runs" / f"reference-{reference}"
-    reference_evals = {r["step"]: r["val_loss"] for r in metrics(reference_run) if "val_loss" in r}
-    evals = {r["step"]: r["val_loss"] for r in metrics(run_dir) if "val_loss" in r}
+    assert checkpoint(run_dir / "last.pt")["step"] == checkpoint(reference_run / "last.pt")["step"] == 300
+    assert_same_run(run_dir, reference_run)
+    steps = [r["step"] for r in run_metrics(run_dir)]
+    assert steps == sorted(set(steps)), "metrics.jsonl repeats or reorders steps"
+    reference_evals = {r["step"]: r["val_loss"] for r in run_metrics(reference_run) if "val_loss" in r}
+    evals = {r["step"]: r["val_loss"] for r in run_metrics(run_dir) if "val_loss" in r}
     assert evals == reference_evals
 
 
