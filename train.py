@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
     if is_main and not preempted:
         forget_launch(cfg.save_model_dir)
     close_logging(log)
-    teardown_distributed()
+    teardown_distributed(barrier=True)
     return summary
 
 

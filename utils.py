@@ -72,8 +72,15 @@ def setup_distributed(device_kind: str) -> Dist:
     return info
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(barrier: bool = False) -> None:
+    """Destroys the process group. barrier=True (every rank at the normal end of a run) first
+    waits for all ranks, so none tears its group down while a peer still works on its end (rank 0
+    plotting, say). Once in CI (torch 2.14.1, gloo) rank 1 aborted with "terminate called without
+    an active exception" after tearing down while rank 0 was still plotting; the barrier is cheap
+    insurance against that, not a proven fix."""
     if dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
