@@ -127,6 +127,8 @@ class Config:
     target_val_acc: float = _eval(0.99, "stop once val_acc reaches this (0: off)")
     patience: int = _eval(0, "stop after N evals without val_loss improving by min_delta (0: off)")
     min_delta: float = _eval(0.0, "smallest val_loss decrease that counts as improvement")
+    track_progress: bool = _eval(False, "modular addition: also log Nanda et al.'s progress measures at each eval "
+                                        "(restricted/excluded loss, Fourier gini, weight norm) and plot them")
 
     # ---- logging, checkpoints, W&B ----
     log_every: int = _log(10, "log training metrics every N optimizer steps")
@@ -187,6 +189,9 @@ class Config:
                      f"{self.modulus} is not prime, so division mod p is not defined; use a prime")
             need(self.context_len >= 3, "context_len",
                  f"a modular example 'a b =' has 3 tokens; context_len {self.context_len} is too short")
+        need(not self.track_progress or (self.task == "modular" and self.operation == "add"), "track_progress",
+             f"the progress measures are Fourier measures of modular addition; this run is "
+             f"{self.task if self.task != 'modular' else self.operation}. Drop --track_progress")
         if self.task == "dyck":
             need(self.dyck_min_len % 2 == 0 and self.dyck_min_len >= 2, "dyck_min_len",
                  f"must be an even number >= 2, got {self.dyck_min_len}")

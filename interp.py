@@ -14,9 +14,9 @@ function returns a matplotlib figure (pass `path=` to also save it).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from config import ConfigError, config_from_dict
 from data import IGNORE, build_data
+from fourier import (fourier_basis, frequency_norms, frequency_rows, gini, key_frequencies,  # noqa: F401
+                     restrict_to_frequencies, restricted_and_excluded, sum_directions)  # (re-exported)
 from model import Transformer
 from utils import CheckpointError, Dist, find_checkpoint, load_checkpoint, pick_device
 
@@ -291,6 +293,55 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, right: torc
     return result
 
 
+@torch.no_grad()
+def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, right: torch.Tensor, wrong: torch.Tensor,
+               sender: tuple[int, int], receivers: list[tuple[str, int | None]]) -> torch.Tensor:
+    """Path patching: how much of the logit difference comes back when the sender head's clean
+    output reaches the corrupted run only through the receivers' inputs.
+
+    `sender` is (block, head). `receivers` are input hooks with an optional head: e.g.
+    ("blocks.1.attn.hook_q", 2) for the query of L1H2, ("blocks.0.mlp.hook_pre", None) for an
+    MLP, ("hook_resid_final", None) for the direct path to the logits. First the corrupted input
+    runs with the sender's `hook_z` set to its clean value and every other head and every MLP
+    frozen at its corrupted output, so only the direct sender -> receiver paths carry the change;
+    the change in the receivers' inputs is recorded. Then the corrupted input runs with only that
+    change added to the receivers' inputs. Returns the normalised recovery (0: as corrupted, 1: as
+    clean). In a one-block model, receivers ("hook_resid_final", None) and the block's MLP input
+    together carry everything the head does, so they recover what patching the head's output does.
+    """
+    model = _model(model)
+    block, head = sender
+    frozen = [n for n in model.hook_names if n.endswith(("attn.hook_z", "hook_mlp_out"))]
+    cache, recovery = _patching(model, clean, corrupted, right, wrong, [f"blocks.{block}.attn.hook_z"])
+    receiver_names = sorted({name for name, _ in receivers})
+    _, corrupted_cache = model.run_with_cache(corrupted, frozen + receiver_names)
+    sender_name = f"blocks.{block}.attn.hook_z"
+
+    def freeze(x, hook_point):
+        value = corrupted_cache[hook_point.name]
+        if hook_point.name == sender_name:
+            value = value.clone()
+            value[:, :, head] = cache[sender_name][:, :, head]
+        return value
+
+    with model.hooks([(name, freeze) for name in frozen]):
+        _, patched_inputs = model.run_with_cache(corrupted, receiver_names)
+    # Receivers get the change the sender made to their input, added to whatever they hold, so
+    # several receivers compose (an MLP's new output still reaches a patched final residual).
+    deltas = {name: patched_inputs[name] - corrupted_cache[name] for name in receiver_names}
+
+    def replace(x, hook_point):
+        x = x.clone()
+        for name, index in receivers:
+            if name == hook_point.name and index is None:
+                x = x + deltas[name]
+            elif name == hook_point.name:
+                x[:, :, index] += deltas[name][:, :, index]
+        return x
+
+    return recovery([(name, replace) for name in receiver_names])
+
+
 # ---------------------------------------------------------------- linear probes
 
 
@@ -347,58 +398,10 @@ def probe_residual(model, tokens: torch.Tensor, labels: torch.Tensor, position: 
 # ---------------------------------------------------------------- Fourier analysis of modular runs
 
 
-def fourier_basis(p: int, device=None) -> tuple[torch.Tensor, list[str]]:
-    """The orthonormal Fourier basis over Z_p as rows [p, p]: a constant, then cos and sin of
-    2πkx/p for k = 1 .. p//2 (for even p the last frequency has only its cosine)."""
-    x = torch.arange(p, device=device, dtype=torch.float64)
-    rows, labels = [torch.ones(p, device=device, dtype=torch.float64)], ["const"]
-    for k in range(1, p // 2 + 1):
-        rows.append(torch.cos(2 * math.pi * k * x / p))
-        labels.append(f"cos {k}")
-        if 2 * k != p:
-            rows.append(torch.sin(2 * math.pi * k * x / p))
-            labels.append(f"sin {k}")
-    basis = torch.stack(rows)
-    return (basis / basis.norm(dim=1, keepdim=True)).float(), labels
-
-
 def embedding_frequency_norms(model, p: int) -> torch.Tensor:
     """The norm of the number tokens' embedding (tokens 0..p-1) in each frequency k = 1 .. p//2
     (cos and sin together) [p//2]; index k-1 is frequency k."""
-    model = _model(model)
-    embed = model.embed.weight[:p].detach().float()  # [p, D]
-    basis, _ = fourier_basis(p, embed.device)
-    coefficients = basis @ embed  # [p, D]: const, cos 1, sin 1, ...
-    norms = [coefficients[1 + 2 * (k - 1): 1 + 2 * k].norm() for k in range(1, p // 2 + 1)]
-    return torch.stack(norms)
-
-
-def key_frequencies(norms: torch.Tensor, fraction: float = 0.25) -> list[int]:
-    """Frequencies whose norm is at least `fraction` of the largest: the few that a grokked model's
-    embedding concentrates on (Nanda et al. find about five), in decreasing order of norm."""
-    order = torch.argsort(norms, descending=True)
-    return [int(k) + 1 for k in order if norms[k] >= fraction * norms.max()]
-
-
-def _sum_directions(p: int, frequencies: list[int], device) -> torch.Tensor:
-    """Orthonormal directions over the p² inputs (a, b), ordered a*p + b: cos and sin of
-    2πk(a+b)/p for each frequency, plus the constant [2·len + 1, p²]."""
-    a, b = torch.meshgrid(torch.arange(p, device=device), torch.arange(p, device=device), indexing="ij")
-    s = (a + b).flatten().double()
-    rows = [torch.ones_like(s)]
-    for k in frequencies:
-        rows += [torch.cos(2 * math.pi * k * s / p), torch.sin(2 * math.pi * k * s / p)]
-    rows = torch.stack(rows)
-    return (rows / rows.norm(dim=1, keepdim=True)).float()
-
-
-def restrict_to_frequencies(logits: torch.Tensor, p: int, frequencies: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [p², n] over all pairs (a*p + b order) -> (kept only along the constant and cos/sin
-    of 2πk(a+b)/p for the given frequencies, with those frequencies' directions removed)."""
-    directions = _sum_directions(p, frequencies, logits.device)  # [2K+1, p²]
-    restricted = directions.T @ (directions @ logits)
-    excluded = logits - directions[1:].T @ (directions[1:] @ logits)  # the constant stays
-    return restricted, excluded
+    return frequency_norms(_model(model).embed.weight[:p])
 
 
 @dataclass
@@ -426,29 +429,173 @@ def fourier_losses(run: Run, frequencies: list[int] | None = None) -> FourierLos
     p = cfg.modulus
     if frequencies is None:
         frequencies = key_frequencies(embedding_frequency_norms(run.model, p))
-    logits = run.model(data.tokens)[:, -1, :p].float()  # [p², p], all pairs in a*p + b order
-    restricted, excluded = restrict_to_frequencies(logits, p, frequencies)
-    train, answers = data.train_idx.to(logits.device), data.answer.to(logits.device)
+    logits = run.model(data.tokens, 1)[:, -1, :p].float()  # [p², p], all pairs in a*p + b order
+    train = data.train_idx.to(logits.device)
+    m = restricted_and_excluded(logits, p, frequencies, train, data.answer.to(logits.device))
+    return FourierLosses(frequencies, m["full_loss"], m["restricted_loss"], m["excluded_loss"],
+                         m["full_acc"], m["restricted_acc"])
 
-    def loss_acc(values):
-        picked = values[train]
-        return (F.cross_entropy(picked, answers[train]).item(),
-                (picked.argmax(-1) == answers[train]).float().mean().item())
 
-    full, restricted_, excluded_ = loss_acc(logits), loss_acc(restricted), loss_acc(excluded)
-    return FourierLosses(frequencies, full[0], restricted_[0], excluded_[0], full[1], restricted_[1])
+@torch.no_grad()
+def neuron_grid(run: Run, layer: int = -1) -> torch.Tensor:
+    """The MLP neurons' activations (`hook_post`) at `=` over every pair: [p (a), p (b), d_mlp]."""
+    p = run.cfg.modulus
+    layer = layer % run.cfg.num_blocks
+    name = f"blocks.{layer}.mlp.hook_post"
+    _, cache = run.model.run_with_cache(run.data.tokens, [name])
+    return cache[name][:, -1].float().reshape(p, p, -1)
+
+
+def fourier_2d(grid: torch.Tensor) -> torch.Tensor:
+    """A function of (a, b) per channel [p, p, n] -> its coefficients in the 2-D Fourier basis
+    [p, p, n]: rows index a's basis function, columns b's (const, cos 1, sin 1, ...)."""
+    basis, _ = fourier_basis(grid.shape[0], grid.device)
+    return torch.einsum("ia,abn,jb->ijn", basis, grid.float(), basis)
+
+
+@dataclass
+class NeuronFrequencies:
+    frequency: torch.Tensor  # [d_mlp]: the frequency k whose terms explain most of each neuron
+    explained: torch.Tensor  # [d_mlp]: the fraction of the neuron's variance (over pairs) they explain
+    spectrum: torch.Tensor  # [p, p]: mean squared 2-D Fourier coefficient over neurons, constant removed
+
+
+def neuron_frequencies(grid: torch.Tensor) -> NeuronFrequencies:
+    """Clusters neurons by frequency (Nanda et al. 2023, section 4.3) from their activations over
+    all pairs, grid [p, p, n] (neuron_grid(run)): for each neuron, the share of its variance that
+    lies in the 2-D Fourier terms of one frequency k (1, cos kx, sin kx in a times the same in b,
+    less the constant), and the k with the largest share."""
+    p = grid.shape[0]
+    power = fourier_2d(grid).pow(2)  # [p, p, n]
+    power[0, 0] = 0  # the mean is not variance
+    total = power.sum((0, 1)).clamp_min(1e-12)
+    shares = []
+    for k in range(1, p // 2 + 1):
+        rows = [0] + list(range(p))[frequency_rows(p, k)]
+        shares.append(power[rows][:, rows].sum((0, 1)) / total)
+    explained, best = torch.stack(shares).max(0)  # over [p//2, n]
+    return NeuronFrequencies(best + 1, explained, power.mean(-1))
+
+
+@torch.no_grad()
+def fourier_ablation(run: Run, frequencies: list[int], compare_random: int = 5, seed: int = 0) -> dict:
+    """Removes the given frequencies from the embedding of the numbers 0..p-1 (its cos/sin
+    components over the number axis) and measures loss and accuracy over all pairs; does the same
+    for `compare_random` random sets of as many other frequencies. A model that computes with those
+    frequencies breaks when they go and barely notices the others going."""
+    model, p = run.model, run.cfg.modulus
+    basis, _ = fourier_basis(p, run.device)
+    embed = model.embed.weight[:p].detach().float()
+
+    def ablated_metrics(ks: list[int]) -> tuple[float, float]:
+        rows = torch.cat([basis[frequency_rows(p, k)] for k in ks]) if ks else basis[:0]
+        removed = (embed - rows.T @ (rows @ embed)).to(model.embed.weight.dtype)
+
+        def hook(x, hook_point):
+            numbers = run.data.tokens < p
+            x = x.clone()
+            x[numbers] = removed[run.data.tokens[numbers]]
+            return x
+
+        logits = model.run_with_hooks(run.data.tokens, [("hook_embed", hook)])
+        return loss_and_accuracy(logits, run.data.targets)
+
+    clean = loss_and_accuracy(model(run.data.tokens), run.data.targets)
+    others = [k for k in range(1, p // 2 + 1) if k not in frequencies]
+    generator = torch.Generator().manual_seed(seed)
+    random_sets = [[others[i] for i in torch.randperm(len(others), generator=generator)[:len(frequencies)]]
+                   for _ in range(compare_random)]
+    random_results = [ablated_metrics(ks) for ks in random_sets]
+    key = ablated_metrics(frequencies)
+    return {"clean_loss": clean[0], "clean_acc": clean[1], "key_loss": key[0], "key_acc": key[1],
+            "random_loss": sum(r[0] for r in random_results) / len(random_results),
+            "random_acc": sum(r[1] for r in random_results) / len(random_results), "random_sets": random_sets}
+
+
+# ---------------------------------------------------------------- TransformerLens
+
+
+def to_transformer_lens(model, device=None):
+    """A TransformerLens `HookedTransformer` with this model's weights: the same logits, and the same
+    activations under the same hook names. TransformerLens is an optional extra
+    (`pip install "transformer_lens<4"`; version 4 replaced HookedTransformer with TransformerBridge).
+    Models with an attention sink have no TransformerLens counterpart."""
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError as error:
+        raise ImportError("to_transformer_lens needs TransformerLens 2 or 3: pip install 'transformer_lens<4' "
+                          f"({error})") from error
+    model = _model(model)
+    cfg = model.cfg
+    if cfg.attention_sink:
+        raise ValueError("this model has an attention sink (--attention_sink), which TransformerLens does not have")
+    D, H = cfg.embedding_dim, cfg.num_heads
+    Dh = D // H
+    mlp = cfg.mlp_dim or 4 * D
+    eps = 1e-5 if cfg.norm == "layernorm" else torch.finfo(torch.float32).eps  # nn.RMSNorm's default
+    tl_cfg = HookedTransformerConfig(
+        n_layers=cfg.num_blocks, d_model=D, n_ctx=cfg.context_len, d_head=Dh, n_heads=H, d_mlp=mlp,
+        d_vocab=model.vocab_size, act_fn=cfg.activation, attn_only=cfg.attention_only, eps=eps,
+        normalization_type={"none": None, "layernorm": "LN", "rmsnorm": "RMS"}[cfg.norm],
+        positional_embedding_type="standard", default_prepend_bos=False,
+        device=str(device or next(model.parameters()).device), dtype=next(model.parameters()).dtype)
+    with warnings.catch_warnings():  # 3.x warns that 4.0 drops the class this function is about
+        warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
+        tl = HookedTransformer(tl_cfg)
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    def get(name, shape=None):
+        if name in params:
+            return params[name].detach()
+        return torch.zeros(shape)  # bias=False: TransformerLens always has biases
+
+    def norm(ours: str, theirs: str, state: dict):
+        if cfg.norm == "none":
+            return
+        state[f"{theirs}.w"] = get(f"{ours}.norm.weight")
+        if cfg.norm == "layernorm":
+            state[f"{theirs}.b"] = get(f"{ours}.norm.bias", (D,))
+
+    state = {"embed.W_E": get("embed.weight"), "pos_embed.W_pos": get("pos_embed.weight"),
+             "unembed.W_U": get("unembed.weight").T, "unembed.b_U": torch.zeros(model.vocab_size)}
+    for i in range(cfg.num_blocks):
+        ours, theirs = f"blocks.{i}", f"blocks.{i}"
+        qkv_w = get(f"{ours}.attn.qkv.weight").view(3, H, Dh, D)
+        qkv_b = get(f"{ours}.attn.qkv.bias", (3 * D,)).view(3, H, Dh)
+        for j, letter in enumerate("QKV"):
+            state[f"{theirs}.attn.W_{letter}"] = qkv_w[j].transpose(1, 2)  # [H, D, Dh]
+            state[f"{theirs}.attn.b_{letter}"] = qkv_b[j]  # [H, Dh]
+        state[f"{theirs}.attn.W_O"] = get(f"{ours}.attn.out.weight").view(D, H, Dh).permute(1, 2, 0)  # [H, Dh, D]
+        state[f"{theirs}.attn.b_O"] = get(f"{ours}.attn.out.bias", (D,))
+        norm(f"{ours}.ln1", f"{theirs}.ln1", state)
+        if not cfg.attention_only:
+            norm(f"{ours}.ln2", f"{theirs}.ln2", state)
+            state[f"{theirs}.mlp.W_in"] = get(f"{ours}.mlp.fc_in.weight").T
+            state[f"{theirs}.mlp.b_in"] = get(f"{ours}.mlp.fc_in.bias", (mlp,))
+            state[f"{theirs}.mlp.W_out"] = get(f"{ours}.mlp.fc_out.weight").T
+            state[f"{theirs}.mlp.b_out"] = get(f"{ours}.mlp.fc_out.bias", (D,))
+    norm("ln_final", "ln_final", state)
+    expected = tl.state_dict()
+    missing = [k for k in expected if k not in state and expected[k].is_floating_point()
+               and not k.endswith(("IGNORE", "mask"))]
+    if missing:
+        raise RuntimeError(f"this TransformerLens expects weights this conversion does "
+                           f"not fill: {missing[:5]}")
+    device = expected["embed.W_E"].device
+    tl.load_state_dict({k: v.to(device, expected[k].dtype).contiguous() for k, v in state.items()}, strict=False)
+    return tl.eval()
 
 
 # ---------------------------------------------------------------- plots
 
 
 def _figure(*args, **kwargs):
-    import matplotlib
-
-    matplotlib.use("Agg")
+    # pyplot, so that a notebook shows the figure inline; headless, matplotlib falls back to Agg.
     import matplotlib.pyplot as plt
 
     return plt.subplots(*args, **kwargs)
+
+
 
 
 def _done(fig, path: str | None):
@@ -512,11 +659,78 @@ def plot_patching(recovery: torch.Tensor, row_labels: list[str], column_labels: 
     return _done(fig, path)
 
 
+def plot_neuron_frequencies(neurons: NeuronFrequencies, threshold: float = 0.5, title: str = "",
+                            path: str | None = None):
+    """Left: the neurons' mean power in each 2-D Fourier term (a's basis down, b's across, log
+    scale). Right: how many neurons each frequency explains (share of variance >= threshold)."""
+    import matplotlib.colors
+
+    fig, (spectrum_ax, count_ax) = _figure(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.4]})
+    spectrum = neurons.spectrum.detach().cpu()
+    spectrum[0, 0] = float("nan")  # removed before the mean; keep it out of the colour scale
+    image = spectrum_ax.imshow(spectrum.numpy(), cmap="viridis", norm=matplotlib.colors.LogNorm())
+    p = spectrum.shape[0]
+    ticks = list(range(1, p, max(1, (p // 2) // 8) * 2))
+    spectrum_ax.set_xticks(ticks, [f"{(t + 1) // 2}" for t in ticks])
+    spectrum_ax.set_yticks(ticks, [f"{(t + 1) // 2}" for t in ticks])
+    spectrum_ax.set(xlabel="frequency in b (cos, sin)", ylabel="frequency in a (cos, sin)",
+                    title="neuron power in the 2-D Fourier basis")
+    fig.colorbar(image, ax=spectrum_ax, shrink=0.8)
+    clear = neurons.explained >= threshold
+    counts = torch.bincount(neurons.frequency[clear].cpu(), minlength=p // 2 + 1)[1:]
+    count_ax.bar(range(1, len(counts) + 1), counts.numpy())
+    count_ax.set(xlabel="frequency k", ylabel="neurons",
+                 title=f"{int(clear.sum())} of {len(clear)} neurons have >= {threshold:.0%} of their variance "
+                       f"in one frequency")
+    if title:
+        fig.suptitle(title)
+    return _done(fig, path)
+
+
+def plot_residual_norms(model, cache: dict, token_labels: list[str] | None = None, title: str = "",
+                        path: str | None = None):
+    """The residual stream's mean norm before each block and at the end, one line per position."""
+    stack, names = residual_stack(model, cache, accumulated=True)
+    norms = stack.float().norm(dim=-1).mean(1).cpu()  # [layers, positions]
+    fig, ax = _figure(figsize=(1.0 * len(names) + 4, 3.5))
+    for position in range(norms.shape[1]):
+        label = token_labels[position] if token_labels else f"position {position}"
+        ax.plot(range(len(names)), norms[:, position].numpy(), marker="o", label=label)
+    ax.set_xticks(range(len(names)), [n.replace(".hook_resid_pre", "").replace("hook_", "") for n in names])
+    ax.set(ylabel="mean norm", title=title or "residual stream norm by layer")
+    if norms.shape[1] <= 12:
+        ax.legend()
+    return _done(fig, path)
+
+
+def plot_probes(accuracies: dict[str, dict[str, Probe]], title: str = "", path: str | None = None):
+    """Held-out probe accuracy by layer, one line per label: {label: probe_residual(...)}."""
+    fig, ax = _figure(figsize=(6, 3.5))
+    for label, probes in accuracies.items():
+        names = list(probes)
+        ax.plot(range(len(names)), [probes[n].heldout_accuracy for n in names], marker="o", label=label)
+    ax.set_xticks(range(len(names)), [n.replace(".hook_resid_pre", "").replace("hook_", "") for n in names])
+    ax.set(ylabel="held-out accuracy", ylim=(-0.02, 1.02), title=title or "linear probes by layer")
+    ax.legend()
+    return _done(fig, path)
+
+
 # ---------------------------------------------------------------- the report
 
 
 def write_report(run_dir: str, out_dir: str | None = None, device: str = "auto") -> str:
     """Writes <run>/interp/: plots and report.md with the findings in numbers; returns its path."""
+    import matplotlib.pyplot as plt
+
+    open_before = set(plt.get_fignums())
+    try:
+        return _write_report(run_dir, out_dir, device)
+    finally:  # the report's figures are on disk; close them, and only them
+        for number in set(plt.get_fignums()) - open_before:
+            plt.close(number)
+
+
+def _write_report(run_dir: str, out_dir: str | None, device: str) -> str:
     run = load_run(run_dir, device)
     out_dir = out_dir or os.path.join(run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir), "interp")
     os.makedirs(out_dir, exist_ok=True)
@@ -528,10 +742,13 @@ def write_report(run_dir: str, out_dir: str | None = None, device: str = "auto")
              f"{cfg.num_blocks} block(s) x {cfg.num_heads} heads x {cfg.embedding_dim}.", ""]
 
     with torch.no_grad():
-        _, cache = run.model.run_with_cache(tokens, lambda n: n.endswith("hook_pattern"))
+        _, cache = run.model.run_with_cache(tokens, lambda n: n.endswith(("hook_pattern", "hook_resid_pre",
+                                                                           "hook_resid_final")))
     labels = None
     if cfg.task == "modular":
         labels = ["a", "b", "="]
+    plot_residual_norms(run.model, cache, labels, path=os.path.join(out_dir, "residual_norms.png"))
+    lines += ["![residual stream norm by layer](residual_norms.png)", ""]
     for i in range(cfg.num_blocks):
         name = f"attention_L{i}.png"
         plot_attention(cache[f"blocks.{i}.attn.hook_pattern"], labels, title=f"block {i}, mean over "
@@ -539,13 +756,22 @@ def write_report(run_dir: str, out_dir: str | None = None, device: str = "auto")
         lines.append(f"![attention, block {i}]({name})")
     lines.append("")
 
-    clean, results = ablation_sweep(run.model, tokens, targets, kind="mean")
+    clean, every = ablation_sweep(run.model, tokens, targets, kind="mean", neurons=True)
+    results = [r for r in every if " N" not in r.component]  # heads and MLPs
+    neurons_ranked = [r for r in every if " N" in r.component]
     plot_ablation(results, clean[0], title="mean ablation", path=os.path.join(out_dir, "ablation.png"))
     lines += ["## Ablation (mean over the batch)", "",
               f"Clean validation loss {clean[0]:.4f}, accuracy {clean[1]:.4f}.", "",
               "| component | loss | accuracy | loss change |", "| --- | --- | --- | --- |"]
     lines += [f"| {r.component} | {r.loss:.4f} | {r.accuracy:.4f} | {r.loss_change:+.4f} |" for r in results]
     lines += ["", "![ablation](ablation.png)", ""]
+    if neurons_ranked:
+        lines += ["The neurons whose mean ablation costs the most loss: " + ", ".join(
+            f"{r.component.split()[-1]} (block {r.component[1:r.component.index(' ')]}, {r.loss_change:+.4f})"
+            for r in neurons_ranked[:10]) + f"; {sum(r.loss_change > 0.01 for r in neurons_ranked)} of "
+            f"{len(neurons_ranked)} cost more than 0.01 each.", ""]
+    summary = ["- Components that matter most (mean ablation, loss change): "
+               + ", ".join(f"{r.component} {r.loss_change:+.3f}" for r in results[:4]) + "."]
 
     if cfg.task == "modular":
         p = cfg.modulus
@@ -556,31 +782,67 @@ def write_report(run_dir: str, out_dir: str | None = None, device: str = "auto")
         plot_patching(recovery, names, ["a", "b", "="], title="patching the residual stream (a corrupted)",
                       path=os.path.join(out_dir, "patching_residual.png"))
         heads = patch_heads(run.model, tokens[keep], corrupted[keep], right[keep], wrong[keep])
+        direct = {(i, h): path_patch(run.model, tokens[keep], corrupted[keep], right[keep], wrong[keep], (i, h),
+                                     [("hook_resid_final", None)]).item()
+                  for i in range(cfg.num_blocks) for h in range(cfg.num_heads)}
         lines += ["## Activation patching (`a` corrupted)", "",
-                  "Recovery of the logit difference when one head's clean output is patched into the corrupted "
-                  "run: " + ", ".join(f"L{i}H{h} {heads[i, h]:.2f}" for i in range(heads.shape[0])
-                                      for h in range(heads.shape[1])) + ".", "",
-                  "![patching the residual stream](patching_residual.png)", "", "## Linear probes at `=`", "",
+                  "Recovery of the logit difference (clean answer minus the corrupted run's answer) when clean "
+                  "activations are patched into the corrupted run: 0 is as corrupted, 1 as clean.", "",
+                  "| head | its output | only its direct path to the logits |", "| --- | --- | --- |"]
+        lines += [f"| L{i}H{h} | {heads[i, h]:.3f} | {direct[i, h]:.3f} |" for (i, h) in direct]
+        lines += ["", "The difference between the columns is what a head does through the MLPs and heads after it."]
+        lines += ["", "![patching the residual stream](patching_residual.png)", "", "## Linear probes at `=`", "",
                   "| label | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
         a, b = tokens[:, 0], tokens[:, 1]
-        for label, values in (("a", a), ("b", b), ("answer", targets[:, 0])):
-            probes = probe_residual(run.model, tokens, values, position=-1, num_classes=p)
-            lines.append(f"| {label} | " + " | ".join(f"{probes[n].heldout_accuracy:.3f}" for n in names) + " |")
-        lines += ["", "Held-out accuracy of a linear probe on the residual stream at `=`.", ""]
+        probes = {label: probe_residual(run.model, tokens, values, position=-1, num_classes=p)
+                  for label, values in (("a", a), ("b", b), ("answer", targets[:, 0]))}
+        for label, by_layer in probes.items():
+            lines.append(f"| {label} | " + " | ".join(f"{by_layer[n].heldout_accuracy:.3f}" for n in names) + " |")
+        plot_probes(probes, title="linear probes at '='", path=os.path.join(out_dir, "probes.png"))
+        lines += ["", "Held-out accuracy of a linear probe on the residual stream at `=`.", "",
+                  "![probe accuracy by layer](probes.png)", ""]
+        summary.append("- Linear probes at `=` on the final residual stream (held-out accuracy): " + ", ".join(
+            f"{label} {by_layer[names[-1]].heldout_accuracy:.2f}" for label, by_layer in probes.items()) + ".")
     if cfg.task == "modular" and cfg.operation == "add":
         norms = embedding_frequency_norms(run.model, cfg.modulus)
         losses = fourier_losses(run)
-        plot_frequency_norms(norms, losses.key_frequencies, path=os.path.join(out_dir, "fourier_embedding.png"))
-        sparse = len(losses.key_frequencies) <= 10
+        key = losses.key_frequencies
+        plot_frequency_norms(norms, key, path=os.path.join(out_dir, "fourier_embedding.png"))
+        sparse = len(key) <= 10
         lines += ["## Fourier analysis (Nanda et al. 2023)", "",
                   f"Key frequencies from the embedding (norm >= 1/4 of the largest): "
-                  f"{losses.key_frequencies if sparse else f'{len(losses.key_frequencies)} of {len(norms)}'}"
+                  f"{key if sparse else f'{len(key)} of {len(norms)}'}"
                   + ("" if sparse else " — the embedding is not concentrated on a few frequencies, so the "
-                     "restricted loss below says little"), "",
+                     "restricted loss below says little")
+                  + f". Gini coefficient of the frequency norms: {gini(norms):.2f} (0: spread evenly).", "",
                   "| loss on the training pairs | value |", "| --- | --- |",
                   f"| full | {losses.full_loss:.4f} |", f"| restricted to the key frequencies | {losses.restricted_loss:.4f} |",
                   f"| excluding the key frequencies | {losses.excluded_loss:.4f} |", "",
                   "![embedding norm by frequency](fourier_embedding.png)", ""]
+        summary.insert(0, f"- Key frequencies: {key if sparse else f'{len(key)} of {len(norms)} (not sparse)'}; "
+                          f"loss on the training pairs {losses.full_loss:.4f} in full, "
+                          f"{losses.restricted_loss:.4f} restricted to them, {losses.excluded_loss:.4f} without them.")
+        if sparse:
+            ablated = fourier_ablation(run, key)
+            lines += [f"Removing the key frequencies from the embedding of the numbers: loss over all pairs "
+                      f"{ablated['clean_loss']:.4f} -> {ablated['key_loss']:.4f}, accuracy {ablated['clean_acc']:.3f} "
+                      f"-> {ablated['key_acc']:.3f}. Removing as many other frequencies (mean of "
+                      f"{len(ablated['random_sets'])} random sets): loss {ablated['random_loss']:.4f}, "
+                      f"accuracy {ablated['random_acc']:.3f}.", ""]
+        if not cfg.attention_only:
+            neurons = neuron_frequencies(neuron_grid(run))
+            plot_neuron_frequencies(neurons, path=os.path.join(out_dir, "fourier_neurons.png"))
+            clear = neurons.explained >= 0.5
+            counts = torch.bincount(neurons.frequency[clear].cpu(), minlength=len(norms) + 1)
+            top = [(k, int(counts[k])) for k in torch.argsort(counts, descending=True).tolist() if counts[k] > 0][:8]
+            summary.append(f"- {int(clear.sum())} of {len(clear)} MLP neurons have at least half their variance in "
+                           f"one frequency.")
+            lines += [f"MLP neurons of the last block (activations at `=` over all pairs, in the 2-D Fourier "
+                      f"basis): {int(clear.sum())} of {len(clear)} have at least half their variance in one "
+                      f"frequency (median share {neurons.explained.median():.2f}). Neurons per frequency: "
+                      + ", ".join(f"{k}: {n}" for k, n in top) + ".", "",
+                      "![neurons in the Fourier basis](fourier_neurons.png)", ""]
+    lines[4:4] = ["## Findings", "", *summary, ""]  # after the title and the checkpoint line
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))

@@ -54,10 +54,19 @@ class Norm(nn.Module):
         self.norm = (nn.LayerNorm(dim, bias=bias) if kind == "layernorm" else nn.RMSNorm(dim))
 
     def forward(self, x):
-        x = self.norm(x)
-        if self.hooks:
-            x = _run_hooks(self.hooks, f"{self.name}.hook_normalized", x)  # [B, T, D]
-        return x
+        if not self.hooks:
+            return self.norm(x)
+        # As in TransformerLens, hook_normalized sees the stream after normalising and before the
+        # norm's own weight and bias.
+        norm = self.norm
+        if isinstance(norm, nn.LayerNorm):
+            x = F.layer_norm(x, norm.normalized_shape, None, None, norm.eps)
+        else:
+            x = F.rms_norm(x, norm.normalized_shape, None, norm.eps)
+        x = _run_hooks(self.hooks, f"{self.name}.hook_normalized", x)  # [B, T, D]
+        if norm.weight is not None:
+            x = x * norm.weight
+        return x + norm.bias if getattr(norm, "bias", None) is not None else x
 
 
 def _maybe_norm(cfg: Config, hooks: dict, name: str) -> nn.Module:

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import RESUME_FIXED, ConfigError, config_from_dict, format_config, parse_config
 from data import IGNORE, build_data
+from fourier import progress_measures
 from model import Transformer
 from optimizer import (EarlyStopping, GrokfastEMA, apply_lr, build_optimizers, load_optimizer_states,
                        lr_multiplier)
@@ -360,6 +361,8 @@ def main(argv: list[str] | None = None) -> dict:
             paused = time.perf_counter()  # eval and checkpoints are kept out of ms/step and tokens/s
             if eval_due:
                 val = evaluate()
+                if cfg.track_progress:  # every rank computes the same numbers on the same full table
+                    val.update(progress_measures(raw_model, data, cfg.modulus))
                 record = {"step": step, **record, **val}
                 stop = early_stopping.update(val["val_loss"], val.get("val_acc"))
                 log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))

@@ -615,10 +615,7 @@ def read_metrics(path: str) -> list[dict]:
 
 def plot_training_curves(metrics_path: str, out_path: str, title: str = "") -> str:
     """Train/val loss and accuracy against optimizer steps on a log axis: the grokking picture."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend or figure state to disturb
 
     records = read_metrics(metrics_path)
 
@@ -627,12 +624,15 @@ def plot_training_curves(metrics_path: str, out_path: str, title: str = "") -> s
         return [p[0] for p in points], [p[1] for p in points]
 
     has_acc = any("val_acc" in r or "train_acc" in r for r in records)
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
+    has_progress = any("restricted_loss" in r for r in records)  # --track_progress
+    panels = 1 + has_acc + 2 * has_progress
+    fig = Figure(figsize=(5.5 * panels, 4))
+    axes = fig.subplots(1, panels, squeeze=False)
     loss_ax = axes[0, 0]
-    for key, style in (("train_loss", "-"), ("val_loss", "-")):
+    for key in ("train_loss", "val_loss"):
         steps, values = series(key)
         if steps:
-            loss_ax.plot(steps, values, style, label=key)
+            loss_ax.plot(steps, values, label=key)
     loss_ax.set(xscale="log", yscale="log", xlabel="step", ylabel="loss", title="loss")
     if has_acc:
         acc_ax = axes[0, 1]
@@ -641,6 +641,26 @@ def plot_training_curves(metrics_path: str, out_path: str, title: str = "") -> s
             if steps:
                 acc_ax.plot(steps, values, label=key)
         acc_ax.set(xscale="log", xlabel="step", ylabel="accuracy", title="accuracy", ylim=(-0.02, 1.02))
+    if has_progress:
+        # Nanda et al.'s picture: the restricted loss falls before the validation loss does, while
+        # the excluded loss rises; the embedding concentrates on a few frequencies (gini up) as
+        # weight decay cleans up the memorising solution (weight norm down).
+        measures_ax, shape_ax = axes[0, 1 + has_acc], axes[0, 2 + has_acc]
+        for key in ("train_loss", "val_loss", "restricted_loss", "excluded_loss"):
+            steps, values = series(key)
+            if steps:
+                measures_ax.plot(steps, values, label=key, linestyle="--" if key.startswith(("train", "val")) else "-")
+        measures_ax.set(xscale="log", yscale="log", xlabel="step", ylabel="loss (training pairs)",
+                        title="progress measures")
+        steps, values = series("fourier_gini")
+        shape_ax.plot(steps, values, color="tab:purple", label="fourier_gini")
+        shape_ax.set(xscale="log", xlabel="step", ylabel="gini of embedding frequency norms",
+                     title="sparsity and size", ylim=(0, 1))
+        norm_ax = shape_ax.twinx()
+        steps, values = series("weight_norm")
+        norm_ax.plot(steps, values, color="tab:gray", label="weight_norm")
+        norm_ax.set(ylabel="weight norm (L2, all parameters)")
+        norm_ax.legend(loc="lower right")
     for ax in axes.flat:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
@@ -648,5 +668,4 @@ def plot_training_curves(metrics_path: str, out_path: str, title: str = "") -> s
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
-    plt.close(fig)
     return out_path

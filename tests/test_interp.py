@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import fourier
 import interp
 import train
 from config import Config
@@ -167,3 +168,74 @@ def test_probes_by_layer_on_a_trained_model(tiny_run):
     probes = interp.probe_residual(run.model, tokens, tokens[:, 0], position=0, num_classes=17)
     assert set(probes) == {"blocks.0.hook_resid_pre", "hook_resid_final"}
     assert probes["blocks.0.hook_resid_pre"].heldout_accuracy == 1.0  # `a` is its own token there
+
+
+def test_path_patching_through_every_path_recovers_what_patching_the_head_does(tiny_run):
+    run = interp.load_run(str(tiny_run))
+    clean = run.data.val_x[:64]
+    corrupted, _ = interp.corrupt(run, clean)
+    p = run.cfg.modulus
+    right, wrong = run.data.val_y[:64, 0], (corrupted[:, 0] + corrupted[:, 1]) % p
+    heads = interp.patch_heads(run.model, clean, corrupted, right, wrong)
+    for head in range(run.cfg.num_heads):
+        # One block: a head reaches the logits directly and through the MLP after it, nothing else.
+        both = interp.path_patch(run.model, clean, corrupted, right, wrong, (0, head),
+                                 [("hook_resid_final", None), ("blocks.0.mlp.hook_pre", None)])
+        assert both.item() == pytest.approx(heads[0, head].item(), abs=1e-4)
+        direct = interp.path_patch(run.model, clean, corrupted, right, wrong, (0, head), [("hook_resid_final", None)])
+        via_mlp = interp.path_patch(run.model, clean, corrupted, right, wrong, (0, head),
+                                    [("blocks.0.mlp.hook_pre", None)])
+        # With no final norm the logits are linear in the final residual, so the two paths add up.
+        assert (direct + via_mlp).item() == pytest.approx(both.item(), abs=1e-4)
+        assert abs(via_mlp.item()) > 1e-3  # and the MLP path is really there
+
+
+def test_path_patching_into_one_receiver_head_of_a_later_block():
+    model = small_model("none")
+    torch.manual_seed(1)
+    clean = torch.randint(11, (32, 6))
+    corrupted = clean.clone()
+    corrupted[:, 2] = (clean[:, 2] + 1) % 11
+    right, wrong = clean[:, -1], (clean[:, -1] + 1) % 11
+    receivers = [(f"blocks.1.attn.hook_{x}", h) for x in "qkv" for h in range(2)] + \
+        [("blocks.1.mlp.hook_pre", None), ("blocks.0.mlp.hook_pre", None), ("hook_resid_final", None)]
+    everything = interp.path_patch(model, clean, corrupted, right, wrong, (0, 1), receivers)
+    heads = interp.patch_heads(model, clean, corrupted, right, wrong)
+    # Every input the sender's output can reach, together, carry all of its effect.
+    assert everything.item() == pytest.approx(heads[0, 1].item(), abs=1e-4)
+    only_query = interp.path_patch(model, clean, corrupted, right, wrong, (0, 1), [("blocks.1.attn.hook_q", 0)])
+    assert torch.isfinite(only_query) and only_query.item() != pytest.approx(everything.item(), abs=1e-4)
+
+
+def test_neurons_are_clustered_by_the_frequency_they_compute_with():
+    p = 23
+    a, b = torch.meshgrid(torch.arange(p).float(), torch.arange(p).float(), indexing="ij")
+    w = lambda k: 2 * math.pi * k / p  # noqa: E731
+    torch.manual_seed(0)
+    grid = torch.stack([
+        torch.cos(w(3) * a) * torch.cos(w(3) * b) + torch.sin(w(3) * a) + 2.0,  # frequency 3, and a mean
+        torch.cos(w(5) * (a + b)),  # frequency 5
+        torch.randn(p, p),  # no frequency
+    ], dim=-1)
+    neurons = interp.neuron_frequencies(grid)
+    assert neurons.frequency[:2].tolist() == [3, 5]
+    assert neurons.explained[0] > 0.99 and neurons.explained[1] > 0.99 and neurons.explained[2] < 0.3
+    assert neurons.spectrum.shape == (p, p) and neurons.spectrum[0, 0] == 0
+
+
+def test_removing_every_frequency_from_the_embedding_leaves_one_answer_for_all_pairs(tiny_run):
+    run = interp.load_run(str(tiny_run))
+    p = run.cfg.modulus
+    everything = interp.fourier_ablation(run, list(range(1, p // 2 + 1)), compare_random=1)
+    # Every number now has the same embedding, so every pair gets the same logits, and each answer
+    # is right for exactly p of the p² pairs.
+    assert everything["key_acc"] == pytest.approx(1 / p)
+    assert everything["random_sets"] == [[]]
+    some = interp.fourier_ablation(run, [1, 2], compare_random=3)
+    assert len(some["random_sets"]) == 3 and all(len(s) == 2 and not {1, 2} & set(s) for s in some["random_sets"])
+
+
+def test_gini_of_even_and_concentrated_norms():
+    assert fourier.gini(torch.ones(10)) == pytest.approx(0)
+    assert fourier.gini(torch.tensor([0.0] * 9 + [5.0])) == pytest.approx(0.9)
+    assert 0.2 < fourier.gini(torch.tensor([1.0, 2.0, 3.0, 4.0])) < 0.3

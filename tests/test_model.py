@@ -61,9 +61,16 @@ def test_cached_activations_are_consistent():
     assert torch.allclose(cache["blocks.1.hook_resid_post"], cache["hook_resid_final"])
     assert torch.allclose(model.unembed(cache["hook_resid_final"]), logits, atol=1e-5)  # no final norm here
     normed = make(norm="layernorm")
+    ln = normed.ln_final.norm
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5), ln.bias.uniform_(-0.5, 0.5)
     logits, cache = normed.run_with_cache(tokens())
-    assert torch.allclose(normed.ln_final(cache["hook_resid_final"]), cache["ln_final.hook_normalized"])
-    assert torch.allclose(normed.unembed(cache["ln_final.hook_normalized"]), logits, atol=1e-5)
+    # As in TransformerLens: hook_normalized is the stream normalised, before the norm's weight and bias.
+    normalized = cache["ln_final.hook_normalized"]
+    expected = torch.nn.functional.layer_norm(cache["hook_resid_final"], (normalized.shape[-1],), eps=ln.eps)
+    assert torch.allclose(normalized, expected, atol=1e-5)
+    assert torch.allclose(normed.unembed(normalized * ln.weight + ln.bias), logits, atol=1e-5)
+    assert torch.allclose(normed(tokens()), logits, atol=1e-5)  # the fused path, with no hooks attached
 
 
 @pytest.mark.parametrize("sink", [False, True])

@@ -52,6 +52,17 @@ def test_modular_run_writes_its_run_directory(tmp_path, capsys):
     assert best["best_val_loss"] == min(r["val_loss"] for r in evals)
 
 
+def test_track_progress_logs_nanda_progress_measures_and_plots_them(tmp_path):
+    summary = train.main(tiny_args(tmp_path, "--run", "t", "--track_progress", "--max_steps", "20"))
+    evals = [r for r in read_metrics(tmp_path / "runs" / "t" / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    for r in evals:
+        assert r["excluded_loss"] > 0 and r["restricted_loss"] > 0 and r["weight_norm"] > 0
+        assert 0 <= r["fourier_gini"] <= 1 and 1 <= r["key_frequencies"] <= 8  # p = 17: 8 frequencies
+    assert summary["restricted_loss"] == evals[-1]["restricted_loss"]
+    assert (tmp_path / "runs" / "t" / "training_curves.png").stat().st_size > 0
+
+
 def test_generated_run_names_never_collide(tmp_path):
     first = train.main(tiny_args(tmp_path, "--max_steps", "2"))["run_dir"]
     second = train.main(tiny_args(tmp_path, "--max_steps", "2"))["run_dir"]
@@ -286,6 +297,7 @@ def existing_run(tmp_path):
     (["--run", "/tmp/elsewhere"], ["--run", "is a path"]),
     (["--resume", "auto", "--num_blocks", "2"], ["--num_blocks", "resumed run keeps"]),
     (["--resume", "auto", "--use_muon", "false"], ["--use_muon", "resumed run keeps"]),
+    (["--track_progress", "--operation", "multiply"], ["--track_progress", "multiply"]),
 ])
 def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, args, fragments):
     run_dir, snapshot = existing_run
