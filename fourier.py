@@ -70,7 +70,15 @@ def sum_directions(p: int, frequencies: list[int], device=None) -> torch.Tensor:
     for k in frequencies:
         rows += [torch.cos(2 * math.pi * k * s / p), torch.sin(2 * math.pi * k * s / p)]
     rows = torch.stack(rows)
-    return (rows / rows.norm(dim=1, keepdim=True)).float()
+    return (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()  # sin(π(a+b)) is 0 for even p
+
+
+def logit_frequency_norms(logits: torch.Tensor, p: int) -> torch.Tensor:
+    """logits [p², n] over all pairs (a*p + b order) -> the norm of their part along cos and sin of
+    2πk(a+b)/p for each k = 1 .. p//2 [p//2]. A model that computes a+b with a few frequencies
+    has logits in those directions only, even while its embedding still carries others."""
+    coefficients = sum_directions(p, list(range(1, p // 2 + 1)), logits.device)[1:] @ logits.float()
+    return coefficients.view(p // 2, 2, -1).norm(dim=(1, 2))
 
 
 def restrict_to_frequencies(logits: torch.Tensor, p: int, frequencies: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

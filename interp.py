@@ -2,7 +2,7 @@
 ablations, and the Fourier analysis of grokked modular arithmetic (Nanda et al. 2023).
 
     from interp import load_run
-    run = load_run("runs/add113-20261122-061450")       # model in eval mode, config, data
+    run = load_run("runs/add113-20261122-105839")       # model in eval mode, config, data
     logits, cache = run.model.run_with_cache(run.data.val_x)
 
 Everything takes a loaded model (or a Run) and returns tensors or small dataclasses; every plot
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from config import ConfigError, config_from_dict
 from data import IGNORE, build_data
 from fourier import (fourier_basis, frequency_norms, frequency_rows, gini, key_frequencies,  # noqa: F401
-                     restrict_to_frequencies, restricted_and_excluded, sum_directions)  # (re-exported)
+                     logit_frequency_norms, restrict_to_frequencies, restricted_and_excluded,
+                     sum_directions)  # (re-exported)
 from model import Transformer
 from utils import CheckpointError, Dist, find_checkpoint, load_checkpoint, pick_device
 
@@ -421,15 +422,17 @@ def fourier_losses(run: Run, frequencies: list[int] | None = None) -> FourierLos
     The logits over all p² pairs, as functions of (a, b), are projected onto (restricted) or away
     from (excluded) the directions cos(w_k(a+b)) and sin(w_k(a+b)) of the key frequencies w_k, plus
     the constant for the restricted one. A model that computes a+b with those frequencies keeps
-    its loss under restriction and loses it under exclusion. Addition with p prime only.
+    its loss under restriction and loses it under exclusion. The key frequencies default to those
+    of the logits (norm >= 1/4 of the largest, `logit_frequency_norms`); pass the embedding's
+    (`key_frequencies(embedding_frequency_norms(...))`) or any others instead.
     """
     cfg, data = run.cfg, run.data
     if cfg.task != "modular" or cfg.operation != "add":
         raise ValueError("fourier_losses needs a modular addition run")
     p = cfg.modulus
-    if frequencies is None:
-        frequencies = key_frequencies(embedding_frequency_norms(run.model, p))
     logits = run.model(data.tokens, 1)[:, -1, :p].float()  # [p², p], all pairs in a*p + b order
+    if frequencies is None:
+        frequencies = key_frequencies(logit_frequency_norms(logits, p))
     train = data.train_idx.to(logits.device)
     m = restricted_and_excluded(logits, p, frequencies, train, data.answer.to(logits.device))
     return FourierLosses(frequencies, m["full_loss"], m["restricted_loss"], m["excluded_loss"],
@@ -807,19 +810,25 @@ def _write_report(run_dir: str, out_dir: str | None, device: str) -> str:
         norms = embedding_frequency_norms(run.model, cfg.modulus)
         losses = fourier_losses(run)
         key = losses.key_frequencies
+        embedding_key = key_frequencies(norms)
         plot_frequency_norms(norms, key, path=os.path.join(out_dir, "fourier_embedding.png"))
         sparse = len(key) <= 10
+
+        def listed(ks):
+            return f"{ks}" if len(ks) <= 10 else f"{len(ks)} of {len(norms)}"
+
         lines += ["## Fourier analysis (Nanda et al. 2023)", "",
-                  f"Key frequencies from the embedding (norm >= 1/4 of the largest): "
-                  f"{key if sparse else f'{len(key)} of {len(norms)}'}"
-                  + ("" if sparse else " — the embedding is not concentrated on a few frequencies, so the "
-                     "restricted loss below says little")
-                  + f". Gini coefficient of the frequency norms: {gini(norms):.2f} (0: spread evenly).", "",
+                  f"Key frequencies of the logits (norm along cos/sin of w(a+b) >= 1/4 of the largest): "
+                  f"{listed(key)}" + ("" if sparse else " — the logits are not concentrated on a few "
+                                      "frequencies, so the model does not compute with a handful of them")
+                  + f". Of the token embedding (norm >= 1/4 of the largest): {listed(embedding_key)}; Gini "
+                  f"coefficient of its frequency norms {gini(norms):.2f} (0: spread evenly). The plot marks the "
+                  f"logits' key frequencies in red.", "",
                   "| loss on the training pairs | value |", "| --- | --- |",
                   f"| full | {losses.full_loss:.4f} |", f"| restricted to the key frequencies | {losses.restricted_loss:.4f} |",
                   f"| excluding the key frequencies | {losses.excluded_loss:.4f} |", "",
                   "![embedding norm by frequency](fourier_embedding.png)", ""]
-        summary.insert(0, f"- Key frequencies: {key if sparse else f'{len(key)} of {len(norms)} (not sparse)'}; "
+        summary.insert(0, f"- Key frequencies of the logits: {key if sparse else f'{len(key)} of {len(norms)} (not sparse)'}; "
                           f"loss on the training pairs {losses.full_loss:.4f} in full, "
                           f"{losses.restricted_loss:.4f} restricted to them, {losses.excluded_loss:.4f} without them.")
         if sparse:

@@ -34,13 +34,13 @@ def test_boolean_forms(argv, expected):
 def test_issue_flags_exist():
     cfg, _ = parse_config([
         "--num_blocks", "2", "--num_heads", "8", "--embedding_dim", "64", "--context_len", "16",
-        "--lr", "1e-3", "--epochs", "3", "--max_steps", "0", "--use_muon", "false",
+        "--lr", "1e-3", "--epochs", "3", "--max_steps", "0", "--use_muon", "true",
         "--accumulation_steps", "2", "--tokenizer", "gpt2", "--torch_compile=False",
         "--save_model", "True", "--save_model_dir", "elsewhere", "--save_every", "7",
         "--wandb_enabled", "false", "--run", "r1",
     ])
     assert (cfg.num_blocks, cfg.num_heads, cfg.embedding_dim, cfg.context_len) == (2, 8, 64, 16)
-    assert (cfg.epochs, cfg.max_steps, cfg.use_muon, cfg.accumulation_steps) == (3.0, 0, False, 2)
+    assert (cfg.epochs, cfg.max_steps, cfg.use_muon, cfg.accumulation_steps) == (3.0, 0, True, 2)
     assert (cfg.tokenizer, cfg.save_model_dir, cfg.save_every, cfg.run) == ("gpt2", "elsewhere", 7, "r1")
 
 

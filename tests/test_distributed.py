@@ -26,7 +26,7 @@ def test_two_ranks_match_one_process(tmp_path):
     rates amplify such differences step after step (grokking's Muon lr 0.3 turns them into 1e-3
     within 30 steps), so this run uses gentle ones.
     """
-    common = ["--save_model_dir", str(tmp_path), "--modulus", "23", "--batch_size", "64", "--lr", "1e-3",
+    common = ["--save_model_dir", str(tmp_path), "--modulus", "23", "--batch_size", "64", "--lr", "1e-3", "--use_muon", "true",
               "--muon_lr", "0.05", "--max_steps", "36", "--target_val_acc", "0", "--log_every", "1",
               "--eval_every", "12"]
     train.main(common + ["--run", "one"])

@@ -1,4 +1,5 @@
-"""`python train.py` with no flags groks modular addition and stops by itself (about a minute)."""
+"""`python train.py` with no flags groks modular addition, stops by itself (under a minute) and
+learns a circuit the Fourier tools explain."""
 
 import os
 import re
@@ -6,6 +7,7 @@ import re
 import pytest
 import torch
 
+import interp
 from conftest import run_train
 from utils import read_metrics
 
@@ -30,3 +32,10 @@ def test_default_run_groks_and_stops_by_itself(tmp_path):
     assert "early stop: val_acc" in result.stdout
     done = re.search(r"done: (\d+) steps in ([\d.]+s|\d+m\d+s)", result.stdout)
     assert done and int(done.group(1)) == evals[-1]["step"]
+
+    # It learned the circuit of Nanda et al.: logits in a handful of frequencies, which carry the loss.
+    losses = interp.fourier_losses(interp.load_run(str(run_dir)))
+    assert 1 <= len(losses.key_frequencies) <= 8
+    assert losses.restricted_loss <= 3 * losses.full_loss + 0.01 and losses.excluded_loss > 3
+    report = open(interp.main([str(run_dir)])).read()
+    assert f"Key frequencies of the logits: {losses.key_frequencies}" in report

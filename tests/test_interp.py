@@ -109,6 +109,9 @@ def test_restriction_keeps_what_the_key_frequencies_carry_and_exclusion_removes_
     assert torch.allclose(excluded, torch.full_like(logits, 2.0), atol=1e-4)
     other, _ = interp.restrict_to_frequencies(logits, p, [5])
     assert torch.allclose(other, torch.full_like(logits, 2.0), atol=1e-4)
+    norms = interp.logit_frequency_norms(logits, p)
+    assert norms.argmax().item() == k - 1 and norms[k - 1] > 1 and (norms[torch.arange(len(norms)) != k - 1] < 1e-3).all()
+    assert interp.key_frequencies(norms) == [k]
 
 
 def test_report_writes_plots_and_numbers(tiny_run, tmp_path):
@@ -119,6 +122,16 @@ def test_report_writes_plots_and_numbers(tiny_run, tmp_path):
     assert "| L0 MLP |" in text and "restricted to the key frequencies" in text and "| answer |" in text
     for name in names - {"report.md"}:
         assert f"({name})" in text  # every plot is linked from the report
+
+
+def test_report_on_a_dyck_run_has_what_applies(tmp_path):
+    train.main(["--preset", "dyck", "--save_model_dir", str(tmp_path), "--run", "d", "--max_steps", "10",
+                "--eval_every", "10", "--num_blocks", "2", "--embedding_dim", "32", "--mlp_dim", "64",
+                "--dyck_num_train", "200", "--dyck_num_val", "100", "--batch_size", "32"])
+    text = open(interp.main([str(tmp_path / "d")])).read()
+    names = set(p.name for p in (tmp_path / "d" / "interp").iterdir())
+    assert {"attention_L0.png", "attention_L1.png", "residual_norms.png", "ablation.png"} <= names
+    assert "| L1 MLP |" in text and "Fourier" not in text and "fourier_embedding.png" not in names
 
 
 def test_report_on_a_missing_run_fails_cleanly(tmp_path):

@@ -57,7 +57,7 @@ def test_muon_rejects_non_matrices():
 
 
 def test_parameter_groups():
-    cfg = Config(num_blocks=2, norm="layernorm", attention_sink=True, tie_embeddings=False)
+    cfg = Config(num_blocks=2, norm="layernorm", attention_sink=True, tie_embeddings=False, use_muon=True)
     model = Transformer(cfg, 20)
     adamw, muon = build_optimizers(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -126,7 +126,7 @@ def test_grokfast_ignores_an_overflowed_step():
 def test_loaded_optimizer_state_keeps_todays_hyperparameters():
     from optimizer import load_optimizer_states
 
-    cfg = Config()
+    cfg = Config(use_muon=True)
     model = Transformer(cfg, 20)
     old = build_optimizers(model, cfg)
     model(torch.randint(0, 20, (2, 3))).sum().backward()

@@ -296,7 +296,7 @@ def existing_run(tmp_path):
      ["no/such/corpus.txt", "by hand"]),
     (["--run", "/tmp/elsewhere"], ["--run", "is a path"]),
     (["--resume", "auto", "--num_blocks", "2"], ["--num_blocks", "resumed run keeps"]),
-    (["--resume", "auto", "--use_muon", "false"], ["--use_muon", "resumed run keeps"]),
+    (["--resume", "auto", "--use_muon", "true"], ["--use_muon", "resumed run keeps"]),
     (["--track_progress", "--operation", "multiply"], ["--track_progress", "multiply"]),
 ])
 def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, args, fragments):
