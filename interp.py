@@ -480,8 +480,19 @@ def neuron_frequencies(grid: torch.Tensor) -> NeuronFrequencies:
     return NeuronFrequencies(best + 1, explained, power.mean(-1))
 
 
+@dataclass
+class FourierAblation:
+    clean_loss: float  # over all pairs
+    clean_acc: float
+    key_loss: float  # with the given frequencies removed from the embedding
+    key_acc: float
+    random_loss: float  # mean over random sets of as many other frequencies (nan: none asked for)
+    random_acc: float
+    random_sets: list[list[int]]
+
+
 @torch.no_grad()
-def fourier_ablation(run: Run, frequencies: list[int], compare_random: int = 5, seed: int = 0) -> dict:
+def fourier_ablation(run: Run, frequencies: list[int], compare_random: int = 5, seed: int = 0) -> FourierAblation:
     """Removes the given frequencies from the embedding of the numbers 0..p-1 (its cos/sin
     components over the number axis) and measures loss and accuracy over all pairs; does the same
     for `compare_random` random sets of as many other frequencies. A model that computes with those
@@ -510,9 +521,11 @@ def fourier_ablation(run: Run, frequencies: list[int], compare_random: int = 5, 
                    for _ in range(compare_random)]
     random_results = [ablated_metrics(ks) for ks in random_sets]
     key = ablated_metrics(frequencies)
-    return {"clean_loss": clean[0], "clean_acc": clean[1], "key_loss": key[0], "key_acc": key[1],
-            "random_loss": sum(r[0] for r in random_results) / len(random_results),
-            "random_acc": sum(r[1] for r in random_results) / len(random_results), "random_sets": random_sets}
+    def mean(values):
+        return sum(values) / len(values) if values else float("nan")
+
+    return FourierAblation(*clean, *key, mean([r[0] for r in random_results]), mean([r[1] for r in random_results]),
+                           random_sets)
 
 
 # ---------------------------------------------------------------- TransformerLens
@@ -834,10 +847,10 @@ def _write_report(run_dir: str, out_dir: str | None, device: str) -> str:
         if sparse:
             ablated = fourier_ablation(run, key)
             lines += [f"Removing the key frequencies from the embedding of the numbers: loss over all pairs "
-                      f"{ablated['clean_loss']:.4f} -> {ablated['key_loss']:.4f}, accuracy {ablated['clean_acc']:.3f} "
-                      f"-> {ablated['key_acc']:.3f}. Removing as many other frequencies (mean of "
-                      f"{len(ablated['random_sets'])} random sets): loss {ablated['random_loss']:.4f}, "
-                      f"accuracy {ablated['random_acc']:.3f}.", ""]
+                      f"{ablated.clean_loss:.4f} -> {ablated.key_loss:.4f}, accuracy {ablated.clean_acc:.3f} "
+                      f"-> {ablated.key_acc:.3f}. Removing as many other frequencies (mean of "
+                      f"{len(ablated.random_sets)} random sets): loss {ablated.random_loss:.4f}, "
+                      f"accuracy {ablated.random_acc:.3f}.", ""]
         if not cfg.attention_only:
             neurons = neuron_frequencies(neuron_grid(run))
             plot_neuron_frequencies(neurons, path=os.path.join(out_dir, "fourier_neurons.png"))

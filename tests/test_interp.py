@@ -242,10 +242,11 @@ def test_removing_every_frequency_from_the_embedding_leaves_one_answer_for_all_p
     everything = interp.fourier_ablation(run, list(range(1, p // 2 + 1)), compare_random=1)
     # Every number now has the same embedding, so every pair gets the same logits, and each answer
     # is right for exactly p of the p² pairs.
-    assert everything["key_acc"] == pytest.approx(1 / p)
-    assert everything["random_sets"] == [[]]
+    assert everything.key_acc == pytest.approx(1 / p)
+    assert everything.random_sets == [[]]
     some = interp.fourier_ablation(run, [1, 2], compare_random=3)
-    assert len(some["random_sets"]) == 3 and all(len(s) == 2 and not {1, 2} & set(s) for s in some["random_sets"])
+    assert len(some.random_sets) == 3 and all(len(s) == 2 and not {1, 2} & set(s) for s in some.random_sets)
+    assert math.isnan(interp.fourier_ablation(run, [1], compare_random=0).random_acc)
 
 
 def test_gini_of_even_and_concentrated_norms():

@@ -50,7 +50,7 @@ def test_modular_interp_notebook_trains_a_run_and_analyses_it(tmp_path):
     args = f"--save_model_dir {tmp_path}/runs --run_name nb --modulus 23 --frac_train 0.6 --max_steps 150 --eval_every 25"
     notebook = execute("modular_interp.ipynb", {"TINYLAB_TRAIN_ARGS": args, "TINYLAB_RUN": ""})
     out = printed(notebook)
-    assert "key frequencies:" in out and "restricted" in out and "median share" in out
+    assert "key frequencies of the logits:" in out and "restricted" in out and "median share" in out
     assert images(notebook) >= 8  # curves, attention, norms, ablation, spectrum, neurons, three probe plots
     assert (tmp_path / "runs" / "nb" / "best.pt").is_file()
     metrics = [json.loads(line) for line in open(tmp_path / "runs" / "nb" / "metrics.jsonl")]
