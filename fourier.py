@@ -103,20 +103,30 @@ def restricted_and_excluded(logits: torch.Tensor, p: int, frequencies: list[int]
     return out
 
 
+def fourier_measures(logits: torch.Tensor, p: int, rows: torch.Tensor, answers: torch.Tensor,
+                     frequencies: list[int] | None = None, max_keys: int | None = None) -> dict:
+    """The logits [p², p] of a modular addition model over all pairs -> their key frequencies (given,
+    or norm along cos/sin of w(a+b) >= 1/4 of the largest, at most `max_keys`) and the loss and
+    accuracy on `rows` in full, restricted to those frequencies and with them excluded."""
+    if frequencies is None:
+        frequencies = key_frequencies(logit_frequency_norms(logits, p))[:max_keys]
+    return {"key_frequencies": frequencies, **restricted_and_excluded(logits, p, frequencies, rows, answers)}
+
+
 @torch.no_grad()
 def progress_measures(model, data, p: int, max_keys: int = 10) -> dict[str, float]:
     """Nanda et al.'s progress measures for a modular addition model, on its training pairs:
-    restricted and excluded loss for the embedding's current key frequencies (at most `max_keys`),
-    the Gini coefficient of the embedding's frequency norms, and the weights' total L2 norm.
-    `data` is the run's modular TaskData (all p² pairs in `tokens`, `train_idx`, `answer`)."""
+    restricted and excluded loss for the logits' current key frequencies (at most `max_keys`; the
+    same choice as interp.fourier_losses), the Gini coefficient of the embedding's frequency norms,
+    and the weights' total L2 norm. `data` is the run's modular TaskData (all p² pairs in
+    `tokens`, `train_idx`, `answer`)."""
     was_training = model.training
     model.eval()
-    norms = frequency_norms(model.embed.weight[:p])
-    key = key_frequencies(norms)[:max_keys]
     logits = model(data.tokens, 1)[:, -1, :p]  # only the `=` position is needed
-    losses = restricted_and_excluded(logits, p, key, data.train_idx.to(logits.device),
-                                     data.answer.to(logits.device))
     model.train(was_training)
+    measures = fourier_measures(logits, p, data.train_idx.to(logits.device), data.answer.to(logits.device),
+                                max_keys=max_keys)
     weight_norm = torch.sqrt(sum(w.detach().float().pow(2).sum() for w in model.parameters()))
-    return {"restricted_loss": losses["restricted_loss"], "excluded_loss": losses["excluded_loss"],
-            "fourier_gini": gini(norms), "key_frequencies": float(len(key)), "weight_norm": weight_norm.item()}
+    return {"restricted_loss": measures["restricted_loss"], "excluded_loss": measures["excluded_loss"],
+            "fourier_gini": gini(frequency_norms(model.embed.weight[:p])),
+            "key_frequencies": float(len(measures["key_frequencies"])), "weight_norm": weight_norm.item()}

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from config import ConfigError, config_from_dict
 from data import IGNORE, build_data
-from fourier import (fourier_basis, frequency_norms, frequency_rows, gini, key_frequencies,  # noqa: F401
-                     logit_frequency_norms, restrict_to_frequencies, restricted_and_excluded,
+from fourier import (fourier_basis, fourier_measures, frequency_norms, frequency_rows, gini,  # noqa: F401
+                     key_frequencies, logit_frequency_norms, restrict_to_frequencies, restricted_and_excluded,
                      sum_directions)  # (re-exported)
 from model import Transformer
 from utils import CheckpointError, Dist, find_checkpoint, load_checkpoint, pick_device
@@ -203,9 +203,10 @@ def ablation_sweep(model, tokens: torch.Tensor, targets: torch.Tensor, kind: str
             if neurons:
                 width = cache[f"blocks.{i}.mlp.hook_post"].shape[-1]
                 plan += [(f"L{i} N{n}", f"blocks.{i}.mlp.hook_post", n) for n in range(width)]
+    means = {hook: cache[hook].mean(0, keepdim=True) for _, hook, _ in plan} if kind == "mean" else {}
     results = []
     for label, hook, index in plan:
-        mean = cache[hook].mean(0, keepdim=True) if kind == "mean" else None
+        mean = means.get(hook)
         loss, accuracy = loss_and_accuracy(model.run_with_hooks(tokens, [(hook, ablation_hook(kind, index, mean))]),
                                            targets)
         results.append(Ablation(label, hook, loss, accuracy, loss - clean[0], accuracy - clean[1]))
@@ -431,11 +432,8 @@ def fourier_losses(run: Run, frequencies: list[int] | None = None) -> FourierLos
         raise ValueError("fourier_losses needs a modular addition run")
     p = cfg.modulus
     logits = run.model(data.tokens, 1)[:, -1, :p].float()  # [p², p], all pairs in a*p + b order
-    if frequencies is None:
-        frequencies = key_frequencies(logit_frequency_norms(logits, p))
-    train = data.train_idx.to(logits.device)
-    m = restricted_and_excluded(logits, p, frequencies, train, data.answer.to(logits.device))
-    return FourierLosses(frequencies, m["full_loss"], m["restricted_loss"], m["excluded_loss"],
+    m = fourier_measures(logits, p, data.train_idx.to(logits.device), data.answer.to(logits.device), frequencies)
+    return FourierLosses(m["key_frequencies"], m["full_loss"], m["restricted_loss"], m["excluded_loss"],
                          m["full_acc"], m["restricted_acc"])
 
 
@@ -597,8 +595,11 @@ def to_transformer_lens(model, device=None):
     if missing:
         raise RuntimeError(f"this TransformerLens expects weights this conversion does "
                            f"not fill: {missing[:5]}")
-    device = expected["embed.W_E"].device
-    tl.load_state_dict({k: v.to(device, expected[k].dtype).contiguous() for k, v in state.items()}, strict=False)
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise RuntimeError(f"this TransformerLens has no weights named {unexpected[:5]}")
+    target = expected["embed.W_E"].device
+    tl.load_state_dict({k: v.to(target, expected[k].dtype).contiguous() for k, v in state.items()}, strict=False)
     return tl.eval()
 
 
@@ -682,7 +683,7 @@ def plot_neuron_frequencies(neurons: NeuronFrequencies, threshold: float = 0.5, 
     import matplotlib.colors
 
     fig, (spectrum_ax, count_ax) = _figure(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [1, 1.4]})
-    spectrum = neurons.spectrum.detach().cpu()
+    spectrum = neurons.spectrum.detach().cpu().clone()
     spectrum[0, 0] = float("nan")  # removed before the mean; keep it out of the colour scale
     image = spectrum_ax.imshow(spectrum.numpy(), cmap="viridis", norm=matplotlib.colors.LogNorm())
     p = spectrum.shape[0]
@@ -772,7 +773,8 @@ def _write_report(run_dir: str, out_dir: str | None, device: str) -> str:
         lines.append(f"![attention, block {i}]({name})")
     lines.append("")
 
-    clean, every = ablation_sweep(run.model, tokens, targets, kind="mean", neurons=True)
+    # Single neurons for modular runs (one block of 512 here); on deeper models that is a pass per neuron.
+    clean, every = ablation_sweep(run.model, tokens, targets, kind="mean", neurons=cfg.task == "modular")
     results = [r for r in every if " N" not in r.component]  # heads and MLPs
     neurons_ranked = [r for r in every if " N" in r.component]
     plot_ablation(results, clean[0], title="mean ablation", path=os.path.join(out_dir, "ablation.png"))

@@ -98,6 +98,19 @@ def test_fourier_basis_is_orthonormal_and_finds_planted_frequencies():
     assert interp.key_frequencies(interp.embedding_frequency_norms(model, p)) == [4, 9]
 
 
+def test_even_modulus_basis_and_norms_account_for_every_direction():
+    p = 12  # the last frequency (6) has a cosine and no sine
+    basis, labels = interp.fourier_basis(p)
+    assert torch.allclose(basis @ basis.T, torch.eye(p), atol=1e-5) and labels[-1] == "cos 6"
+    table = torch.randn(p, 5)
+    norms = interp.frequency_norms(table)
+    constant = (basis[0] @ table).norm()
+    assert len(norms) == 6 and torch.allclose(norms.pow(2).sum() + constant ** 2, table.pow(2).sum(), atol=1e-4)
+    logits = torch.randn(p * p, p)
+    directions = interp.sum_directions(p, list(range(1, 7)))
+    assert torch.isfinite(directions).all() and torch.isfinite(interp.logit_frequency_norms(logits, p)).all()
+
+
 def test_restriction_keeps_what_the_key_frequencies_carry_and_exclusion_removes_it():
     p, k = 13, 3
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")

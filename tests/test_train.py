@@ -60,6 +60,13 @@ def test_track_progress_logs_nanda_progress_measures_and_plots_them(tmp_path):
         assert r["excluded_loss"] > 0 and r["restricted_loss"] > 0 and r["weight_norm"] > 0
         assert 0 <= r["fourier_gini"] <= 1 and 1 <= r["key_frequencies"] <= 8  # p = 17: 8 frequencies
     assert summary["restricted_loss"] == evals[-1]["restricted_loss"]
+    # The last eval measured the weights last.pt holds, with the same choice of key frequencies.
+    import interp
+
+    losses = interp.fourier_losses(interp.load_run(str(tmp_path / "runs" / "t"), prefer="last"))
+    assert evals[-1]["restricted_loss"] == pytest.approx(losses.restricted_loss, rel=1e-4)
+    assert evals[-1]["excluded_loss"] == pytest.approx(losses.excluded_loss, rel=1e-4)
+    assert evals[-1]["key_frequencies"] == len(losses.key_frequencies)
     assert (tmp_path / "runs" / "t" / "training_curves.png").stat().st_size > 0
 
 
