@@ -52,7 +52,7 @@ SHAKESPEARE_URL = (
 @dataclass
 class Config:
     # The defaults are the `grokking` preset: `python train.py` memorises the training pairs by
-    # step ~80, groks by step 300-500 and learns the circuit Nanda et al. describe (logits in a few
+    # step ~80, groks by step 290-540 and learns the circuit Nanda et al. describe (logits in a few
     # key frequencies: restricted loss at or below the full loss, excluded loss high). It takes
     # full-batch AdamW with a large LR (1e-2; the paper's is 1e-3), weight decay 0.5 on tied
     # embeddings, beta2 0.99 and init std 0.05. Measured on p = 113, steps to val_acc 0.99 for

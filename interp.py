@@ -754,9 +754,10 @@ def _write_report(run_dir: str, out_dir: str | None, device: str) -> str:
     cfg, data = run.cfg, run.data
     rows = torch.randperm(len(data.val_x), generator=torch.Generator().manual_seed(0))[:2048].to(data.val_x.device)
     tokens, targets = data.val_x[rows], data.val_y[rows]  # a random sample: the split is sorted by a
-    lines = [f"# {os.path.basename(os.path.normpath(run_dir))}: interpretability report", "",
-             f"Checkpoint `{run.checkpoint_path}` (step {run.step}), task `{cfg.task}`, "
-             f"{cfg.num_blocks} block(s) x {cfg.num_heads} heads x {cfg.embedding_dim}.", ""]
+    header = [f"# {os.path.basename(os.path.normpath(run_dir))}: interpretability report", "",
+              f"Checkpoint `{run.checkpoint_path}` (step {run.step}), task `{cfg.task}`, "
+              f"{cfg.num_blocks} block(s) x {cfg.num_heads} heads x {cfg.embedding_dim}.", ""]
+    lines = []  # the sections; `summary` collects the findings that head them
 
     with torch.no_grad():
         _, cache = run.model.run_with_cache(tokens, lambda n: n.endswith(("hook_pattern", "hook_resid_pre",
@@ -866,10 +867,9 @@ def _write_report(run_dir: str, out_dir: str | None, device: str) -> str:
                       f"frequency (median share {neurons.explained.median():.2f}). Neurons per frequency: "
                       + ", ".join(f"{k}: {n}" for k, n in top) + ".", "",
                       "![neurons in the Fourier basis](fourier_neurons.png)", ""]
-    lines[4:4] = ["## Findings", "", *summary, ""]  # after the title and the checkpoint line
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(header + ["## Findings", "", *summary, ""] + lines))
     return path
 
 

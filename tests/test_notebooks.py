@@ -20,20 +20,16 @@ def test_committed_without_outputs(name):
     assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
 
 
-def execute(name: str, env: dict[str, str]):
+def execute(name: str, env: dict[str, str], monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="running notebooks needs nbclient and ipykernel "
                                                       "(pip install -r requirements-dev.txt)")
     nbclient = pytest.importorskip("nbclient", reason="pip install -r requirements-dev.txt")
     pytest.importorskip("ipykernel", reason="pip install -r requirements-dev.txt")
     notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                resources={"metadata": {"path": NOTEBOOKS}}).execute()
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    for key, value in env.items():  # the kernel inherits this process's environment
+        monkeypatch.setenv(key, value)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": NOTEBOOKS}}).execute()
     return notebook
 
 
@@ -46,9 +42,9 @@ def images(notebook) -> int:
     return sum("image/png" in o.get("data", {}) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
 
 
-def test_modular_interp_notebook_trains_a_run_and_analyses_it(tmp_path):
+def test_modular_interp_notebook_trains_a_run_and_analyses_it(tmp_path, monkeypatch):
     args = f"--save_model_dir {tmp_path}/runs --run_name nb --modulus 23 --frac_train 0.6 --max_steps 150 --eval_every 25"
-    notebook = execute("modular_interp.ipynb", {"TINYLAB_TRAIN_ARGS": args, "TINYLAB_RUN": ""})
+    notebook = execute("modular_interp.ipynb", {"TINYLAB_TRAIN_ARGS": args, "TINYLAB_RUN": ""}, monkeypatch)
     out = printed(notebook)
     assert "key frequencies of the logits:" in out and "restricted" in out and "median share" in out
     assert images(notebook) >= 8  # curves, attention, norms, ablation, spectrum, neurons, three probe plots
@@ -57,13 +53,13 @@ def test_modular_interp_notebook_trains_a_run_and_analyses_it(tmp_path):
     assert any("restricted_loss" in m for m in metrics)  # the notebook trains with --track_progress
 
 
-def test_training_notebook_trains_plots_and_samples(tmp_path):
+def test_training_notebook_trains_plots_and_samples(tmp_path, monkeypatch):
     text = tmp_path / "corpus.txt"
     text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 300)
     notebook = execute("training.ipynb", {
         "TINYLAB_TRAIN_ARGS": f"--save_model_dir {tmp_path}/runs --modulus 23 --max_steps 40",
         "TINYLAB_TEXT_ARGS": f"--save_model_dir {tmp_path}/runs --data_path {text} --max_steps 30 --eval_every 15",
-    })
+    }, monkeypatch)
     out = printed(notebook)
     assert "'steps': 40" in out and "'steps': 30" in out and "ROMEO:" in out
     assert images(notebook) >= 1
