@@ -20,14 +20,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from dotenv import find_dotenv, load_dotenv
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import RESUME_FIXED, ConfigError, config_from_dict, format_config, parse_config
 from data import IGNORE, build_data
 from fourier import progress_measures
-from model import Transformer
+from model import ModelWithLoss, Transformer
 from optimizer import (EarlyStopping, GrokfastEMA, apply_lr, build_optimizers, load_optimizer_states,
                        lr_multiplier)
 from utils import (CheckpointError, RcloneSync, StopSignals, all_reduce_sum, attach_log_file, autocast,
@@ -104,7 +103,10 @@ def main(argv: list[str] | None = None) -> dict:
             except RuntimeError as e:
                 reason = str(e).splitlines()[0]
                 raise CheckpointError(f"{checkpoint_path} does not fit this model ({reason})") from None
-        model = torch.compile(raw_model) if cfg.torch_compile else raw_model
+        # What the loop calls: forward and loss in one module, so that compile fuses the loss too.
+        model = ModelWithLoss(raw_model, data.loss_positions, IGNORE)
+        if cfg.torch_compile:
+            model = torch.compile(model)
         if dist.enabled:
             model = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
 
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.grokfast_lamb:
             grokfast = GrokfastEMA(raw_model.parameters(), cfg.grokfast_alpha, cfg.grokfast_lamb)
         step, best_val_loss, wandb_id = 0, math.inf, None
+        elapsed_before = 0.0  # wall seconds of training before this process (a resumed run's earlier part)
         if checkpoint is not None:
             try:
                 load_optimizer_states(optimizers, checkpoint["optimizers"])  # keeps today's LRs
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
             if grokfast is not None and checkpoint.get("grokfast"):
                 grokfast.load_state_dict(checkpoint["grokfast"])
             step, best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+            elapsed_before = checkpoint.get("elapsed_seconds", 0.0)  # absent from checkpoints before it existed
             wandb_id = checkpoint["wandb_id"] if continuing else None
             if len(checkpoint["rng"]) == dist.world_size:
                 set_rng_state(checkpoint["rng"][dist.rank])  # each rank its own streams
@@ -233,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
             "early_stopping": early_stopping.state_dict(),
             "grokfast": grokfast.state_dict() if grokfast is not None else None,
             "best_val_loss": best_val_loss,
+            "elapsed_seconds": elapsed_before + time.perf_counter() - train_started,
             "config": cfg.to_dict(),
             "wandb_id": wandb_id,
         }, os.path.join(run_dir, name))
@@ -302,14 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
                 sync = micro == len(batches) - 1
                 with (model.no_sync() if dist.enabled and not sync else contextlib.nullcontext()):
                     with autocast(device, dtype):
-                        logits = model(x, data.loss_positions)
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
-                                           reduction="sum")
+                        loss, micro_correct = model(x, y)  # summed cross-entropy (fp32), correct predictions
                     # Sum over this micro-batch / targets in the whole global batch = this micro-batch's
                     # share of the global mean; DDP averages over ranks, so scale by world size.
                     scaler.scale(loss * (dist.world_size / num_targets)).backward()
                 loss_sum += loss.detach()
-                correct += ((logits.argmax(-1) == y) & (y != IGNORE)).sum()
+                correct += micro_correct
             for optimizer in optimizers:
                 scaler.unscale_(optimizer)
             if grokfast is not None:
@@ -376,6 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
                     save("best.pt")
                 last = {**last, **val}
             if record:
+                # Wall time since the run began (compilation, evals and earlier parts of a resumed run
+                # included): the x axis for "which recipe reaches a loss first".
+                record["elapsed_seconds"] = round(elapsed_before + time.perf_counter() - train_started, 3)
                 write_metrics(record)
             if save_due:
                 save("last.pt")

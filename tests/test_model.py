@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from config import Config
-from model import Transformer
+from model import ModelWithLoss, Transformer
 
 B, T, V = 3, 7, 19
 
@@ -95,6 +95,22 @@ def test_last_positions_gives_the_same_logits(sink):
     full = model(x)
     for n in (1, 3, T, T + 5):  # n >= T asks for every position
         assert torch.allclose(model(x, last_positions=n), full[:, -n:], atol=1e-5)
+
+
+def test_model_with_loss_is_the_summed_loss_and_count_over_supervised_targets():
+    """What train.py's loop (and torch.compile) gets: loss and correct predictions, ignored targets out."""
+    model = make()
+    x = tokens()
+    y = torch.randint(0, V, (B, 2), generator=torch.Generator().manual_seed(2))
+    y[0, 1] = -100  # a position with no target
+    loss_sum, correct = ModelWithLoss(model, 2, ignore_index=-100)(x, y)
+    logits = model(x)[:, -2:]
+    kept = y != -100
+    expected = torch.nn.functional.cross_entropy(logits[kept], y[kept], reduction="sum")
+    assert torch.allclose(loss_sum, expected) and loss_sum.dtype == torch.float32
+    assert correct.item() == (logits.argmax(-1)[kept] == y[kept]).sum().item()
+    loss_sum.backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_sink_gradients_flow_on_the_fast_path():

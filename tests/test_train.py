@@ -34,8 +34,10 @@ def test_modular_run_writes_its_run_directory(tmp_path, capsys):
 
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 5, 10, 15, 20]
-    for key in ("train_loss", "train_acc", "lr", "grad_norm", "ms_per_step", "tokens_per_sec"):
+    for key in ("train_loss", "train_acc", "lr", "grad_norm", "ms_per_step", "tokens_per_sec", "elapsed_seconds"):
         assert all(key in r for r in records)
+    elapsed = [r["elapsed_seconds"] for r in records]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [10, 20] and all("val_acc" in r for r in evals)
 
@@ -130,6 +132,8 @@ def test_resume_continues_exactly(tmp_path, task_args):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
             if key in record:
                 assert resumed[step][key] == record[key], (step, key)
+    # The wall clock carries on from the checkpoint rather than restarting at zero.
+    assert resumed[15]["elapsed_seconds"] > resumed[10]["elapsed_seconds"] > 0
     x = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
     y = torch.load(tmp_path / "stopped" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(x[k], y[k]) for k in x)
