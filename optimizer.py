@@ -17,19 +17,26 @@ def orthogonalize(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
                   eps: float = 1e-7) -> torch.Tensor:
     """Approximately U Vᵀ for matrix = U S Vᵀ, by `steps` quintic Newton–Schulz iterations in `dtype`.
 
-    The iteration pushes every singular value towards ~1 (roughly into [0.7, 1.2]); working on the
-    wide orientation keeps the Gram matrix X Xᵀ the small one.
+    `matrix` is one [rows, cols] matrix or a stack [n, rows, cols] of them, each orthogonalised on
+    its own. The iteration pushes every singular value towards ~1 (roughly into [0.7, 1.2]); working
+    on the wide orientation keeps the Gram matrix X Xᵀ the small one.
     """
     a, b, c = NS_COEFFICIENTS
     x = matrix.to(dtype)
-    tall = x.size(0) > x.size(1)
+    single = x.dim() == 2
+    if single:
+        x = x.unsqueeze(0)
+    tall = x.size(1) > x.size(2)
     if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # Frobenius norm bounds the spectral norm: start inside [0, 1]
+        x = x.mT
+    # Each matrix's Frobenius norm bounds its spectral norm: start inside [0, 1].
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if tall:
+        x = x.mT
+    return x[0] if single else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -38,7 +45,10 @@ class Muon(torch.optim.Optimizer):
     Same update as torch.optim.Muon (EMA momentum buffer, Nesterov, decoupled weight decay, the
     learning rate scaled by sqrt(max(1, rows/cols))), but Newton–Schulz runs in `ns_dtype`:
     PyTorch's runs in bf16, which a CPU executes 2–3× slower than fp32. We default to bf16 on
-    CUDA (tensor cores) and fp32 elsewhere.
+    CUDA (tensor cores) and fp32 elsewhere. Matrices of one shape (up to a transpose) are
+    orthogonalised together as one batched Newton–Schulz: a transformer has three such shapes
+    however deep it is, so a step launches a few dozen kernels rather than a few dozen per
+    matrix, which is what a small model's step on a GPU waits for.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
@@ -59,19 +69,32 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buffer = state["momentum_buffer"]
-                buffer.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer
-                ns_dtype = group["ns_dtype"] or (torch.bfloat16 if p.is_cuda else torch.float32)
-                update = orthogonalize(update, group["ns_steps"], ns_dtype)
-                p.mul_(1 - lr * decay)
-                p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            # Newton–Schulz works on the wide orientation, so a [rows, cols] matrix and a
+            # [cols, rows] one (an MLP's two matrices) go into the same batch, one transposed.
+            batches: dict[tuple, list[int]] = {}
+            for i, u in enumerate(updates):
+                batches.setdefault((min(u.shape), max(u.shape), u.dtype, u.device), []).append(i)
+            ns_dtype = group["ns_dtype"] or (torch.bfloat16 if params[0].is_cuda else torch.float32)
+            orthogonal: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
+            for indices in batches.values():
+                wide = [updates[i].mT if updates[i].size(0) > updates[i].size(1) else updates[i] for i in indices]
+                result = orthogonalize(torch.stack(wide), group["ns_steps"], ns_dtype).to(params[0].dtype)
+                for i, matrix in zip(indices, result.unbind(0)):
+                    orthogonal[i] = matrix.mT if params[i].size(0) > params[i].size(1) else matrix
+            # torch.optim.Muon's shape adjustment: tall matrices take larger steps
+            torch._foreach_mul_(orthogonal, [math.sqrt(max(1.0, p.size(0) / p.size(1))) for p in params])
+            torch._foreach_mul_(params, 1 - lr * decay)
+            torch._foreach_add_(params, orthogonal, alpha=-lr)
         return loss
 
 

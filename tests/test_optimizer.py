@@ -23,11 +23,15 @@ def _run_both(ns_dtype, shapes=((64, 32), (32, 96), (48, 48)), steps=4, **hyper)
     return [p.detach() for p in ours_params], [q.detach() for q in theirs_params]
 
 
+# Ours orthogonalises matrices of one shape (up to a transpose) as one batch; the second set has
+# repeated and transposed shapes, as a transformer's blocks do.
+@pytest.mark.parametrize("shapes", [((64, 32), (32, 96), (48, 48)),
+                                    ((64, 32), (32, 64), (64, 32), (48, 48), (48, 48), (32, 96))])
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_muon_matches_torch_optim_muon_in_bf16(nesterov):
+def test_muon_matches_torch_optim_muon_in_bf16(nesterov, shapes):
     # torch.optim.Muon runs Newton–Schulz in bf16; in the same dtype ours gives the same update.
     hyper = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=0.1)
-    ours, theirs = _run_both(torch.bfloat16, **hyper)
+    ours, theirs = _run_both(torch.bfloat16, shapes=shapes, **hyper)
     for p, q in zip(ours, theirs):
         assert torch.allclose(p, q, atol=1e-6, rtol=0)
 
@@ -49,6 +53,15 @@ def test_orthogonalize_flattens_the_spectrum():
         assert torch.linalg.svdvals(matrix).max() / torch.linalg.svdvals(matrix).min() > 50
         singular = torch.linalg.svdvals(orthogonalize(matrix))
         assert singular.max() < 1.3 and singular.min() > 0.5
+
+
+def test_orthogonalize_a_stack_is_each_matrix_on_its_own():
+    torch.manual_seed(0)
+    stack = torch.randn(5, 24, 40)
+    batched = orthogonalize(stack)
+    for i in range(5):
+        assert torch.allclose(batched[i], orthogonalize(stack[i]), atol=1e-5)
+    assert torch.allclose(orthogonalize(stack.mT), batched.mT, atol=1e-5)  # tall ones too
 
 
 def test_muon_rejects_non_matrices():
