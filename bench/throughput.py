@@ -6,9 +6,15 @@
 
 Rows: the `shakespeare_char` preset (6 x 6 x 384, context 256, batch 64, dropout 0.2 as trained)
 and a GPT-2-small shape (12 x 12 x 768, mlp 3072, context 1024, vocab 50304, tied, dropout 0),
-each eager and under torch.compile. A step is train.py's: forward under autocast, fp32
-cross-entropy on the flattened logits, backward, clip_grad_norm_, optimizer steps, zero_grad,
-on a fixed random batch (the data loader is timed on its own, below the table).
+each eager and under torch.compile, each with two loops on the same weights and batch:
+
+  tinylab  train.py's step: model.ModelWithLoss (forward under autocast, fp32 cross-entropy, the
+           count of correct predictions) compiled whole, backward, clip_grad_norm_, our
+           optimizers (AdamW, plus Muon where the preset uses it), zero_grad.
+  nanogpt  the yardstick: nanoGPT's step on bench/plain_gpt.py's model (ours minus the hooks),
+           forward+mean loss compiled whole, backward, clip, one fused AdamW.
+
+The batch is fixed and random: the data loader is timed on its own, below the table.
 
 ms/step and tokens/s average the timed steps only; the warm-up steps before them are left out.
 "1st step s" is the first warm-up step's wall time: under compile it includes compiling forward
@@ -33,13 +39,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import data  # noqa: E402
 import utils  # noqa: E402
 from config import DTYPES, PRESETS, Config, ConfigError  # noqa: E402
-from model import Transformer  # noqa: E402
+from model import ModelWithLoss, Transformer  # noqa: E402
 from optimizer import build_optimizers  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plain_gpt import PlainWithLoss, plain_copy  # noqa: E402
 
 SHAKESPEARE_CHAR_VOCAB = 65  # distinct characters in tiny-shakespeare
 GPT2_SMALL = dict(  # GPT-2 small (124M), with the vocabulary padded to a multiple of 64 as nanoGPT does
@@ -90,26 +98,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_training(name: str, compiled: bool, batch: int, args, device, dtype) -> dict:
+def measure_training(name: str, loop: str, compiled: bool, batch: int, args, device, dtype) -> dict:
     """Builds the model and optimizers of one row, runs warm-up + timed steps, returns the figures."""
     cfg, vocab_size, _ = shape(name, device.type == "cuda")
     T = cfg.context_len
     reset_peak_memory(device)
     torch.manual_seed(0)
-    raw_model = Transformer(cfg, vocab_size).to(device)
-    model = torch.compile(raw_model) if compiled else raw_model
-    model.train()
-    optimizers = build_optimizers(raw_model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    raw_model = ours = Transformer(cfg, vocab_size).to(device)
     x = torch.randint(vocab_size, (batch, T), device=device)
     y = torch.randint(vocab_size, (batch, T), device=device)
+    if loop == "tinylab":
+        model = ModelWithLoss(raw_model, None, -100)
+        optimizers = build_optimizers(raw_model, cfg)
+    else:  # nanoGPT's loop: its model (ours minus the hooks) computing the mean loss, one fused AdamW
+        raw_model = plain_copy(raw_model, cfg, vocab_size)
+        model = PlainWithLoss(raw_model)
+        optimizers = [torch.optim.AdamW(
+            [{"params": [p for p in raw_model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+             {"params": [p for p in raw_model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda" or None)]
+    model = torch.compile(model, mode=args.compile_mode) if compiled else model
+    model.train()
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    def train_step():  # train.py's step, with one micro-batch and no DDP
+    def tinylab_step():  # train.py's step, with one micro-batch and no DDP
         with utils.autocast(device, dtype):
-            logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
+            loss, correct = model(x, y)  # train.py counts train_acc every step, so do we
         scaler.scale(loss / y.numel()).backward()
-        correct = (logits.argmax(-1) == y).sum()  # train.py counts train_acc every step, so do we
         for optimizer in optimizers:
             scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
@@ -119,6 +134,19 @@ def measure_training(name: str, compiled: bool, batch: int, args, device, dtype)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         return correct
+
+    def nanogpt_step():  # nanoGPT's train.py with one micro-batch: forward+loss, backward, clip, step
+        with utils.autocast(device, dtype):
+            loss = model(x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizers[0])
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float("inf"))
+        scaler.step(optimizers[0])
+        scaler.update()
+        optimizers[0].zero_grad(set_to_none=True)
+        return loss
+
+    train_step = tinylab_step if loop == "tinylab" else nanogpt_step
 
     warmup_seconds = []
     for i in range(args.warmup):
@@ -137,18 +165,34 @@ def measure_training(name: str, compiled: bool, batch: int, args, device, dtype)
             say(f"  timed step {i + 1}/{args.steps}: {time.perf_counter() - started:.1f} s so far")
     synchronize(device)
     seconds = time.perf_counter() - started
+    if args.profile:
+        profile(train_step, args.profile, device, f"{name}, {loop}, compile {'on' if compiled else 'off'}")
 
     tokens_per_sec = batch * T * args.steps / seconds
     ms_per_step = 1000 * seconds / args.steps
     peak = utils.peak_flops(device)
-    flops = utils.flops_per_token(raw_model.num_params(exclude_embeddings=True), cfg.num_blocks,
+    flops = utils.flops_per_token(ours.num_params(exclude_embeddings=True), cfg.num_blocks,
                                   cfg.num_heads, cfg.embedding_dim // cfg.num_heads, T)
     return {
-        "params": raw_model.num_params(), "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec,
+        "params": ours.num_params(), "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec,
         "mfu": flops * tokens_per_sec / peak if peak else None,
         "first_step_seconds": warmup_seconds[0] if warmup_seconds else None,
         "peak_mib": peak_memory_mib(device),
     }
+
+
+def profile(train_step, steps: int, device: torch.device, title: str) -> None:
+    """torch.profiler over `steps` more steps: the operators and kernels that took the time, to stderr."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            train_step()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    say(f"--- profile of {steps} steps: {title} (sorted by {sort_by})")
+    say(profiler.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=60))
 
 
 def measure_loader(path: str, batch: int, num_batches: int, device: torch.device) -> str:
@@ -193,6 +237,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="shakespeare_char,gpt2", help="rows: shakespeare_char, gpt2")
     parser.add_argument("--compile", default="both", choices=("both", "on", "off"), help="torch.compile rows")
+    parser.add_argument("--loops", default="tinylab,nanogpt",
+                        help="tinylab (train.py's step) and/or nanogpt (a plain nanoGPT-style model and loop)")
+    parser.add_argument("--compile_mode", default=None, choices=(None, "default", "reduce-overhead", "max-autotune",
+                                                                  "max-autotune-no-cudagraphs"),
+                        help="torch.compile's mode for the compiled rows")
+    parser.add_argument("--profile", type=int, default=0, help="after each row, profile N more steps (table on stderr)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps per row (0: 20 on CUDA, 3 elsewhere)")
     parser.add_argument("--warmup", type=int, default=-1, help="untimed steps first (-1: 3 on CUDA, 1 elsewhere)")
     parser.add_argument("--batch_size", type=int, default=0,
@@ -206,6 +256,10 @@ def main() -> None:
     for n in names:
         if n not in ("shakespeare_char", "gpt2"):
             parser.error(f"--configs: {n!r} is not one of shakespeare_char, gpt2")
+    loops = [n.strip() for n in args.loops.split(",") if n.strip()]
+    for n in loops:
+        if n not in ("tinylab", "nanogpt"):
+            parser.error(f"--loops: {n!r} is not one of tinylab, nanogpt")
     try:
         device = utils.pick_device(args.device)
     except ConfigError as e:
@@ -224,17 +278,18 @@ def main() -> None:
           f"{os.cpu_count()} CPUs · {torch.get_num_threads()} torch threads · "
           f"{args.warmup} warm-up + {args.steps} timed steps per row", flush=True)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    header = (f"{'config':<17}{'compile':<9}{'batch x ctx':>12}{'params':>9}{'ms/step':>11}{'tokens/s':>11}"
+    header = (f"{'config':<17}{'loop':<9}{'compile':<9}{'batch x ctx':>12}{'params':>9}{'ms/step':>11}{'tokens/s':>11}"
               f"{'MFU':>7}{'1st step s':>12}{'peak MiB':>10}")
     rows = []
     for name in names:
         batch = args.batch_size or shape(name, on_gpu)[2]
-        for compiled in {"both": (False, True), "on": (True,), "off": (False,)}[args.compile]:
-            say(f"[{name}, compile {'on' if compiled else 'off'}, batch {batch}]")
+        for compiled, loop in [(c, lp) for c in {"both": (False, True), "on": (True,), "off": (False,)}[args.compile]
+                               for lp in loops]:
+            say(f"[{name}, {loop}, compile {'on' if compiled else 'off'}, batch {batch}]")
             context = shape(name, on_gpu)[0].context_len
-            lead = f"{name:<17}{'on' if compiled else 'off':<9}{f'{batch} x {context}':>12}"
+            lead = f"{name:<17}{loop:<9}{'on' if compiled else 'off':<9}{f'{batch} x {context}':>12}"
             try:
-                r = measure_training(name, compiled, batch, args, device, dtype)
+                r = measure_training(name, loop, compiled, batch, args, device, dtype)
                 rows.append(lead + f"{r['params'] / 1e6:>8.1f}M{r['ms_per_step']:>11.1f}{r['tokens_per_sec']:>11,.0f}"
                             + (f"{r['mfu']:>7.1%}" if r["mfu"] is not None else f"{'-':>7}")
                             + (f"{r['first_step_seconds']:>12.1f}" if r["first_step_seconds"] is not None else f"{'-':>12}")

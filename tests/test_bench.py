@@ -1,0 +1,96 @@
+"""The benchmarks run and report what they promise (their figures are for people, not for asserts),
+and the plain model they measure against really is our model without hooks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from config import PRESETS, Config
+from model import Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from plain_gpt import PlainGPT, check_same_function, plain_copy  # noqa: E402
+
+
+def bench(script: str, *args: str, timeout: int = 300) -> str:
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("preset", ["shakespeare_char", "grokking", "dyck"])
+def test_plain_gpt_is_our_model_without_hooks(preset):
+    # No dropout, so that training-mode gradients can be compared.
+    cfg = dataclasses.replace(Config(), **{**PRESETS[preset], "context_len": 32, "dropout": 0.0}).validate()
+    torch.manual_seed(0)
+    ours = Transformer(cfg, 50)
+    plain = plain_copy(ours, cfg, 50)
+    assert check_same_function(ours, plain, 50, 32) < 1e-6
+    plain.train()
+    ours.train()  # gradients agree too
+    x = torch.randint(50, (2, 32))
+    grads = []
+    for model in (ours, plain):
+        model.zero_grad()
+        model(x).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_plain_gpt_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="sink"):
+        PlainGPT(Config(attention_sink=True).validate(), 10)
+
+
+def test_hooks_bench_reports_both_ratios():
+    out = bench("hooks.py", "--configs", "grokking", "--batch_size", "64", "--repeats", "1", "--inner", "1")
+    assert re.search(r"grokking +eager +fwd\+bwd, no hooks / plain +[\d.]+ +[\d.]+ +[\d.]+ +<= 1.02", out), out
+    assert re.search(r"grokking +eager +run_with_cache \(all\) / forward +[\d.]+ +[\d.]+ +[\d.]+ +<= 1.5", out), out
+
+
+def test_throughput_bench_times_both_loops_and_the_loader():
+    out = bench("throughput.py", "--configs", "shakespeare_char", "--compile", "off", "--batch_size", "1",
+                "--steps", "1", "--warmup", "0", "--loader_batches", "3")
+    for loop in ("tinylab", "nanogpt"):
+        assert re.search(rf"shakespeare_char +{loop} +off +1 x 256 +10\.7M +[\d.]+ +[\d,]+", out), out
+    assert "failed" not in out
+    assert re.search(r"data loader .*: [\d,]+ tokens/s", out), out
+
+
+def test_shakespeare_bench_compares_recipes_on_one_clock(corpus, tmp_path):
+    out = bench("shakespeare.py", "--data_path", str(corpus), "--compile", "false", "--eval_every", "5",
+                "--target", "9", "--out", str(tmp_path / "out"),
+                "--extra", "--max_steps 10 --num_blocks 1 --embedding_dim 32 --num_heads 2 --context_len 16 "
+                           "--batch_size 4 --eval_max_batches 2")
+    assert re.search(r"^ +10 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$", out, re.M), out  # both recipes at step 10
+    for recipe in ("shakespeare_char", "shakespeare_char_adamw"):
+        assert re.search(rf"^{recipe} +val loss <= 9.0 first at step 5, [\d.]+ s · ran 10 steps", out, re.M), out
+    assert (tmp_path / "out" / "shakespeare_speed.png").stat().st_size > 10_000
+
+
+def test_shakespeare_bench_names_a_missing_corpus(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "shakespeare.py"), "--data_path",
+                             str(tmp_path / "nope.txt")], capture_output=True, text=True)
+    assert result.returncode == 2 and "--data_path" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ddp_bench_shows_per_rank_throughput_and_all_reduce_during_backward():
+    out = bench("ddp.py", "--config", "small", "--steps", "1", "--warmup", "2", "--overlap_reps", "1")
+    for row in ("single process", r"DDP \(gloo\), mean of ranks"):
+        assert re.search(rf"^{row} +\d+ +\d+ +[\d.]+ +[\d,]+ +[\d,]+", out, re.M), out
+    assert re.search(r"per rank tokens/s: rank 0 [\d,]+, rank 1 [\d,]+", out), out
+    # After its first backward DDP splits the gradients into buckets in the order they become
+    # ready, so the first bucket's all-reduce starts while backward is still running.
+    assert re.search(r"rebuilt after it: [2-9] buckets", out), out
+    overlap = float(re.search(r"overlap +([\d.]+) ms +of that span while backward still computes", out).group(1))
+    assert overlap > 0, out
