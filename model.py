@@ -155,6 +155,7 @@ class Attention(nn.Module):
         # mask + q kᵀ / sqrt(Dh) in one call
         scores = torch.baddbmm(self._causal_bias(T, q), q, k.transpose(1, 2), alpha=1 / math.sqrt(Dh))
         scores = self._hook("hook_attn_scores", scores.view(B, H, T, T))  # [B, H, T_q, T_k], scaled, masked, pre-softmax
+        scores = scores.expand(B, H, T, T)  # a hook may have returned a broadcastable tensor
         if self.sink is None:
             pattern = scores.softmax(-1)
         else:
@@ -163,7 +164,8 @@ class Attention(nn.Module):
         pattern = self._hook("hook_pattern", pattern)  # [B, H, T_q, T_k]
         if self.training and self.dropout > 0:
             pattern = F.dropout(pattern, self.dropout)
-        z = torch.bmm(pattern.reshape(B * H, T, T), v).view(B, H, T, Dh)
+        # expand: a hook may return a broadcastable pattern (a mean over the batch, say)
+        z = torch.bmm(pattern.expand(B, H, T, T).reshape(B * H, T, T), v).view(B, H, T, Dh)
         z = self._hook("hook_z", z.transpose(1, 2))  # [B, T, H, Dh]
         if self.prefix + "hook_result" not in self.hooks:
             return self.out(z.reshape(B, T, H * Dh))

@@ -84,16 +84,18 @@ class Muon(torch.optim.Optimizer):
             batches: dict[tuple, list[int]] = {}
             for i, u in enumerate(updates):
                 batches.setdefault((min(u.shape), max(u.shape), u.dtype, u.device), []).append(i)
-            ns_dtype = group["ns_dtype"] or (torch.bfloat16 if params[0].is_cuda else torch.float32)
             orthogonal: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
             for indices in batches.values():
+                first = params[indices[0]]
+                ns_dtype = group["ns_dtype"] or (torch.bfloat16 if first.is_cuda else torch.float32)
                 wide = [updates[i].mT if updates[i].size(0) > updates[i].size(1) else updates[i] for i in indices]
-                result = orthogonalize(torch.stack(wide), group["ns_steps"], ns_dtype).to(params[0].dtype)
+                result = orthogonalize(torch.stack(wide), group["ns_steps"], ns_dtype).to(first.dtype)
                 for i, matrix in zip(indices, result.unbind(0)):
                     orthogonal[i] = matrix.mT if params[i].size(0) > params[i].size(1) else matrix
             # torch.optim.Muon's shape adjustment: tall matrices take larger steps
             torch._foreach_mul_(orthogonal, [math.sqrt(max(1.0, p.size(0) / p.size(1))) for p in params])
-            torch._foreach_mul_(params, 1 - lr * decay)
+            if decay:
+                torch._foreach_mul_(params, 1 - lr * decay)
             torch._foreach_add_(params, orthogonal, alpha=-lr)
         return loss
 

@@ -379,8 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
                     save("best.pt")
                 last = {**last, **val}
             if record:
-                # Wall time since the run began (compilation, evals and earlier parts of a resumed run
-                # included): the x axis for "which recipe reaches a loss first".
+                # Wall time since training began (compilation, evals and earlier parts of a resumed
+                # run included): the x axis for "which recipe reaches a loss first".
                 record["elapsed_seconds"] = round(elapsed_before + time.perf_counter() - train_started, 3)
                 write_metrics(record)
             if save_due:

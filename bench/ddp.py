@@ -8,10 +8,13 @@ all-reduce overlaps the backward pass or waits for it.
 
 It runs in two parts. This process first times train.py's step on one process; then it launches
 itself under `python -m torch.distributed.run --standalone --nproc_per_node=N` (gloo on a CPU, nccl
-with one GPU per LOCAL_RANK on CUDA) with the model wrapped in DistributedDataParallel exactly as
-train.py wraps it (DDP's default buckets unless --bucket_cap_mb), and prints one report.
+with one GPU per LOCAL_RANK on CUDA) with the model wrapped in DistributedDataParallel with
+train.py's settings (DDP's default buckets unless --bucket_cap_mb), and prints one report.
+(train.py wraps model.ModelWithLoss, the model with its loss inside, so that compile sees both;
+here the loss stays outside the wrapper, because the A/B below needs the logits. Eager, the
+arithmetic and the gradients DDP reduces are the same.)
 
-A step is train.py's: forward under autocast, fp32 cross-entropy on the flattened logits (summed,
+A step computes train.py's: forward under autocast, fp32 cross-entropy on the flattened logits (summed,
 scaled by world size / all targets of the global batch), backward, clip_grad_norm_, the optimizer
 steps from optimizer.build_optimizers, zero_grad; under DDP also train.py's per-step agreement on
 stop signals (one tiny all-reduce). Batches are fixed random tokens, one per rank. Each process gets

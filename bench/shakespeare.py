@@ -13,8 +13,9 @@ The yardstick is `shakespeare_char_adamw`: nanoGPT's shakespeare_char recipe (Ad
 `shakespeare_char` preset should get there in fewer steps and less wall time.
 
 Each process compiles from a cold cache (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1), so the run that
-goes second does not inherit the first one's compiled kernels. Samples are switched off
-(--sample_tokens 0): generating text at every eval would cost both recipes time that is not training.
+goes second does not inherit the first one's compiled kernels. Samples and checkpoints are switched
+off (--sample_tokens 0, --save_model false): generating text and writing best.pt at evals would cost
+the recipes time that is not training, and not the same time for each.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def main() -> None:
     for name in recipes:
         command = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", name, "--run", name,
                    "--save_model_dir", out, "--data_path", args.data_path, "--eval_every", str(args.eval_every),
-                   "--sample_tokens", "0", "--torch_compile", args.compile, *shlex.split(args.extra)]
+                   "--sample_tokens", "0", "--save_model", "false", "--torch_compile", args.compile,
+                   *shlex.split(args.extra)]
         print(f"[{name}] {shlex.join(command)}", file=sys.stderr, flush=True)
         if subprocess.run(command, env=env, stdout=sys.stderr).returncode != 0:  # its log is progress
             sys.exit(f"{name}: train.py failed; its log is {os.path.join(out, name, 'train.log')}")

@@ -12,7 +12,7 @@ each eager and under torch.compile, each with two loops on the same weights and 
            count of correct predictions) compiled whole, backward, clip_grad_norm_, our
            optimizers (AdamW, plus Muon where the preset uses it), zero_grad.
   nanogpt  the yardstick: nanoGPT's step on bench/plain_gpt.py's model (ours minus the hooks),
-           forward+mean loss compiled whole, backward, clip, one fused AdamW.
+           forward+mean loss compiled whole, backward, clip, one AdamW (fused on CUDA).
 
 The batch is fixed and random: the data loader is timed on its own, below the table.
 
@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import data  # noqa: E402
+from data import IGNORE  # noqa: E402
 import utils  # noqa: E402
 from config import DTYPES, PRESETS, Config, ConfigError  # noqa: E402
 from model import ModelWithLoss, Transformer  # noqa: E402
@@ -107,11 +108,15 @@ def measure_training(name: str, loop: str, compiled: bool, batch: int, args, dev
     raw_model = ours = Transformer(cfg, vocab_size).to(device)
     x = torch.randint(vocab_size, (batch, T), device=device)
     y = torch.randint(vocab_size, (batch, T), device=device)
+    num_params, flops_params = ours.num_params(), ours.num_params(exclude_embeddings=True)
     if loop == "tinylab":
-        model = ModelWithLoss(raw_model, None, -100)
+        model = ModelWithLoss(raw_model, None, IGNORE)
         optimizers = build_optimizers(raw_model, cfg)
-    else:  # nanoGPT's loop: its model (ours minus the hooks) computing the mean loss, one fused AdamW
-        raw_model = plain_copy(raw_model, cfg, vocab_size)
+    else:  # nanoGPT's loop: its model (ours minus the hooks) computing the mean loss, one AdamW
+        raw_model = plain_copy(ours, cfg, vocab_size)
+        del ours  # so that peak memory counts one copy of the weights
+        gc.collect()
+        reset_peak_memory(device)
         model = PlainWithLoss(raw_model)
         optimizers = [torch.optim.AdamW(
             [{"params": [p for p in raw_model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -171,10 +176,10 @@ def measure_training(name: str, loop: str, compiled: bool, batch: int, args, dev
     tokens_per_sec = batch * T * args.steps / seconds
     ms_per_step = 1000 * seconds / args.steps
     peak = utils.peak_flops(device)
-    flops = utils.flops_per_token(ours.num_params(exclude_embeddings=True), cfg.num_blocks,
+    flops = utils.flops_per_token(flops_params, cfg.num_blocks,
                                   cfg.num_heads, cfg.embedding_dim // cfg.num_heads, T)
     return {
-        "params": ours.num_params(), "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec,
+        "params": num_params, "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec,
         "mfu": flops * tokens_per_sec / peak if peak else None,
         "first_step_seconds": warmup_seconds[0] if warmup_seconds else None,
         "peak_mib": peak_memory_mib(device),

@@ -113,6 +113,19 @@ def test_model_with_loss_is_the_summed_loss_and_count_over_supervised_targets():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", ["hook_attn_scores", "hook_pattern"])
+def test_a_hook_may_return_a_broadcastable_attention_tensor(name):
+    """Mean ablation over the batch returns [1, H, T, T]; every sequence then uses that pattern."""
+    model = make(init_std=0.5)  # sharp attention, so that averaging it over the batch matters
+    x = tokens()
+    mean = lambda t, hook: t.mean(0, keepdim=True)  # noqa: E731
+    ablated = model.run_with_hooks(x, [(f"blocks.0.attn.{name}", mean)])
+    expanded = model.run_with_hooks(x, [(f"blocks.0.attn.{name}", lambda t, hook: mean(t, hook).expand_as(t))])
+    assert torch.allclose(ablated, expanded, atol=1e-6)
+    clean = model(x)
+    assert (ablated - clean).abs().max() > 0.01 * clean.abs().max()  # the hook took effect
+
+
 def test_sink_gradients_flow_on_the_fast_path():
     model = make(attention_sink=True).train()
     model(tokens()).sum().backward()
