@@ -18,7 +18,7 @@ class ConfigError(Exception):
     """Bad input a user can fix: one line naming the flag (or file) and what to do."""
 
 
-def _section(title: str):
+def section(title: str):
     """Returns a field factory whose knobs are listed under `title` in --help."""
 
     def knob(default, help: str):
@@ -27,15 +27,15 @@ def _section(title: str):
     return knob
 
 
-_run = _section("run")
-_task = _section("task: modular arithmetic")
-_dyck = _section("task: Dyck languages")
-_text = _section("task: text")
-_model = _section("model")
-_optim = _section("optimization")
-_eval = _section("evaluation and early stopping")
-_log = _section("logging, checkpoints, W&B")
-_runtime = _section("runtime")
+_run = section("run")
+_task = section("task: modular arithmetic")
+_dyck = section("task: Dyck languages")
+_text = section("task: text")
+_model = section("model")
+_optim = section("optimization")
+_eval = section("evaluation and early stopping")
+_log = section("logging, checkpoints, W&B")
+_runtime = section("runtime")
 
 TASKS = ("modular", "dyck", "text")
 OPERATIONS = ("add", "subtract", "multiply", "divide")
@@ -306,34 +306,42 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _field_types() -> dict[str, type]:
+def _field_types(cls=None) -> dict[str, type]:
     hints = {"str": str, "int": int, "float": float, "bool": bool}
     return {f.name: hints[f.type if isinstance(f.type, str) else f.type.__name__]
-            for f in dataclasses.fields(Config)}
+            for f in dataclasses.fields(cls or Config)}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(cls=None, prog: str = "train.py", description: str = "", positional: str = "") -> argparse.ArgumentParser:
+    """The flags of a dataclass whose fields carry `section` metadata: Config (train.py) by
+    default, or another tool's settings (sae.py). `positional` names a field filled by the first
+    bare argument instead of a flag."""
+    cls = cls or Config
     parser = _Parser(
-        prog="train.py",
-        description="Train a small transformer. Later sources override earlier ones: "
+        prog=prog,
+        description=description or "Train a small transformer. Later sources override earlier ones: "
         "defaults < --preset < --config < flags.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,  # `--lr` must never silently mean `--lr_schedule`
     )
-    parser.add_argument("--config", default=None, help="JSON file of a run's config (runs/<run>/config.json)")
+    if cls is Config:
+        parser.add_argument("--config", default=None, help="JSON file of a run's config (runs/<run>/config.json)")
     groups: dict[str, argparse._ArgumentGroup] = {}
-    types = _field_types()
-    for f in dataclasses.fields(Config):
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == positional:
+            parser.add_argument(f.name, metavar=f.name.upper(), help=f.metadata["help"])
+            continue
         if f.metadata["group"] not in groups:
             groups[f.metadata["group"]] = parser.add_argument_group(f.metadata["group"])
         group = groups[f.metadata["group"]]
         kind = types[f.name]
         help_text = f.metadata["help"]
-        if f.name == "preset":
+        if f.name == "preset" and cls is Config:
             help_text += f" ({', '.join(PRESETS)})"
         # torchrun's own parser reads `--run` anywhere on its command line as an abbreviation of
         # its `--run-path`, so the run name also answers to `--run_name`, which torchrun leaves alone.
-        names = [f"--{f.name}", "--run_name"] if f.name == "run" else [f"--{f.name}"]
+        names = [f"--{f.name}", "--run_name"] if f.name == "run" and cls is Config else [f"--{f.name}"]
         if kind is bool:
             # `--flag`, `--flag true`, `--flag=False` all work.
             group.add_argument(*names, type=_parse_bool, nargs="?", const=True,
@@ -355,11 +363,11 @@ _OTHER_NAMES = {
 }
 
 
-def _suggest(flag: str) -> str:
+def _suggest(flag: str, cls=None) -> str:
     name = flag.lstrip("-").split("=")[0]
-    if name in _OTHER_NAMES:
+    if name in _OTHER_NAMES and cls in (None, Config):
         return f"; did you mean --{_OTHER_NAMES[name]}?"
-    names = ["config"] + [f.name for f in dataclasses.fields(Config)]
+    names = ["config"] + [f.name for f in dataclasses.fields(cls or Config)]
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     return f"; did you mean --{close[0]}?" if close else "; see --help for the list"
 
@@ -402,19 +410,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     Raises ConfigError (unknown flag with a suggestion, bad value, missing --config file).
     `--help` prints every flag with its default and exits 0, as argparse does.
     """
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        if flag.startswith("-"):
-            raise ConfigError(f"unknown flag {flag.split('=')[0]}{_suggest(flag)}")
-        raise ConfigError(f"unexpected argument {flag!r}; flags look like --name value or --name=value")
-
-    # Which fields did the user type? Parse again with every default suppressed.
-    probe = build_parser()
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    explicit = set(vars(probe.parse_known_args(argv)[0])) - {"config"}
+    args, explicit = _parse(Config, argv)
+    explicit -= {"config"}
 
     values = Config().to_dict()
     preset = args.preset if "preset" in explicit else Config.preset
@@ -427,6 +424,31 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
         values.update({k: v for k, v in from_file.items() if k not in _IDENTITY_FIELDS})
     values.update({name: getattr(args, name) for name in explicit})
     return Config(**values).validate(), explicit
+
+
+def parse_flags(cls, argv: list[str] | None, prog: str, description: str, positional: str = ""):
+    """Flags -> a validated instance of another tool's settings dataclass (fields made with
+    `section`, a `validate()` method), with train.py's flag rules: `--name value` or
+    `--name=value`, booleans as `--flag [true|false]`, no abbreviations, an unknown flag named with a
+    suggestion. Returns (settings, the field names typed explicitly)."""
+    args, explicit = _parse(cls, argv, prog, description, positional)
+    return cls(**vars(args)).validate(), explicit
+
+
+def _parse(cls, argv, *parser_args):
+    """(parsed namespace, names typed explicitly); an unknown flag raises ConfigError."""
+    parser = build_parser(cls, *parser_args)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        if flag.startswith("-"):
+            raise ConfigError(f"unknown flag {flag.split('=')[0]}{_suggest(flag, cls)}")
+        raise ConfigError(f"unexpected argument {flag!r}; flags look like --name value or --name=value")
+    # Which fields did the user type? Parse again with every default suppressed.
+    probe = build_parser(cls, *parser_args)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return args, set(vars(probe.parse_known_args(argv)[0]))
 
 
 def config_from_dict(values: dict, overrides: dict | None = None) -> Config:

@@ -459,6 +459,7 @@ class NeuronFrequencies:
     frequency: torch.Tensor  # [d_mlp]: the frequency k whose terms explain most of each neuron
     explained: torch.Tensor  # [d_mlp]: the fraction of the neuron's variance (over pairs) they explain
     spectrum: torch.Tensor  # [p, p]: mean squared 2-D Fourier coefficient over neurons, constant removed
+    shares: torch.Tensor  # [p//2, n]: every frequency's share of each neuron's variance (row k-1: frequency k)
 
 
 def neuron_frequencies(grid: torch.Tensor) -> NeuronFrequencies:
@@ -474,8 +475,9 @@ def neuron_frequencies(grid: torch.Tensor) -> NeuronFrequencies:
     for k in range(1, p // 2 + 1):
         rows = [0] + list(range(p))[frequency_rows(p, k)]
         shares.append(power[rows][:, rows].sum((0, 1)) / total)
-    explained, best = torch.stack(shares).max(0)  # over [p//2, n]
-    return NeuronFrequencies(best + 1, explained, power.mean(-1))
+    shares = torch.stack(shares)  # [p//2, n]
+    explained, best = shares.max(0)
+    return NeuronFrequencies(best + 1, explained, power.mean(-1), shares)
 
 
 @dataclass

@@ -35,10 +35,15 @@ SMALL_CORPUS = (
 @pytest.fixture
 def corpus(tmp_path):
     """A few kilobytes of play-like text in a file of its own."""
-    path = tmp_path / "corpus" / "tiny.txt"
-    path.parent.mkdir()
-    path.write_text(SMALL_CORPUS * 40)
-    return str(path)
+    return write_corpus(tmp_path)
+
+
+def write_corpus(directory) -> str:
+    path = os.path.join(str(directory), "corpus", "tiny.txt")
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write(SMALL_CORPUS * 40)
+    return path
 
 
 @pytest.fixture
@@ -72,14 +77,15 @@ def tiny_args(tmp_path, *extra: str) -> list[str]:
             "--eval_every", "10", "--log_every", "5", *extra]
 
 
-def torchrun_command(args: list[str], nproc: int = 2, launcher: list[str] = ()) -> list[str]:
+def torchrun_command(args: list[str], nproc: int = 2, launcher: list[str] = (), script: str = "train.py") -> list[str]:
     """`torchrun --nproc_per_node N [launcher flags] train.py ARGS`, on a port of its own."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(free_port()), *launcher, os.path.join(ROOT, "train.py"), *args]
+            "--master_port", str(free_port()), *launcher, os.path.join(ROOT, script), *args]
 
 
-def run_torchrun(args: list[str], cwd: str, nproc: int = 2, launcher: list[str] = (), timeout: int = 300):
-    return subprocess.run(torchrun_command(args, nproc, launcher), cwd=cwd, capture_output=True,
+def run_torchrun(args: list[str], cwd: str, nproc: int = 2, launcher: list[str] = (), timeout: int = 300,
+                 script: str = "train.py"):
+    return subprocess.run(torchrun_command(args, nproc, launcher, script), cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -144,3 +150,24 @@ def assert_same_run(run_dir, reference) -> None:
                 assert mine[record["step"]][key] == record[key], (record["step"], key)
     a, b = model_weights(os.path.join(run_dir, "last.pt")), model_weights(os.path.join(reference, "last.pt"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory):
+    """Three small trained runs, one per task, shared by the activation and SAE tests (which only
+    read them): {"modular": run dir, "text": ..., "dyck": ...}."""
+    import train
+
+    root = tmp_path_factory.mktemp("trained")
+    small = ["--save_model_dir", str(root), "--num_blocks", "1", "--embedding_dim", "32", "--num_heads", "2",
+             "--mlp_dim", "64", "--log_every", "10"]
+    runs = {
+        "modular": ["--modulus", "17", "--max_steps", "60", "--eval_every", "60", "--target_val_acc", "0"],
+        "text": ["--preset", "shakespeare_char", "--data_path", write_corpus(root), "--context_len", "16",
+                 "--batch_size", "16", "--max_steps", "30", "--eval_every", "30", "--use_muon", "false"],
+        "dyck": ["--preset", "dyck", "--dyck_num_train", "300", "--dyck_num_val", "60", "--dyck_max_len", "10",
+                 "--context_len", "11", "--batch_size", "32", "--max_steps", "30", "--eval_every", "30"],
+    }
+    for task, args in runs.items():
+        train.main(small + args + ["--run", task])
+    return {task: str(root / task) for task in runs}

@@ -1,0 +1,729 @@
+"""Sparse autoencoders on a trained run's activations, judged by what they recover.
+
+    python sae.py runs/<run> --hook blocks.0.mlp.hook_post                   # ReLU SAE, activations live
+    python sae.py runs/<run> --hook blocks.0.hook_resid_post --arch topk --k 16 --source dump
+    torchrun --nproc_per_node=8 sae.py runs/<run> --hook blocks.3.hook_resid_post --arch topk
+    python sae.py report runs/<run>/sae/<name>                              # feature views + summary
+
+An SAE lives in `<run>/sae/<name>/` (name: `<hook>-<arch>-<dict_size>` unless --name says
+otherwise) and is laid out like a run: config.json, train.log, metrics.jsonl, last.pt, curves.
+
+The dictionary: x̂ = W_dec f + b_dec with f = ReLU(W_enc (x - b_dec) + b_enc) (`relu`, trained with an
+L1 penalty on f weighted by each feature's decoder norm, warmed up linearly) or f = the k largest
+of those pre-activations, ReLU'd (`topk`, no penalty). Inputs are divided by one scalar so that
+E‖x‖² = d (estimated on the first rows of the train split), so --l1_coefficient means the same at
+every width and layer. Each feature's decoder vector is kept at unit norm: the gradient's component
+along it is removed before each step and the vector renormalised after it. Features that have not
+fired for --dead_rows rows are dead: a ReLU SAE resamples them every --resample_every steps in the
+first half of training (new directions from the inputs it reconstructs worst, Anthropic 2023);
+a TopK SAE trains them with the AuxK loss (the dead features' k_aux largest pre-activations
+reconstruct what the live ones miss, Gao et al. 2024).
+
+Evaluation uses the val split of the run, which neither the SAE nor the model trained on: MSE,
+explained variance, L0, dead fraction, and CE loss recovered, the reconstruction spliced into the
+model at the hook: (CE_zero_ablation - CE_sae) / (CE_zero_ablation - CE_clean).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from activations import (POSITIONS, DumpSource, LiveSource, Sequences, capture, default_dump_dir, hook_width,
+                         rows_of, split_sequences)
+from config import ConfigError, parse_flags, section
+from data import IGNORE
+from interp import load_run, neuron_frequencies
+from optimizer import apply_lr, lr_multiplier
+from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file, close_logging,
+                   gather_objects, load_checkpoint, max_over_ranks, pick_device, pick_dtype, read_metrics, rng_state,
+                   save_checkpoint, seed_everything, set_rng_state, setup_distributed, setup_logging,
+                   teardown_distributed)
+
+ARCHS = ("relu", "topk")
+SOURCES = ("live", "dump")
+SCHEDULES = ("cosine", "linear", "constant")
+
+_what = section("what to train on")
+_dictionary = section("dictionary")
+_optim = section("optimization")
+_eval = section("evaluation, logging, checkpoints")
+_runtime = section("runtime")
+
+
+@dataclass
+class SAEConfig:
+    run_dir: str = _what("", "the model's run directory (runs/<run>) or checkpoint")
+    hook: str = _what("", "hook point whose activations to reconstruct, e.g. blocks.0.mlp.hook_post")
+    positions: str = _what("answer", "answer (the positions the loss reads) | all (every token)")
+    source: str = _what("live", "live (computed from the model through a shuffling buffer) | dump (activations.py dump)")
+    dump: str = _what("", "with --source dump: the dump directory (default <run>/activations/<hook>/train-<positions>)")
+    max_tokens: int = _what(0, "with --source live: use only the first N tokens of the train split (0: all)")
+    buffer_rows: int = _what(65536, "with --source live: rows in the shuffling buffer")
+    name: str = _what("", "the SAE's name: it lives in <run>/sae/<name> (empty: <hook>-<arch>-<dict_size>)")
+    resume: str = _what("", "'auto': continue <run>/sae/<name>/last.pt if it exists")
+    seed: int = _what(0, "seed for initialisation and batch order")
+
+    arch: str = _dictionary("relu", "relu (L1 penalty) | topk (k active features, AuxK for dead ones)")
+    dict_size: int = _dictionary(0, "features (0: expansion x the activation width)")
+    expansion: float = _dictionary(4.0, "features per activation dimension, when --dict_size is 0")
+    k: int = _dictionary(32, "topk: active features per row")
+    l1_coefficient: float = _dictionary(5.0, "relu: weight of the decoder-norm-weighted L1 penalty")
+    l1_warmup_steps: int = _dictionary(500, "relu: the L1 weight rises linearly from 0 over these steps")
+    dead_rows: int = _dictionary(1_000_000, "a feature that fired on none of the last N training rows is dead")
+    resample_every: int = _dictionary(1000, "relu: resample dead features every N steps in the first half (0: never)")
+    aux_k: int = _dictionary(0, "topk: dead features used by the AuxK loss (0: half the activation width)")
+    aux_coefficient: float = _dictionary(1 / 32, "topk: weight of the AuxK loss")
+    normalize: bool = _dictionary(True, "scale inputs so that E|x|^2 = d (one scalar, kept in the SAE)")
+
+    max_steps: int = _optim(3000, "optimizer steps")
+    batch_size: int = _optim(4096, "rows per step (all ranks together)")
+    lr: float = _optim(1e-3, "Adam learning rate (peak)")
+    beta1: float = _optim(0.9, "Adam beta1")
+    beta2: float = _optim(0.999, "Adam beta2")
+    warmup_steps: int = _optim(100, "linear LR warm-up steps")
+    lr_schedule: str = _optim("cosine", "after warm-up: cosine | linear | constant")
+    min_lr_frac: float = _optim(0.1, "final LR as a fraction of the peak")
+    grad_clip: float = _optim(1.0, "clip the gradient norm (0: off)")
+
+    eval_every: int = _eval(500, "evaluate on held-out rows every N steps")
+    eval_tokens: int = _eval(32768, "tokens of the val split used for evaluation (0: all)")
+    log_every: int = _eval(50, "log training metrics every N steps")
+    save_every: int = _eval(1000, "write last.pt every N steps (0: only at the end)")
+    wandb_enabled: bool = _eval(False, "log to Weights & Biases (WANDB_MODE=offline works)")
+    wandb_project: str = _eval("", "W&B project (empty: WANDB_PROJECT, else tinylab)")
+
+    device: str = _runtime("auto", "auto | cpu | cuda | mps")
+    dtype: str = _runtime("auto", "precision of the model's forward pass (the SAE trains in float32)")
+
+    def validate(self) -> "SAEConfig":
+        def need(ok: bool, flag: str, message: str):
+            if not ok:
+                raise ConfigError(f"--{flag}: {message}")
+
+        for name, choices in (("arch", ARCHS), ("source", SOURCES), ("positions", POSITIONS),
+                              ("lr_schedule", SCHEDULES)):
+            need(getattr(self, name) in choices, name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}")
+        need(bool(self.hook), "hook", "name the hook point, e.g. --hook blocks.0.mlp.hook_post")
+        for name in ("max_steps", "batch_size", "k", "eval_every", "log_every", "buffer_rows", "dead_rows"):
+            need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("dict_size", "l1_warmup_steps", "resample_every", "aux_k", "warmup_steps", "save_every",
+                     "eval_tokens", "max_tokens"):
+            need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
+        for name in ("expansion", "lr"):
+            need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        for name in ("l1_coefficient", "aux_coefficient", "grad_clip"):
+            need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
+        need(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
+        for name in ("beta1", "beta2"):
+            need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        need("/" not in self.name and self.name not in (".", ".."), "name", f"{self.name!r} is a path; give a name")
+        need(self.resume in ("", "auto"), "resume", f"{self.resume!r}: the only value is auto")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- the autoencoder
+
+
+class SparseAutoencoder(nn.Module):
+    """f = act(W_enc (x/scale - b_dec) + b_enc); x̂ = (W_dec f + b_dec) * scale. Shapes: W_enc [d, n],
+    W_dec [n, d] (row i is feature i's direction), b_enc [n], b_dec [d]."""
+
+    def __init__(self, d: int, dict_size: int, arch: str = "relu", k: int = 32):
+        super().__init__()
+        self.d, self.dict_size, self.arch, self.k = d, dict_size, arch, k
+        W_dec = torch.randn(dict_size, d)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())  # tied at the start (Gao et al.)
+        self.b_enc = nn.Parameter(torch.zeros(dict_size))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("scale", torch.ones(()))
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return (x / self.scale - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.arch == "topk":
+            top = pre.topk(min(self.k, self.dict_size), dim=-1)
+            return torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
+        return F.relu(pre)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_activations(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Features -> the reconstruction in the model's units."""
+        return (f @ self.W_dec + self.b_dec) * self.scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, d] -> (x̂ [B, d] in the model's units, f [B, n], pre-activations [B, n])."""
+        pre = self.pre_activations(x)
+        f = self.activate(pre)
+        return self.decode(f), f, pre
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, normalize: bool) -> None:
+        """Input scale (E‖x/scale‖² = d) and b_dec = the mean input, from a sample x [N, d]."""
+        if normalize:
+            self.scale.copy_(x.pow(2).sum(-1).mean().div(self.d).sqrt().clamp_min(1e-8))
+        self.b_dec.copy_(x.mean(0) / self.scale)
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Drops each decoder row's gradient component along the row (which only changes its norm)."""
+        if self.W_dec.grad is not None:
+            unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+            self.W_dec.grad -= (self.W_dec.grad * unit).sum(1, keepdim=True) * unit
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+def sae_loss(sae: SparseAutoencoder, x: torch.Tensor, cfg: SAEConfig, l1_weight: float,
+             dead: torch.Tensor | None, forward=None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """(loss, its parts summed over rows, f). MSE is ‖x - x̂‖² in normalised units (summed over d,
+    averaged over rows); relu adds l1_weight · Σ f_i ‖W_dec,i‖; topk adds AuxK on the dead features.
+    `forward` is the module to call (the DDP wrapper under torchrun, so gradients are all-reduced)."""
+    x_hat, f, pre = (forward or sae)(x)
+    error = (x - x_hat) / sae.scale
+    squared = error.pow(2).sum(-1)
+    loss = squared.mean()
+    parts = {"mse_sum": squared.sum().detach(), "l0_sum": (f > 0).sum().detach().float()}
+    if sae.arch == "relu":
+        l1 = (f * sae.W_dec.norm(dim=1)).sum(-1)
+        loss = loss + l1_weight * l1.mean()
+        parts["l1_sum"] = l1.sum().detach()
+    elif dead is not None and bool(dead.any()) and cfg.aux_coefficient:
+        k_aux = min(cfg.aux_k or sae.d // 2, int(dead.sum()))
+        top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1)
+        f_aux = torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
+        aux = (error.detach() - f_aux @ sae.W_dec).pow(2).sum(-1)  # dead features reconstruct what is missed
+        loss = loss + cfg.aux_coefficient * aux.mean()
+        parts["aux_sum"] = aux.sum().detach()
+    return loss, parts, f
+
+
+def update(sae: SparseAutoencoder, optimizer, x: torch.Tensor, cfg: SAEConfig, l1_weight: float,
+           dead: torch.Tensor | None, forward=None) -> tuple[dict, torch.Tensor]:
+    """One optimizer step on rows x: loss, backward, the decoder-norm constraint, clip, step.
+    Returns the loss parts (summed over rows) and the feature activations f."""
+    loss, parts, f = sae_loss(sae, x, cfg, l1_weight, dead, forward)
+    loss.backward()
+    sae.remove_parallel_gradient()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sae.normalize_decoder()
+    return parts, f.detach()
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, chunk: int = 8192) -> dict:
+    """On rows x [N, d]: mse (normalised units, as in training), explained variance (1 - residual
+    over total variance about the mean), l0, and the fraction of features that never fired."""
+    squared = total = l0 = 0.0
+    fired = torch.zeros(sae.dict_size, dtype=torch.long, device=x.device)
+    mean = x.mean(0)
+    for part in x.split(chunk):
+        x_hat, f, _ = sae(part)
+        squared += float((part - x_hat).pow(2).sum())
+        total += float((part - mean).pow(2).sum())
+        l0 += float((f > 0).sum())
+        fired += (f > 0).sum(0)
+    scale2 = float(sae.scale) ** 2
+    return {"mse": squared / scale2 / len(x), "explained_variance": 1 - squared / max(total, 1e-12),
+            "l0": l0 / len(x), "never_fired_frac": float((fired == 0).float().mean()),
+            "feature_density": (fired.float() / len(x)).cpu()}
+
+
+@torch.no_grad()
+def ce_recovered(model, sequences: Sequences, hook: str, replace, loss_positions: int | None,
+                 batch: int = 512) -> dict:
+    """Cross-entropy of the model on `sequences` with the activation at `hook` left alone (clean),
+    replaced at the taken positions by `replace(rows)` (e.g. an SAE's reconstruction), and set to
+    zero there; recovered = (CE_zero - CE_replaced) / (CE_zero - CE_clean): 1 for a perfect
+    reconstruction, 0 for one no better than zeros."""
+
+    def ce_with(fn) -> float:
+        total, count = 0.0, 0
+        for start in range(0, len(sequences.tokens), batch):
+            tokens = sequences.tokens[start:start + batch].to(next(model.parameters()).device)
+            mask = sequences.mask[start:start + batch].to(tokens.device)
+            targets = sequences.targets[start:start + batch].to(tokens.device)
+
+            def splice(x, hook_point):
+                flat = x.reshape(*x.shape[:2], -1).clone()
+                flat[mask] = fn(flat[mask].float()).to(flat.dtype)
+                return flat.reshape(x.shape)
+
+            logits = model.run_with_hooks(tokens, [(hook, splice)]).float()
+            if loss_positions:
+                logits = logits[:, -loss_positions:]
+            keep = targets != IGNORE
+            total += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+            count += int(keep.sum())
+        return total / max(count, 1)
+
+    clean = ce_with(lambda rows: rows)  # the same hooked forward, so a perfect replacement gives exactly 1
+    replaced = ce_with(replace)
+    zero = ce_with(torch.zeros_like)
+    return {"ce_clean": clean, "ce_sae": replaced, "ce_zero": zero,
+            "ce_recovered": (zero - replaced) / (zero - clean) if zero != clean else float("nan")}
+
+
+# ---------------------------------------------------------------- training
+
+
+def sae_dir(cfg: SAEConfig, d: int) -> tuple[str, str]:
+    base = cfg.run_dir if os.path.isdir(cfg.run_dir) else os.path.dirname(cfg.run_dir)
+    name = cfg.name or f"{cfg.hook}-{cfg.arch}-{cfg.dict_size or int(cfg.expansion * d)}"
+    return os.path.join(base, "sae", name), name
+
+
+def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
+    """Trains one SAE (every rank of a torchrun job calls this); returns the final metrics and
+    where the SAE lives. Bad input raises ConfigError / CheckpointError before anything is written."""
+    started = time.perf_counter()
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    dist = setup_distributed(device.type)
+    log = setup_logging(dist.is_main)
+    try:
+        run = load_run(cfg.run_dir, device=str(device))
+        for p in run.model.parameters():
+            p.requires_grad_(False)  # the model is only read
+        d = hook_width(run, cfg.hook)
+        out_dir, name = sae_dir(cfg, d)
+        checkpoint = None
+        if cfg.resume == "auto" and os.path.isfile(os.path.join(out_dir, "last.pt")):
+            checkpoint = load_checkpoint(os.path.join(out_dir, "last.pt"))
+            saved = checkpoint["config"]
+            for key in ("hook", "positions", "arch", "dict_size", "expansion", "k", "normalize", "source", "seed"):
+                if key in explicit and getattr(cfg, key) != saved[key]:
+                    raise ConfigError(f"--{key}: a resumed SAE keeps its checkpoint's {key} ({saved[key]!r})")
+            cfg = SAEConfig(**{**saved, **{k: getattr(cfg, k) for k in explicit}}).validate()
+        elif dist.is_main and os.path.isdir(out_dir) and os.listdir(out_dir) and cfg.resume != "auto":
+            raise ConfigError(f"--name: {out_dir} already holds an SAE; pass another --name, or --resume auto "
+                              f"to continue it")
+        if cfg.batch_size % dist.world_size:
+            raise ConfigError(f"--batch_size: {cfg.batch_size} rows do not split into {dist.world_size} ranks")
+        dtype = pick_dtype(cfg.dtype, device)
+        local_batch = cfg.batch_size // dist.world_size
+        if cfg.source == "dump":
+            directory = cfg.dump or default_dump_dir(cfg.run_dir, cfg.hook, "train", cfg.positions)
+            source = DumpSource(directory, cfg.batch_size, device, cfg.seed, dist.rank, dist.world_size)
+            if source.manifest["hook"] != cfg.hook or source.d != d:
+                raise ConfigError(f"--dump: {directory} holds {source.manifest['hook']} (d={source.d}), "
+                                  f"not {cfg.hook} (d={d})")
+        else:
+            source = LiveSource(run, cfg.hook, cfg.positions, "train", local_batch, cfg.buffer_rows // dist.world_size,
+                                cfg.seed, dist.rank, dist.world_size, cfg.max_tokens)
+        held_out = split_sequences(run, "val", cfg.positions, cfg.eval_tokens)
+        calibration = split_sequences(run, "train", cfg.positions, cfg.eval_tokens)
+        if dist.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+    except (ConfigError, CheckpointError):
+        close_logging(log)
+        teardown_distributed()
+        raise
+    if dist.is_main:
+        attach_log_file(log, os.path.join(out_dir, "train.log"))
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+
+    # ---- the SAE, its optimizer, its state
+    def all_rows(seqs: Sequences) -> torch.Tensor:
+        return torch.cat([rows_of(run.model, seqs, s, s + 1024, cfg.hook, device, dtype).acts
+                          for s in range(0, len(seqs.tokens), 1024)])
+
+    eval_rows = all_rows(held_out)
+    dict_size = cfg.dict_size or int(cfg.expansion * d)
+    seed_everything(cfg.seed)  # the same initialisation on every rank
+    sae = SparseAutoencoder(d, dict_size, cfg.arch, cfg.k).to(device)
+    sae.calibrate(all_rows(calibration), cfg.normalize)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+    rows_since_fired = torch.zeros(dict_size, dtype=torch.long, device=device)
+    step, elapsed_before = 0, 0.0
+    if checkpoint is not None:
+        sae.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizers"][0])
+        for group in optimizer.param_groups:
+            group["initial_lr"] = cfg.lr
+        rows_since_fired = checkpoint["rows_since_fired"].to(device)
+        step, elapsed_before = checkpoint["step"], checkpoint["elapsed_seconds"]
+        states = checkpoint["source"]
+        if len(states) == dist.world_size:
+            source.load_state_dict(states[dist.rank])
+            set_rng_state(checkpoint["rng"][dist.rank])
+        elif cfg.source == "live":
+            log.warning("warning: resumed on a different number of ranks; the live buffers start afresh")
+    model = DDP(sae, device_ids=[dist.local_rank] if device.type == "cuda" else None) if dist.enabled else sae
+
+    log.info(f"SAE {name} on {cfg.hook} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) -> {out_dir}")
+    log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
+    log.info(f"d={d} -> {dict_size} features ({cfg.arch}{f', k={cfg.k}' if cfg.arch == 'topk' else ''}) | "
+             f"{cfg.source} source | {cfg.batch_size} rows/step on {dist.world_size} rank(s) | "
+             f"eval on {len(eval_rows):,} val rows | input scale {float(sae.scale):.4g}"
+             + (f" | resumed at step {step}" if checkpoint is not None else ""))
+
+    wandb_run = None
+    if cfg.wandb_enabled and dist.is_main:
+        import wandb
+
+        wandb_run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
+                               name=name, dir=out_dir, config=cfg.to_dict(), resume="allow",
+                               id=checkpoint.get("wandb_id") if checkpoint else None)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if dist.is_main and os.path.isfile(metrics_path):  # a resumed SAE logs the steps after its checkpoint again
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def write(record: dict) -> None:
+        if dist.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if wandb_run is not None:
+                wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def evaluate() -> dict:
+        sae.eval()
+        metrics = reconstruction_metrics(sae, eval_rows)
+        metrics.pop("feature_density")
+        metrics.update(ce_recovered(run.model, held_out, cfg.hook, lambda rows: sae(rows)[0], run.data.loss_positions))
+        sae.train()
+        return metrics
+
+    def save() -> None:
+        states = gather_objects({k: v for k, v in source.state_dict().items()})
+        rng = gather_objects(rng_state())
+        if dist.is_main:
+            save_checkpoint({"model": sae.state_dict(), "optimizers": [optimizer.state_dict()], "step": step,
+                             "rng": rng, "source": states, "rows_since_fired": rows_since_fired.cpu(),
+                             "config": cfg.to_dict(), "elapsed_seconds": elapsed_before + time.perf_counter() - t0,
+                             "wandb_id": wandb_run.id if wandb_run is not None else None, "d": d,
+                             "model_checkpoint": os.path.abspath(run.checkpoint_path)},
+                            os.path.join(out_dir, "last.pt"))
+
+    # ---- the loop
+    t0 = time.perf_counter()
+    window, window_start = dict.fromkeys(("mse_sum", "l0_sum", "l1_sum", "aux_sum", "rows"), 0.0), time.perf_counter()
+    window_steps, last_eval, interrupted = 0, {}, 0
+    with StopSignals() as signals:
+        while step < cfg.max_steps:
+            apply_lr([optimizer], lr_multiplier(step, cfg, cfg.max_steps))
+            x = source.batch(step).acts
+            l1_weight = cfg.l1_coefficient * min(1.0, (step + 1) / max(cfg.l1_warmup_steps, 1))
+            dead = rows_since_fired >= cfg.dead_rows
+            parts, f = update(sae, optimizer, x, cfg, l1_weight, dead, forward=model)
+            fired = (f > 0).any(0).long()
+            if dist.enabled:
+                torch_dist.all_reduce(fired)
+            rows_since_fired = torch.where(fired > 0, 0, rows_since_fired + cfg.batch_size)
+            step += 1
+            window_steps += 1
+            for key, value in parts.items():
+                window[key] += float(value)
+            window["rows"] += len(x)
+
+            if cfg.arch == "relu" and cfg.resample_every and step % cfg.resample_every == 0 and step <= cfg.max_steps // 2:
+                count = resample_dead(sae, optimizer, x, rows_since_fired >= cfg.dead_rows, dist.enabled)
+                rows_since_fired = torch.where(rows_since_fired >= cfg.dead_rows, 0, rows_since_fired)
+                if count:
+                    log.info(f"step {step}: resampled {count} dead features")
+
+            if step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps:
+                sums = all_reduce_sum(window, device)
+                seconds = time.perf_counter() - window_start
+                rows = max(sums["rows"], 1)
+                record = {"step": step, "train_mse": sums["mse_sum"] / rows, "train_l0": sums["l0_sum"] / rows,
+                          "dead_frac": float((rows_since_fired >= cfg.dead_rows).float().mean()),
+                          "lr": optimizer.param_groups[0]["lr"], "ms_per_step": 1000 * seconds / window_steps,
+                          "rows_per_sec": sums["rows"] / seconds}
+                if cfg.arch == "relu":
+                    record["train_l1"] = sums["l1_sum"] / rows
+                    record["l1_weight"] = l1_weight
+                eta = (cfg.max_steps - step) * seconds / window_steps
+                log.info(f"step {step:>6}/{cfg.max_steps} | " + " | ".join(
+                    f"{k} {v:.4g}" for k, v in record.items() if k not in ("step",)) + f" | ETA {eta:.0f}s")
+                if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                    last_eval = evaluate()
+                    record.update(last_eval)
+                    log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                record["elapsed_seconds"] = round(elapsed_before + time.perf_counter() - t0, 3)
+                write(record)
+                window = dict.fromkeys(window, 0.0)
+                window_start, window_steps = time.perf_counter(), 0
+            elif step % cfg.eval_every == 0:
+                last_eval = evaluate()
+                write({"step": step, **last_eval, "elapsed_seconds": round(elapsed_before + time.perf_counter() - t0, 3)})
+                log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            if cfg.save_every and step % cfg.save_every == 0:
+                save()
+            signum = max_over_ranks(signals.received, dist)
+            if signum and step < cfg.max_steps:
+                interrupted = signum
+                log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
+                break
+        save()
+    if dist.is_main:
+        plot_sae_curves(metrics_path, os.path.join(out_dir, "curves.png"), title=name)
+    seconds = time.perf_counter() - started
+    summary = {"sae_dir": out_dir, "steps": step, "seconds": seconds, "dict_size": dict_size,
+               "interrupted": signal.Signals(interrupted).name if interrupted else None, **last_eval}
+    if interrupted:
+        log.info(f"interrupted at step {step}; last.pt saved. Continue with the same command and --resume auto")
+    else:
+        log.info(f"done: {step} steps in {seconds:.1f}s | " + " | ".join(
+            f"{k} {last_eval[k]:.4f}" for k in ("explained_variance", "l0", "ce_recovered") if k in last_eval)
+            + f" | report: python sae.py report {out_dir}")
+    if wandb_run is not None:
+        wandb_run.finish(exit_code=128 + interrupted if interrupted else 0)
+    close_logging(log)
+    teardown_distributed(barrier=True)
+    return summary
+
+
+@torch.no_grad()
+def resample_dead(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor, distributed: bool) -> int:
+    """Anthropic's resampling: each dead feature gets, as its decoder direction, an input drawn with
+    probability ∝ its squared reconstruction loss (centred by b_dec, unit norm); its encoder row is
+    that direction scaled to 0.2 x the mean live encoder norm; its bias 0; its Adam moments reset.
+    Rank 0 draws from its batch and every rank takes its choice."""
+    count = int(dead.sum())
+    if not count:
+        return 0
+    indices = dead.nonzero().squeeze(1)
+    x_hat, _, _ = sae(x)
+    loss = ((x - x_hat) / sae.scale).pow(2).sum(-1)
+    picks = torch.multinomial(loss.pow(2) + 1e-12, count, replacement=True)
+    directions = x[picks] / sae.scale - sae.b_dec
+    directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    if distributed:
+        torch_dist.broadcast(directions, src=0)
+    alive = ~dead
+    encoder_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    sae.W_dec[indices] = directions
+    sae.W_enc[:, indices] = directions.t() * 0.2 * encoder_norm
+    sae.b_enc[indices] = 0
+    for param, rows in ((sae.W_dec, (indices, slice(None))), (sae.W_enc, (slice(None), indices)),
+                        (sae.b_enc, (indices,))):
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][rows] = 0
+    return count
+
+
+# ---------------------------------------------------------------- pictures and the report
+
+
+def plot_sae_curves(metrics_path: str, out_path: str, title: str = "") -> str:
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_path)
+    panels = [("train_mse", "mse (normalised)", "log"), ("explained_variance", "explained variance (val)", "linear"),
+              ("train_l0", "L0", "log"), ("dead_frac", "dead fraction", "linear"),
+              ("ce_recovered", "CE loss recovered (val)", "linear")]
+    fig = Figure(figsize=(4 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels))
+    for ax, (key, label, yscale) in zip(axes, panels):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
+        if key == "train_mse":
+            points = [(r["step"], r["mse"]) for r in records if "mse" in r]
+            if points:
+                ax.plot(*zip(*points), "o-", label="val")
+                ax.legend()
+        ax.set(xlabel="step", title=label, yscale=yscale)
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    return out_path
+
+
+def load_sae(path: str, device: str = "auto"):
+    """An SAE directory (its last.pt) or checkpoint -> (SparseAutoencoder in eval mode, SAEConfig, run)."""
+    path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
+    checkpoint = load_checkpoint(path)
+    if "rows_since_fired" not in checkpoint:
+        raise CheckpointError(f"{path} is a model checkpoint, not an SAE's; pass <run>/sae/<name>")
+    cfg = SAEConfig(**checkpoint["config"])
+    run = load_run(cfg.run_dir, device=device)
+    weights = checkpoint["model"]
+    sae = SparseAutoencoder(checkpoint["d"], weights["W_dec"].shape[0], cfg.arch, cfg.k)
+    sae.load_state_dict(weights)
+    return sae.to(run.device).eval(), cfg, run
+
+
+@torch.no_grad()
+def feature_acts(sae: SparseAutoencoder, run, sequences: Sequences, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feature activations [S, T, n] at every position, the taken-position mask [S, T])."""
+    out = []
+    for start in range(0, len(sequences.tokens), 1024):
+        acts = capture(run.model, sequences.tokens[start:start + 1024].to(run.device), hook)
+        out.append(sae.encode(acts))
+    return torch.cat(out), sequences.mask.to(run.device)
+
+
+@torch.no_grad()
+def report(sae_path: str, top: int = 12) -> str:
+    """Writes <sae>/report/: a summary with the held-out metrics, the feature-density histogram, and
+    views of the top features (by total activation on held-out rows): for modular runs each one's
+    activation over the (a, b) grid and its share of variance per frequency; for text runs the
+    contexts that activate it most; for Dyck runs its mean activation by nesting depth."""
+    from matplotlib.figure import Figure
+
+    sae, cfg, run = load_sae(sae_path)
+    directory = sae_path if os.path.isdir(sae_path) else os.path.dirname(sae_path)
+    out = os.path.join(directory, "report")
+    os.makedirs(out, exist_ok=True)
+    held_out = split_sequences(run, "val", cfg.positions, cfg.eval_tokens)
+    acts, mask = feature_acts(sae, run, held_out, cfg.hook)
+    rows = torch.cat([rows_of(run.model, held_out, s, s + 1024, cfg.hook, run.device, torch.float32).acts
+                      for s in range(0, len(held_out.tokens), 1024)])
+    metrics = reconstruction_metrics(sae, rows)
+    density = metrics.pop("feature_density")
+    metrics.update(ce_recovered(run.model, held_out, cfg.hook, lambda r: sae(r)[0], run.data.loss_positions))
+    taken = acts[mask]  # [rows, n]
+    ranked = torch.argsort(taken.sum(0), descending=True)[:top].tolist()
+
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    alive = density[density > 0]
+    ax.hist(torch.log10(alive).numpy(), bins=40)
+    ax.set(xlabel="log10 firing frequency on held-out rows", ylabel="features",
+           title=f"feature density ({int((density == 0).sum())} of {len(density)} never fired)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "feature_density.png"), dpi=110)
+
+    lines = [f"# SAE {os.path.basename(os.path.normpath(directory))}", "",
+             f"{cfg.arch} SAE with {sae.dict_size} features on `{cfg.hook}` ({cfg.positions} positions) of "
+             f"`{cfg.run_dir}`; {len(rows):,} held-out rows from the val split.", "",
+             "| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    lines += ["", "![feature density](feature_density.png)", ""]
+
+    task = run.cfg.task
+    if task == "modular":
+        p = run.cfg.modulus
+        grid_tokens = run.data.tokens
+        every = torch.cat([sae.encode(capture(run.model, grid_tokens[s:s + 4096], cfg.hook)[:, -1])
+                           for s in range(0, len(grid_tokens), 4096)])
+        if run.cfg.operation == "divide":  # b = 0 is not in the table
+            grid = torch.zeros(p * p, every.shape[1], device=every.device)
+            grid[(grid_tokens[:, 0] * p + grid_tokens[:, 1])] = every
+            every = grid
+        grid = every.reshape(p, p, -1)[:, :, ranked]
+        freqs = neuron_frequencies(grid)
+        fig = Figure(figsize=(2.6 * min(top, 6), 5.4 * math.ceil(len(ranked) / 6)))
+        axes = fig.subplots(2 * math.ceil(len(ranked) / 6), min(len(ranked), 6), squeeze=False)
+        for i, feature in enumerate(ranked):
+            image_ax, spectrum_ax = axes[2 * (i // 6), i % 6], axes[2 * (i // 6) + 1, i % 6]
+            image_ax.imshow(grid[:, :, i].cpu().numpy(), cmap="viridis", origin="lower")
+            image_ax.set(title=f"feature {feature}", xlabel="b", ylabel="a")
+            spectrum_ax.bar(range(1, p // 2 + 1), freqs.shares[:, i].cpu().numpy())
+            spectrum_ax.set(title=f"k={int(freqs.frequency[i])}: {float(freqs.explained[i]):.0%} of variance",
+                            xlabel="frequency k", ylim=(0, 1))
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "features_grid.png"), dpi=90)
+        lines += ["## Top features over every pair (a, b)", "",
+                  "Activation at `=` over all p² pairs, and each feature's share of variance in each frequency "
+                  "(2-D Fourier basis, as for neurons in interp.py).", "",
+                  "| feature | fires on pairs | best frequency | its share |", "| --- | --- | --- | --- |"]
+        lines += [f"| {feature} | {float((grid[:, :, i] > 0).float().mean()):.1%} | {int(freqs.frequency[i])} | "
+                  f"{float(freqs.explained[i]):.2f} |" for i, feature in enumerate(ranked)]
+        lines += ["", "![features over the (a, b) grid](features_grid.png)", ""]
+    elif task == "text":
+        lines += ["## Top features: the contexts that activate them most", "",
+                  "The activating token is in ⟦brackets⟧; the number is the activation.", ""]
+        S, T = mask.shape
+        for feature in ranked:
+            values = acts[:, :, feature].masked_fill(~mask, -1).flatten()
+            best = values.topk(min(5, len(values))).indices.tolist()
+            lines.append(f"**feature {feature}** (fires on {float((taken[:, feature] > 0).float().mean()):.1%} of rows)")
+            lines.append("")
+            for index in best:
+                s, t = divmod(index, T)
+                ids = held_out.tokens[s].tolist()
+                before = run.data.decode(ids[max(0, t - 40):t])
+                context = (before + "⟦" + run.data.decode(ids[t:t + 1]) + "⟧" + run.data.decode(ids[t + 1:t + 6]))
+                lines.append(f"    {float(values[index]):7.3f}  {context!r}")
+            lines.append("")
+    elif task == "dyck":
+        k = run.cfg.dyck_types
+        tokens = held_out.tokens.to(run.device)
+        step_ = ((tokens >= 3) & (tokens < 3 + k)).long() - ((tokens >= 3 + k) & (tokens < 3 + 2 * k)).long()
+        depth = step_.cumsum(1)  # depth after reading each token
+        max_depth = int(depth[mask].max())
+        table = torch.stack([acts[(depth == level) & mask][:, ranked].mean(0) if ((depth == level) & mask).any()
+                             else torch.zeros(len(ranked), device=run.device) for level in range(max_depth + 1)])
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
+        for i, feature in enumerate(ranked):
+            ax.plot(range(max_depth + 1), table[:, i].cpu().numpy(), marker="o", label=f"feature {feature}")
+        ax.set(xlabel="nesting depth after the token", ylabel="mean activation", title="top features by depth")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "features_depth.png"), dpi=110)
+        lines += ["## Top features by nesting depth", "",
+                  "| feature | " + " | ".join(f"depth {level}" for level in range(max_depth + 1)) + " |",
+                  "|---" * (max_depth + 2) + "|"]
+        lines += [f"| {feature} | " + " | ".join(f"{float(table[level, i]):.3f}" for level in range(max_depth + 1)) + " |"
+                  for i, feature in enumerate(ranked)]
+        lines += ["", "![features by depth](features_depth.png)", ""]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        if len(argv) != 2 or argv[1].startswith("-"):
+            raise ConfigError("usage: python sae.py report <run>/sae/<name>")
+        path = report(argv[1])
+        print(f"wrote {path}")
+        return path
+    cfg, explicit = parse_flags(SAEConfig, argv, "sae.py", "Train a sparse autoencoder on a run's activations "
+                                "(`python sae.py report DIR` writes feature views).", positional="run_dir")
+    return train(cfg, explicit)
+
+
+if __name__ == "__main__":
+    try:
+        summary = main()
+    except (ConfigError, CheckpointError) as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(summary, dict) and summary.get("interrupted"):
+        sys.exit(128 + signal.Signals[summary["interrupted"]])

@@ -1,0 +1,146 @@
+"""activations.py: dumps on disk and the live buffer give the same rows; a dump survives being
+interrupted and splits across torchrun ranks; bad input fails with one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import activations
+from activations import DumpSettings, DumpSource, LiveSource, dump
+from config import ConfigError
+from conftest import ROOT, run_torchrun
+from interp import load_run
+
+HOOK = "blocks.0.mlp.hook_post"
+
+
+def dump_to(run_dir, out, **settings) -> str:
+    return dump(DumpSettings(run_dir=run_dir, hook=settings.pop("hook", HOOK), out=str(out), **settings).validate(),
+                log=lambda *a: None)
+
+
+def read_dump(directory) -> dict:
+    """{(sequence, position): activation row} of a whole dump."""
+    source = DumpSource(str(directory), batch_size=1, device="cpu")
+    everything = source.rows(torch.arange(source.num_rows))
+    return {tuple(w): row for w, row in zip(source.where.tolist(), everything)}
+
+
+@pytest.mark.parametrize("task,positions", [("modular", "answer"), ("text", "all"), ("dyck", "all")])
+def test_dump_and_live_source_give_the_same_rows(tmp_path, trained_runs, task, positions):
+    out = dump_to(trained_runs[task], tmp_path / "dump", positions=positions, shard_rows=30 if task == "modular" else 1000)
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    assert manifest["complete"] and manifest["num_shards"] > 1 and manifest["num_rows"] == sum(manifest["shard_rows"])
+    dumped = read_dump(out)
+    tokens = np.load(os.path.join(out, "tokens.npy"))
+    if task == "modular":  # one row per example, at "="
+        assert {p for _, p in dumped} == {2} and len(dumped) == len(tokens)
+    if task == "dyck":  # padding (token 0) is never taken
+        assert all(tokens[s, p] != 0 for s, p in dumped) and len(dumped) == int((tokens != 0).sum())
+
+    run = load_run(trained_runs[task], device="cpu")
+    live = LiveSource(run, HOOK, positions, "train", batch_size=64, buffer_rows=256, seed=3)
+    seen = set()
+    for step in range(12):  # past the first refill
+        batch = live.batch(step)
+        for s, p, row in zip(batch.sequence.tolist(), batch.position.tolist(), batch.acts):
+            assert torch.allclose(row, dumped[(s, p)], atol=1e-5), (s, p)
+            seen.add((s, p))
+    assert len(seen) > min(300, 0.8 * len(dumped))  # rows from many sequences, not one repeated
+    # Shuffled: consecutive rows rarely come from the same sequence.
+    first = live.batch(12).sequence
+    assert (first[1:] == first[:-1]).float().mean() < 0.2
+
+
+def test_dump_source_batches_are_a_function_of_seed_and_step_and_split_across_ranks(tmp_path, trained_runs):
+    out = dump_to(trained_runs["modular"], tmp_path / "dump")
+    one = DumpSource(out, batch_size=32, device="cpu", seed=1)
+    ranks = [DumpSource(out, batch_size=32, device="cpu", seed=1, rank=r, world=2) for r in range(2)]
+    for step in (0, 5, 1000):  # 1000 is many epochs on: a fresh order each epoch
+        whole = one.batch(step)
+        halves = [source.batch(step) for source in ranks]
+        assert torch.equal(torch.cat([h.acts for h in halves]), whole.acts)
+        assert torch.equal(torch.cat([h.sequence for h in halves]), whole.sequence)
+    assert not torch.equal(one.batch(0).sequence, one.batch(one.num_rows // 32).sequence)
+    small = DumpSource(out, batch_size=32, device="cpu", seed=1, in_memory_bytes=0)  # read through the memmaps
+    assert torch.equal(small.batch(7).acts, one.batch(7).acts)
+
+
+def test_an_interrupted_dump_finishes_what_is_missing(tmp_path, trained_runs):
+    reference = dump_to(trained_runs["text"], tmp_path / "reference", shard_rows=200)
+    out = dump_to(trained_runs["text"], tmp_path / "cut", shard_rows=200)
+    # What a killed dump leaves: some shards written, the manifest not yet marked complete.
+    manifest_path = os.path.join(out, "manifest.json")
+    manifest = json.loads(open(manifest_path).read())
+    assert manifest["num_shards"] >= 3
+    manifest["complete"] = False
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    for k in (1, manifest["num_shards"] - 1):
+        os.remove(os.path.join(out, f"acts-{k:05d}.npy"))
+    kept = os.path.join(out, "acts-00000.npy")
+    before = os.stat(kept).st_mtime_ns
+    with pytest.raises(ConfigError, match="incomplete"):
+        DumpSource(out, batch_size=8, device="cpu")
+
+    messages = []
+    dump(DumpSettings(run_dir=trained_runs["text"], hook=HOOK, out=out, shard_rows=200).validate(), log=messages.append)
+    assert any(f"{manifest['num_shards'] - 2} of {manifest['num_shards']} shards" in m for m in messages), messages
+    assert os.stat(kept).st_mtime_ns == before  # done shards are not recomputed
+    a, b = read_dump(out), read_dump(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_two_ranks_write_the_same_dump_as_one_process(tmp_path, trained_runs):
+    one = dump_to(trained_runs["modular"], tmp_path / "one", shard_rows=40)
+    result = run_torchrun(["dump", trained_runs["modular"], "--hook", HOOK, "--out", str(tmp_path / "two"),
+                           "--shard_rows", "40"], cwd=str(tmp_path), script="activations.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done:") == 1  # rank 0 speaks for both
+    a, b = read_dump(one), read_dump(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.allclose(a[key], b[key], atol=1e-6) for key in a)
+
+
+def test_an_existing_dump_of_something_else_is_never_overwritten(tmp_path, trained_runs):
+    out = dump_to(trained_runs["modular"], tmp_path / "dump")
+    before = {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out)}
+    with pytest.raises(ConfigError, match="--out: .* another positions"):
+        dump_to(trained_runs["modular"], out, positions="all")
+    assert before == {name: os.stat(os.path.join(out, name)).st_mtime_ns for name in os.listdir(out)}
+    dump_to(trained_runs["modular"], out, positions="all", overwrite=True)
+    assert json.loads(open(os.path.join(out, "manifest.json")).read())["positions"] == "all"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--hook", "blocks.0.mlp.hook_pots"], "--hook: this model has no hook point 'blocks.0.mlp.hook_pots'; did you mean"),
+    (["--hook", "blocks.0.attn.hook_pattern"], "--hook: blocks.0.attn.hook_pattern is [batch, head, query, key]"),
+    (["--hook", HOOK, "--split", "test"], "--split: 'test' is not one of train, val"),
+    (["--hook", HOOK, "--shard_row", "5"], "unknown flag --shard_row; did you mean --shard_rows?"),
+    ([], "--hook: name the hook point"),
+])
+def test_bad_input_names_the_flag_and_writes_nothing(trained_runs, args, message):
+    with pytest.raises(ConfigError) as error:
+        activations.main(["dump", trained_runs["modular"], *args])
+    assert str(error.value).startswith(message)
+    assert not os.path.exists(os.path.join(trained_runs["modular"], "activations"))
+
+
+def test_the_command_line_says_it_in_one_line_with_exit_status_2(tmp_path, trained_runs):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "activations.py"), "dump", trained_runs["modular"],
+                             "--hook", "blocks.0.mlp.hook_pots"], capture_output=True, text=True, cwd=str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --hook: this model has no hook point") and result.stderr.count("\n") == 1
+
+
+def test_missing_run_and_missing_dump(tmp_path):
+    with pytest.raises(Exception, match="does not exist|holds no"):
+        activations.main(["dump", str(tmp_path / "nope"), "--hook", HOOK])
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        DumpSource(str(tmp_path), batch_size=8, device="cpu")
