@@ -154,8 +154,9 @@ def assert_same_run(run_dir, reference) -> None:
 
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory):
-    """Three small trained runs, one per task, shared by the activation and SAE tests (which only
-    read them): {"modular": run dir, "text": ..., "dyck": ...}."""
+    """Three small trained runs, one per task, shared by the activation and SAE tests: {"modular":
+    run dir, "text": ..., "dyck": ...}. Tests never change them; they may add SAEs (<run>/sae/<name>)
+    under names of their own, and dumps go to their own tmp_path."""
     import train
 
     root = tmp_path_factory.mktemp("trained")

@@ -1,0 +1,222 @@
+"""sae.py: the dictionary learns what it should (ground truth), every parameter learns, CE loss
+recovered means what it says, training resumes exactly and splits across ranks, reports are written,
+bad input fails cleanly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sae as sae_module
+from activations import DumpSettings, dump, split_sequences
+from config import ConfigError
+from conftest import ROOT, run_torchrun
+from interp import load_run
+from optimizer import apply_lr, lr_multiplier
+from sae import SAEConfig, SparseAutoencoder, ce_recovered, resample_dead, sae_loss, update
+from utils import read_metrics
+
+HOOK = "blocks.0.mlp.hook_post"
+QUICK = ["--hook", HOOK, "--dict_size", "96", "--batch_size", "64", "--max_steps", "20", "--eval_every", "10",
+         "--log_every", "5", "--buffer_rows", "512", "--eval_tokens", "600", "--l1_warmup_steps", "5",
+         "--warmup_steps", "2", "--lr_schedule", "constant", "--save_every", "0", "--dead_rows", "256",
+         "--resample_every", "4"]
+
+
+def synthetic(n: int, d: int = 32, features: int = 64, p: float = 0.05, seed: int = 0):
+    """Rows that are sparse sums of known unit directions: each of `features` is active with
+    probability p, with a magnitude in [0.5, 1.5]. Returns (rows, the true directions, true L0)."""
+    generator = torch.Generator().manual_seed(seed)
+    true = torch.randn(features, d, generator=generator)
+    true /= true.norm(dim=1, keepdim=True)
+    active = torch.rand(n, features, generator=generator) < p
+    magnitude = torch.rand(n, features, generator=generator) + 0.5
+    return (active * magnitude) @ true, true, float(active.sum(1).float().mean())
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_the_sae_recovers_a_known_sparse_dictionary(arch):
+    x, true, true_l0 = synthetic(50_000)
+    steps = 400
+    cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=3, l1_warmup_steps=100, max_steps=steps, batch_size=512,
+                    lr=3e-3, warmup_steps=50, dead_rows=20_000).validate()
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(32, 128, arch, cfg.k)
+    sae.calibrate(x[:8192], normalize=True)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    optimizer.param_groups[0]["initial_lr"] = cfg.lr
+    rows_since_fired = torch.zeros(128, dtype=torch.long)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        apply_lr([optimizer], lr_multiplier(step, cfg, steps))
+        batch = x[torch.randint(0, len(x), (cfg.batch_size,), generator=generator)]
+        l1_weight = cfg.l1_coefficient * min(1.0, (step + 1) / cfg.l1_warmup_steps)
+        _, f = update(sae, optimizer, batch, cfg, l1_weight, rows_since_fired >= cfg.dead_rows)
+        rows_since_fired = torch.where((f > 0).any(0), 0, rows_since_fired + len(batch))
+        if arch == "relu" and (step + 1) % 100 == 0 and step < steps // 2:
+            resample_dead(sae, optimizer, batch, rows_since_fired >= cfg.dead_rows, distributed=False)
+            rows_since_fired[rows_since_fired >= cfg.dead_rows] = 0
+    with torch.no_grad():
+        best_cosine = (true @ sae.W_dec.t()).max(1).values  # each true feature's closest learned one
+        l0 = float((sae.encode(x[:10_000]) > 0).sum(1).float().mean())
+    assert (best_cosine > 0.9).float().mean() >= 0.9, best_cosine.sort().values[:10]
+    assert abs(l0 - true_l0) < 0.35 * true_l0, (l0, true_l0)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)  # unit decoder rows
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_every_sae_parameter_receives_a_gradient_and_moves(arch):
+    """An SAE whose decoder (or any part) never learns must fail here (SplatNLP's trained its
+    decoder under no_grad). TopK with dead features also exercises the AuxK path."""
+    x, _, _ = synthetic(512)
+    cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=4).validate()
+    sae = SparseAutoencoder(32, 64, arch, cfg.k)
+    sae.calibrate(x, normalize=True)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    loss, parts, _ = sae_loss(sae, x, cfg, l1_weight=1.0, dead=dead)
+    loss.backward()
+    for name, param in sae.named_parameters():
+        assert param.grad is not None and float(param.grad.abs().sum()) > 0, f"{name} receives no gradient"
+    if arch == "topk":
+        assert parts["aux_sum"] > 0
+    sae.zero_grad()
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    update(sae, optimizer, x, cfg, 1.0, dead)
+    for name, param in sae.named_parameters():
+        assert not torch.equal(before[name], param), f"{name} did not change in a step"
+
+
+def test_the_decoder_gradient_along_each_feature_is_removed():
+    sae = SparseAutoencoder(8, 16)
+    sae.W_dec.grad = torch.randn(16, 8)
+    sae.remove_parallel_gradient()
+    assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(16), atol=1e-6)
+
+
+def test_resampling_gives_dead_features_the_worst_reconstructed_inputs():
+    x, _, _ = synthetic(256)
+    sae = SparseAutoencoder(32, 64)
+    sae.calibrate(x, normalize=True)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    update(sae, optimizer, x, SAEConfig(run_dir="-", hook="-"), 1.0, None)  # Adam has moments now
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 10, 40]] = True
+    assert resample_dead(sae, optimizer, x, dead, distributed=False) == 3
+    with torch.no_grad():
+        centred = x / sae.scale - sae.b_dec
+        centred /= centred.norm(dim=1, keepdim=True)
+        # each new decoder row is one of the inputs, centred and of unit norm
+        assert ((sae.W_dec[dead] @ centred.t()).max(1).values > 1 - 1e-5).all()
+        assert torch.equal(sae.W_dec[~dead], before["W_dec"][~dead]) and torch.equal(sae.W_enc[:, ~dead], before["W_enc"][:, ~dead])
+        assert (sae.b_enc[dead] == 0).all()
+        live_norm = before["W_enc"][:, ~dead].norm(dim=0).mean()
+        assert torch.allclose(sae.W_enc[:, dead].norm(dim=0), 0.2 * live_norm.expand(3), rtol=1e-4)
+    for param in (sae.W_dec, sae.b_enc):
+        assert (optimizer.state[param]["exp_avg"][dead] == 0).all() and (optimizer.state[param]["exp_avg"][~dead] != 0).any()
+
+
+def test_ce_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zeros(trained_runs):
+    run = load_run(trained_runs["text"], device="cpu")
+    held_out = split_sequences(run, "val", "all", 400)
+    perfect = ce_recovered(run.model, held_out, HOOK, lambda rows: rows, run.data.loss_positions)
+    zero = ce_recovered(run.model, held_out, HOOK, torch.zeros_like, run.data.loss_positions)
+    assert perfect["ce_recovered"] == 1.0 and zero["ce_recovered"] == 0.0
+    assert perfect["ce_zero"] > perfect["ce_clean"]  # zeroing the MLP hurts this model
+    half = ce_recovered(run.model, held_out, HOOK, lambda rows: rows * 0.5, run.data.loss_positions)
+    assert 0 < half["ce_recovered"] < 1
+
+
+@pytest.mark.parametrize("source", ["live", "dump"])
+def test_sae_training_writes_its_directory_and_resumes_exactly(tmp_path, trained_runs, source):
+    run_dir = trained_runs["modular"]
+    if source == "dump":
+        dump(DumpSettings(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
+    common = [run_dir, *QUICK, "--source", source, "--dump", str(tmp_path / "dump")]
+    straight = sae_module.main(common + ["--name", f"straight-{source}"])
+    directory = straight["sae_dir"]
+    assert directory == os.path.join(run_dir, "sae", f"straight-{source}")
+    assert {"config.json", "train.log", "metrics.jsonl", "last.pt", "curves.png"} <= set(os.listdir(directory))
+    records = read_metrics(os.path.join(directory, "metrics.jsonl"))
+    final = records[-1]
+    for key in ("train_mse", "train_l0", "train_l1", "dead_frac", "mse", "explained_variance", "l0",
+                "never_fired_frac", "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "rows_per_sec"):
+        assert key in final, key
+    assert final["step"] == 20 and final["explained_variance"] > 0 and 0 <= final["never_fired_frac"] <= 1
+
+    sae_module.main(common + ["--name", f"cut-{source}", "--max_steps", "10"])
+    resumed = sae_module.main(common + ["--name", f"cut-{source}", "--max_steps", "20", "--resume", "auto"])
+    assert resumed["steps"] == 20
+    cut = {r["step"]: r for r in read_metrics(os.path.join(resumed["sae_dir"], "metrics.jsonl"))}
+    assert sorted(cut) == [r["step"] for r in records]
+    for record in records:
+        for key in ("train_mse", "train_l0", "mse", "ce_sae"):
+            if key in record:
+                assert cut[record["step"]][key] == record[key], (record["step"], key)
+    a = torch.load(os.path.join(directory, "last.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(resumed["sae_dir"], "last.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_ranks_train_the_sae_one_process_trains(tmp_path, trained_runs):
+    run_dir = trained_runs["modular"]
+    dump(DumpSettings(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
+    # Resampling draws new directions from rank 0's share of the batch, so it is off here.
+    common = [*QUICK, "--source", "dump", "--dump", str(tmp_path / "dump"), "--resample_every", "0", "--log_every", "1"]
+    one = sae_module.main([run_dir, *common, "--name", "one"])
+    result = run_torchrun([run_dir, *common, "--name", "two"], cwd=str(tmp_path), script="sae.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = {r["step"]: r for r in read_metrics(os.path.join(one["sae_dir"], "metrics.jsonl"))}
+    b = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", "two", "metrics.jsonl"))}
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for step in a:
+        assert b[step]["train_mse"] == pytest.approx(a[step]["train_mse"], rel=1e-4), step
+        assert b[step]["train_l0"] == pytest.approx(a[step]["train_l0"], abs=0.05), step
+    x = torch.load(os.path.join(one["sae_dir"], "last.pt"), weights_only=True)["model"]
+    y = torch.load(os.path.join(run_dir, "sae", "two", "last.pt"), weights_only=True)["model"]
+    assert all(torch.allclose(x[k], y[k], atol=1e-4) for k in x)
+
+
+@pytest.mark.parametrize("task,picture,text", [
+    ("modular", "features_grid.png", "best frequency"),
+    ("text", None, "⟦"),
+    ("dyck", "features_depth.png", "depth 0"),
+])
+def test_report_writes_feature_views_for_each_task(trained_runs, task, picture, text):
+    positions = "answer" if task == "modular" else "all"
+    trained = sae_module.main([trained_runs[task], *QUICK, "--arch", "topk", "--k", "4", "--positions", positions,
+                               "--name", f"report-{task}"])
+    path = sae_module.main(["report", trained["sae_dir"]])
+    report = open(path).read()
+    assert "| ce_recovered |" in report and "| explained_variance |" in report
+    assert text in report
+    files = os.listdir(os.path.dirname(path))
+    assert "feature_density.png" in files and (picture is None or picture in files)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--hook", "blocks.0.mlp.hook_pots"], "--hook: this model has no hook point"),
+    (["--hook", HOOK, "--arch", "gated"], "--arch: 'gated' is not one of relu, topk"),
+    (["--hook", HOOK, "--l1_coef", "3"], "unknown flag --l1_coef; did you mean --l1_coefficient?"),
+    (["--hook", HOOK, "--source", "dump", "--dump", "/nonexistent"], "--dump: /nonexistent has no manifest.json"),
+])
+def test_bad_input_names_the_flag(trained_runs, args, message):
+    with pytest.raises(ConfigError) as error:
+        sae_module.main([trained_runs["modular"], *args])
+    assert str(error.value).startswith(message)
+
+
+def test_an_existing_sae_is_never_overwritten(tmp_path, trained_runs):
+    first = sae_module.main([trained_runs["modular"], *QUICK, "--max_steps", "2", "--name", "kept"])
+    before = open(os.path.join(first["sae_dir"], "last.pt"), "rb").read()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sae.py"), trained_runs["modular"], *QUICK,
+                             "--name", "kept"], capture_output=True, text=True, cwd=str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --name:") and "--resume auto" in result.stderr
+    assert open(os.path.join(first["sae_dir"], "last.pt"), "rb").read() == before
