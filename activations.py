@@ -156,7 +156,7 @@ class DumpSettings:
     batch_tokens: int = _how(65536, "tokens per forward pass")
     store_dtype: str = _how("float32", "float32 | float16 on disk (read back as float32)")
     device: str = _how("auto", "auto | cpu | cuda | mps")
-    dtype: str = _how("auto", "precision of the forward pass: auto (bf16 autocast on capable GPUs) | float32 | bfloat16")
+    dtype: str = _how("auto", "forward pass precision: auto (bf16 autocast on capable GPUs) | float32 | bfloat16")
     overwrite: bool = _how(False, "replace a dump with other settings in --out")
 
     def validate(self) -> "DumpSettings":
@@ -227,7 +227,8 @@ def dump(settings: DumpSettings, log=print) -> str:
     if len(todo) < len(mine):
         say(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards of this rank already written")
     say(f"dumping {settings.hook} ({settings.positions} positions, d={width}) of {S:,} {settings.split} "
-        f"sequences into {num_shards} shard(s) at {out}" + (f" on {dist_info.world_size} ranks" if dist_info.enabled else ""))
+        f"sequences into {num_shards} shard(s) at {out}"
+        + (f" on {dist_info.world_size} ranks" if dist_info.enabled else ""))
     batch = max(1, settings.batch_tokens // T)
     started, rows_done = time.perf_counter(), 0
     for n, k in enumerate(todo):
@@ -244,7 +245,7 @@ def dump(settings: DumpSettings, log=print) -> str:
             f"ETA {(len(todo) - n - 1) * elapsed / (n + 1):.0f}s")
     finished = gather_objects(True)  # every rank is done writing
     if dist_info.is_main and all(finished):
-        counts = [int(np.load(os.path.join(out, f"rows-{k:05d}.npy"), mmap_mode="r").shape[0]) for k in range(num_shards)]
+        counts = [len(np.load(os.path.join(out, f"rows-{k:05d}.npy"), mmap_mode="r")) for k in range(num_shards)]
         _write_json(os.path.join(out, "manifest.json"), {**what, "complete": True, "shard_rows": counts,
                                                          "num_rows": sum(counts)})
         say(f"done: {sum(counts):,} rows of width {width} in {out}")

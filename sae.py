@@ -46,10 +46,10 @@ from config import ConfigError, parse_flags, section
 from data import IGNORE
 from interp import load_run, neuron_frequencies
 from optimizer import apply_lr, lr_multiplier
-from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file, close_logging,
-                   gather_objects, load_checkpoint, max_over_ranks, pick_device, pick_dtype, read_metrics, rng_state,
-                   save_checkpoint, seed_everything, set_rng_state, setup_distributed, setup_logging,
-                   teardown_distributed)
+from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file, close_logging, format_duration,
+                   gather_objects, load_checkpoint, load_env_files, max_over_ranks, pick_device, pick_dtype,
+                   read_metrics, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
+                   setup_logging, teardown_distributed)
 
 ARCHS = ("relu", "topk")
 SOURCES = ("live", "dump")
@@ -67,7 +67,7 @@ class SAEConfig:
     run_dir: str = _what("", "the model's run directory (runs/<run>) or checkpoint")
     hook: str = _what("", "hook point whose activations to reconstruct, e.g. blocks.0.mlp.hook_post")
     positions: str = _what("answer", "answer (the positions the loss reads) | all (every token)")
-    source: str = _what("live", "live (computed from the model through a shuffling buffer) | dump (activations.py dump)")
+    source: str = _what("live", "live (from the model, through a shuffling buffer) | dump (activations.py dump)")
     dump: str = _what("", "with --source dump: the dump directory (default <run>/activations/<hook>/train-<positions>)")
     max_tokens: int = _what(0, "with --source live: use only the first N tokens of the train split (0: all)")
     buffer_rows: int = _what(65536, "with --source live: rows in the shuffling buffer")
@@ -304,6 +304,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
     """Trains one SAE (every rank of a torchrun job calls this); returns the final metrics and
     where the SAE lives. Bad input raises ConfigError / CheckpointError before anything is written."""
     started = time.perf_counter()
+    load_env_files()  # W&B settings, as for train.py
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     dist = setup_distributed(device.type)
     log = setup_logging(dist.is_main)
@@ -338,7 +339,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             source = LiveSource(run, cfg.hook, cfg.positions, "train", local_batch, cfg.buffer_rows // dist.world_size,
                                 cfg.seed, dist.rank, dist.world_size, cfg.max_tokens)
         held_out = split_sequences(run, "val", cfg.positions, cfg.eval_tokens)
-        calibration = split_sequences(run, "train", cfg.positions, cfg.eval_tokens)
+        calibration = split_sequences(run, "train", cfg.positions, 32768)  # for the input scale and b_dec
         if dist.is_main:
             os.makedirs(out_dir, exist_ok=True)
     except (ConfigError, CheckpointError):
@@ -380,7 +381,8 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             log.warning("warning: resumed on a different number of ranks; the live buffers start afresh")
     model = DDP(sae, device_ids=[dist.local_rank] if device.type == "cuda" else None) if dist.enabled else sae
 
-    log.info(f"SAE {name} on {cfg.hook} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) -> {out_dir}")
+    log.info(f"SAE {name} on {cfg.hook} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) "
+             f"-> {out_dir}")
     log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
     log.info(f"d={d} -> {dict_size} features ({cfg.arch}{f', k={cfg.k}' if cfg.arch == 'topk' else ''}) | "
              f"{cfg.source} source | {cfg.batch_size} rows/step on {dist.world_size} rank(s) | "
@@ -407,10 +409,13 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             if wandb_run is not None:
                 wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    density = None  # each feature's firing frequency on the held-out rows, at the latest eval
+
     def evaluate() -> dict:
+        nonlocal density
         sae.eval()
         metrics = reconstruction_metrics(sae, eval_rows)
-        metrics.pop("feature_density")
+        density = metrics.pop("feature_density")
         metrics.update(ce_recovered(run.model, held_out, cfg.hook, lambda rows: sae(rows)[0], run.data.loss_positions))
         sae.train()
         return metrics
@@ -447,7 +452,8 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                 window[key] += float(value)
             window["rows"] += len(x)
 
-            if cfg.arch == "relu" and cfg.resample_every and step % cfg.resample_every == 0 and step <= cfg.max_steps // 2:
+            resample_due = cfg.resample_every and step % cfg.resample_every == 0 and step <= cfg.max_steps // 2
+            if cfg.arch == "relu" and resample_due:
                 count = resample_dead(sae, optimizer, x, rows_since_fired >= cfg.dead_rows, dist.enabled)
                 rows_since_fired = torch.where(rows_since_fired >= cfg.dead_rows, 0, rows_since_fired)
                 if count:
@@ -465,8 +471,11 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                     record["train_l1"] = sums["l1_sum"] / rows
                     record["l1_weight"] = l1_weight
                 eta = (cfg.max_steps - step) * seconds / window_steps
-                log.info(f"step {step:>6}/{cfg.max_steps} | " + " | ".join(
-                    f"{k} {v:.4g}" for k, v in record.items() if k not in ("step",)) + f" | ETA {eta:.0f}s")
+                log.info(f"step {step:>6}/{cfg.max_steps} | mse {record['train_mse']:.4g} | L0 {record['train_l0']:.1f}"
+                         + (f" | l1 {record['train_l1']:.4g} (weight {l1_weight:.3g})" if cfg.arch == "relu" else "")
+                         + f" | dead {record['dead_frac']:.1%} | lr {record['lr']:.2e} | "
+                         f"{record['ms_per_step']:.1f} ms/step | {record['rows_per_sec']:,.0f} rows/s | "
+                         f"{format_duration(time.perf_counter() - t0)}, ETA {format_duration(eta)}")
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
                     last_eval = evaluate()
                     record.update(last_eval)
@@ -477,7 +486,8 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                 window_start, window_steps = time.perf_counter(), 0
             elif step % cfg.eval_every == 0:
                 last_eval = evaluate()
-                write({"step": step, **last_eval, "elapsed_seconds": round(elapsed_before + time.perf_counter() - t0, 3)})
+                write({"step": step, **last_eval,
+                       "elapsed_seconds": round(elapsed_before + time.perf_counter() - t0, 3)})
                 log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if cfg.save_every and step % cfg.save_every == 0:
                 save()
@@ -489,6 +499,8 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         save()
     if dist.is_main:
         plot_sae_curves(metrics_path, os.path.join(out_dir, "curves.png"), title=name)
+        if density is not None:
+            plot_feature_density(density, os.path.join(out_dir, "feature_density.png"))
     seconds = time.perf_counter() - started
     summary = {"sae_dir": out_dir, "steps": step, "seconds": seconds, "dict_size": dict_size,
                "interrupted": signal.Signals(interrupted).name if interrupted else None, **last_eval}
@@ -499,6 +511,8 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             f"{k} {last_eval[k]:.4f}" for k in ("explained_variance", "l0", "ce_recovered") if k in last_eval)
             + f" | report: python sae.py report {out_dir}")
     if wandb_run is not None:
+        if interrupted:
+            wandb_run.mark_preempting()  # shown as preempted, not failed, until it resumes
         wandb_run.finish(exit_code=128 + interrupted if interrupted else 0)
     close_logging(log)
     teardown_distributed(barrier=True)
@@ -566,6 +580,21 @@ def plot_sae_curves(metrics_path: str, out_path: str, title: str = "") -> str:
     return out_path
 
 
+def plot_feature_density(density: torch.Tensor, path: str) -> str:
+    """Histogram of log10 firing frequency (share of held-out rows on which each feature fires)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    alive = density[density > 0]
+    ax.hist(torch.log10(alive).numpy(), bins=40)
+    ax.set(xlabel="log10 firing frequency on held-out rows", ylabel="features",
+           title=f"feature density ({int((density == 0).sum())} of {len(density)} never fired)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def load_sae(path: str, device: str = "auto"):
     """An SAE directory (its last.pt) or checkpoint -> (SparseAutoencoder in eval mode, SAEConfig, run)."""
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
@@ -612,14 +641,7 @@ def report(sae_path: str, top: int = 12) -> str:
     taken = acts[mask]  # [rows, n]
     ranked = torch.argsort(taken.sum(0), descending=True)[:top].tolist()
 
-    fig = Figure(figsize=(6, 3.6))
-    ax = fig.subplots()
-    alive = density[density > 0]
-    ax.hist(torch.log10(alive).numpy(), bins=40)
-    ax.set(xlabel="log10 firing frequency on held-out rows", ylabel="features",
-           title=f"feature density ({int((density == 0).sum())} of {len(density)} never fired)")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "feature_density.png"), dpi=110)
+    plot_feature_density(density, os.path.join(out, "feature_density.png"))
 
     lines = [f"# SAE {os.path.basename(os.path.normpath(directory))}", "",
              f"{cfg.arch} SAE with {sae.dict_size} features on `{cfg.hook}` ({cfg.positions} positions) of "
@@ -665,7 +687,8 @@ def report(sae_path: str, top: int = 12) -> str:
         for feature in ranked:
             values = acts[:, :, feature].masked_fill(~mask, -1).flatten()
             best = values.topk(min(5, len(values))).indices.tolist()
-            lines.append(f"**feature {feature}** (fires on {float((taken[:, feature] > 0).float().mean()):.1%} of rows)")
+            frequency = float((taken[:, feature] > 0).float().mean())
+            lines.append(f"**feature {feature}** (fires on {frequency:.1%} of rows)")
             lines.append("")
             for index in best:
                 s, t = divmod(index, T)
@@ -693,7 +716,7 @@ def report(sae_path: str, top: int = 12) -> str:
         lines += ["## Top features by nesting depth", "",
                   "| feature | " + " | ".join(f"depth {level}" for level in range(max_depth + 1)) + " |",
                   "|---" * (max_depth + 2) + "|"]
-        lines += [f"| {feature} | " + " | ".join(f"{float(table[level, i]):.3f}" for level in range(max_depth + 1)) + " |"
+        lines += [f"| {feature} | " + " | ".join(f"{float(value):.3f}" for value in table[:, i]) + " |"
                   for i, feature in enumerate(ranked)]
         lines += ["", "![features by depth](features_depth.png)", ""]
     path = os.path.join(out, "report.md")

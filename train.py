@@ -20,7 +20,6 @@ import sys
 import time
 
 import torch
-from dotenv import find_dotenv, load_dotenv
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from config import RESUME_FIXED, ConfigError, config_from_dict, format_config, parse_config
@@ -31,12 +30,12 @@ from optimizer import (EarlyStopping, GrokfastEMA, apply_lr, build_optimizers, l
                        lr_multiplier)
 from utils import (CheckpointError, RcloneSync, StopSignals, all_reduce_sum, attach_log_file, autocast,
                    broadcast_object, close_logging, create_run_dir, describe_environment,
-                   elastic_restart_count, find_checkpoint, flops_per_token, forget_launch, gather_objects,
-                   generate_run_name, launched_run, load_checkpoint, max_over_ranks, min_over_ranks,
-                   newest_checkpoint, peak_flops, pick_device, pick_dtype, plot_training_curves,
-                   remember_launch, rng_state, same_on_all_ranks, save_checkpoint, seed_everything,
-                   set_rng_state, setup_distributed, setup_logging, teardown_distributed, trim_metrics,
-                   unique_run_name)
+                   elastic_restart_count, find_checkpoint, flops_per_token, forget_launch, format_duration,
+                   gather_objects, generate_run_name, launched_run, load_checkpoint, load_env_files,
+                   max_over_ranks, min_over_ranks, newest_checkpoint, peak_flops, pick_device, pick_dtype,
+                   plot_training_curves, remember_launch, rng_state, same_on_all_ranks, save_checkpoint,
+                   seed_everything, set_rng_state, setup_distributed, setup_logging, teardown_distributed,
+                   trim_metrics, unique_run_name)
 
 
 class TrainingDiverged(Exception):
@@ -54,11 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     """
     started = time.perf_counter()
     cfg, explicit = parse_config(argv)
-    # Settings that stay out of config.json and the logs (WANDB_API_KEY, WANDB_PROJECT, WANDB_MODE,
-    # RCLONE_DEST, ...) may live in a .env file, in the working directory or beside train.py.
-    # Variables already set in the environment win.
-    load_dotenv(find_dotenv(usecwd=True))
-    load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
+    load_env_files()  # WANDB_API_KEY, WANDB_MODE, RCLONE_DEST, ... from .env files
 
     # ---- resume: the checkpoint's config, with the flags typed now on top (e.g. a longer max_steps)
     cfg, checkpoint, checkpoint_path, continuing, own_dir = resolve_resume(cfg, explicit)
@@ -354,12 +349,12 @@ def main(argv: list[str] | None = None) -> dict:
                 if peak:
                     train["mfu"] = flops_token * tokens_per_sec / dist.world_size / peak
                 # ETA to max_steps; "<=" when early stopping may end the run sooner.
-                eta = ("<=" if early_stopping.active else "") + _duration((max_steps - step) * ms_per_step / 1000)
+                eta = ("<=" if early_stopping.active else "") + format_duration((max_steps - step) * ms_per_step / 1000)
                 log.info(f"step {step:>6}/{max_steps} | train_loss {train['train_loss']:.4f} | "
                          f"train_acc {train['train_acc']:.4f} | lr {train['lr']:.2e} | "
                          f"grad_norm {train['grad_norm']:.3f} | {ms_per_step:.1f} ms/step | "
                          f"{tokens_per_sec:,.0f} tok/s" + (f" | mfu {train['mfu']:.1%}" if peak else "")
-                         + f" | {_duration(time.perf_counter() - train_started)}, ETA {eta}")
+                         + f" | {format_duration(time.perf_counter() - train_started)}, ETA {eta}")
                 window_start, window_steps = time.perf_counter(), 0
                 last = {**last, **train}
                 record = train if record_due else {}
@@ -418,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
                "train_seconds": time.perf_counter() - train_started, "best_val_loss": best_val_loss,
                "interrupted": signal.Signals(preempted).name if preempted else None,
                **{k: v for k, v in last.items() if k != "step"}}
-    log.info(f"done: {step} steps in {_duration(seconds)} (training {_duration(summary['train_seconds'])})"
+    log.info(f"done: {step} steps in {format_duration(seconds)} (training {format_duration(summary['train_seconds'])})"
              + "".join(f" | {k} {last[k]:.4f}" for k in ("val_loss", "val_acc") if k in last)
              + f" | {run_dir}")
     if wandb_run is not None:
@@ -482,15 +477,6 @@ def _resolve_resume(cfg, explicit: set[str]):
         resumed.run = os.path.basename(source_dir)
     continuing = os.path.abspath(os.path.join(resumed.save_model_dir, resumed.run)) == source_dir
     return resumed, checkpoint, path, continuing
-
-
-def _duration(seconds: float) -> str:
-    """12.3s, 4m05s, 2h13m."""
-    if seconds < 60:
-        return f"{max(seconds, 0.0):.1f}s"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 if __name__ == "__main__":

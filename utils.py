@@ -258,6 +258,16 @@ def close_logging(logger: logging.Logger) -> None:
         handler.close()
 
 
+def load_env_files() -> None:
+    """Settings that stay out of config.json and the logs (WANDB_API_KEY, WANDB_PROJECT, WANDB_MODE,
+    RCLONE_DEST, ...) may live in a .env file, in the working directory or beside the code.
+    Variables already set in the environment win."""
+    from dotenv import find_dotenv, load_dotenv
+
+    load_dotenv(find_dotenv(usecwd=True))
+    load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
+
+
 def describe_environment(device: torch.device, world_size: int) -> str:
     """Versions and hardware, so that a log describes the machine it came from."""
     lines = [
@@ -600,6 +610,15 @@ def flops_per_token(num_params: int, num_blocks: int, num_heads: int, head_dim: 
 
 
 # ---------------------------------------------------------------- metrics file and plots
+
+
+def format_duration(seconds: float) -> str:
+    """12.3s, 4m05s, 2h13m."""
+    if seconds < 60:
+        return f"{max(seconds, 0.0):.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def read_metrics(path: str) -> list[dict]:

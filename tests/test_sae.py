@@ -5,6 +5,7 @@ bad input fails cleanly."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import torch
 import sae as sae_module
 from activations import DumpSettings, dump, split_sequences
 from config import ConfigError
-from conftest import ROOT, run_torchrun
+from conftest import ROOT, logged_steps, run_torchrun, wait_until
 from interp import load_run
 from optimizer import apply_lr, lr_multiplier
 from sae import SAEConfig, SparseAutoencoder, ce_recovered, resample_dead, sae_loss, update
@@ -114,12 +115,14 @@ def test_resampling_gives_dead_features_the_worst_reconstructed_inputs():
         centred /= centred.norm(dim=1, keepdim=True)
         # each new decoder row is one of the inputs, centred and of unit norm
         assert ((sae.W_dec[dead] @ centred.t()).max(1).values > 1 - 1e-5).all()
-        assert torch.equal(sae.W_dec[~dead], before["W_dec"][~dead]) and torch.equal(sae.W_enc[:, ~dead], before["W_enc"][:, ~dead])
+        assert torch.equal(sae.W_dec[~dead], before["W_dec"][~dead])
+        assert torch.equal(sae.W_enc[:, ~dead], before["W_enc"][:, ~dead])
         assert (sae.b_enc[dead] == 0).all()
         live_norm = before["W_enc"][:, ~dead].norm(dim=0).mean()
         assert torch.allclose(sae.W_enc[:, dead].norm(dim=0), 0.2 * live_norm.expand(3), rtol=1e-4)
     for param in (sae.W_dec, sae.b_enc):
-        assert (optimizer.state[param]["exp_avg"][dead] == 0).all() and (optimizer.state[param]["exp_avg"][~dead] != 0).any()
+        moments = optimizer.state[param]["exp_avg"]
+        assert (moments[dead] == 0).all() and (moments[~dead] != 0).any()
 
 
 def test_ce_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zeros(trained_runs):
@@ -142,7 +145,8 @@ def test_sae_training_writes_its_directory_and_resumes_exactly(tmp_path, trained
     straight = sae_module.main(common + ["--name", f"straight-{source}"])
     directory = straight["sae_dir"]
     assert directory == os.path.join(run_dir, "sae", f"straight-{source}")
-    assert {"config.json", "train.log", "metrics.jsonl", "last.pt", "curves.png"} <= set(os.listdir(directory))
+    assert {"config.json", "train.log", "metrics.jsonl", "last.pt", "curves.png", "feature_density.png"} <= set(
+        os.listdir(directory))
     records = read_metrics(os.path.join(directory, "metrics.jsonl"))
     final = records[-1]
     for key in ("train_mse", "train_l0", "train_l1", "dead_frac", "mse", "explained_variance", "l0",
@@ -220,3 +224,34 @@ def test_an_existing_sae_is_never_overwritten(tmp_path, trained_runs):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: --name:") and "--resume auto" in result.stderr
     assert open(os.path.join(first["sae_dir"], "last.pt"), "rb").read() == before
+
+
+def test_sigusr1_saves_and_the_resumed_sae_continues_exactly_in_one_wandb_run(tmp_path, trained_runs):
+    run_dir = trained_runs["modular"]
+    common = [run_dir, *QUICK, "--max_steps", "200", "--log_every", "1", "--eval_every", "100"]
+    straight = sae_module.main(common + ["--name", "signal-straight"])
+    cut_dir = os.path.join(run_dir, "sae", "signal-cut")
+    command = [sys.executable, os.path.join(ROOT, "sae.py"), *common, "--name", "signal-cut", "--wandb_enabled"]
+    environment = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    process = subprocess.Popen(command, cwd=str(tmp_path), env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: logged_steps(cut_dir), 120, "the first logged step", process)
+    process.send_signal(signal.SIGUSR1)  # Slurm's warning before preemption
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGUSR1, stderr[-2000:]
+    assert "Traceback" not in stderr
+    stopped_at = torch.load(os.path.join(cut_dir, "last.pt"), weights_only=True)["step"]
+    assert 1 <= stopped_at < 200 and f"stopping after step {stopped_at}" in stdout
+
+    resumed = subprocess.run(command + ["--resume", "auto"], cwd=str(tmp_path), env=environment,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = {r["step"]: r for r in read_metrics(os.path.join(straight["sae_dir"], "metrics.jsonl"))}
+    b = {r["step"]: r for r in read_metrics(os.path.join(cut_dir, "metrics.jsonl"))}
+    assert sorted(a) == sorted(b)
+    assert all(a[step]["train_mse"] == b[step]["train_mse"] for step in a)
+    x = torch.load(os.path.join(straight["sae_dir"], "last.pt"), weights_only=True)
+    y = torch.load(os.path.join(cut_dir, "last.pt"), weights_only=True)
+    assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
+    wandb_runs = [d for d in os.listdir(os.path.join(cut_dir, "wandb")) if d.startswith("offline-run-")]
+    assert len(wandb_runs) == 2 and all(d.endswith(f"-{y['wandb_id']}") for d in wandb_runs)
