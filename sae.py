@@ -46,10 +46,10 @@ from config import ConfigError, parse_flags, section
 from data import IGNORE
 from interp import load_run, neuron_frequencies
 from optimizer import apply_lr, lr_multiplier
-from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file, close_logging, format_duration,
-                   gather_objects, load_checkpoint, load_env_files, max_over_ranks, pick_device, pick_dtype,
-                   read_metrics, rng_state, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
-                   setup_logging, teardown_distributed)
+from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file, broadcast_object, close_logging,
+                   format_duration, gather_objects, load_checkpoint, load_env_files, max_over_ranks, pick_device,
+                   pick_dtype, read_metrics, rng_state, save_checkpoint, seed_everything, set_rng_state,
+                   setup_distributed, setup_logging, teardown_distributed)
 
 ARCHS = ("relu", "topk")
 SOURCES = ("live", "dump")
@@ -322,7 +322,9 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                 if key in explicit and getattr(cfg, key) != saved[key]:
                     raise ConfigError(f"--{key}: a resumed SAE keeps its checkpoint's {key} ({saved[key]!r})")
             cfg = SAEConfig(**{**saved, **{k: getattr(cfg, k) for k in explicit}}).validate()
-        elif dist.is_main and os.path.isdir(out_dir) and os.listdir(out_dir) and cfg.resume != "auto":
+        # Rank 0 decides and tells the others, which would otherwise race it to the directory.
+        taken = broadcast_object(dist.is_main and os.path.isdir(out_dir) and bool(os.listdir(out_dir)))
+        if taken and checkpoint is None and cfg.resume != "auto":
             raise ConfigError(f"--name: {out_dir} already holds an SAE; pass another --name, or --resume auto "
                               f"to continue it")
         if cfg.batch_size % dist.world_size:
