@@ -44,7 +44,7 @@ from activations import (POSITIONS, DumpSource, LiveSource, Sequences, capture, 
                          rows_of, split_sequences)
 from config import ConfigError, parse_flags, section
 from data import IGNORE
-from interp import load_run, neuron_frequencies
+from interp import fourier_losses, load_run, neuron_frequencies
 from optimizer import apply_lr, lr_multiplier
 from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file, broadcast_object, close_logging,
                    format_duration, gather_objects, load_checkpoint, load_env_files, max_over_ranks, pick_device,
@@ -82,7 +82,7 @@ class SAEConfig:
     l1_coefficient: float = _dictionary(5.0, "relu: weight of the decoder-norm-weighted L1 penalty")
     l1_warmup_steps: int = _dictionary(500, "relu: the L1 weight rises linearly from 0 over these steps")
     dead_rows: int = _dictionary(1_000_000, "a feature that fired on none of the last N training rows is dead")
-    resample_every: int = _dictionary(1000, "relu: resample dead features every N steps in the first half (0: never)")
+    resample_every: int = _dictionary(250, "relu: resample dead features every N steps in the first half (0: never)")
     aux_k: int = _dictionary(0, "topk: dead features used by the AuxK loss (0: half the activation width)")
     aux_coefficient: float = _dictionary(1 / 32, "topk: weight of the AuxK loss")
     normalize: bool = _dictionary(True, "scale inputs so that E|x|^2 = d (one scalar, kept in the SAE)")
@@ -682,6 +682,20 @@ def report(sae_path: str, top: int = 12) -> str:
         lines += [f"| {feature} | {float((grid[:, :, i] > 0).float().mean()):.1%} | {int(freqs.frequency[i])} | "
                   f"{float(freqs.explained[i]):.2f} |" for i, feature in enumerate(ranked)]
         lines += ["", "![features over the (a, b) grid](features_grid.png)", ""]
+        # Every feature that fires on at least 1% of the pairs, by the frequency that explains it best.
+        everything = neuron_frequencies(every.reshape(p, p, -1))
+        used = (every > 0).float().mean(0) >= 0.01
+        counts = torch.bincount(everything.frequency[used].cpu(), minlength=p // 2 + 1)
+        common = [(k, int(counts[k])) for k in torch.argsort(counts, descending=True).tolist() if counts[k]][:8]
+        lines.append(f"Of the {int(used.sum())} features that fire on at least 1% of the pairs, the number whose "
+                     f"variance is best explained by each frequency: " + ", ".join(f"{k}: {n}" for k, n in common)
+                     + f" (median share {float(everything.explained[used].median()):.2f}).")
+        if run.cfg.operation == "add":
+            key = fourier_losses(run).key_frequencies
+            lines.append(f"The model's key frequencies (its logits, `interp.fourier_losses`): {key}; "
+                         f"{sum(int(counts[k]) for k in key if k < len(counts))} of those features have their best "
+                         f"frequency among them.")
+        lines.append("")
     elif task == "text":
         lines += ["## Top features: the contexts that activate them most", "",
                   "The activating token is in ⟦brackets⟧; the number is the activation.", ""]
