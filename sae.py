@@ -173,7 +173,12 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, d] -> (x̂ [B, d] in the model's units, f [B, n], pre-activations [B, n])."""
         pre = self.pre_activations(x)
-        f = self.activate(pre)
+        if self.arch == "topk":  # decode only the k active rows of W_dec: k/n of a dense matmul's work
+            top = pre.topk(min(self.k, self.dict_size), dim=-1)
+            values = F.relu(top.values)
+            f = torch.zeros_like(pre).scatter(-1, top.indices, values)
+            return (sparse_decode(top.indices, values, self.W_dec) + self.b_dec) * self.scale, f, pre
+        f = F.relu(pre)
         return self.decode(f), f, pre
 
     @torch.no_grad()
@@ -195,6 +200,12 @@ class SparseAutoencoder(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
+def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Σ_j values[:, j] · W_dec[indices[:, j]]: the decoder applied to k nonzero features per row,
+    without the dense [B, n] matmul."""
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+
 def sae_loss(sae: SparseAutoencoder, x: torch.Tensor, cfg: SAEConfig, l1_weight: float,
              dead: torch.Tensor | None, forward=None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """(loss, its parts summed over rows, f). MSE is ‖x - x̂‖² in normalised units (summed over d,
@@ -212,8 +223,8 @@ def sae_loss(sae: SparseAutoencoder, x: torch.Tensor, cfg: SAEConfig, l1_weight:
     elif dead is not None and bool(dead.any()) and cfg.aux_coefficient:
         k_aux = min(cfg.aux_k or sae.d // 2, int(dead.sum()))
         top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1)
-        f_aux = torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
-        aux = (error.detach() - f_aux @ sae.W_dec).pow(2).sum(-1)  # dead features reconstruct what is missed
+        missed = sparse_decode(top.indices, F.relu(top.values), sae.W_dec)
+        aux = (error.detach() - missed).pow(2).sum(-1)  # dead features reconstruct what the live ones miss
         loss = loss + cfg.aux_coefficient * aux.mean()
         parts["aux_sum"] = aux.sum().detach()
     return loss, parts, f
