@@ -6,7 +6,7 @@ hand out the same thing, `ActivationBatch(acts, sequence, position)`, from `sour
     python activations.py dump runs/<run> --hook blocks.0.mlp.hook_post --split val
     torchrun --nproc_per_node=8 activations.py dump runs/<run> --hook blocks.3.hook_resid_post
 
-A dump is `<run>/activations/<hook>/<split>/`: `manifest.json` (what was dumped, from which
+A dump is `<run>/activations/<hook>/<split>-<positions>/`: `manifest.json` (what was dumped, from which
 checkpoint, how many rows), `tokens.npy` and `targets.npy` (the split's sequences, [S, T] and the
 task's targets), and shards `acts-00000.npy` [rows, d] with `rows-00000.npy` [rows, 2] (sequence
 index, position) beside each. Everything loads with `np.load(..., mmap_mode="r")`. An interrupted
@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from config import ConfigError, parse_flags, section
+from config import DEVICES, DTYPES, ConfigError, parse_flags, section
 from data import IGNORE, _step_seed
 from interp import Run, load_run
 from utils import (CheckpointError, autocast, broadcast_object, gather_objects, pick_device, pick_dtype,
@@ -85,6 +85,9 @@ def split_sequences(run: Run, split: str, positions: str, max_tokens: int = 0) -
         mask = tokens != 0  # PAD is token 0; BOS, brackets and EOS count
     else:
         mask[:] = True
+    if not bool(mask.any()):
+        raise ConfigError(f"--split: the {split} split of this run has no {positions} positions to take "
+                          f"(a text split shorter than context_len + 1 tokens, or --max_tokens too small)")
     return Sequences(tokens, targets, mask)
 
 
@@ -170,7 +173,15 @@ class DumpSettings:
             raise ConfigError(f"--max_tokens: must be 0 or more, got {self.max_tokens}")
         if not self.hook:
             raise ConfigError("--hook: name the hook point to dump, e.g. --hook blocks.0.mlp.hook_post")
+        check_runtime(self.device, self.dtype)
         return self
+
+
+def check_runtime(device: str, dtype: str) -> None:
+    """--device and --dtype take the values train.py takes."""
+    for name, value, choices in (("device", device, DEVICES), ("dtype", dtype, DTYPES)):
+        if value not in choices:
+            raise ConfigError(f"--{name}: {value!r} is not one of {', '.join(choices)}")
 
 
 def default_dump_dir(run_dir: str, hook: str, split: str, positions: str) -> str:
@@ -246,11 +257,16 @@ def dump(settings: DumpSettings, log=print) -> str:
     finished = gather_objects(True)  # every rank is done writing
     if dist_info.is_main and all(finished):
         counts = [len(np.load(os.path.join(out, f"rows-{k:05d}.npy"), mmap_mode="r")) for k in range(num_shards)]
-        _write_json(os.path.join(out, "manifest.json"), {**what, "complete": True, "shard_rows": counts,
+        _write_json(os.path.join(out, "manifest.json"), {**what, "complete": True, "rows_per_shard": counts,
                                                          "num_rows": sum(counts)})
         say(f"done: {sum(counts):,} rows of width {width} in {out}")
     teardown_distributed(barrier=True)
     return out
+
+
+def _ours(name: str) -> bool:
+    """A file a dump writes (and --overwrite may delete); anything else in --out is left alone."""
+    return name.startswith(("acts-", "rows-", "tokens.npy", "targets.npy", "manifest.json"))
 
 
 def _prepare(out: str, what: dict, sequences: Sequences, overwrite: bool) -> str | None:
@@ -266,11 +282,14 @@ def _prepare(out: str, what: dict, sequences: Sequences, overwrite: bool) -> str
                     f"{what[differs[0]]!r}); pass another --out, or --overwrite to replace it")
         if differs:
             for name in os.listdir(out):
-                if name.endswith(".npy") or name == "manifest.json":
+                if _ours(name):
                     os.remove(os.path.join(out, name))
-    elif os.path.isdir(out) and any(n.endswith(".npy") for n in os.listdir(out)):
-        return f"--out: {out} holds .npy files but no manifest.json; pass an empty or new --out"
+    elif os.path.isdir(out) and any(_ours(n) and ".tmp-" not in n for n in os.listdir(out)):
+        return f"--out: {out} holds dump files but no manifest.json; pass an empty or new --out"
     os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):  # half-written files of a dump that was killed
+        if _ours(name) and ".tmp-" in name:
+            os.remove(os.path.join(out, name))
     if not os.path.isfile(manifest_path):
         _save_npy(os.path.join(out, "tokens.npy"), sequences.tokens.numpy())
         _save_npy(os.path.join(out, "targets.npy"), sequences.targets.numpy())
@@ -356,13 +375,17 @@ class LiveSource:
     checkpoint (`state_dict`), so a resumed SAE sees the batches it would have seen."""
 
     def __init__(self, run: Run, hook: str, positions: str, split: str, batch_size: int, buffer_rows: int,
-                 seed: int = 0, rank: int = 0, world: int = 1, max_tokens: int = 0, batch_tokens: int = 65536):
+                 seed: int = 0, rank: int = 0, world: int = 1, max_tokens: int = 0, batch_tokens: int = 65536,
+                 dtype: str = "auto"):
         self.run, self.hook, self.device = run, hook, run.device
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self.sequences = split_sequences(run, split, positions, max_tokens)
         self.tokens, self.targets = self.sequences.tokens, self.sequences.targets
         self.d = hook_width(run, hook)
-        self.dtype = pick_dtype("auto", self.device)
+        self.dtype = pick_dtype(dtype, self.device)
+        if len(self.tokens) < world:
+            raise ConfigError(f"--max_tokens: the {split} split gives {len(self.tokens)} sequence(s), fewer than "
+                              f"the {world} ranks that each read a share; use more tokens or fewer ranks")
         self.sequences_per_forward = max(1, batch_tokens // self.sequences.tokens.shape[1])
         self.capacity = max(buffer_rows, 2 * batch_size)
         self.generator = torch.Generator().manual_seed(_step_seed(seed, 13, rank))

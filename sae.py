@@ -40,16 +40,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from activations import (POSITIONS, DumpSource, LiveSource, Sequences, capture, default_dump_dir, hook_width,
-                         rows_of, split_sequences)
+from activations import (POSITIONS, DumpSource, LiveSource, Sequences, capture, check_runtime, default_dump_dir,
+                         hook_width, rows_of, split_sequences)
 from config import ConfigError, parse_flags, section
 from data import IGNORE
 from interp import fourier_losses, load_run, neuron_frequencies
 from optimizer import apply_lr, lr_multiplier
 from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file, broadcast_object, close_logging,
-                   format_duration, gather_objects, load_checkpoint, load_env_files, max_over_ranks, pick_device,
-                   pick_dtype, read_metrics, rng_state, save_checkpoint, seed_everything, set_rng_state,
-                   setup_distributed, setup_logging, teardown_distributed)
+                   format_duration, gather_objects, gather_to_main, load_checkpoint, load_env_files, max_over_ranks,
+                   pick_device, pick_dtype, read_metrics, rng_state, same_on_all_ranks, save_checkpoint,
+                   seed_everything, set_rng_state, setup_distributed, setup_logging, teardown_distributed)
 
 ARCHS = ("relu", "topk")
 SOURCES = ("live", "dump")
@@ -130,6 +130,7 @@ class SAEConfig:
             need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         need("/" not in self.name and self.name not in (".", ".."), "name", f"{self.name!r} is a path; give a name")
         need(self.resume in ("", "auto"), "resume", f"{self.resume!r}: the only value is auto")
+        check_runtime(self.device, self.dtype)
         return self
 
     def to_dict(self) -> dict:
@@ -329,9 +330,13 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         if cfg.resume == "auto" and os.path.isfile(os.path.join(out_dir, "last.pt")):
             checkpoint = load_checkpoint(os.path.join(out_dir, "last.pt"))
             saved = checkpoint["config"]
-            for key in ("hook", "positions", "arch", "dict_size", "expansion", "k", "normalize", "source", "seed"):
+            for key in ("hook", "positions", "arch", "dict_size", "expansion", "k", "normalize", "source", "seed",
+                        "buffer_rows", "max_tokens"):  # the last two shape the live buffer in the checkpoint
                 if key in explicit and getattr(cfg, key) != saved[key]:
                     raise ConfigError(f"--{key}: a resumed SAE keeps its checkpoint's {key} ({saved[key]!r})")
+            if checkpoint.get("model_step", run.step) != run.step:
+                raise ConfigError(f"--resume: this SAE was trained on the model at step {checkpoint['model_step']}, "
+                                  f"but {run.checkpoint_path} now holds step {run.step}; start a new SAE (--name)")
             cfg = SAEConfig(**{**saved, **{k: getattr(cfg, k) for k in explicit}}).validate()
         # Rank 0 decides and tells the others, which would otherwise race it to the directory.
         taken = broadcast_object(dist.is_main and os.path.isdir(out_dir) and bool(os.listdir(out_dir)))
@@ -345,12 +350,16 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         if cfg.source == "dump":
             directory = cfg.dump or default_dump_dir(cfg.run_dir, cfg.hook, "train", cfg.positions)
             source = DumpSource(directory, cfg.batch_size, device, cfg.seed, dist.rank, dist.world_size)
-            if source.manifest["hook"] != cfg.hook or source.d != d:
-                raise ConfigError(f"--dump: {directory} holds {source.manifest['hook']} (d={source.d}), "
-                                  f"not {cfg.hook} (d={d})")
+            wanted = {"hook": cfg.hook, "d": d, "split": "train", "positions": cfg.positions, "step": run.step}
+            for key, value in wanted.items():
+                if source.manifest.get(key) != value:
+                    raise ConfigError(f"--dump: {directory} holds {key} {source.manifest.get(key)!r}, and this SAE "
+                                      f"needs {value!r} (the train split of the model at step {run.step}); dump it "
+                                      f"with `python activations.py dump {cfg.run_dir} --hook {cfg.hook} "
+                                      f"--positions {cfg.positions}`")
         else:
             source = LiveSource(run, cfg.hook, cfg.positions, "train", local_batch, cfg.buffer_rows // dist.world_size,
-                                cfg.seed, dist.rank, dist.world_size, cfg.max_tokens)
+                                cfg.seed, dist.rank, dist.world_size, cfg.max_tokens, dtype=cfg.dtype)
         held_out = split_sequences(run, "val", cfg.positions, cfg.eval_tokens)
         calibration = split_sequences(run, "train", cfg.positions, 32768)  # for the input scale and b_dec
         if dist.is_main:
@@ -416,11 +425,16 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def write(record: dict) -> None:
+        nonlocal wandb_run
         if dist.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if wandb_run is not None:
-                wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+                try:
+                    wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+                except Exception as e:  # W&B trouble never stops training (and never strands the other ranks)
+                    log.warning(f"warning: W&B logging failed ({type(e).__name__}: {e}); going on without W&B")
+                    wandb_run = None
 
     density = None  # each feature's firing frequency on the held-out rows, at the latest eval
 
@@ -434,14 +448,14 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         return metrics
 
     def save() -> None:
-        states = gather_objects({k: v for k, v in source.state_dict().items()})
+        states = gather_to_main(source.state_dict())  # a live buffer per rank: only rank 0 needs them
         rng = gather_objects(rng_state())
         if dist.is_main:
             save_checkpoint({"model": sae.state_dict(), "optimizers": [optimizer.state_dict()], "step": step,
                              "rng": rng, "source": states, "rows_since_fired": rows_since_fired.cpu(),
                              "config": cfg.to_dict(), "elapsed_seconds": elapsed_before + time.perf_counter() - t0,
                              "wandb_id": wandb_run.id if wandb_run is not None else None, "d": d,
-                             "model_checkpoint": os.path.abspath(run.checkpoint_path)},
+                             "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step},
                             os.path.join(out_dir, "last.pt"))
 
     # ---- the loop
@@ -510,6 +524,11 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                 log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
                 break
         save()
+    if dist.enabled:  # DDP keeps the copies identical, resampling included; say so or say that they drifted
+        if same_on_all_ranks(list(sae.parameters())):
+            log.info(f"SAE weights identical on all {dist.world_size} ranks")
+        else:
+            log.warning("warning: the SAE weights differ between ranks; last.pt holds rank 0's")
     if dist.is_main:
         plot_sae_curves(metrics_path, os.path.join(out_dir, "curves.png"), title=name)
         if density is not None:
@@ -524,9 +543,12 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             f"{k} {last_eval[k]:.4f}" for k in ("explained_variance", "l0", "ce_recovered") if k in last_eval)
             + f" | report: python sae.py report {out_dir}")
     if wandb_run is not None:
-        if interrupted:
-            wandb_run.mark_preempting()  # shown as preempted, not failed, until it resumes
-        wandb_run.finish(exit_code=128 + interrupted if interrupted else 0)
+        try:
+            if interrupted:
+                wandb_run.mark_preempting()  # shown as preempted, not failed, until it resumes
+            wandb_run.finish(exit_code=128 + interrupted if interrupted else 0)
+        except Exception as e:
+            log.warning(f"warning: closing the W&B run failed ({type(e).__name__}: {e})")
     close_logging(log)
     teardown_distributed(barrier=True)
     return summary
@@ -615,7 +637,15 @@ def load_sae(path: str, device: str = "auto"):
     if "rows_since_fired" not in checkpoint:
         raise CheckpointError(f"{path} is a model checkpoint, not an SAE's; pass <run>/sae/<name>")
     cfg = SAEConfig(**checkpoint["config"])
-    run = load_run(cfg.run_dir, device=device)
+    # The model checkpoint it was trained on, by absolute path (run_dir may be relative to elsewhere);
+    # else the run directory two levels up (<run>/sae/<name>/last.pt).
+    model_path = checkpoint.get("model_checkpoint", "")
+    if not os.path.isfile(model_path):
+        model_path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    run = load_run(model_path, device=device)
+    if checkpoint.get("model_step", run.step) != run.step:
+        raise CheckpointError(f"{path}: this SAE was trained on the model at step {checkpoint['model_step']}, but "
+                              f"{run.checkpoint_path} now holds step {run.step}; its metrics would not mean much")
     weights = checkpoint["model"]
     sae = SparseAutoencoder(checkpoint["d"], weights["W_dec"].shape[0], cfg.arch, cfg.k)
     sae.load_state_dict(weights)

@@ -131,6 +131,16 @@ def gather_objects(obj) -> list:
     return out
 
 
+def gather_to_main(obj) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 only (None elsewhere); [obj] in a single process.
+    For large objects that only rank 0 writes (an SAE's live buffers)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s object on every rank (e.g. the generated run name)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -15,6 +15,7 @@ import torch
 import activations
 from activations import DumpSettings, DumpSource, LiveSource, dump
 from config import ConfigError
+from utils import CheckpointError
 from conftest import ROOT, run_torchrun
 from interp import load_run
 
@@ -38,7 +39,8 @@ def test_dump_and_live_source_give_the_same_rows(tmp_path, trained_runs, task, p
     shard_rows = 30 if task == "modular" else 1000  # several shards either way
     out = dump_to(trained_runs[task], tmp_path / "dump", positions=positions, shard_rows=shard_rows)
     manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
-    assert manifest["complete"] and manifest["num_shards"] > 1 and manifest["num_rows"] == sum(manifest["shard_rows"])
+    assert manifest["complete"] and manifest["num_shards"] > 1
+    assert manifest["num_rows"] == sum(manifest["rows_per_shard"])
     dumped = read_dump(out)
     tokens = np.load(os.path.join(out, "tokens.npy"))
     if task == "modular":  # one row per example, at "="
@@ -54,7 +56,10 @@ def test_dump_and_live_source_give_the_same_rows(tmp_path, trained_runs, task, p
         for s, p, row in zip(batch.sequence.tolist(), batch.position.tolist(), batch.acts):
             assert torch.allclose(row, dumped[(s, p)], atol=1e-5), (s, p)
             seen.add((s, p))
-    assert len(seen) > min(300, 0.8 * len(dumped))  # rows from many sequences, not one repeated
+    if task == "modular":  # 87 rows: the buffer holds each several times
+        assert len(seen) == len(dumped)
+    else:  # fewer rows served than the split holds: none twice
+        assert len(seen) == 12 * 64
     # Shuffled: consecutive rows rarely come from the same sequence.
     first = live.batch(12).sequence
     assert (first[1:] == first[:-1]).float().mean() < 0.2
@@ -141,7 +146,7 @@ def test_the_command_line_says_it_in_one_line_with_exit_status_2(tmp_path, train
 
 
 def test_missing_run_and_missing_dump(tmp_path):
-    with pytest.raises(Exception, match="does not exist|holds no"):
+    with pytest.raises((ConfigError, CheckpointError), match="does not exist|holds no"):
         activations.main(["dump", str(tmp_path / "nope"), "--hook", HOOK])
     with pytest.raises(ConfigError, match="no manifest.json"):
         DumpSource(str(tmp_path), batch_size=8, device="cpu")

@@ -120,9 +120,12 @@ def test_resampling_gives_dead_features_the_worst_reconstructed_inputs():
         assert (sae.b_enc[dead] == 0).all()
         live_norm = before["W_enc"][:, ~dead].norm(dim=0).mean()
         assert torch.allclose(sae.W_enc[:, dead].norm(dim=0), 0.2 * live_norm.expand(3), rtol=1e-4)
-    for param in (sae.W_dec, sae.b_enc):
-        moments = optimizer.state[param]["exp_avg"]
-        assert (moments[dead] == 0).all() and (moments[~dead] != 0).any()
+    feature_first = {"W_dec": lambda m: m, "b_enc": lambda m: m, "W_enc": lambda m: m.t()}
+    for name, param in sae.named_parameters():
+        if name in feature_first:  # the dead features' Adam moments are reset, the others' kept
+            for key in ("exp_avg", "exp_avg_sq"):
+                moments = feature_first[name](optimizer.state[param][key])
+                assert (moments[dead] == 0).all() and (moments[~dead] != 0).any(), (name, key)
 
 
 def test_ce_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zeros(trained_runs):
@@ -141,7 +144,9 @@ def test_sae_training_writes_its_directory_and_resumes_exactly(tmp_path, trained
     run_dir = trained_runs["modular"]
     if source == "dump":
         dump(DumpSettings(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
-    common = [run_dir, *QUICK, "--source", source, "--dump", str(tmp_path / "dump")]
+    # Resampling happens in the first half of max_steps, which differs between the two halves of the
+    # stopped run; the SIGUSR1 test below covers resume with resampling.
+    common = [run_dir, *QUICK, "--source", source, "--dump", str(tmp_path / "dump"), "--resample_every", "0"]
     straight = sae_module.main(common + ["--name", f"straight-{source}"])
     directory = straight["sae_dir"]
     assert directory == os.path.join(run_dir, "sae", f"straight-{source}")
@@ -255,3 +260,18 @@ def test_sigusr1_saves_and_the_resumed_sae_continues_exactly_in_one_wandb_run(tm
     assert all(torch.equal(x["model"][k], y["model"][k]) for k in x["model"])
     wandb_runs = [d for d in os.listdir(os.path.join(cut_dir, "wandb")) if d.startswith("offline-run-")]
     assert len(wandb_runs) == 2 and all(d.endswith(f"-{y['wandb_id']}") for d in wandb_runs)
+
+
+def test_two_ranks_on_the_live_source_with_resampling_keep_one_sae(tmp_path, trained_runs):
+    """Each rank reads its own share of the sequences into its own buffer; resampling takes rank 0's
+    choice on every rank; the copies stay identical and a resume on two ranks carries on."""
+    # A strong L1 from the first step kills features fast, so that there is something to resample.
+    args = [trained_runs["modular"], *QUICK, "--name", "live-two", "--resample_every", "2", "--dead_rows", "64",
+            "--l1_coefficient", "100", "--l1_warmup_steps", "0", "--lr", "0.1", "--grad_clip", "0"]
+    result = run_torchrun(args + ["--max_steps", "12"], cwd=str(tmp_path), script="sae.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = open(os.path.join(trained_runs["modular"], "sae", "live-two", "train.log")).read()
+    assert "resampled" in log and "SAE weights identical on all 2 ranks" in log
+    result = run_torchrun(args + ["--max_steps", "16", "--resume", "auto"], cwd=str(tmp_path), script="sae.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed at step 12" in result.stdout + result.stderr
