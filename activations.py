@@ -443,18 +443,24 @@ class LiveSource:
         return out
 
     def state_dict(self) -> dict:
-        def cpu(batch):
-            return None if batch is None else [t.cpu() for t in batch]
+        """What an exact resume needs: the rows not yet served (the served ones are replaced before
+        they are read again), the rows waiting to enter, the read position, the shuffling stream.
+        Copies, so that a view never drags its whole storage into the checkpoint."""
+        def cpu(batch, start=0):
+            return None if batch is None else [t[start:].to("cpu", copy=True) for t in batch]
 
-        return {"buffer": cpu(self.buffer), "pending": cpu(self.pending), "served": self.served,
+        return {"unserved": cpu(self.buffer, self.served), "pending": cpu(self.pending), "served": self.served,
                 "cursor": list(self.cursor), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         def device(batch):
             return None if batch is None else ActivationBatch(*(t.to(self.device) for t in batch))
 
-        self.buffer, self.pending = device(state["buffer"]), device(state["pending"])
         self.served, self.cursor = state["served"], tuple(state["cursor"])
+        self.buffer, self.pending = device(state["unserved"]), device(state["pending"])
+        if self.buffer is not None:  # the served rows are never read again: zeros hold their places
+            self.buffer = ActivationBatch(*(torch.cat([column.new_zeros((self.served, *column.shape[1:])), column])
+                                            for column in self.buffer))
         self.generator.set_state(state["generator"])
 
 
