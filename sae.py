@@ -479,13 +479,6 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                 window[key] += float(value)
             window["rows"] += len(x)
 
-            resample_due = cfg.resample_every and step % cfg.resample_every == 0 and step <= cfg.max_steps // 2
-            if cfg.arch == "relu" and resample_due:
-                count = resample_dead(sae, optimizer, x, rows_since_fired >= cfg.dead_rows, dist.enabled)
-                rows_since_fired = torch.where(rows_since_fired >= cfg.dead_rows, 0, rows_since_fired)
-                if count:
-                    log.info(f"step {step}: resampled {count} dead features")
-
             if step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps:
                 sums = all_reduce_sum(window, device)
                 seconds = time.perf_counter() - window_start
@@ -516,6 +509,13 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                 write({"step": step, **last_eval,
                        "elapsed_seconds": round(elapsed_before + time.perf_counter() - t0, 3)})
                 log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            # After this step's metrics: they describe the SAE as trained, not the moment after resampling.
+            resample_due = cfg.resample_every and step % cfg.resample_every == 0 and step <= cfg.max_steps // 2
+            if cfg.arch == "relu" and resample_due:
+                count = resample_dead(sae, optimizer, x, rows_since_fired >= cfg.dead_rows, dist.enabled)
+                rows_since_fired = torch.where(rows_since_fired >= cfg.dead_rows, 0, rows_since_fired)
+                if count:
+                    log.info(f"step {step}: resampled {count} dead features")
             if cfg.save_every and step % cfg.save_every == 0:
                 save()
             signum = max_over_ranks(signals.received, dist)
@@ -566,7 +566,9 @@ def resample_dead(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torc
     indices = dead.nonzero().squeeze(1)
     x_hat, _, _ = sae(x)
     loss = ((x - x_hat) / sae.scale).pow(2).sum(-1)
-    picks = torch.multinomial(loss.pow(2) + 1e-12, count, replacement=True)
+    # Distinct inputs while there are enough, so that no two new features start on the same one.
+    weights = loss.pow(2) + 1e-12
+    picks = torch.multinomial(weights, count, replacement=count > len(x))
     directions = x[picks] / sae.scale - sae.b_dec
     directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
     if distributed:
