@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from config import DEVICES, DTYPES, ConfigError, parse_flags, section
+from config import DEVICES, DTYPES, ConfigError, need, need_one_of, parse_flags, section
 from data import IGNORE, _step_seed
 from interp import Run, load_run
 from utils import (CheckpointError, autocast, broadcast_object, gather_objects, pick_device, pick_dtype,
@@ -163,25 +163,14 @@ class DumpSettings:
     overwrite: bool = _how(False, "replace a dump with other settings in --out")
 
     def validate(self) -> "DumpSettings":
-        for name, choices in (("positions", POSITIONS), ("split", SPLITS), ("store_dtype", ("float32", "float16"))):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"--{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
+        for name, choices in (("positions", POSITIONS), ("split", SPLITS), ("store_dtype", ("float32", "float16")),
+                              ("device", DEVICES), ("dtype", DTYPES)):
+            need_one_of(self, name, choices)
         for name in ("shard_rows", "batch_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name}: must be at least 1, got {getattr(self, name)}")
-        if self.max_tokens < 0:
-            raise ConfigError(f"--max_tokens: must be 0 or more, got {self.max_tokens}")
-        if not self.hook:
-            raise ConfigError("--hook: name the hook point to dump, e.g. --hook blocks.0.mlp.hook_post")
-        check_runtime(self.device, self.dtype)
+            need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        need(self.max_tokens >= 0, "max_tokens", f"must be 0 or more, got {self.max_tokens}")
+        need(bool(self.hook), "hook", "name the hook point to dump, e.g. --hook blocks.0.mlp.hook_post")
         return self
-
-
-def check_runtime(device: str, dtype: str) -> None:
-    """--device and --dtype take the values train.py takes."""
-    for name, value, choices in (("device", device, DEVICES), ("dtype", dtype, DTYPES)):
-        if value not in choices:
-            raise ConfigError(f"--{name}: {value!r} is not one of {', '.join(choices)}")
 
 
 def default_dump_dir(run_dir: str, hook: str, split: str, positions: str) -> str:

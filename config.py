@@ -159,16 +159,11 @@ class Config:
     def validate(self) -> "Config":
         """Raises ConfigError naming the first flag whose value cannot work."""
 
-        def need(ok: bool, flag: str, message: str):
-            if not ok:
-                raise ConfigError(f"--{flag}: {message}")
-
         for name, choices in (
             ("task", TASKS), ("operation", OPERATIONS), ("norm", NORMS), ("activation", ACTIVATIONS),
             ("lr_schedule", SCHEDULES), ("dtype", DTYPES), ("device", DEVICES), ("preset", PRESETS),
         ):
-            value = getattr(self, name)
-            need(value in choices, name, f"{value!r} is not one of {', '.join(choices)}")
+            need_one_of(self, name, choices)
         for name in ("num_blocks", "num_heads", "embedding_dim", "context_len", "accumulation_steps",
                      "eval_every", "log_every", "dyck_types", "dyck_num_train", "dyck_num_val"):
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
@@ -219,6 +214,17 @@ class Config:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
             f.write("\n")
+
+
+def need(ok: bool, flag: str, message: str) -> None:
+    """Validation, for Config and other tools' settings: raises ConfigError("--flag: message") unless ok."""
+    if not ok:
+        raise ConfigError(f"--{flag}: {message}")
+
+
+def need_one_of(settings, name: str, choices) -> None:
+    value = getattr(settings, name)
+    need(value in choices, name, f"{value!r} is not one of {', '.join(choices)}")
 
 
 def _is_prime(n: int) -> bool:
@@ -312,7 +318,8 @@ def _field_types(cls=None) -> dict[str, type]:
             for f in dataclasses.fields(cls or Config)}
 
 
-def build_parser(cls=None, prog: str = "train.py", description: str = "", positional: str = "") -> argparse.ArgumentParser:
+def build_parser(cls=None, prog: str = "train.py", description: str = "",
+                 positional: str = "") -> argparse.ArgumentParser:
     """The flags of a dataclass whose fields carry `section` metadata: Config (train.py) by
     default, or another tool's settings (sae.py). `positional` names a field filled by the first
     bare argument instead of a flag."""

@@ -40,9 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from activations import (POSITIONS, DumpSource, LiveSource, Sequences, capture, check_runtime, default_dump_dir,
+from activations import (POSITIONS, DumpSource, LiveSource, Sequences, capture, default_dump_dir,
                          hook_width, rows_of, split_sequences)
-from config import ConfigError, parse_flags, section
+from config import DEVICES, DTYPES, SCHEDULES, ConfigError, need, need_one_of, parse_flags, section
 from data import IGNORE
 from interp import fourier_losses, load_run, neuron_frequencies
 from optimizer import apply_lr, lr_multiplier
@@ -53,7 +53,6 @@ from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file
 
 ARCHS = ("relu", "topk")
 SOURCES = ("live", "dump")
-SCHEDULES = ("cosine", "linear", "constant")
 
 _what = section("what to train on")
 _dictionary = section("dictionary")
@@ -108,13 +107,9 @@ class SAEConfig:
     dtype: str = _runtime("auto", "precision of the model's forward pass (the SAE trains in float32)")
 
     def validate(self) -> "SAEConfig":
-        def need(ok: bool, flag: str, message: str):
-            if not ok:
-                raise ConfigError(f"--{flag}: {message}")
-
         for name, choices in (("arch", ARCHS), ("source", SOURCES), ("positions", POSITIONS),
-                              ("lr_schedule", SCHEDULES)):
-            need(getattr(self, name) in choices, name, f"{getattr(self, name)!r} is not one of {', '.join(choices)}")
+                              ("lr_schedule", SCHEDULES), ("device", DEVICES), ("dtype", DTYPES)):
+            need_one_of(self, name, choices)
         need(bool(self.hook), "hook", "name the hook point, e.g. --hook blocks.0.mlp.hook_post")
         for name in ("max_steps", "batch_size", "k", "eval_every", "log_every", "buffer_rows", "dead_rows"):
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
@@ -130,7 +125,6 @@ class SAEConfig:
             need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         need("/" not in self.name and self.name not in (".", ".."), "name", f"{self.name!r} is a path; give a name")
         need(self.resume in ("", "auto"), "resume", f"{self.resume!r}: the only value is auto")
-        check_runtime(self.device, self.dtype)
         return self
 
     def to_dict(self) -> dict:
@@ -479,7 +473,9 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                 window[key] += float(value)
             window["rows"] += len(x)
 
-            if step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps:
+            log_due = step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps
+            record = {}
+            if log_due:
                 sums = all_reduce_sum(window, device)
                 seconds = time.perf_counter() - window_start
                 rows = max(sums["rows"], 1)
@@ -496,19 +492,16 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                          + f" | dead {record['dead_frac']:.1%} | lr {record['lr']:.2e} | "
                          f"{record['ms_per_step']:.1f} ms/step | {record['rows_per_sec']:,.0f} rows/s | "
                          f"{format_duration(time.perf_counter() - t0)}, ETA {format_duration(eta)}")
-                if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                    last_eval = evaluate()
-                    record.update(last_eval)
-                    log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                last_eval = evaluate()
+                record = {"step": step, **record, **last_eval}
+                log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            if record:
                 record["elapsed_seconds"] = round(elapsed_before + time.perf_counter() - t0, 3)
                 write(record)
+            if log_due:
                 window = dict.fromkeys(window, 0.0)
                 window_start, window_steps = time.perf_counter(), 0
-            elif step % cfg.eval_every == 0:
-                last_eval = evaluate()
-                write({"step": step, **last_eval,
-                       "elapsed_seconds": round(elapsed_before + time.perf_counter() - t0, 3)})
-                log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             # After this step's metrics: they describe the SAE as trained, not the moment after resampling.
             resample_due = cfg.resample_every and step % cfg.resample_every == 0 and step <= cfg.max_steps // 2
             if cfg.arch == "relu" and resample_due:
@@ -655,16 +648,6 @@ def load_sae(path: str, device: str = "auto"):
 
 
 @torch.no_grad()
-def feature_acts(sae: SparseAutoencoder, run, sequences: Sequences, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(feature activations [S, T, n] at every position, the taken-position mask [S, T])."""
-    out = []
-    for start in range(0, len(sequences.tokens), 1024):
-        acts = capture(run.model, sequences.tokens[start:start + 1024].to(run.device), hook)
-        out.append(sae.encode(acts))
-    return torch.cat(out), sequences.mask.to(run.device)
-
-
-@torch.no_grad()
 def report(sae_path: str, top: int = 12) -> str:
     """Writes <sae>/report/: a summary with the held-out metrics, the feature-density histogram, and
     views of the top features (by total activation on held-out rows): for modular runs each one's
@@ -677,9 +660,12 @@ def report(sae_path: str, top: int = 12) -> str:
     out = os.path.join(directory, "report")
     os.makedirs(out, exist_ok=True)
     held_out = split_sequences(run, "val", cfg.positions, cfg.eval_tokens)
-    acts, mask = feature_acts(sae, run, held_out, cfg.hook)
-    rows = torch.cat([rows_of(run.model, held_out, s, s + 1024, cfg.hook, run.device, torch.float32).acts
-                      for s in range(0, len(held_out.tokens), 1024)])
+    # One pass of the model: its activations at every position [S, T, d], the SAE's features of them
+    # [S, T, n], and the rows at the taken positions (what the SAE was trained and evaluated on).
+    model_acts = torch.cat([capture(run.model, held_out.tokens[s:s + 1024].to(run.device), cfg.hook)
+                            for s in range(0, len(held_out.tokens), 1024)])
+    mask = held_out.mask.to(run.device)
+    rows, acts = model_acts[mask], sae.encode(model_acts)
     metrics = reconstruction_metrics(sae, rows)
     density = metrics.pop("feature_density")
     metrics.update(ce_recovered(run.model, held_out, cfg.hook, lambda r: sae(r)[0], run.data.loss_positions))
