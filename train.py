@@ -35,7 +35,7 @@ from utils import (CheckpointError, RcloneSync, StopSignals, all_reduce_sum, att
                    max_over_ranks, min_over_ranks, newest_checkpoint, peak_flops, pick_device, pick_dtype,
                    plot_training_curves, remember_launch, rng_state, same_on_all_ranks, save_checkpoint,
                    seed_everything, set_rng_state, setup_distributed, setup_logging, teardown_distributed,
-                   trim_metrics, unique_run_name)
+                   trim_metrics, unique_run_name, wandb_sweep_run)
 
 
 class TrainingDiverged(Exception):
@@ -54,6 +54,14 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cfg, explicit = parse_config(argv)
     load_env_files()  # WANDB_API_KEY, WANDB_MODE, RCLONE_DEST, ... from .env files
+    # Started by `wandb agent` (sweeps/): log to the sweep's run, in a run directory named after it,
+    # which continues from its checkpoint when W&B hands a preempted run out again.
+    sweep_run = wandb_sweep_run()
+    if sweep_run is not None:
+        cfg.wandb_enabled = True
+        if "run" not in explicit:
+            cfg.run, explicit = f"sweep-{sweep_run[0]}-{sweep_run[1]}", explicit | {"run"}
+            cfg.resume = cfg.resume or "auto"
 
     # ---- resume: the checkpoint's config, with the flags typed now on top (e.g. a longer max_steps)
     cfg, checkpoint, checkpoint_path, continuing, own_dir = resolve_resume(cfg, explicit)
@@ -179,7 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
         import wandb
 
         # The key stays in the environment: it is never part of the config, config.json or the logs.
-        wandb_run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
+        # Under a sweep the agent's environment names the project; "tinylab" is only our default.
+        project = cfg.wandb_project or os.environ.get("WANDB_PROJECT") or (None if sweep_run else "tinylab")
+        wandb_run = wandb.init(project=project,
                                entity=cfg.wandb_entity or None, name=run_name, dir=run_dir,
                                config=cfg.to_dict(), id=wandb_id, resume="allow")
         wandb_id = wandb_run.id  # checkpointed, so a resumed or requeued run continues this W&B run
@@ -392,8 +402,11 @@ def main(argv: list[str] | None = None) -> dict:
         # ---- the end: checkpoint, picture, summary (a second signal here changes nothing)
         check_finite()
         save("last.pt")
-    if preempted and wandb_run is not None:
-        wandb_run.mark_preempting()  # W&B shows it as preempted, not failed, until it resumes
+    # W&B shows a preempted run as such, not failed, and a sweep hands it out again to be resumed.
+    # Under a sweep only SIGUSR1 (slurm_agent.sh's warning) means that: SIGTERM is the agent
+    # stopping the run (hyperband, or a user), which must not come back.
+    if preempted and wandb_run is not None and not (sweep_run and preempted == signal.SIGTERM):
+        wandb_run.mark_preempting()
     if dist.enabled:  # DDP keeps replicas identical; say so, or say loudly that they drifted apart
         if same_on_all_ranks(list(raw_model.parameters())):
             log.info(f"weights identical on all {dist.world_size} ranks")

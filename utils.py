@@ -268,6 +268,12 @@ def close_logging(logger: logging.Logger) -> None:
         handler.close()
 
 
+def wandb_sweep_run() -> tuple[str, str] | None:
+    """(sweep id, run id) when `wandb agent` started this process (it sets both variables)."""
+    sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+    return (sweep_id, run_id) if sweep_id and run_id else None
+
+
 def load_env_files() -> None:
     """Settings that stay out of config.json and the logs (WANDB_API_KEY, WANDB_PROJECT, WANDB_MODE,
     RCLONE_DEST, ...) may live in a .env file, in the working directory or beside the code.
