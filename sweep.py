@@ -1,0 +1,985 @@
+"""Hyperparameter sweeps from W&B sweep files, run without W&B on Optuna.
+
+    python sweep.py sweeps/grok_lr.yaml                  # one agent: trials until the study is done
+    python sweep.py sweeps/grok_lr.yaml --agents 4       # four agents here (one GPU each, if any)
+    python sweep.py sweeps/shakespeare_bayes.yaml --storage /shared/sb.journal   # agents anywhere
+    sbatch --array=0-7 sweeps/slurm_agent.sh sweeps/grok_lr.yaml                 # Slurm array tasks
+    python sweep.py report runs/sweep-grok_lr            # best trials, plots
+
+The same file works with W&B (`wandb sweep FILE`, then `wandb agent ID`). Here its `method` picks an
+Optuna sampler (grid: GridSampler, random: RandomSampler, bayes: TPE) and `early_terminate:
+hyperband` a HyperbandPruner. The pruner is fed the metric each time the program logs it
+(train.py's evals), counted as W&B counts hyperband iterations: 1, 2, 3, ...
+
+A sweep lives in one directory, `runs/sweep-<name>/` unless --dir says otherwise: the study
+(`study.journal`, an Optuna journal file that agents on several nodes can share over NFS; or SQLite
+with --storage x.db), one ordinary run directory per trial (`trial-0007/`: config.json,
+metrics.jsonl, last.pt, ...), the trials' console output (`logs/`) and the report's plots.
+
+Agents coordinate only through the study: each takes the next trial under a lock file next to the
+storage, so no trial runs twice. Grid points are queued in the file's order when the study is
+created. A trial's value is the metric's last logged value (what a W&B run's summary holds).
+
+An agent that is told to stop (SIGTERM, SIGUSR1 from Slurm's warning, Ctrl-C) asks its trial to
+save a checkpoint, marks the trial failed and queues it again to resume from that checkpoint, then
+exits with 128 + the signal. An agent that dies outright (kill -9, a lost node) stops sending its
+heartbeat; another agent fails the trial after --stale_after seconds and queues it the same way.
+A trial whose program fails on its own (a crash, a diverged loss) stays failed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from config import Config, ConfigError, _field_types, _suggest, need, parse_config, parse_flags, section
+
+_where = section("where the study lives")
+_agents = section("agents")
+
+METHODS = ("grid", "random", "bayes")
+# Top-level keys of a W&B sweep file: the ones sweep.py uses, and those it reads past (they concern
+# W&B's server only). Anything else is an error naming the key.
+USED_KEYS = ("program", "method", "metric", "parameters", "early_terminate", "run_cap", "name", "command")
+W_AND_B_ONLY_KEYS = ("entity", "project", "description", "controller", "apiVersion", "kind")
+# Distributions with an Optuna equivalent; W&B's others (normal, log_normal, beta, inv_log_uniform,
+# q_log_uniform, categorical_w_probabilities, ...) are refused by name.
+DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
+                 "log_uniform_values", "q_log_uniform_values")
+# Flags sweep.py sets on every trial; a sweep file must leave them alone.
+RESERVED = ("run", "run_name", "resume", "save_model_dir", "config")
+COMMAND_MACROS = ("${env}", "${interpreter}", "${program}", "${args}", "${args_no_hyphens}")
+HEARTBEAT_SECONDS = 30
+MAX_ATTEMPTS = 3  # a trial interrupted this often (preempted, or its agent died) is left failed
+
+
+@dataclass
+class SweepSettings:
+    file: str = _where("", "the W&B sweep file (YAML)")
+    dir: str = _where("", "the sweep's directory: study, trial runs, logs, plots (empty: runs/sweep-<name>)")
+    storage: str = _where("", "the study: a journal file (default <dir>/study.journal; shared file systems "
+                              "work) or an SQLite file (*.db, *.sqlite)")
+    study: str = _where("", "the study's name in the storage (empty: the file's name: key, else its file name)")
+    agents: int = _agents(1, "agents to start on this machine; with GPUs, each gets its own (round robin)")
+    count: int = _agents(0, "trials each agent runs before it exits (0: until the study is done)")
+    trials: int = _agents(0, "random/bayes: trials in the study (0: the file's run_cap)")
+    seed: int = _agents(0, "seed of the samplers: trial n's parameters depend on (seed, n, the trials before)")
+    gpus: str = _agents("", "GPUs to hand out to agents, e.g. 0,1,2,3 (empty: all visible; none on a CPU box)")
+    stale_after: int = _agents(600, "a running trial with no heartbeat for this many seconds is failed and queued again")
+    poll_seconds: float = _agents(1.0, "how often an agent reads its trial's metrics.jsonl")
+    agent_name: str = _agents("", "label for this agent's lines (set by --agents for the agents it starts)")
+
+    def validate(self) -> "SweepSettings":
+        need(bool(self.file), "file", "name the sweep file: python sweep.py sweeps/grok_lr.yaml")
+        for name in ("agents", "stale_after"):
+            need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("count", "trials"):
+            need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
+        need(self.poll_seconds > 0, "poll_seconds", f"must be positive, got {self.poll_seconds}")
+        need(all(g.strip().isdigit() for g in self.gpus.split(",")) if self.gpus else True, "gpus",
+             f"{self.gpus!r}: give GPU indices separated by commas, e.g. 0,1")
+        return self
+
+
+# ---------------------------------------------------------------- the sweep file
+
+
+@dataclass
+class Param:
+    """One entry of `parameters`, as Optuna will draw it."""
+    name: str
+    kind: str                  # constant | categorical | int | float
+    choices: list | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+
+    def suggest(self, trial):
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, self.choices)
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def grid(self) -> list | None:
+        """The values a grid takes, or None for a continuous range."""
+        if self.kind in ("constant", "categorical"):
+            return list(self.choices)
+        if self.kind == "int" and not self.log:
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        return None
+
+
+@dataclass
+class Sweep:
+    path: str
+    name: str
+    program: str
+    method: str
+    metric: str
+    goal: str                  # minimize | maximize
+    target: float | None
+    run_cap: int
+    params: dict               # name -> Param
+    hyperband: dict | None     # min_resource, max_resource, reduction_factor
+    command: list
+    spec: dict                 # the file as loaded, kept in the study to recognise it later
+
+    @property
+    def searched(self) -> list[Param]:
+        return [p for p in self.params.values() if p.kind != "constant"]
+
+    def grid_points(self) -> list[dict]:
+        names = [p.name for p in self.searched]
+        return [dict(zip(names, values)) for values in itertools.product(*(p.grid() for p in self.searched))]
+
+    def better(self, a: float, b: float) -> bool:
+        return a < b if self.goal == "minimize" else a > b
+
+
+class SweepError(ConfigError):
+    """A sweep file, storage or study that cannot work; the message names the file and the key."""
+
+
+def _number(value, where: str):
+    """Numbers, also YAML 1.1's strings such as '1e-3' (PyYAML reads exponents without a dot as text)."""
+    if isinstance(value, bool):
+        raise SweepError(f"{where}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SweepError(f"{where}: expected a number, got {value!r}") from None
+    return int(number) if number.is_integer() and "." not in str(value) and "e" not in str(value).lower() else number
+
+
+def _parse_param(name: str, spec, where: str, field_type) -> Param:
+    if not isinstance(spec, dict):
+        raise SweepError(f"{where}: expected a mapping such as {{values: [...]}} or {{min: .., max: ..}}, got {spec!r}")
+    if "parameters" in spec:
+        raise SweepError(f"{where}.parameters: nested parameters are not supported; train.py's flags are flat")
+    distribution = spec.get("distribution")
+    if distribution is not None and distribution not in DISTRIBUTIONS:
+        raise SweepError(f"{where}.distribution: {distribution!r} has no Optuna equivalent in sweep.py; use one of "
+                         f"{', '.join(DISTRIBUTIONS)}")
+    allowed = {"value", "values", "distribution", "min", "max", "q"}
+    for key in spec:
+        if key not in allowed:
+            raise SweepError(f"{where}.{key}: not supported by sweep.py (keys: {', '.join(sorted(allowed))})")
+    if distribution is None:  # W&B's inference
+        if "value" in spec:
+            distribution = "constant"
+        elif "values" in spec:
+            distribution = "categorical"
+        elif "min" in spec and "max" in spec:
+            low, high = _number(spec["min"], f"{where}.min"), _number(spec["max"], f"{where}.max")
+            distribution = "int_uniform" if isinstance(low, int) and isinstance(high, int) else "uniform"
+        else:
+            raise SweepError(f"{where}: give value, values, or min and max")
+    if distribution == "constant":
+        if "value" not in spec:
+            raise SweepError(f"{where}.value: a constant needs value")
+        return Param(name, "constant", choices=[spec["value"]])
+    if distribution == "categorical":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{where}.values: expected a non-empty list, got {values!r}")
+        for value in values:
+            if not (value is None or isinstance(value, (bool, int, float, str))):
+                raise SweepError(f"{where}.values: {value!r} is not a number, string or boolean")
+        if field_type is float:  # '1e-3' from YAML 1.1 becomes the number it means
+            values = [_number(v, f"{where}.values") for v in values]
+        return Param(name, "categorical", choices=values)
+    for key in ("min", "max"):
+        if key not in spec:
+            raise SweepError(f"{where}.{key}: distribution {distribution} needs min and max")
+    low, high = _number(spec["min"], f"{where}.min"), _number(spec["max"], f"{where}.max")
+    if distribution == "log_uniform":  # W&B: min and max are natural logs of the bounds
+        low, high = math.exp(low), math.exp(high)
+    if not low < high:
+        raise SweepError(f"{where}: min ({spec['min']}) must be below max ({spec['max']})")
+    step = _number(spec["q"], f"{where}.q") if "q" in spec else None
+    if step is not None and distribution not in ("q_uniform", "q_log_uniform_values"):
+        raise SweepError(f"{where}.q: only q_uniform and q_log_uniform_values take q")
+    if step is not None and step <= 0:
+        raise SweepError(f"{where}.q: must be positive, got {step}")
+    log = distribution in ("log_uniform", "log_uniform_values", "q_log_uniform_values")
+    if log and low <= 0:
+        raise SweepError(f"{where}.min: a log distribution needs min > 0, got {spec['min']}")
+    if distribution == "q_log_uniform_values" and not (step in (None, 1) and field_type is int):
+        raise SweepError(f"{where}: q_log_uniform_values works here only for integer flags with q 1 "
+                         f"(Optuna cannot quantise a log range); use values: [...]")
+    integer = field_type is int or (distribution == "int_uniform") or (
+        distribution == "q_uniform" and all(isinstance(v, int) for v in (low, high, step or 1)) and field_type is not float)
+    if integer:
+        if distribution in ("uniform", "log_uniform") and field_type is int and not (float(low).is_integer() and float(high).is_integer()):
+            raise SweepError(f"{where}: --{name} takes integers; give integer min and max")
+        return Param(name, "int", low=int(math.ceil(low)), high=int(math.floor(high)), log=log,
+                     step=int(step) if step and not log else None)
+    return Param(name, "float", low=float(low), high=float(high), log=log, step=float(step) if step else None)
+
+
+def load_sweep(path: str, trials: int = 0) -> Sweep:
+    """Reads and checks a W&B sweep file; every problem is a SweepError naming the key."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise SweepError(f"{path}: no such sweep file (examples in sweeps/)")
+    try:
+        with open(path) as f:
+            spec = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise SweepError(f"{path}: not readable YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise SweepError(f"{path}: expected a mapping of sweep keys (program, method, metric, parameters)")
+    for key in spec:
+        if key not in USED_KEYS + W_AND_B_ONLY_KEYS:
+            raise SweepError(f"{path}: {key}: not supported by sweep.py (it reads {', '.join(USED_KEYS)})")
+
+    method = spec.get("method")
+    if method not in METHODS:
+        raise SweepError(f"{path}: method: {method!r} is not one of {', '.join(METHODS)}")
+    program = spec.get("program")
+    if not isinstance(program, str) or not program:
+        raise SweepError(f"{path}: program: name the script the agent runs, e.g. program: train.py")
+    if not os.path.isfile(program):
+        raise SweepError(f"{path}: program: {program} not found in {os.getcwd()}; run sweep.py where "
+                         f"`wandb agent` would run it (the repository root)")
+
+    metric = spec.get("metric")
+    if not isinstance(metric, dict) or not isinstance(metric.get("name"), str):
+        raise SweepError(f"{path}: metric: sweep.py needs one, e.g. metric: {{name: val_loss, goal: minimize}}")
+    for key in metric:
+        if key not in ("name", "goal", "target", "impute", "impute_while_running"):
+            raise SweepError(f"{path}: metric.{key}: not a metric key (name, goal, target)")
+    goal = metric.get("goal", "minimize")
+    if goal not in ("minimize", "maximize"):
+        raise SweepError(f"{path}: metric.goal: {goal!r} is not minimize or maximize")
+    target = _number(metric["target"], f"{path}: metric.target") if "target" in metric else None
+
+    run_cap = trials or spec.get("run_cap") or 0
+    if not isinstance(run_cap, int) or isinstance(run_cap, bool) or run_cap < 0:
+        raise SweepError(f"{path}: run_cap: expected a positive integer, got {run_cap!r}")
+    if method != "grid" and not run_cap:
+        raise SweepError(f"{path}: run_cap: a {method} search needs a budget; add run_cap: N to the file "
+                         f"or pass --trials N")
+
+    parameters = spec.get("parameters")
+    if not isinstance(parameters, dict) or not parameters:
+        raise SweepError(f"{path}: parameters: expected a mapping of flag names to values or ranges")
+    is_train = os.path.basename(program) == "train.py"
+    types = _field_types(Config) if is_train else {}
+    params = {}
+    for name, param_spec in parameters.items():
+        where = f"{path}: parameters.{name}"
+        if name in RESERVED:
+            raise SweepError(f"{where}: sweep.py sets --{name} for every trial; remove it from the file")
+        if is_train and name not in types:
+            raise SweepError(f"{where}: train.py has no flag --{name}{_suggest(name)}")
+        params[name] = _parse_param(name, param_spec, where, types.get(name))
+    sweep_name = str(spec.get("name") or os.path.splitext(os.path.basename(path))[0])
+
+    if method == "grid":
+        for param in params.values():
+            if param.grid() is None:
+                raise SweepError(f"{path}: parameters.{param.name}: a grid needs values: [...] (or an "
+                                 f"int_uniform range), not a continuous distribution")
+
+    hyperband = None
+    early = spec.get("early_terminate")
+    if early is not None:
+        if not isinstance(early, dict) or early.get("type") != "hyperband":
+            raise SweepError(f"{path}: early_terminate.type: only hyperband is supported")
+        for key in early:
+            if key not in ("type", "min_iter", "max_iter", "s", "eta", "strict"):
+                raise SweepError(f"{path}: early_terminate.{key}: not a hyperband key (min_iter, max_iter, s, eta)")
+        eta = _number(early.get("eta", 3), f"{path}: early_terminate.eta")
+        if not eta > 1:
+            raise SweepError(f"{path}: early_terminate.eta: must be above 1, got {eta}")
+        if "min_iter" in early:
+            min_resource = _number(early["min_iter"], f"{path}: early_terminate.min_iter")
+        elif "max_iter" in early and "s" in early:  # W&B: s brackets below max_iter
+            min_resource = _number(early["max_iter"], f"{path}: early_terminate.max_iter") // int(eta) ** int(early["s"])
+        else:
+            raise SweepError(f"{path}: early_terminate: hyperband needs min_iter, or max_iter and s")
+        if not isinstance(min_resource, int) or min_resource < 1:
+            raise SweepError(f"{path}: early_terminate.min_iter: must be a positive integer, got {min_resource!r}")
+        max_resource = early.get("max_iter", "auto")
+        hyperband = dict(min_resource=min_resource, max_resource=max_resource, reduction_factor=int(eta))
+
+    command = spec.get("command") or ["${env}", "${interpreter}", "${program}", "${args}"]
+    if not isinstance(command, list):
+        raise SweepError(f"{path}: command: expected a list such as [${{env}}, ${{interpreter}}, ${{program}}, ${{args}}]")
+    for part in command:
+        if str(part).startswith("${") and str(part) not in COMMAND_MACROS:
+            raise SweepError(f"{path}: command: {part} is not supported here (use {', '.join(COMMAND_MACROS)})")
+
+    sweep = Sweep(path, sweep_name, program, method, metric["name"], goal, target, run_cap, params, hyperband,
+                  command, json.loads(json.dumps(spec, default=str)))
+    if is_train:
+        _check_flags(sweep)
+    return sweep
+
+
+def _check_flags(sweep: Sweep) -> None:
+    """Parses each grid point (or each range's ends) the way train.py will, so that a value it
+    refuses is an error now, naming the parameter, and not a failed trial later."""
+    if sweep.method == "grid":
+        points = sweep.grid_points()
+    else:
+        points = [{}]
+        for param in sweep.searched:
+            ends = param.choices if param.kind == "categorical" else [param.low, param.high]
+            points += [{param.name: value} for value in ends]
+    constants = {p.name: p.choices[0] for p in sweep.params.values() if p.kind == "constant"}
+    for point in points:
+        values = {**constants, **point}
+        try:
+            parse_config(wandb_args(values))
+        except ConfigError as e:
+            raise SweepError(f"{sweep.path}: parameters: {values} does not make a valid run ({e})") from None
+
+
+def wandb_args(values: dict) -> list[str]:
+    """`--name=value` for each parameter: what W&B's agent puts in ${args}."""
+    return [f"--{name}={value}" for name, value in values.items()]
+
+
+# ---------------------------------------------------------------- the study
+
+
+def _quiet_optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def open_storage(storage: str):
+    optuna = _quiet_optuna()
+    if storage.endswith((".db", ".sqlite", ".sqlite3")):
+        return optuna.storages.RDBStorage(f"sqlite:///{os.path.abspath(storage)}")
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    return optuna.storages.JournalStorage(JournalFileBackend(storage, lock_obj=JournalFileOpenLock(storage)))
+
+
+class StudyLock:
+    """The agents' lock around "which trial next": a file next to the storage, made with O_EXCL
+    (Optuna's own lock for journal files; NFS v3 and later). One left by a killed agent is broken
+    after a minute."""
+
+    def __init__(self, storage: str):
+        from optuna.storages.journal import JournalFileOpenLock
+
+        self._lock = JournalFileOpenLock(storage + ".agents", grace_period=60)
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+def make_sampler(sweep: Sweep, seed: int):
+    optuna = _quiet_optuna()
+
+    class QueuedGridSampler(optuna.samplers.GridSampler):
+        """The grid's points are queued in the file's order when the study is made, and an agent
+        stops when the queue is empty. GridSampler.after_trial only calls study.stop() (which
+        matters to study.optimize, not to ask and tell) and fails on queued trials, which carry no
+        grid_id of its own: skip it."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    if sweep.method == "grid":
+        return QueuedGridSampler({p.name: p.grid() for p in sweep.searched}, seed=seed)
+    if sweep.method == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(sweep: Sweep):
+    optuna = _quiet_optuna()
+    if sweep.hyperband is None:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.HyperbandPruner(**sweep.hyperband)
+
+
+def open_study(sweep: Sweep, storage: str, study_name: str, seed: int, create: bool):
+    """Loads the study, or creates it (queueing a grid's points in the file's order). A study made
+    from a different file is refused: its trials would not mean what the file says."""
+    optuna = _quiet_optuna()
+    backend = open_storage(storage)
+    existing = [s.study_name for s in backend.get_all_studies()]
+    if study_name not in existing:
+        if not create:
+            raise SweepError(f"{storage}: no study named {study_name!r} (it holds: {', '.join(existing) or 'none'})")
+        study = optuna.create_study(storage=backend, study_name=study_name,
+                                    direction="minimize" if sweep.goal == "minimize" else "maximize",
+                                    sampler=make_sampler(sweep, seed), pruner=make_pruner(sweep))
+        study.set_user_attr("sweep", sweep.spec)
+        study.set_user_attr("sweep_file", os.path.abspath(sweep.path))
+        if sweep.method == "grid":
+            for point in sweep.grid_points():
+                study.enqueue_trial(point, user_attrs={"attempt": 1})
+        return study
+    study = optuna.load_study(storage=backend, study_name=study_name, sampler=make_sampler(sweep, seed),
+                              pruner=make_pruner(sweep))
+    saved = study.user_attrs.get("sweep")
+    if saved != sweep.spec:
+        changed = sorted(k for k in set(saved or {}) | set(sweep.spec) if (saved or {}).get(k) != sweep.spec.get(k))
+        raise SweepError(f"{storage}: study {study_name!r} was made from a different version of {sweep.path} "
+                         f"(changed: {', '.join(changed)}); start a new study with --dir, --storage or --study")
+    return study
+
+
+# ---------------------------------------------------------------- one agent
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a zombie, exited but not yet reaped, does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _die_with_agent() -> None:
+    """In the trial's process, before exec: SIGTERM when the agent dies (Linux), so a killed agent
+    leaves no orphan training; the trial checkpoints and stops."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Agent:
+    def __init__(self, sweep: Sweep, settings: SweepSettings, sweep_dir: str, storage: str, study_name: str):
+        self.sweep, self.settings, self.dir, self.storage = sweep, settings, sweep_dir, storage
+        self.study = open_study(sweep, storage, study_name, settings.seed, create=False)
+        self.lock = StudyLock(storage)
+        self.host = socket.gethostname()
+        self.label = settings.agent_name or f"{self.host}:{os.getpid()}"
+        self.stop_signal = 0
+        self.child: subprocess.Popen | None = None
+
+    def say(self, message: str) -> None:
+        print(f"[{self.label}] {message}", flush=True)
+
+    # ---- signals: stop the trial with a checkpoint, queue it again, exit 128 + signal
+    def _on_signal(self, signum, frame) -> None:
+        if not self.stop_signal:
+            self.stop_signal = signum
+            self.say(f"{signal.Signals(signum).name}: asking the trial to save a checkpoint and stop")
+        if self.child is not None and self.child.poll() is None:
+            # SIGUSR1 stays SIGUSR1 (train.py: preempted, resume me); the rest become SIGTERM.
+            self.child.send_signal(signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM)
+
+    def run(self) -> int:
+        optuna = _quiet_optuna()
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        done = 0
+        while not self.stop_signal and (not self.settings.count or done < self.settings.count):
+            with self.lock:
+                self._fail_stale_trials()
+                next_trial = self._next_trial()
+            if next_trial is None:
+                break
+            self._run_trial(*next_trial, optuna)
+            done += 1
+        counts = self.counts()
+        self.say(f"agent done after {done} trial(s); study: {counts}")
+        return 128 + self.stop_signal if self.stop_signal else 0
+
+    def counts(self) -> str:
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        parts = [f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in TrialState]
+        return ", ".join(p for p in parts if not p.startswith("0 "))
+
+    def _next_trial(self):
+        """Under the lock: a queued trial (grid point or retry), else a new one while the budget
+        and the target allow; None when there is nothing left for this agent."""
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        if self.sweep.target is not None:
+            reached = [t for t in trials if t.state == TrialState.COMPLETE
+                       and not self.sweep.better(self.sweep.target, t.value)]
+            if reached:
+                self.say(f"trial {reached[0].number} reached the target {self.sweep.metric} {self.sweep.target}")
+                return None
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if not waiting:
+            if self.sweep.method == "grid":
+                return None
+            counted = [t for t in trials if not t.user_attrs.get("retried")]
+            if len(counted) >= self.sweep.run_cap:
+                return None
+        # Trial n's sampler is seeded by (seed, n): which agent draws it does not matter, and two
+        # agents never draw the same random sequence.
+        self.study.sampler = make_sampler(self.sweep, self.settings.seed * 1_000_003 + len(trials))
+        trial = self.study.ask()
+        params = {p.name: p.suggest(trial) for p in self.sweep.searched}
+        run_dir = trial.user_attrs.get("resume_dir") or os.path.join(self.dir, f"trial-{trial.number:04d}")
+        for key, value in (("run_dir", run_dir), ("agent", self.label), ("host", self.host),
+                           ("agent_pid", os.getpid()), ("heartbeat", time.time())):
+            trial.set_user_attr(key, value)
+        if "attempt" not in trial.user_attrs:
+            trial.set_user_attr("attempt", 1)
+        return trial, params
+
+    def _fail_stale_trials(self) -> None:
+        """Trials whose agent is gone (a dead process on this host, or no heartbeat for
+        --stale_after seconds): failed, and queued again to resume from their checkpoint."""
+        from optuna.trial import TrialState
+
+        now = time.time()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            attrs = t.user_attrs
+            same_host_dead = (attrs.get("host") == self.host and not _alive(attrs.get("agent_pid", 0))
+                              and not _alive(attrs.get("child_pid", 0)))
+            silent = now - attrs.get("heartbeat", t.datetime_start.timestamp() if t.datetime_start else now)
+            if same_host_dead or silent > self.settings.stale_after:
+                why = "its agent is gone" if same_host_dead else f"no heartbeat for {silent:.0f}s"
+                self.say(f"trial {t.number}: {why}; marking it failed")
+                self._requeue(t, reason=why)
+                self.study.tell(t.number, state=TrialState.FAIL)
+
+    def _requeue(self, trial, reason: str) -> None:
+        """Queues the trial's parameters again, to continue its run directory."""
+        attempt = trial.user_attrs.get("attempt", 1)
+        self.study._storage.set_trial_user_attr(trial._trial_id, "failed_because", reason)
+        if attempt >= MAX_ATTEMPTS:
+            self.say(f"trial {trial.number} was interrupted {attempt} times; leaving it failed")
+            return
+        self.study._storage.set_trial_user_attr(trial._trial_id, "retried", True)
+        self.study.enqueue_trial(dict(trial.params), user_attrs={
+            "resume_dir": trial.user_attrs.get("run_dir"), "retry_of": trial.number, "attempt": attempt + 1})
+
+    def _command(self, params: dict, run_dir: str, resume: bool) -> list[str]:
+        values = {p.name: p.choices[0] for p in self.sweep.params.values() if p.kind == "constant"}
+        values.update(params)
+        ours = {"save_model_dir": os.path.dirname(run_dir), "run_name": os.path.basename(run_dir)}
+        if resume:
+            ours["resume"] = "auto"
+        args = wandb_args(values) + wandb_args(ours)
+        macros = {"${env}": [], "${interpreter}": [sys.executable], "${program}": [self.sweep.program],
+                  "${args}": args, "${args_no_hyphens}": [a[2:] for a in args]}
+        command = []
+        for part in self.sweep.command:
+            command += macros.get(str(part), [str(part)])
+        return command
+
+    def _run_trial(self, trial, params: dict, optuna) -> None:
+        from optuna.trial import TrialState
+
+        run_dir = trial.user_attrs["run_dir"]
+        resume = "resume_dir" in trial.user_attrs
+        command = self._command(params, run_dir, resume)
+        os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
+        console = os.path.join(self.dir, "logs", f"trial-{trial.number:04d}.out")
+        shown = " ".join(f"{k}={_short(v)}" for k, v in params.items())
+        self.say(f"trial {trial.number} {'resumes ' + run_dir if resume else 'starts'}: {shown} -> {run_dir}")
+        started = time.time()
+        with open(console, "a") as out:
+            out.write(f"$ {' '.join(command)}\n")
+            out.flush()
+            self.child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=_die_with_agent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            trial.set_user_attr("child_pid", self.child.pid)
+            if self.stop_signal:  # a signal between the lock and here
+                self._on_signal(self.stop_signal, None)
+            values, pruned = self._follow(trial, run_dir)
+            if pruned:
+                self.child.send_signal(signal.SIGTERM)
+            rc = self.child.wait()
+            self.child = None
+        seconds = time.time() - started
+        trial.set_user_attr("seconds", seconds)
+        trial.set_user_attr("evals", len(values))
+        took = _duration(seconds)
+        try:
+            if pruned:
+                self.study.tell(trial, state=TrialState.PRUNED)
+                self.say(f"trial {trial.number} pruned at eval {len(values)}: {self.sweep.metric} "
+                         f"{values[-1]:.4g} ({took})")
+            elif self.stop_signal:
+                self._requeue(trial, reason=f"agent stopped by {signal.Signals(self.stop_signal).name}")
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.say(f"trial {trial.number} stopped (status {rc}); queued to resume from {run_dir}")
+            elif rc != 0:
+                trial.set_user_attr("failed_because", f"{self.sweep.program} exited with status {rc}")
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.say(f"trial {trial.number} failed: exit status {rc} after {took}; see {console}")
+            elif not values:
+                trial.set_user_attr("failed_because", f"{self.sweep.metric} was never logged")
+                self.study.tell(trial, state=TrialState.FAIL)
+                raise SweepError(f"{self.sweep.path}: metric.name: {self.sweep.program} never logged "
+                                 f"{self.sweep.metric!r} (trial {trial.number}; its keys: {_logged_keys(run_dir)})")
+            elif not math.isfinite(values[-1]):
+                trial.set_user_attr("failed_because", f"{self.sweep.metric} is {values[-1]}")
+                self.study.tell(trial, state=TrialState.FAIL)
+                self.say(f"trial {trial.number} failed: {self.sweep.metric} {values[-1]}")
+            else:
+                self.study.tell(trial, values[-1])
+                best = self.study.best_trial
+                self.say(f"trial {trial.number} complete: {self.sweep.metric} {values[-1]:.4g} ({took}, "
+                         f"{len(values)} evals) | best: trial {best.number} {best.value:.4g} | {self.counts()}")
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.say(f"trial {trial.number} was already marked failed by another agent (no heartbeat seen)")
+
+    def _follow(self, trial, run_dir: str):
+        """Reads the trial's metrics.jsonl while it runs: each new value of the metric is reported to
+        the pruner (step = how many times it was logged, as W&B's hyperband counts). Heartbeats go to
+        the study meanwhile. Returns the values and whether the pruner stopped the trial."""
+        path = os.path.join(run_dir, "metrics.jsonl")
+        values, offset, pruned, last_beat = [], 0, False, time.time()
+        reported = set()
+        while True:
+            finished = self.child.poll() is not None
+            if os.path.exists(path):
+                size = os.path.getsize(path)
+                if size < offset:  # train.py trimmed it on resume: read it again
+                    values, offset = [], 0
+                with open(path) as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                complete = chunk[:chunk.rfind("\n") + 1]
+                offset += len(complete.encode())
+                for line in complete.splitlines():
+                    record = json.loads(line) if line.strip() else {}
+                    if pruned:  # what the trial logged after the pruner stopped it does not count
+                        break
+                    if self.sweep.metric in record:
+                        values.append(float(record[self.sweep.metric]))
+                        step = len(values)
+                        if step not in reported and math.isfinite(values[-1]):
+                            trial.report(values[-1], step)
+                            reported.add(step)
+                            if not pruned and not self.stop_signal and trial.should_prune():
+                                pruned = True
+            if finished or pruned:
+                return values, pruned
+            if time.time() - last_beat > HEARTBEAT_SECONDS:
+                last_beat = time.time()
+                trial.set_user_attr("heartbeat", last_beat)
+            time.sleep(self.settings.poll_seconds)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    from utils import format_duration
+
+    return format_duration(seconds)
+
+
+def _logged_keys(run_dir: str) -> str:
+    keys = set()
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    keys |= set(json.loads(line))
+    return ", ".join(sorted(keys - {"step"})) or "none"
+
+
+# ---------------------------------------------------------------- starting agents
+
+
+def _visible_gpus(requested: str) -> list[str]:
+    if requested:
+        return [g.strip() for g in requested.split(",")]
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
+
+
+def locate(settings: SweepSettings, sweep: Sweep) -> tuple[str, str, str]:
+    """(sweep directory, storage, study name) from the flags and the file."""
+    sweep_dir = settings.dir or os.path.join("runs", f"sweep-{sweep.name}")
+    storage = settings.storage or os.path.join(sweep_dir, "study.journal")
+    if os.path.isdir(storage):
+        raise SweepError(f"--storage: {storage} is a directory; name a file (x.journal, or x.db for SQLite)")
+    return sweep_dir, storage, settings.study or sweep.name
+
+
+def run_sweep(settings: SweepSettings) -> int:
+    sweep = load_sweep(settings.file, settings.trials)
+    sweep_dir, storage, study_name = locate(settings, sweep)
+    try:
+        os.makedirs(sweep_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(storage)), exist_ok=True)
+    except OSError as e:
+        raise SweepError(f"--dir: cannot create {sweep_dir} ({e.strerror})") from None
+    with StudyLock(storage):
+        open_study(sweep, storage, study_name, settings.seed, create=True)  # made once, before any agent
+    size = f"{len(sweep.grid_points())} points" if sweep.method == "grid" else f"{sweep.run_cap} trials"
+    if settings.agents == 1:
+        if not settings.agent_name:
+            print(f"sweep {study_name}: {sweep.method}, {size}, {sweep.metric} ({sweep.goal}) | study {storage} "
+                  f"| trials in {sweep_dir}", flush=True)
+        return Agent(sweep, settings, sweep_dir, storage, study_name).run()
+
+    # Several agents on this machine: the same command, one process each, one GPU each if there are
+    # GPUs. They coordinate through the study, as agents on other machines would.
+    gpus = _visible_gpus(settings.gpus)
+    print(f"sweep {study_name}: {sweep.method}, {size}, {sweep.metric} ({sweep.goal}) | study {storage} | "
+          f"{settings.agents} agents" + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
+    children = []
+    for index in range(settings.agents):
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+        elif "OMP_NUM_THREADS" not in env:  # CPU trials side by side: share the cores, not oversubscribe them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // settings.agents))
+        argv = [sys.executable, os.path.abspath(__file__), settings.file, "--agents", "1", "--dir", sweep_dir,
+                "--storage", storage, "--study", study_name, "--agent_name", f"agent {index}"]
+        for name in ("count", "trials", "seed", "stale_after", "poll_seconds"):
+            argv += [f"--{name}", str(getattr(settings, name))]
+        children.append(subprocess.Popen(argv, env=env))
+
+    def forward(signum, frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, forward)
+    codes = [child.wait() for child in children]
+    print(f"all {len(children)} agents done (exit statuses {codes}); python sweep.py report {sweep_dir}", flush=True)
+    return max(codes, key=lambda c: (c != 0, c))
+
+
+# ---------------------------------------------------------------- the report
+
+
+def load_for_report(where: str, study_name: str = ""):
+    """(study, sweep directory) from a sweep directory or a storage file."""
+    if os.path.isdir(where):
+        sweep_dir, storage = where, os.path.join(where, "study.journal")
+    else:
+        sweep_dir, storage = os.path.dirname(os.path.abspath(where)), where
+    if not os.path.isfile(storage):
+        raise SweepError(f"{where}: no study here (expected a sweep directory holding study.journal, "
+                         f"or a .journal / .db file)")
+    optuna = _quiet_optuna()
+    backend = open_storage(storage)
+    names = [s.study_name for s in backend.get_all_studies()]
+    if not names:
+        raise SweepError(f"{storage}: holds no study")
+    if not study_name:
+        if len(names) > 1:
+            raise SweepError(f"{storage}: holds several studies ({', '.join(names)}); pick one with --study")
+        study_name = names[0]
+    if study_name not in names:
+        raise SweepError(f"--study: {study_name!r} is not in {storage} ({', '.join(names)})")
+    return optuna.load_study(storage=backend, study_name=study_name), sweep_dir
+
+
+def report(where: str, study_name: str = "", top: int = 10) -> str:
+    """Prints the best trials as a table and writes params.png, history.png and curves.png beside the
+    study. Returns the text it printed."""
+    from optuna.trial import TrialState
+
+    study, sweep_dir = load_for_report(where, study_name)
+    spec = study.user_attrs.get("sweep", {})
+    metric = spec.get("metric", {}).get("name", "value")
+    maximize = study.direction.name == "MAXIMIZE"
+    trials = study.get_trials(deepcopy=False)
+    names = sorted({name for t in trials for name in t.params})
+    params = lambda t: t.params or t.system_attrs.get("fixed_params", {})  # noqa: E731  (queued: not drawn yet)
+
+    def score(t):  # complete first, by value; then pruned by their last reported value; then the rest
+        value = t.value if t.state == TrialState.COMPLETE else (
+            list(t.intermediate_values.values())[-1] if t.intermediate_values else None)
+        rank = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1}.get(t.state, 2)
+        key = math.inf if value is None else (-value if maximize else value)
+        return (rank, key), value
+
+    ordered = sorted(trials, key=lambda t: score(t)[0])
+    counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in TrialState
+                       if any(t.state == s for t in trials))
+    lines = [f"study {study.study_name} ({spec.get('method', '?')}, {metric} {'max' if maximize else 'min'}imized): "
+             f"{len(trials)} trials: {counts}", ""]
+    header = ["#", "trial", "state", metric] + names + ["evals", "time", "run"]
+    rows = []
+    for rank, t in enumerate(ordered[:top], 1):
+        value = score(t)[1]
+        rows.append([str(rank), str(t.number), t.state.name.lower(), "-" if value is None else f"{value:.4g}"]
+                    + [_short(params(t)[n]) if n in params(t) else "-" for n in names]
+                    + [str(t.user_attrs.get("evals", len(t.intermediate_values))),
+                       _duration(t.user_attrs["seconds"]) if "seconds" in t.user_attrs else "-",
+                       os.path.relpath(t.user_attrs.get("run_dir", "-"))])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    for row in [header] + rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        lines += ["", f"best: trial {best.number}, {metric} {best.value:.4g}: "
+                  + " ".join(f"--{k}={_short(v)}" for k, v in best.params.items()),
+                  f"      rerun: python train.py --config {os.path.join(best.user_attrs.get('run_dir', '?'), 'config.json')}"]
+    paths = _plot_study(study, trials, names, metric, maximize, sweep_dir)
+    lines += ["", "plots: " + ", ".join(paths)]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def _plot_study(study, trials, names, metric, maximize, out_dir) -> list[str]:
+    from matplotlib.figure import Figure
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState
+
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    best = study.best_trial if complete else None
+    last = lambda t: list(t.intermediate_values.values())[-1]  # noqa: E731
+    shown = [t.value for t in complete] + [last(t) for t in pruned]
+    # Losses that span orders of magnitude (a grokked run's 1e-4 beside a memorising one's 27) on a log axis
+    yscale = "log" if shown and min(shown) > 0 and max(shown) > 100 * min(shown) else "linear"
+    paths = []
+
+    # metric against each parameter: complete trials, pruned ones at their last value, the best in red
+    fig = Figure(figsize=(4.2 * max(len(names), 1), 3.6))
+    axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        distribution = next((t.distributions[name] for t in trials if name in t.distributions), None)
+        categorical = isinstance(distribution, CategoricalDistribution)
+        choices = [str(c) for c in distribution.choices] if categorical else []
+        x = lambda t: choices.index(str(t.params[name])) if categorical else t.params[name]  # noqa: E731
+        ax.scatter([x(t) for t in complete if name in t.params], [t.value for t in complete if name in t.params],
+                   label="complete", color="tab:blue")
+        if pruned:
+            ax.scatter([x(t) for t in pruned if name in t.params], [last(t) for t in pruned if name in t.params],
+                       label="pruned (last value)", color="tab:gray", marker="x")
+        if best is not None and name in best.params:
+            ax.scatter([x(best)], [best.value], color="tab:red", marker="*", s=160, label="best", zorder=3)
+        if categorical:
+            ax.set_xticks(range(len(choices)), choices)
+        elif isinstance(distribution, (FloatDistribution, IntDistribution)) and distribution.log:
+            ax.set_xscale("log")
+        ax.set(xlabel=name, ylabel=metric, yscale=yscale)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{study.study_name}: {metric} by parameter")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "params.png"))
+    fig.savefig(paths[-1], dpi=110)
+
+    # the optimisation history: each finished trial's value and the best so far
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    ax.scatter([t.number for t in complete], [t.value for t in complete], color="tab:blue", label="complete")
+    if pruned:
+        ax.scatter([t.number for t in pruned], [last(t) for t in pruned], color="tab:gray", marker="x",
+                   label="pruned (last value)")
+    if complete:
+        running, xs, ys = None, [], []
+        for t in sorted(complete, key=lambda t: t.number):
+            if running is None or (t.value > running if maximize else t.value < running):
+                running = t.value
+            xs.append(t.number)
+            ys.append(running)
+        ax.step(xs, ys, where="post", color="tab:red", label="best so far")
+    ax.set(xlabel="trial", ylabel=metric, yscale=yscale, title=f"{study.study_name}: optimisation history")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "history.png"))
+    fig.savefig(paths[-1], dpi=110)
+
+    # the metric as each trial logged it: where hyperband cut the pruned ones
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    for t in trials:
+        if not t.intermediate_values:
+            continue
+        steps, values = zip(*sorted(t.intermediate_values.items()))
+        style = dict(color="tab:gray", alpha=0.6) if t.state == TrialState.PRUNED else {}
+        ax.plot(steps, values, label=f"trial {t.number}" if len(trials) <= 12 else None, **style)
+    ax.set(xlabel=f"times {metric} was logged (hyperband's iterations)", ylabel=metric, yscale=yscale,
+           title=f"{study.study_name}: {metric} during each trial (pruned in grey)")
+    ax.grid(True, alpha=0.3)
+    if len(trials) <= 12 and any(t.intermediate_values for t in trials):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "curves.png"))
+    fig.savefig(paths[-1], dpi=110)
+    return paths
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        rest = argv[1:]
+        study_name, top = "", 10
+        positional = []
+        while rest:
+            flag = rest.pop(0)
+            if flag in ("--study", "--top") and rest:
+                value = rest.pop(0)
+                if flag == "--study":
+                    study_name = value
+                else:
+                    need(value.isdigit() and int(value) >= 1, "top", f"expected a positive integer, got {value!r}")
+                    top = int(value)
+            elif flag.startswith("-"):
+                raise ConfigError(f"unknown flag {flag} for report; usage: python sweep.py report DIR [--study NAME] [--top N]")
+            else:
+                positional.append(flag)
+        if len(positional) != 1:
+            raise ConfigError("usage: python sweep.py report DIR [--study NAME] [--top N] (DIR: runs/sweep-<name>, "
+                              "or the study's .journal / .db file)")
+        report(positional[0], study_name, top)
+        return 0
+    settings, _ = parse_flags(SweepSettings, argv, "sweep.py", "Run a W&B sweep file locally with Optuna "
+                              "(`python sweep.py report DIR` prints the best trials and draws plots).",
+                              positional="file")
+    return run_sweep(settings)
+
+
+if __name__ == "__main__":
+    try:
+        status = main()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status)
