@@ -8,8 +8,11 @@
 
 The same file works with W&B (`wandb sweep FILE`, then `wandb agent ID`). Here its `method` picks an
 Optuna sampler (grid: GridSampler, random: RandomSampler, bayes: TPE) and `early_terminate:
-hyperband` a HyperbandPruner. The pruner is fed the metric each time the program logs it
-(train.py's evals), counted as W&B counts hyperband iterations: 1, 2, 3, ...
+hyperband` a HyperbandPruner (min_iter, max_iter, eta as min_resource, max_resource,
+reduction_factor). The pruner is fed the metric each time the program logs it (train.py's evals),
+counted 1, 2, 3, ... as W&B counts hyperband iterations. Optuna's hyperband splits trials among
+brackets that start pruning at different rungs, where W&B checks every run at every band: the same
+knobs, not the same decisions.
 
 A sweep lives in one directory, `runs/sweep-<name>/` unless --dir says otherwise: the study
 (`study.journal`, an Optuna journal file that agents on several nodes can share over NFS; or SQLite
@@ -80,8 +83,9 @@ class SweepSettings:
 
     def validate(self) -> "SweepSettings":
         need(bool(self.file), "file", "name the sweep file: python sweep.py sweeps/grok_lr.yaml")
-        for name in ("agents", "stale_after"):
-            need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        need(self.agents >= 1, "agents", f"must be at least 1, got {self.agents}")
+        need(self.stale_after >= 3 * HEARTBEAT_SECONDS, "stale_after", f"must be at least "
+             f"{3 * HEARTBEAT_SECONDS} (agents send a heartbeat every {HEARTBEAT_SECONDS}s), got {self.stale_after}")
         for name in ("count", "trials"):
             need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
         need(self.poll_seconds > 0, "poll_seconds", f"must be positive, got {self.poll_seconds}")
@@ -305,18 +309,25 @@ def load_sweep(path: str, trials: int = 0) -> Sweep:
             if key not in ("type", "min_iter", "max_iter", "s", "eta", "strict"):
                 raise SweepError(f"{path}: early_terminate.{key}: not a hyperband key (min_iter, max_iter, s, eta)")
         eta = _number(early.get("eta", 3), f"{path}: early_terminate.eta")
-        if not eta > 1:
-            raise SweepError(f"{path}: early_terminate.eta: must be above 1, got {eta}")
-        if "min_iter" in early:
-            min_resource = _number(early["min_iter"], f"{path}: early_terminate.min_iter")
-        elif "max_iter" in early and "s" in early:  # W&B: s brackets below max_iter
-            min_resource = _number(early["max_iter"], f"{path}: early_terminate.max_iter") // int(eta) ** int(early["s"])
+        if not (isinstance(eta, int) and eta >= 2):
+            raise SweepError(f"{path}: early_terminate.eta: Optuna's hyperband needs an integer of 2 or more, got {eta}")
+        iters = {}
+        for key in ("min_iter", "max_iter", "s"):
+            if key in early:
+                iters[key] = _number(early[key], f"{path}: early_terminate.{key}")
+                if not (isinstance(iters[key], int) and iters[key] >= (0 if key == "s" else 1)):
+                    raise SweepError(f"{path}: early_terminate.{key}: expected a positive integer, got {early[key]!r}")
+        if "max_iter" in iters and "s" in iters:  # W&B: s brackets below max_iter; it prefers these
+            min_resource = max(1, iters["max_iter"] // eta ** iters["s"])
+        elif "min_iter" in iters:
+            min_resource = iters["min_iter"]
         else:
             raise SweepError(f"{path}: early_terminate: hyperband needs min_iter, or max_iter and s")
-        if not isinstance(min_resource, int) or min_resource < 1:
-            raise SweepError(f"{path}: early_terminate.min_iter: must be a positive integer, got {min_resource!r}")
-        max_resource = early.get("max_iter", "auto")
-        hyperband = dict(min_resource=min_resource, max_resource=max_resource, reduction_factor=int(eta))
+        if iters.get("max_iter", min_resource) < min_resource:
+            raise SweepError(f"{path}: early_terminate.max_iter: {iters['max_iter']} is below min_iter ({min_resource})")
+        # Without max_iter, Optuna takes the longest finished trial's count of evals as the maximum.
+        hyperband = dict(min_resource=min_resource, max_resource=iters.get("max_iter", "auto"),
+                         reduction_factor=eta)
 
     command = spec.get("command") or ["${env}", "${interpreter}", "${program}", "${args}"]
     if not isinstance(command, list):
@@ -378,12 +389,12 @@ def open_storage(storage: str):
 class StudyLock:
     """The agents' lock around "which trial next": a file next to the storage, made with O_EXCL
     (Optuna's own lock for journal files; NFS v3 and later). One left by a killed agent is broken
-    after a minute."""
+    after five minutes (making a big grid's queue over NFS can hold it for a while)."""
 
     def __init__(self, storage: str):
         from optuna.storages.journal import JournalFileOpenLock
 
-        self._lock = JournalFileOpenLock(storage + ".agents", grace_period=60)
+        self._lock = JournalFileOpenLock(storage + ".agents", grace_period=300)
 
     def __enter__(self):
         self._lock.acquire()
@@ -491,15 +502,14 @@ class Agent:
 
     # ---- signals: stop the trial with a checkpoint, queue it again, exit 128 + signal
     def _on_signal(self, signum, frame) -> None:
-        if not self.stop_signal:
-            self.stop_signal = signum
-            self.say(f"{signal.Signals(signum).name}: asking the trial to save a checkpoint and stop")
+        """Only flags and a signal to the trial here: the loops say what happened (a print inside a
+        handler can interrupt another print)."""
+        self.stop_signal = self.stop_signal or signum
         if self.child is not None and self.child.poll() is None:
             # SIGUSR1 stays SIGUSR1 (train.py: preempted, resume me); the rest become SIGTERM.
             self.child.send_signal(signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM)
 
     def run(self) -> int:
-        optuna = _quiet_optuna()
         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         done = 0
@@ -508,19 +518,39 @@ class Agent:
                 self._fail_stale_trials()
                 next_trial = self._next_trial()
             if next_trial is None:
-                break
-            self._run_trial(*next_trial, optuna)
+                # Nothing to take, but a trial whose agent missed its heartbeats may be about to go
+                # stale (a lost node); wait to take it up rather than leave it running forever.
+                silent = self._silent_trials()
+                if not silent:
+                    break
+                self.say(f"waiting for trial {silent[0].number}: its agent has sent no heartbeat for "
+                         f"{time.time() - silent[0].user_attrs['heartbeat']:.0f}s (stale after {self.settings.stale_after}s)")
+                time.sleep(HEARTBEAT_SECONDS)
+                continue
+            self._run_trial(*next_trial)
             done += 1
-        counts = self.counts()
-        self.say(f"agent done after {done} trial(s); study: {counts}")
+        if self.stop_signal:
+            self.say(f"stopped by {signal.Signals(self.stop_signal).name}")
+        self.say(f"agent done after {done} trial(s); study: {self.counts()}")
         return 128 + self.stop_signal if self.stop_signal else 0
 
     def counts(self) -> str:
+        """The study's trials by state and, while trials remain, the time they should take at the
+        mean pace of the finished ones, shared among as many agents as have a trial running."""
         from optuna.trial import TrialState
 
         trials = self.study.get_trials(deepcopy=False)
         parts = [f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in TrialState]
-        return ", ".join(p for p in parts if not p.startswith("0 "))
+        text = ", ".join(p for p in parts if not p.startswith("0 "))
+        left = sum(t.state == TrialState.WAITING for t in trials)
+        if self.sweep.method != "grid":
+            left += max(0, self.sweep.run_cap - sum(not t.user_attrs.get("retried") for t in trials))
+        seconds = [t.user_attrs["seconds"] for t in trials
+                   if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "seconds" in t.user_attrs]
+        if left and seconds:
+            agents = 1 + sum(t.state == TrialState.RUNNING for t in trials)
+            text += f", ETA {_duration(sum(seconds) / len(seconds) * left / agents)}"
+        return text
 
     def _next_trial(self):
         """Under the lock: a queued trial (grid point or retry), else a new one while the budget
@@ -546,7 +576,8 @@ class Agent:
         self.study.sampler = make_sampler(self.sweep, self.settings.seed * 1_000_003 + len(trials))
         trial = self.study.ask()
         params = {p.name: p.suggest(trial) for p in self.sweep.searched}
-        run_dir = trial.user_attrs.get("resume_dir") or os.path.join(self.dir, f"trial-{trial.number:04d}")
+        # Absolute, so that agents started from other directories resume it where it is
+        run_dir = trial.user_attrs.get("resume_dir") or os.path.abspath(os.path.join(self.dir, f"trial-{trial.number:04d}"))
         for key, value in (("run_dir", run_dir), ("agent", self.label), ("host", self.host),
                            ("agent_pid", os.getpid()), ("heartbeat", time.time())):
             trial.set_user_attr(key, value)
@@ -555,8 +586,8 @@ class Agent:
         return trial, params
 
     def _fail_stale_trials(self) -> None:
-        """Trials whose agent is gone (a dead process on this host, or no heartbeat for
-        --stale_after seconds): failed, and queued again to resume from their checkpoint."""
+        """Under the lock: trials whose agent is gone (a dead process on this host, or no heartbeat
+        for --stale_after seconds) are failed and queued again to resume from their checkpoint."""
         from optuna.trial import TrialState
 
         now = time.time()
@@ -564,23 +595,37 @@ class Agent:
             attrs = t.user_attrs
             same_host_dead = (attrs.get("host") == self.host and not _alive(attrs.get("agent_pid", 0))
                               and not _alive(attrs.get("child_pid", 0)))
-            silent = now - attrs.get("heartbeat", t.datetime_start.timestamp() if t.datetime_start else now)
+            silent = now - attrs.get("heartbeat", now)
             if same_host_dead or silent > self.settings.stale_after:
                 why = "its agent is gone" if same_host_dead else f"no heartbeat for {silent:.0f}s"
                 self.say(f"trial {t.number}: {why}; marking it failed")
-                self._requeue(t, reason=why)
-                self.study.tell(t.number, state=TrialState.FAIL)
+                self._finish_interrupted(t, why, count_attempt=True)
 
-    def _requeue(self, trial, reason: str) -> None:
-        """Queues the trial's parameters again, to continue its run directory."""
-        attempt = trial.user_attrs.get("attempt", 1)
-        self.study._storage.set_trial_user_attr(trial._trial_id, "failed_because", reason)
-        if attempt >= MAX_ATTEMPTS:
-            self.say(f"trial {trial.number} was interrupted {attempt} times; leaving it failed")
-            return
-        self.study._storage.set_trial_user_attr(trial._trial_id, "retried", True)
-        self.study.enqueue_trial(dict(trial.params), user_attrs={
-            "resume_dir": trial.user_attrs.get("run_dir"), "retry_of": trial.number, "attempt": attempt + 1})
+    def _silent_trials(self) -> list:
+        """Running trials that missed two heartbeats but are not stale yet."""
+        from optuna.trial import TrialState
+
+        now = time.time()
+        return [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if now - t.user_attrs.get("heartbeat", now) > 2 * HEARTBEAT_SECONDS]
+
+    def _finish_interrupted(self, trial, reason: str, count_attempt: bool) -> None:
+        """Under the lock: fails the trial and queues its parameters again, to continue its run
+        directory. A stop by signal is a routine preemption; only a lost agent counts as an attempt,
+        and after MAX_ATTEMPTS of those the trial is left failed."""
+        from optuna.trial import TrialState
+
+        storage = self.study._storage  # another agent's trial: Trial objects only exist for our own
+        attempt = trial.user_attrs.get("attempt", 1) + (1 if count_attempt else 0)
+        again = attempt <= MAX_ATTEMPTS and not trial.user_attrs.get("retried")  # retried: already queued
+        storage.set_trial_user_attr(trial._trial_id, "failed_because", reason)
+        if again:
+            storage.set_trial_user_attr(trial._trial_id, "retried", True)
+            self.study.enqueue_trial(dict(trial.params), user_attrs={
+                "resume_dir": trial.user_attrs.get("run_dir"), "retry_of": trial.number, "attempt": attempt})
+        elif not trial.user_attrs.get("retried"):
+            self.say(f"trial {trial.number} was lost {MAX_ATTEMPTS} times; leaving it failed")
+        self.study.tell(trial.number, state=TrialState.FAIL)
 
     def _command(self, params: dict, run_dir: str, resume: bool) -> list[str]:
         values = {p.name: p.choices[0] for p in self.sweep.params.values() if p.kind == "constant"}
@@ -596,94 +641,111 @@ class Agent:
             command += macros.get(str(part), [str(part)])
         return command
 
-    def _run_trial(self, trial, params: dict, optuna) -> None:
+    def _run_trial(self, trial, params: dict) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import TrialState
 
         run_dir = trial.user_attrs["run_dir"]
         resume = "resume_dir" in trial.user_attrs
+        if self.stop_signal:  # a signal while we took the trial: queue it again untouched
+            with self.lock:
+                self._finish_interrupted(trial, f"agent stopped by {signal.Signals(self.stop_signal).name}", False)
+            return
         command = self._command(params, run_dir, resume)
         os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
         console = os.path.join(self.dir, "logs", f"trial-{trial.number:04d}.out")
         shown = " ".join(f"{k}={_short(v)}" for k, v in params.items())
-        self.say(f"trial {trial.number} {'resumes ' + run_dir if resume else 'starts'}: {shown} -> {run_dir}")
+        self.say(f"trial {trial.number} {'resumes' if resume else 'starts'}: {shown} -> {run_dir}")
         started = time.time()
         with open(console, "a") as out:
             out.write(f"$ {' '.join(command)}\n")
             out.flush()
             self.child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                           preexec_fn=_die_with_agent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            trial.set_user_attr("child_pid", self.child.pid)
-            if self.stop_signal:  # a signal between the lock and here
+            if self.stop_signal:  # a signal between the check above and here
                 self._on_signal(self.stop_signal, None)
-            values, pruned = self._follow(trial, run_dir)
-            if pruned:
+            try:
+                trial.set_user_attr("child_pid", self.child.pid)
+                values, pruned = self._follow(trial, run_dir)
+                lost = False
+            except UpdateFinishedTrialError:  # another agent failed it as stale and queued it again
+                values, pruned, lost = [], False, True
+            if pruned or lost:
                 self.child.send_signal(signal.SIGTERM)
             rc = self.child.wait()
             self.child = None
-        seconds = time.time() - started
-        trial.set_user_attr("seconds", seconds)
-        trial.set_user_attr("evals", len(values))
-        took = _duration(seconds)
-        try:
+        seconds, took = time.time() - started, _duration(time.time() - started)
+        if lost:
+            self.say(f"trial {trial.number} was failed by another agent (no heartbeat seen); its queued "
+                     f"copy continues {run_dir}")
+            return
+        finite = bool(values) and math.isfinite(values[-1])
+        with self.lock:  # so that no agent fails it as stale in the middle
+            trial.set_user_attr("seconds", seconds)
+            trial.set_user_attr("evals", len(values))
             if pruned:
                 self.study.tell(trial, state=TrialState.PRUNED)
-                self.say(f"trial {trial.number} pruned at eval {len(values)}: {self.sweep.metric} "
-                         f"{values[-1]:.4g} ({took})")
-            elif self.stop_signal:
-                self._requeue(trial, reason=f"agent stopped by {signal.Signals(self.stop_signal).name}")
-                self.study.tell(trial, state=TrialState.FAIL)
-                self.say(f"trial {trial.number} stopped (status {rc}); queued to resume from {run_dir}")
-            elif rc != 0:
-                trial.set_user_attr("failed_because", f"{self.sweep.program} exited with status {rc}")
-                self.study.tell(trial, state=TrialState.FAIL)
-                self.say(f"trial {trial.number} failed: exit status {rc} after {took}; see {console}")
-            elif not values:
-                trial.set_user_attr("failed_because", f"{self.sweep.metric} was never logged")
-                self.study.tell(trial, state=TrialState.FAIL)
-                raise SweepError(f"{self.sweep.path}: metric.name: {self.sweep.program} never logged "
-                                 f"{self.sweep.metric!r} (trial {trial.number}; its keys: {_logged_keys(run_dir)})")
-            elif not math.isfinite(values[-1]):
-                trial.set_user_attr("failed_because", f"{self.sweep.metric} is {values[-1]}")
-                self.study.tell(trial, state=TrialState.FAIL)
-                self.say(f"trial {trial.number} failed: {self.sweep.metric} {values[-1]}")
-            else:
+                message = f"pruned at eval {len(values)}: {self.sweep.metric} {values[-1]:.4g} ({took})"
+            elif rc == 0 and finite:  # a trial that ended as the stop signal came is done, all the same
                 self.study.tell(trial, values[-1])
                 best = self.study.best_trial
-                self.say(f"trial {trial.number} complete: {self.sweep.metric} {values[-1]:.4g} ({took}, "
-                         f"{len(values)} evals) | best: trial {best.number} {best.value:.4g} | {self.counts()}")
-        except optuna.exceptions.UpdateFinishedTrialError:
-            self.say(f"trial {trial.number} was already marked failed by another agent (no heartbeat seen)")
+                message = (f"complete: {self.sweep.metric} {values[-1]:.4g} ({took}, {len(values)} evals) | "
+                           f"best: trial {best.number} {best.value:.4g} | {self.counts()}")
+            elif self.stop_signal:
+                self._finish_interrupted(trial, f"agent stopped by {signal.Signals(self.stop_signal).name}", False)
+                message = f"stopped (status {rc}); queued to resume from {run_dir}"
+            else:
+                reason = (f"{self.sweep.program} exited with status {rc}" if rc != 0 else
+                          f"{self.sweep.metric} was never logged" if not values else
+                          f"{self.sweep.metric} is {values[-1]}")
+                trial.set_user_attr("failed_because", reason)
+                self.study.tell(trial, state=TrialState.FAIL)
+                message = f"failed: {reason} after {took}; see {console}"
+        self.say(f"trial {trial.number} {message}")
+        if rc == 0 and not values:
+            raise SweepError(f"{self.sweep.path}: metric.name: {self.sweep.program} never logged "
+                             f"{self.sweep.metric!r} (trial {trial.number}; its keys: {_logged_keys(run_dir)})")
 
     def _follow(self, trial, run_dir: str):
         """Reads the trial's metrics.jsonl while it runs: each new value of the metric is reported to
-        the pruner (step = how many times it was logged, as W&B's hyperband counts). Heartbeats go to
-        the study meanwhile. Returns the values and whether the pruner stopped the trial."""
+        the pruner (step = how many times it was logged). Heartbeats go to the study meanwhile.
+        Returns the values and whether the pruner stopped the trial. A resumed trial's file is read
+        from the start; train.py rewrites it (a new file) when it drops the records past its
+        checkpoint, and those it logs again are the same values (resume is exact)."""
         path = os.path.join(run_dir, "metrics.jsonl")
-        values, offset, pruned, last_beat = [], 0, False, time.time()
+        values, offset, inode, pruned, last_beat, said = [], 0, None, False, time.time(), False
         reported = set()
         while True:
             finished = self.child.poll() is not None
-            if os.path.exists(path):
-                size = os.path.getsize(path)
-                if size < offset:  # train.py trimmed it on resume: read it again
-                    values, offset = [], 0
+            if self.stop_signal and not said:
+                said = True
+                self.say(f"{signal.Signals(self.stop_signal).name}: asking trial {trial.number} to save a "
+                         f"checkpoint and stop")
+            try:
                 with open(path) as f:
+                    if os.fstat(f.fileno()).st_ino != inode or os.fstat(f.fileno()).st_size < offset:
+                        inode, offset, values = os.fstat(f.fileno()).st_ino, 0, []  # a new file: from the top
                     f.seek(offset)
                     chunk = f.read()
-                complete = chunk[:chunk.rfind("\n") + 1]
-                offset += len(complete.encode())
-                for line in complete.splitlines():
-                    record = json.loads(line) if line.strip() else {}
-                    if pruned:  # what the trial logged after the pruner stopped it does not count
-                        break
-                    if self.sweep.metric in record:
-                        values.append(float(record[self.sweep.metric]))
-                        step = len(values)
-                        if step not in reported and math.isfinite(values[-1]):
-                            trial.report(values[-1], step)
-                            reported.add(step)
-                            if not pruned and not self.stop_signal and trial.should_prune():
-                                pruned = True
+            except FileNotFoundError:
+                chunk = ""
+            complete = chunk[:chunk.rfind("\n") + 1]  # whole lines only; the rest is still being written
+            offset += len(complete.encode())
+            for line in complete.splitlines():
+                if pruned:  # what the trial logged after the pruner stopped it does not count
+                    break
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if self.sweep.metric in record:
+                    values.append(float(record[self.sweep.metric]))
+                    step = len(values)
+                    if step not in reported and math.isfinite(values[-1]):
+                        trial.report(values[-1], step)
+                        reported.add(step)
+                        if not self.stop_signal and trial.should_prune():
+                            pruned = True
             if finished or pruned:
                 return values, pruned
             if time.time() - last_beat > HEARTBEAT_SECONDS:
@@ -760,6 +822,14 @@ def run_sweep(settings: SweepSettings) -> int:
     print(f"sweep {study_name}: {sweep.method}, {size}, {sweep.metric} ({sweep.goal}) | study {storage} | "
           f"{settings.agents} agents" + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
     children = []
+
+    def forward(signum, frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, forward)
     for index in range(settings.agents):
         env = dict(os.environ)
         if gpus:
@@ -771,15 +841,8 @@ def run_sweep(settings: SweepSettings) -> int:
         for name in ("count", "trials", "seed", "stale_after", "poll_seconds"):
             argv += [f"--{name}", str(getattr(settings, name))]
         children.append(subprocess.Popen(argv, env=env))
-
-    def forward(signum, frame):
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(signum, forward)
     codes = [child.wait() for child in children]
+    codes = [128 - code if code < 0 else code for code in codes]  # killed by signal N: 128 + N, as a shell says
     print(f"all {len(children)} agents done (exit statuses {codes}); python sweep.py report {sweep_dir}", flush=True)
     return max(codes, key=lambda c: (c != 0, c))
 
@@ -852,7 +915,8 @@ def report(where: str, study_name: str = "", top: int = 10) -> str:
         best = study.best_trial
         lines += ["", f"best: trial {best.number}, {metric} {best.value:.4g}: "
                   + " ".join(f"--{k}={_short(v)}" for k, v in best.params.items()),
-                  f"      rerun: python train.py --config {os.path.join(best.user_attrs.get('run_dir', '?'), 'config.json')}"]
+                  f"      rerun: python train.py --config "
+                  f"{os.path.relpath(os.path.join(best.user_attrs.get('run_dir', '?'), 'config.json'))}"]
     paths = _plot_study(study, trials, names, metric, maximize, sweep_dir)
     lines += ["", "plots: " + ", ".join(paths)]
     text = "\n".join(lines)

@@ -19,7 +19,10 @@
 # checkpoint, queues the trial again and exits; or, under W&B, to the training process itself
 # (train.py saves, and W&B marks the run preempted and hands it out again; train.py resumes it from
 # runs/sweep-<sweep id>-<run id>/). Then the job requeues itself (`scontrol requeue`), and its next
-# attempt takes up the queued work. A job that finishes, or fails, is not requeued.
+# attempt takes up the queued work. A job that finishes, or fails, is not requeued. Under W&B, a
+# preemption that sends SIGTERM to every process instead (no --signal warning) ends the run as
+# stopped, not preempted, because that is also how `wandb agent` stops a run; W&B does not hand it
+# out again. $TINYLAB_PYTHON must exec Python itself (not `conda run`): the signals go to its pid.
 #
 # Python: `python` from PATH (activate your venv before sbatch; sbatch passes the environment on), or
 # $TINYLAB_PYTHON. sweep.py is looked up in TINYLAB_DIR (default: the directory you ran sbatch from,
@@ -49,6 +52,10 @@ if (($# < 1)); then
     exit 2
 fi
 
+if [[ ! -f "$1" && "$1" =~ \.(yaml|yml)$ ]]; then
+    echo "slurm_agent.sh: sweep file $1 not found (relative paths start from $(pwd))" >&2
+    exit 2
+fi
 python="${TINYLAB_PYTHON:-python}"
 restarts="${SLURM_RESTART_COUNT:-0}"
 if [[ -f "$1" ]]; then
@@ -83,14 +90,13 @@ log "job $SLURM_JOB_ID${SLURM_ARRAY_TASK_ID:+ (array task $SLURM_ARRAY_TASK_ID)}
 agent_pid=$!
 ((stop_requested)) && { stop_requested=0; on_warning; }
 
-# `wait` returns early (status > 128) when a trap runs; wait again until the agent has really ended.
+# `wait` returns early (status > 128) when a trap runs: wait again while the process is still there
+# (bash answers a second wait on a collected process with its status again, so that cannot tell).
 wait "$agent_pid"
 status=$?
-while ((status > 128)); do
-    wait "$agent_pid" 2>/dev/null
-    again=$?
-    ((again == 127)) && break
-    status=$again
+while kill -0 "$agent_pid" 2>/dev/null; do
+    wait "$agent_pid"
+    status=$?
 done
 
 if ((stop_requested)); then

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -21,6 +22,8 @@ from slurm_cluster import SlurmCluster, slurm_missing_reason
 
 TRAIN = os.path.join(ROOT, "train.py")
 SWEEP = os.path.join(ROOT, "sweep.py")
+# For the tests about agents rather than training: train.py's flags and stop/resume behaviour, no torch
+STAND_IN = os.path.join(ROOT, "tests", "sweep_program.py")
 # A tiny modular run: ~1 s of training after ~3 s of start-up.
 TINY = {"modulus": {"value": 17}, "max_steps": {"value": 30}, "eval_every": {"value": 10},
         "log_every": {"value": 10}, "target_val_acc": {"value": 0}}
@@ -122,19 +125,17 @@ def test_distributions_map_to_optuna_and_respect_their_bounds(tmp_path):
 
 def test_bayes_runs_its_budget_within_bounds(tmp_path):
     """(random runs end to end in the --agents test; both samplers draw from the same Params)"""
-    path = write_sweep(tmp_path, "bayes", method="bayes", run_cap=2, parameters={
-        **TINY, "max_steps": {"value": 10},
+    path = write_sweep(tmp_path, "bayes", method="bayes", run_cap=4, program=STAND_IN, parameters={
         "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
         "weight_decay": {"distribution": "uniform", "min": 0.0, "max": 1.0}})
     result = run_sweep([path, "--dir", "sw"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     trials = study_of(tmp_path / "sw").get_trials()
-    assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    assert len({t.params["lr"] for t in trials}) == 2
+    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len({t.params["lr"] for t in trials}) == 4
     for t in trials:
         assert 1e-4 <= t.params["lr"] <= 1e-2 and 0 <= t.params["weight_decay"] <= 1
-        config = json.loads((tmp_path / "sw" / f"trial-{t.number:04d}" / "config.json").read_text())
-        assert config["lr"] == t.params["lr"]
+        assert t.value == last_logged(t.user_attrs["run_dir"], "val_loss")
     assert isinstance(sweep_module.make_sampler(sweep_module.load_sweep(path), 0), optuna.samplers.TPESampler)
 
 
@@ -160,28 +161,29 @@ def test_hyperband_prunes_a_trial_whose_val_loss_is_clearly_worse(tmp_path):
 
 
 def test_two_agents_started_separately_never_run_a_trial_twice(tmp_path):
-    path = write_sweep(tmp_path, "pair", method="grid",
-                       parameters={**TINY, "lr": {"values": [0.001, 0.002]}, "seed": {"values": [0, 1]}})
-    command = [sys.executable, SWEEP, path, "--dir", "sw", "--poll_seconds", "0.2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    agents = [subprocess.Popen(command + ["--agent_name", f"a{i}"], cwd=str(tmp_path), env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    path = write_sweep(tmp_path, "pair", method="grid", program=STAND_IN, parameters={
+        "lr": {"values": [0.001, 0.002, 0.003, 0.004]}, "seed": {"values": [0, 1]},
+        "seconds_per_eval": {"value": 0.1}})
+    command = [sys.executable, SWEEP, path, "--dir", "sw", "--poll_seconds", "0.05"]
+    agents = [subprocess.Popen(command + ["--agent_name", f"a{i}"], cwd=str(tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], outputs
     trials = study_of(tmp_path / "sw").get_trials()
-    assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    assert len({(t.params["lr"], t.params["seed"]) for t in trials}) == 4
+    assert len(trials) == 8 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len({(t.params["lr"], t.params["seed"]) for t in trials}) == 8
     runs_by = [sum(f"trial {t.number} starts" in out for t in trials) for out in outputs]
-    assert sum(runs_by) == 4 and min(runs_by) >= 1, outputs  # both worked, and nothing twice
+    assert sum(runs_by) == 8 and min(runs_by) >= 1, outputs  # both worked, and nothing twice
 
 
 def test_agents_flag_starts_local_agents_on_a_random_budget(tmp_path):
-    path = write_sweep(tmp_path, "rand", method="random", run_cap=4, parameters={
-        **TINY, "max_steps": {"value": 10}, "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}})
+    path = write_sweep(tmp_path, "rand", method="random", run_cap=6, program=STAND_IN, parameters={
+        "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}, "seconds_per_eval": {"value": 0.2}})
     result = run_sweep([path, "--dir", "sw", "--agents", "2"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     trials = study_of(tmp_path / "sw").get_trials()
-    assert len(trials) == 4 and len({t.params["lr"] for t in trials}) == 4
+    assert len(trials) == 6 and len({t.params["lr"] for t in trials}) == 6
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert {t.user_attrs["agent"] for t in trials} == {"agent 0", "agent 1"}
     assert all(isinstance(sweep_module.make_sampler(sweep_module.load_sweep(path), n), optuna.samplers.RandomSampler)
                for n in (0, 1))
@@ -189,7 +191,7 @@ def test_agents_flag_starts_local_agents_on_a_random_budget(tmp_path):
 
 def test_a_stopped_agent_queues_its_trial_which_resumes_from_its_checkpoint(tmp_path):
     path = write_sweep(tmp_path, "stop", method="grid", parameters={
-        **TINY, "max_steps": {"value": 400}, "eval_every": {"value": 20}, "save_every": {"value": 10},
+        **TINY, "max_steps": {"value": 600}, "eval_every": {"value": 20}, "save_every": {"value": 10},
         "lr": {"values": [0.001]}})
     command = [sys.executable, SWEEP, path, "--dir", "sw", "--poll_seconds", "0.2"]
     agent = subprocess.Popen(command, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -200,7 +202,7 @@ def test_a_stopped_agent_queues_its_trial_which_resumes_from_its_checkpoint(tmp_
     assert agent.returncode == 128 + signal.SIGUSR1, output
     assert "trial 0 stopped" in output and "queued to resume from" in output
     stopped_at = torch.load(run_dir / "last.pt", weights_only=True)["step"]
-    assert stopped_at < 400
+    assert stopped_at < 600
     trials = study_of(tmp_path / "sw").get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "WAITING"]
     assert trials[0].user_attrs["retried"] and "SIGUSR1" in trials[0].user_attrs["failed_because"]
@@ -208,37 +210,58 @@ def test_a_stopped_agent_queues_its_trial_which_resumes_from_its_checkpoint(tmp_
     # The next agent takes the queued trial and continues the same run directory to the end
     result = run_sweep([path, "--dir", "sw"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "trial 1 resumes sw/trial-0000" in result.stdout
+    assert f"trial 1 resumes: lr=0.001 -> {run_dir}" in result.stdout
     assert f"resumed at step {stopped_at}" in (run_dir / "train.log").read_text()
     trials = study_of(tmp_path / "sw").get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[1].value == last_logged(run_dir, "val_loss")
-    assert sorted(trials[1].intermediate_values) == list(range(1, 21))  # every eval, before and after the stop
+    assert sorted(trials[1].intermediate_values) == list(range(1, 31))  # every eval, before and after the stop
+
+
+def test_a_trial_whose_agent_fell_silent_on_another_machine_is_failed_and_resumed(tmp_path):
+    path = write_sweep(tmp_path, "silent", method="grid", program=STAND_IN, parameters={"lr": {"values": [0.001]}})
+    storage = str(tmp_path / "sw" / "study.journal")
+    os.makedirs(tmp_path / "sw")
+    study = sweep_module.open_study(sweep_module.load_sweep(path), storage, "silent", 0, create=True)
+    trial = study.ask()  # taken, as by an agent on a node that then died: no heartbeat for 1,000 s
+    trial.suggest_categorical("lr", [0.001])
+    run_dir = str(tmp_path / "sw" / "trial-0000")
+    for key, value in {"run_dir": run_dir, "host": "node-gone", "agent_pid": 1, "attempt": 1,
+                       "heartbeat": time.time() - 1000}.items():
+        trial.set_user_attr(key, value)
+    result = run_sweep([path, "--dir", "sw", "--stale_after", "90"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trial 0: no heartbeat for 10" in result.stdout  # 1000 s and a bit
+    trials = study_of(tmp_path / "sw").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[1].user_attrs["resume_dir"] == run_dir and trials[1].user_attrs["attempt"] == 2
+    assert trials[0].user_attrs["failed_because"].startswith("no heartbeat for")
 
 
 def test_a_killed_agent_leaves_its_trial_failed_and_the_study_usable(tmp_path):
-    path = write_sweep(tmp_path, "kill", method="grid", parameters={
-        **TINY, "max_steps": {"value": 400}, "eval_every": {"value": 20}, "save_every": {"value": 10},
-        "lr": {"values": [0.001]}})
-    command = [sys.executable, SWEEP, path, "--dir", "sw", "--poll_seconds", "0.2"]
+    path = write_sweep(tmp_path, "kill", method="grid", program=STAND_IN, parameters={
+        "lr": {"values": [0.001]}, "evals": {"value": 20}, "seconds_per_eval": {"value": 0.1}})
+    command = [sys.executable, SWEEP, path, "--dir", "sw", "--poll_seconds", "0.05"]
     agent = subprocess.Popen(command, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = tmp_path / "sw" / "trial-0000"
-    wait_until(lambda: (run_dir / "last.pt").exists(), 120, "the trial's first checkpoint", agent)
+    wait_until(lambda: (run_dir / "state.json").exists(), 60, "the trial's first eval", agent)
     child = study_of(tmp_path / "sw").get_trials()[0].user_attrs["child_pid"]
     agent.kill()  # no chance to clean up: the trial stays RUNNING in the study
     agent.communicate(timeout=30)
-    # The trial's process is told (SIGTERM on its parent's death), saves a checkpoint and stops
-    wait_until(lambda: not sweep_module._alive(child), 60, "the orphaned trial to stop")
-    assert study_of(tmp_path / "sw").get_trials()[0].state.name == "RUNNING"
+    # The trial's process is told (SIGTERM on its parent's death), saves its state and stops
+    wait_until(lambda: not sweep_module._alive(child), 30, "the orphaned trial to stop")
+    stopped_at = json.loads((run_dir / "state.json").read_text())["evals"]
+    assert stopped_at < 20 and study_of(tmp_path / "sw").get_trials()[0].state.name == "RUNNING"
 
     result = run_sweep([path, "--dir", "sw"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "trial 0: its agent is gone; marking it failed" in result.stdout
     trials = study_of(tmp_path / "sw").get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
-    assert trials[1].params == trials[0].params and trials[1].user_attrs["run_dir"] == os.path.join("sw", "trial-0000")
-    assert "resumed at step" in (run_dir / "train.log").read_text()
-    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 400
+    assert trials[1].params == trials[0].params and trials[1].user_attrs["run_dir"] == str(run_dir)
+    assert f"resumed at eval {stopped_at}" in (tmp_path / "sw" / "logs" / "trial-0001.out").read_text()
+    assert [r["step"] for r in run_metrics(run_dir)] == list(range(1, 21))
+    assert sorted(trials[1].intermediate_values) == list(range(1, 21))
 
 
 BAD_FILES = [
@@ -259,6 +282,8 @@ BAD_FILES = [
     ({"early_terminate": {"type": "hyperband"}}, "early_terminate: hyperband needs min_iter"),
     ({"early_terminate": {"type": "median"}}, "early_terminate.type: only hyperband"),
     ({"scheduler": {"engine": "optuna"}}, "scheduler: not supported by sweep.py"),
+    ({"early_terminate": {"type": "hyperband", "min_iter": 3, "eta": 2.5}}, "early_terminate.eta: Optuna's"),
+    ({"early_terminate": {"type": "hyperband", "min_iter": 9, "max_iter": 3}}, "early_terminate.max_iter: 3 is below"),
     ({"program": "no_such.py"}, "program: no_such.py not found"),
 ]
 
@@ -278,6 +303,7 @@ def test_the_command_line_says_what_is_wrong_with_status_2(tmp_path):
     for args, message in (([str(tmp_path / "broken.yaml")], "not readable YAML"),
                           ([str(tmp_path / "none.yaml")], "no such sweep file"),
                           (["x.yaml", "--agent", "2"], "unknown flag --agent; did you mean --agents?"),
+                          (["x.yaml", "--stale_after", "10"], "--stale_after: must be at least 90"),
                           (["report", str(tmp_path)], "no study here")):
         result = subprocess.run([sys.executable, SWEEP, *args], cwd=str(tmp_path), capture_output=True, text=True)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
@@ -342,8 +368,8 @@ MISSING = slurm_missing_reason()
 
 @pytest.mark.skipif(MISSING is not None, reason=f"no local Slurm: {MISSING}")
 def test_a_slurm_array_of_two_agents_completes_a_study(tmp_path):
-    path = write_sweep(tmp_path, "array", method="grid",
-                       parameters={**TINY, "lr": {"values": [0.001, 0.01]}, "weight_decay": {"values": [0.1, 1.0]}})
+    path = write_sweep(tmp_path, "array", method="grid", program=STAND_IN, parameters={
+        "lr": {"values": [0.001, 0.01]}, "weight_decay": {"values": [0.1, 1.0]}, "seconds_per_eval": {"value": 0.5}})
     (tmp_path / "logs").mkdir()
     env = {"TINYLAB_PYTHON": sys.executable, "TINYLAB_DIR": ROOT, "OMP_NUM_THREADS": "1"}
     with SlurmCluster(tmp_path / "slurm") as cluster:
@@ -357,3 +383,28 @@ def test_a_slurm_array_of_two_agents_completes_a_study(tmp_path):
     assert len(trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), logs
     assert len({(t.params["lr"], t.params["weight_decay"]) for t in trials}) == 4
     assert len({t.user_attrs["agent"] for t in trials}) == 2, logs  # both array tasks ran trials
+
+
+@pytest.mark.skipif(MISSING is not None, reason=f"no local Slurm: {MISSING}")
+def test_slurms_warning_checkpoints_the_trial_requeues_the_agent_and_the_trial_resumes(tmp_path):
+    path = write_sweep(tmp_path, "warned", method="grid", program=STAND_IN, parameters={
+        "lr": {"values": [0.001]}, "evals": {"value": 40}, "seconds_per_eval": {"value": 0.1}})
+    (tmp_path / "logs").mkdir()
+    env = {"TINYLAB_PYTHON": sys.executable, "TINYLAB_DIR": ROOT}
+    run_dir = tmp_path / "sw" / "trial-0000"
+    with SlurmCluster(tmp_path / "slurm") as cluster:
+        job = cluster.sbatch(["--job-name", "warned", "--gpus-per-node=0", "--cpus-per-task=1", "--time=30",
+                              os.path.join(ROOT, "sweeps", "slurm_agent.sh"), path, "--dir", "sw", "--poll_seconds",
+                              "0.05"], cwd=tmp_path, env=env)
+        cluster.wait_until(lambda: (run_dir / "state.json").exists(), 120, "the trial's first eval", job)
+        cluster.signal(job, "USR1", batch_only=True)  # what --signal=B:USR1@120 sends
+        cluster.wait_until(lambda: cluster.restart_count(job) >= 1, 120, "the job to requeue", job)
+        state = cluster.wait(job, timeout=240)
+        log = (tmp_path / "logs" / f"warned-{job}.out").read_text()
+        assert state == "COMPLETED" and cluster.restart_count(job) == 1, log
+    assert "got SIGUSR1" in log and "requeueing job" in log and "agent finished (restart 1)" in log
+    trials = study_of(tmp_path / "sw").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"], log
+    assert "SIGUSR1" in trials[0].user_attrs["failed_because"]
+    assert "resumed at eval" in (tmp_path / "sw" / "logs" / "trial-0001.out").read_text()
+    assert [r["step"] for r in run_metrics(run_dir)] == list(range(1, 41))
