@@ -42,6 +42,6 @@ while done < args.evals and not stop:
     with open(metrics_path, "a") as f:
         f.write(json.dumps({"step": done, "val_loss": value}) + "\n")
     with open(state_path + ".tmp", "w") as f:
-        json.dump({"evals": done}, f)
+        json.dump({"evals": done, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}, f)
     os.replace(state_path + ".tmp", state_path)
 sys.exit(128 + stop[0] if stop and done < args.evals else 0)

@@ -179,12 +179,20 @@ def test_two_agents_started_separately_never_run_a_trial_twice(tmp_path):
 def test_agents_flag_starts_local_agents_on_a_random_budget(tmp_path):
     path = write_sweep(tmp_path, "rand", method="random", run_cap=6, program=STAND_IN, parameters={
         "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}, "seconds_per_eval": {"value": 0.2}})
-    result = run_sweep([path, "--dir", "sw", "--agents", "2"], tmp_path)
+    result = run_sweep([path, "--dir", "sw", "--agents", "2", "--gpus", "3,5", "--storage", "sw/study.db"], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    trials = study_of(tmp_path / "sw").get_trials()
+    assert "2 agents on GPUs 3,5" in result.stdout
+    storage = sweep_module.open_storage(str(tmp_path / "sw" / "study.db"))  # SQLite this time
+    trials = optuna.load_study(storage=storage, study_name="rand").get_trials()
     assert len(trials) == 6 and len({t.params["lr"] for t in trials}) == 6
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert {t.user_attrs["agent"] for t in trials} == {"agent 0", "agent 1"}
+    for t in trials:  # one GPU per agent, through CUDA_VISIBLE_DEVICES
+        seen = json.loads((tmp_path / "sw" / f"trial-{t.number:04d}" / "state.json").read_text())["cuda_visible_devices"]
+        assert seen == {"agent 0": "3", "agent 1": "5"}[t.user_attrs["agent"]]
+    report = subprocess.run([sys.executable, SWEEP, "report", "sw/study.db"], cwd=str(tmp_path), capture_output=True,
+                            text=True)
+    assert report.returncode == 0 and "6 trials: 6 complete" in report.stdout, report.stderr
     assert all(isinstance(sweep_module.make_sampler(sweep_module.load_sweep(path), n), optuna.samplers.RandomSampler)
                for n in (0, 1))
 
