@@ -199,7 +199,7 @@ def test_agents_flag_starts_local_agents_on_a_random_budget(tmp_path):
 
 def test_a_stopped_agent_queues_its_trial_which_resumes_from_its_checkpoint(tmp_path):
     path = write_sweep(tmp_path, "stop", method="grid", parameters={
-        **TINY, "max_steps": {"value": 600}, "eval_every": {"value": 20}, "save_every": {"value": 10},
+        **TINY, "max_steps": {"value": 300}, "eval_every": {"value": 20}, "save_every": {"value": 10},
         "lr": {"values": [0.001]}})
     command = [sys.executable, SWEEP, path, "--dir", "sw", "--poll_seconds", "0.2"]
     agent = subprocess.Popen(command, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -210,7 +210,7 @@ def test_a_stopped_agent_queues_its_trial_which_resumes_from_its_checkpoint(tmp_
     assert agent.returncode == 128 + signal.SIGUSR1, output
     assert "trial 0 stopped" in output and "queued to resume from" in output
     stopped_at = torch.load(run_dir / "last.pt", weights_only=True)["step"]
-    assert stopped_at < 600
+    assert stopped_at < 300
     trials = study_of(tmp_path / "sw").get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "WAITING"]
     assert trials[0].user_attrs["retried"] and "SIGUSR1" in trials[0].user_attrs["failed_because"]
@@ -223,7 +223,7 @@ def test_a_stopped_agent_queues_its_trial_which_resumes_from_its_checkpoint(tmp_
     trials = study_of(tmp_path / "sw").get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
     assert trials[1].value == last_logged(run_dir, "val_loss")
-    assert sorted(trials[1].intermediate_values) == list(range(1, 31))  # every eval, before and after the stop
+    assert sorted(trials[1].intermediate_values) == list(range(1, 16))  # every eval, before and after the stop
 
 
 def test_a_trial_whose_agent_fell_silent_on_another_machine_is_failed_and_resumed(tmp_path):
