@@ -143,6 +143,10 @@ class Sweep:
     def searched(self) -> list[Param]:
         return [p for p in self.params.values() if p.kind != "constant"]
 
+    @property
+    def constants(self) -> dict:
+        return {p.name: p.choices[0] for p in self.params.values() if p.kind == "constant"}
+
     def grid_points(self) -> list[dict]:
         names = [p.name for p in self.searched]
         return [dict(zip(names, values)) for values in itertools.product(*(p.grid() for p in self.searched))]
@@ -353,9 +357,8 @@ def _check_flags(sweep: Sweep) -> None:
         for param in sweep.searched:
             ends = param.choices if param.kind == "categorical" else [param.low, param.high]
             points += [{param.name: value} for value in ends]
-    constants = {p.name: p.choices[0] for p in sweep.params.values() if p.kind == "constant"}
     for point in points:
-        values = {**constants, **point}
+        values = {**sweep.constants, **point}
         try:
             parse_config(wandb_args(values))
         except ConfigError as e:
@@ -430,15 +433,13 @@ def make_pruner(sweep: Sweep):
     return optuna.pruners.HyperbandPruner(**sweep.hyperband)
 
 
-def open_study(sweep: Sweep, storage: str, study_name: str, seed: int, create: bool):
+def open_study(sweep: Sweep, storage: str, study_name: str, seed: int):
     """Loads the study, or creates it (queueing a grid's points in the file's order). A study made
     from a different file is refused: its trials would not mean what the file says."""
     optuna = _quiet_optuna()
     backend = open_storage(storage)
     existing = [s.study_name for s in backend.get_all_studies()]
     if study_name not in existing:
-        if not create:
-            raise SweepError(f"{storage}: no study named {study_name!r} (it holds: {', '.join(existing) or 'none'})")
         study = optuna.create_study(storage=backend, study_name=study_name,
                                     direction="minimize" if sweep.goal == "minimize" else "maximize",
                                     sampler=make_sampler(sweep, seed), pruner=make_pruner(sweep))
@@ -488,9 +489,8 @@ def _die_with_agent() -> None:
 
 
 class Agent:
-    def __init__(self, sweep: Sweep, settings: SweepSettings, sweep_dir: str, storage: str, study_name: str):
-        self.sweep, self.settings, self.dir, self.storage = sweep, settings, sweep_dir, storage
-        self.study = open_study(sweep, storage, study_name, settings.seed, create=False)
+    def __init__(self, sweep: Sweep, settings: SweepSettings, sweep_dir: str, storage: str, study):
+        self.sweep, self.settings, self.dir, self.study = sweep, settings, sweep_dir, study
         self.lock = StudyLock(storage)
         self.host = socket.gethostname()
         self.label = settings.agent_name or f"{self.host}:{os.getpid()}"
@@ -540,8 +540,7 @@ class Agent:
         from optuna.trial import TrialState
 
         trials = self.study.get_trials(deepcopy=False)
-        parts = [f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in TrialState]
-        text = ", ".join(p for p in parts if not p.startswith("0 "))
+        text = _state_counts(trials)
         left = sum(t.state == TrialState.WAITING for t in trials)
         if self.sweep.method != "grid":
             left += max(0, self.sweep.run_cap - sum(not t.user_attrs.get("retried") for t in trials))
@@ -628,8 +627,7 @@ class Agent:
         self.study.tell(trial.number, state=TrialState.FAIL)
 
     def _command(self, params: dict, run_dir: str, resume: bool) -> list[str]:
-        values = {p.name: p.choices[0] for p in self.sweep.params.values() if p.kind == "constant"}
-        values.update(params)
+        values = {**self.sweep.constants, **params}
         ours = {"save_model_dir": os.path.dirname(run_dir), "run_name": os.path.basename(run_dir)}
         if resume:
             ours["resume"] = "auto"
@@ -723,8 +721,9 @@ class Agent:
                          f"checkpoint and stop")
             try:
                 with open(path) as f:
-                    if os.fstat(f.fileno()).st_ino != inode or os.fstat(f.fileno()).st_size < offset:
-                        inode, offset, values = os.fstat(f.fileno()).st_ino, 0, []  # a new file: from the top
+                    status = os.fstat(f.fileno())
+                    if status.st_ino != inode or status.st_size < offset:
+                        inode, offset, values = status.st_ino, 0, []  # a new file: from the top
                     f.seek(offset)
                     chunk = f.read()
             except FileNotFoundError:
@@ -752,6 +751,19 @@ class Agent:
                 last_beat = time.time()
                 trial.set_user_attr("heartbeat", last_beat)
             time.sleep(self.settings.poll_seconds)
+
+
+def _state_counts(trials) -> str:
+    """'2 running, 5 complete, 1 waiting': the states that occur, in Optuna's order."""
+    from optuna.trial import TrialState
+
+    counts = [(sum(t.state == state for t in trials), state.name.lower()) for state in TrialState]
+    return ", ".join(f"{n} {name}" for n, name in counts if n)
+
+
+def _last_reported(trial) -> float | None:
+    """The last value a trial reported to the pruner (a pruned or interrupted trial's standing)."""
+    return list(trial.intermediate_values.values())[-1] if trial.intermediate_values else None
 
 
 def _short(value) -> str:
@@ -808,19 +820,18 @@ def run_sweep(settings: SweepSettings) -> int:
     except OSError as e:
         raise SweepError(f"--dir: cannot create {sweep_dir} ({e.strerror})") from None
     with StudyLock(storage):
-        open_study(sweep, storage, study_name, settings.seed, create=True)  # made once, before any agent
+        study = open_study(sweep, storage, study_name, settings.seed)  # made once, before any agent
     size = f"{len(sweep.grid_points())} points" if sweep.method == "grid" else f"{sweep.run_cap} trials"
+    heading = f"sweep {study_name}: {sweep.method}, {size}, {sweep.metric} ({sweep.goal}) | study {storage}"
     if settings.agents == 1:
         if not settings.agent_name:
-            print(f"sweep {study_name}: {sweep.method}, {size}, {sweep.metric} ({sweep.goal}) | study {storage} "
-                  f"| trials in {sweep_dir}", flush=True)
-        return Agent(sweep, settings, sweep_dir, storage, study_name).run()
+            print(f"{heading} | trials in {sweep_dir}", flush=True)
+        return Agent(sweep, settings, sweep_dir, storage, study).run()
 
     # Several agents on this machine: the same command, one process each, one GPU each if there are
     # GPUs. They coordinate through the study, as agents on other machines would.
     gpus = _visible_gpus(settings.gpus)
-    print(f"sweep {study_name}: {sweep.method}, {size}, {sweep.metric} ({sweep.goal}) | study {storage} | "
-          f"{settings.agents} agents" + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
+    print(f"{heading} | {settings.agents} agents" + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
     children = []
 
     def forward(signum, frame):
@@ -887,17 +898,14 @@ def report(where: str, study_name: str = "", top: int = 10) -> str:
     params = lambda t: t.params or t.system_attrs.get("fixed_params", {})  # noqa: E731  (queued: not drawn yet)
 
     def score(t):  # complete first, by value; then pruned by their last reported value; then the rest
-        value = t.value if t.state == TrialState.COMPLETE else (
-            list(t.intermediate_values.values())[-1] if t.intermediate_values else None)
+        value = t.value if t.state == TrialState.COMPLETE else _last_reported(t)
         rank = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1}.get(t.state, 2)
         key = math.inf if value is None else (-value if maximize else value)
         return (rank, key), value
 
     ordered = sorted(trials, key=lambda t: score(t)[0])
-    counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in TrialState
-                       if any(t.state == s for t in trials))
     lines = [f"study {study.study_name} ({spec.get('method', '?')}, {metric} {'max' if maximize else 'min'}imized): "
-             f"{len(trials)} trials: {counts}", ""]
+             f"{len(trials)} trials: {_state_counts(trials)}", ""]
     header = ["#", "trial", "state", metric] + names + ["evals", "time", "run"]
     rows = []
     for rank, t in enumerate(ordered[:top], 1):
@@ -932,7 +940,7 @@ def _plot_study(study, trials, names, metric, maximize, out_dir) -> list[str]:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
     best = study.best_trial if complete else None
-    last = lambda t: list(t.intermediate_values.values())[-1]  # noqa: E731
+    last = _last_reported
     shown = [t.value for t in complete] + [last(t) for t in pruned]
     # Losses that span orders of magnitude (a grokked run's 1e-4 beside a memorising one's 27) on a log axis
     yscale = "log" if shown and min(shown) > 0 and max(shown) > 100 * min(shown) else "linear"

@@ -230,7 +230,7 @@ def test_a_trial_whose_agent_fell_silent_on_another_machine_is_failed_and_resume
     path = write_sweep(tmp_path, "silent", method="grid", program=STAND_IN, parameters={"lr": {"values": [0.001]}})
     storage = str(tmp_path / "sw" / "study.journal")
     os.makedirs(tmp_path / "sw")
-    study = sweep_module.open_study(sweep_module.load_sweep(path), storage, "silent", 0, create=True)
+    study = sweep_module.open_study(sweep_module.load_sweep(path), storage, "silent", 0)
     trial = study.ask()  # taken, as by an agent on a node that then died: no heartbeat for 1,000 s
     trial.suggest_categorical("lr", [0.001])
     run_dir = str(tmp_path / "sw" / "trial-0000")
