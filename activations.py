@@ -1,6 +1,7 @@
 """A trained run's activations at one hook point, for sparse autoencoders (sae.py) and probes:
 dumped to disk in shards, or streamed from the model through a shuffling buffer. Both sources
-hand out the same thing, `ActivationBatch(acts, sequence, position)`, from `source.batch(step)`.
+hand out the same thing, `ActivationBatch(acts, sequence, position)`, from `source.batch(step)`;
+`TokenSource` gives a dump's batches computed on the fly (the consistency lens's small batches).
 
     python activations.py dump runs/<run> --hook blocks.0.mlp.hook_post            # train split
     python activations.py dump runs/<run> --hook blocks.0.mlp.hook_post --split val
@@ -32,11 +33,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from config import DEVICES, DTYPES, ConfigError, need, need_one_of, parse_flags, section
-from data import IGNORE, _step_seed
-from interp import Run, load_run
-from utils import (CheckpointError, autocast, broadcast_object, gather_objects, pick_device, pick_dtype,
-                   setup_distributed, teardown_distributed)
+from config import DEVICES, DTYPES, ConfigError, config_from_dict, need, need_one_of, parse_flags, section
+from data import IGNORE, _step_seed, build_data
+from model import Transformer
+from utils import (CheckpointError, Dist, autocast, broadcast_object, find_checkpoint, gather_objects,
+                   load_checkpoint, pick_device, pick_dtype, setup_distributed, teardown_distributed)
 
 POSITIONS = ("answer", "all")
 SPLITS = ("train", "val")
@@ -46,6 +47,38 @@ class ActivationBatch(NamedTuple):
     acts: torch.Tensor  # [B, d] float32 on the source's device
     sequence: torch.Tensor  # [B] index of the sequence (row of tokens.npy) each row came from
     position: torch.Tensor  # [B] position in that sequence
+
+
+# ---------------------------------------------------------------- a trained run
+
+
+@dataclass
+class Run:
+    """A trained run loaded for reading: `interp.load_run` is this function (interp, sae.py and lens.py
+    all read runs through it, and it lives here, on the floor they share)."""
+    model: Transformer  # in eval mode
+    cfg: object  # config.Config
+    data: object  # data.TaskData of the run's task
+    device: torch.device
+    checkpoint_path: str
+    step: int
+
+
+def load_run(path: str, device: str = "auto", prefer: str = "best") -> Run:
+    """A run directory (its best.pt, else last.pt; prefer="last" for the other order) or a
+    checkpoint file -> the model in eval mode, its config and its data, on the best device."""
+    if os.path.isdir(path):
+        names = ("best.pt", "last.pt") if prefer == "best" else ("last.pt", "best.pt")
+        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+        path = found[0] if found else find_checkpoint(path)  # find_checkpoint names what is missing
+    checkpoint = load_checkpoint(path)  # weights_only=True
+    cfg = config_from_dict(checkpoint["config"], {})
+    torch_device = pick_device(device)
+    data = build_data(cfg, Dist(), torch_device)
+    model = Transformer(cfg, data.vocab_size).to(torch_device)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    return Run(model, cfg, data, torch_device, path, checkpoint["step"])
 
 
 # ---------------------------------------------------------------- which tokens, which positions
@@ -289,7 +322,34 @@ def _prepare(out: str, what: dict, sequences: Sequences, overwrite: bool) -> str
 # ---------------------------------------------------------------- sources
 
 
-class DumpSource:
+class _RowOrder:
+    """The order in which a source hands out rows 0..num_rows-1: a fresh seeded permutation of all
+    rows each epoch, cut into batches of `batch_size`; rank r of `world` takes its slice. The rows
+    of step s are a pure function of (seed, s), so resuming needs no state."""
+    num_rows: int
+    batch_size: int
+    seed: int
+    rank: int
+    world: int
+    _epoch: tuple = (-1, None)
+
+    def indices(self, step: int) -> torch.Tensor:
+        """This rank's row indices for `step` (CPU, int64)."""
+        epoch, offset = divmod(step, self.num_rows // self.batch_size)
+        if self._epoch[0] != epoch:
+            generator = torch.Generator().manual_seed(_step_seed(self.seed, 11, epoch))
+            self._epoch = (epoch, torch.randperm(self.num_rows, generator=generator))
+        index = self._epoch[1][offset * self.batch_size:(offset + 1) * self.batch_size]
+        return torch.tensor_split(index, self.world)[self.rank]
+
+    def state_dict(self) -> dict:
+        return {}  # batches are a function of (seed, step)
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class DumpSource(_RowOrder):
     """Batches of rows from a finished dump. The global batch of step s is a pure function of
     (seed, s): a fresh permutation of all rows each epoch, cut into batches of `batch_size`; rank r
     of `world` takes its slice. Resuming needs no state, and two ranks see what one process would."""
@@ -320,7 +380,6 @@ class DumpSource:
             self._all = torch.from_numpy(np.concatenate([np.asarray(a, dtype=np.float32) for a in self._acts]))
         if self.num_rows < batch_size:
             raise ConfigError(f"--batch_size: {batch_size} is more than the {self.num_rows} rows in {directory}")
-        self._epoch = (-1, None)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Activations of rows `index` (into the whole dump) as float32 on the device."""
@@ -335,21 +394,41 @@ class DumpSource:
         return torch.from_numpy(out).to(self.device)
 
     def batch(self, step: int) -> ActivationBatch:
-        per_epoch = self.num_rows // self.batch_size
-        epoch, offset = divmod(step, per_epoch)
-        if self._epoch[0] != epoch:
-            generator = torch.Generator().manual_seed(_step_seed(self.seed, 11, epoch))
-            self._epoch = (epoch, torch.randperm(self.num_rows, generator=generator))
-        index = self._epoch[1][offset * self.batch_size:(offset + 1) * self.batch_size]
-        index = torch.tensor_split(index, self.world)[self.rank]
+        index = self.indices(step)
         where = self.where[index].to(self.device)
         return ActivationBatch(self.rows(index), where[:, 0], where[:, 1])
 
-    def state_dict(self) -> dict:
-        return {}  # batches are a function of (seed, step)
 
-    def load_state_dict(self, state: dict) -> None:
-        pass
+class TokenSource(_RowOrder):
+    """A dump's batches without the dump: the rows of a split (its taken positions, in the order a
+    dump stores them: by sequence, then position) handed out in DumpSource's order, their
+    activations computed when a batch is asked for. Step s gives the rows a DumpSource of the same
+    split, positions and seed gives, with the same activations up to float rounding. Each batch
+    runs the model on its sequences, cut after the last position it needs: cheap for the small
+    batches of a consistency lens, wasteful for an SAE's thousands of rows (LiveSource serves those)."""
+
+    def __init__(self, run: Run, hook: str, positions: str, split: str, batch_size: int, seed: int = 0,
+                 rank: int = 0, world: int = 1, max_tokens: int = 0, dtype: str = "auto"):
+        self.run, self.hook, self.device = run, hook, run.device
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.sequences = split_sequences(run, split, positions, max_tokens)
+        self.tokens, self.targets = self.sequences.tokens, self.sequences.targets
+        self.where = self.sequences.mask.nonzero()  # [N, 2] (sequence, position)
+        self.num_rows, self.d = len(self.where), hook_width(run, hook)
+        self.dtype = pick_dtype(dtype, self.device)
+        if self.num_rows < batch_size:
+            raise ConfigError(f"--batch_size: {batch_size} is more than the {self.num_rows} rows of the {split} split")
+
+    @torch.no_grad()
+    def batch(self, step: int) -> ActivationBatch:
+        where = self.where[self.indices(step)]
+        sequence, position = where[:, 0], where[:, 1]
+        unique, inverse = sequence.unique(return_inverse=True)
+        tokens = self.tokens[unique, :int(position.max()) + 1].to(self.device)
+        with autocast(self.device, self.dtype):
+            acts = capture(self.run.model, tokens, self.hook)  # [U, T', d]
+        sequence, position = sequence.to(self.device), position.to(self.device)
+        return ActivationBatch(acts[inverse.to(self.device), position], sequence, position)
 
 
 class LiveSource:

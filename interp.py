@@ -22,42 +22,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from config import ConfigError, config_from_dict
-from data import IGNORE, build_data
+from activations import Run, load_run  # noqa: F401 (re-exported: `from interp import load_run`)
+from config import ConfigError
+from data import IGNORE
 from fourier import (fourier_basis, fourier_measures, frequency_norms, frequency_rows, gini,  # noqa: F401
                      key_frequencies, logit_frequency_norms, restrict_to_frequencies, restricted_and_excluded,
                      sum_directions)  # (re-exported)
 from model import Transformer
-from utils import CheckpointError, Dist, find_checkpoint, load_checkpoint, pick_device
-
-# ---------------------------------------------------------------- loading
-
-
-@dataclass
-class Run:
-    model: Transformer  # in eval mode
-    cfg: object  # config.Config
-    data: object  # data.TaskData of the run's task
-    device: torch.device
-    checkpoint_path: str
-    step: int
-
-
-def load_run(path: str, device: str = "auto", prefer: str = "best") -> Run:
-    """A run directory (its best.pt, else last.pt; prefer="last" for the other order) or a
-    checkpoint file -> the model in eval mode, its config and its data, on the best device."""
-    if os.path.isdir(path):
-        names = ("best.pt", "last.pt") if prefer == "best" else ("last.pt", "best.pt")
-        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
-        path = found[0] if found else find_checkpoint(path)  # find_checkpoint names what is missing
-    checkpoint = load_checkpoint(path)  # weights_only=True
-    cfg = config_from_dict(checkpoint["config"], {})
-    torch_device = pick_device(device)
-    data = build_data(cfg, Dist(), torch_device)
-    model = Transformer(cfg, data.vocab_size).to(torch_device)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
-    return Run(model, cfg, data, torch_device, path, checkpoint["step"])
+from utils import CheckpointError
 
 
 def _model(model_or_run) -> Transformer:

@@ -1,0 +1,998 @@
+"""Consistency lens: explain a model's activations in words, trained as an autoencoder through text.
+
+    python lens.py runs/<run> --layer 2                       # activations computed on the fly
+    python lens.py runs/<run> --layer 2 --source dump         # from `activations.py dump ... --positions all`
+    torchrun --nproc_per_node=8 lens.py runs/<run> --layer 2 --batch_size 256
+    TINYLAB_PROGRAM=lens.py sbatch train.slurm runs/<run> --layer 2     # checkpoint-and-requeue on Slurm
+    python lens.py eval runs/<run>/lens/<name>                # held-out figures and example explanations
+
+An activation A of a frozen text model (the residual stream after block `--layer`, at position p of
+some context) is forced through `--t_text` tokens of the model's own vocabulary:
+
+- the decoder, the model with a trainable soft prompt around a slot (initialised from the
+  embeddings of `--decoder_prompt`, "<A>" marking the slot), reads W_in A + b_in in that slot (and
+  at every layer's input with --patch_all_layers) and writes t_text tokens. Each token is drawn by
+  Gumbel-softmax at temperature tau (`--tau`, a schedule): one-hot in the forward pass, the soft
+  distribution's gradient in the backward pass (straight-through); its one-hot times the embedding
+  matrix is fed back in as the next input.
+- the encoder, the model with its own soft prompt (`--encoder_prompt`, "<T>" marking the text),
+  reads the same one-hot tokens through its embedding matrix, so gradients reach the decoder; its
+  residual stream after block `--encoder_layer` at the last position, through W_out, gives Â.
+
+The losses, each weighted by a schedule (a number, or `start>end@from:to[:cosine]`, steps or
+fractions of --max_steps): `kl`, KL(P_A ‖ P_Â) of the original model's next-token distribution at
+p with A and with Â patched in after block l (float32); `mse`, |Â - A|² / E|A|², the error relative
+to the activations' mean square; `fluency` (weight --alpha), KL from the original model's
+distribution over each generated token (after --fluency_prefix and the tokens before it) to the
+decoder's; `entropy`, a bonus for the decoder's entropy. With --resample_ablation the KL patches
+Â + (A′ - Â′), another sample's reconstruction error added to this one's Â.
+
+By default only the soft prompts and the two projections train, and decoder, encoder and the
+original model are one set of weights in memory. --unfreeze_decoder_step / --unfreeze_encoder_step
+give the decoder or encoder its own copy of the base at that step, trained at --base_lr_mult times
+the learning rate after a --base_warmup_steps warm-up.
+
+A lens lives in `<run>/lens/<name>/` (or `<save_model_dir>/<run_name>/`), laid out like a run:
+config.json, train.log, metrics.jsonl, last.pt, curves.png, explanations.jsonl (the explanations
+of a few held-out activations at every eval) and explanations.png (how they change as tau anneals).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from activations import POSITIONS, DumpSource, Run, TokenSource, default_dump_dir, load_run, split_sequences
+from config import DEVICES, DTYPES, SCHEDULES, ConfigError, need, need_one_of, parse_flags, section
+from data import _step_seed
+from model import Transformer
+from optimizer import Muon, lr_multiplier
+from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file, autocast, broadcast_object,
+                   close_logging, format_duration, gather_objects, load_checkpoint, load_env_files, max_over_ranks, pick_device,
+                   pick_dtype, read_metrics, rng_state, same_on_all_ranks, save_checkpoint, seed_everything,
+                   set_rng_state, setup_distributed, setup_logging, teardown_distributed, trim_metrics)
+
+SOURCES = ("live", "dump")
+
+_what = section("what to explain")
+_lens = section("the lens")
+_losses = section("losses (each a schedule: a number, or start>end@from:to[:cosine])")
+_freeze = section("freezing")
+_optim = section("optimization")
+_eval = section("evaluation, logging, checkpoints")
+_runtime = section("runtime")
+
+
+@dataclass
+class LensConfig:
+    run_dir: str = _what("", "the text model's run directory (runs/<run>) or checkpoint")
+    layer: int = _what(-1, "explain the residual stream after this block (-1: the middle block, num_blocks // 2)")
+    source: str = _what("live", "live (computed from the train split as needed) | dump (activations.py dump)")
+    dump: str = _what("", "with --source dump: the dump (default <run>/activations/blocks.L.hook_resid_post/train-all)")
+    positions: str = _what("all", "which positions of the split: all | answer (the same for a text run)")
+    max_tokens: int = _what(0, "use only the first N tokens of the train split (0: all)")
+    run_name: str = _what("", "the lens's name (default layer<L>-t<t_text>)")
+    save_model_dir: str = _what("", "where lenses live (default <run>/lens)")
+    resume: str = _what("", "'auto': continue <lens dir>/last.pt if it exists")
+    seed: int = _what(0, "seed for initialisation, batch order and Gumbel noise")
+
+    t_text: int = _lens(8, "tokens in each explanation")
+    decoder_prompt: str = _lens("explanation of <A>:", "text whose embeddings start the decoder's soft prompt; <A> is the slot")
+    encoder_prompt: str = _lens("<T> explains:", "text whose embeddings start the encoder's soft prompt; <T> is the explanation")
+    encoder_layer: int = _lens(-1, "the encoder reads its residual stream after this block (-1: --layer)")
+    patch_all_layers: bool = _lens(False, "also write the projected A into the slot's residual stream before every block")
+    fluency_prefix: str = _lens("\n", "natural text the original model reads before an explanation, for the fluency term")
+    tau: str = _lens("1.0>0.3@0.2:0.8:cosine", "Gumbel-softmax temperature schedule")
+
+    kl_weight: str = _losses("1.0", "weight of KL(P_A || P_Â) at the activation's position")
+    mse_weight: str = _losses("1.0", "weight of |Â - A|² / E|A|²")
+    alpha: str = _losses("0.1", "weight of the fluency KL (original model -> decoder over the explanation)")
+    entropy_weight: str = _losses("0.0", "weight of the bonus for the decoder's entropy")
+    resample_ablation: bool = _losses(False, "KL with Â + (A' - Â') patched in, A' another sample's activation")
+
+    unfreeze_decoder_step: int = _freeze(-1, "give the decoder a trainable copy of the base at this step (-1: never)")
+    unfreeze_encoder_step: int = _freeze(-1, "give the encoder a trainable copy of the base at this step (-1: never)")
+    base_lr_mult: float = _freeze(0.1, "learning rate of an unfrozen base, times the lens's")
+    base_warmup_steps: int = _freeze(100, "an unfrozen base's learning rate rises linearly over these steps")
+
+    max_steps: int = _optim(2000, "optimizer steps")
+    batch_size: int = _optim(64, "activations per step (all ranks together)")
+    lr: float = _optim(1e-2, "AdamW learning rate (soft prompts, biases, and every matrix without Muon)")
+    use_muon: bool = _optim(True, "Muon for the projections (and an unfrozen base's block matrices)")
+    muon_lr: float = _optim(0.05, "Muon learning rate (the projections)")
+    weight_decay: float = _optim(0.0, "AdamW / Muon weight decay")
+    beta1: float = _optim(0.9, "AdamW beta1")
+    beta2: float = _optim(0.99, "AdamW beta2")
+    warmup_steps: int = _optim(50, "linear LR warm-up steps")
+    lr_schedule: str = _optim("cosine", "after warm-up: cosine | linear | constant")
+    min_lr_frac: float = _optim(0.1, "final LR as a fraction of the peak")
+    grad_clip: float = _optim(1.0, "clip the gradient norm (0: off)")
+
+    eval_every: int = _eval(200, "evaluate on held-out activations every N steps")
+    eval_rows: int = _eval(512, "held-out activations (val split) per evaluation")
+    examples: int = _eval(6, "held-out activations whose explanations are kept at every eval")
+    log_every: int = _eval(20, "log training metrics every N steps")
+    save_every: int = _eval(500, "write last.pt every N steps (0: only at the end)")
+    wandb_enabled: bool = _eval(False, "log to Weights & Biases (WANDB_MODE=offline works)")
+    wandb_project: str = _eval("", "W&B project (empty: WANDB_PROJECT, else tinylab)")
+
+    device: str = _runtime("auto", "auto | cpu | cuda | mps")
+    dtype: str = _runtime("auto", "auto (bf16 autocast on capable GPUs) | float32 | bfloat16")
+
+    def validate(self) -> "LensConfig":
+        for name, choices in (("source", SOURCES), ("positions", POSITIONS), ("lr_schedule", SCHEDULES),
+                              ("device", DEVICES), ("dtype", DTYPES)):
+            need_one_of(self, name, choices)
+        for name in ("t_text", "max_steps", "batch_size", "eval_every", "eval_rows", "log_every"):
+            need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("max_tokens", "warmup_steps", "save_every", "examples", "base_warmup_steps"):
+            need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
+        for name in ("lr", "muon_lr", "base_lr_mult"):
+            need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
+        for name in ("layer", "encoder_layer", "unfreeze_decoder_step", "unfreeze_encoder_step"):
+            need(getattr(self, name) >= -1, name, f"must be -1 or more, got {getattr(self, name)}")
+        need(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
+        for name in ("beta1", "beta2"):
+            need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        need(self.decoder_prompt.count("<A>") == 1, "decoder_prompt",
+             f"{self.decoder_prompt!r} must contain the slot marker <A> once, e.g. 'explanation of <A>:'")
+        need(self.encoder_prompt.count("<T>") == 1, "encoder_prompt",
+             f"{self.encoder_prompt!r} must contain the text marker <T> once, e.g. '<T> explains:'")
+        need("/" not in self.run_name and self.run_name not in (".", ".."), "run_name",
+             f"{self.run_name!r} is a path; give a name (--save_model_dir says where)")
+        need(self.resume in ("", "auto"), "resume", f"{self.resume!r}: the only value is auto")
+        for name in ("tau", "kl_weight", "mse_weight", "alpha", "entropy_weight"):
+            schedule = Schedule.parse(getattr(self, name), name, self.max_steps)
+            need(schedule.start >= 0 and schedule.end >= 0, name, f"{getattr(self, name)!r}: must not go below 0")
+        need(Schedule.parse(self.tau, "tau", self.max_steps).end > 0 and
+             Schedule.parse(self.tau, "tau", self.max_steps).start > 0, "tau", "the temperature must stay above 0")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def schedule(self, name: str) -> "Schedule":
+        return Schedule.parse(getattr(self, name), name, self.max_steps)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A value over training steps: `start` until step `begin`, then a linear or cosine move to
+    `end` at step `finish`, and `end` after. Written `0.5` (constant) or `1.0>0.3@200:1500[:cosine]`;
+    `@0.2:0.8` means fractions of max_steps."""
+    start: float
+    end: float
+    begin: int
+    finish: int
+    shape: str = "linear"
+
+    @staticmethod
+    def parse(text: str, flag: str, max_steps: int) -> "Schedule":
+        hint = f"--{flag}: {text!r} is not a schedule; write a number (0.5) or start>end@from:to[:cosine], e.g. 1.0>0.3@0.2:0.8:cosine"
+        try:
+            if ">" not in text:
+                value = float(text)
+                return Schedule(value, value, 0, 0)
+            values, _, span = text.partition("@")
+            start, end = (float(v) for v in values.split(">"))
+            parts = span.split(":")
+            shape = parts.pop() if len(parts) == 3 else "linear"
+            if len(parts) != 2 or shape not in ("linear", "cosine"):
+                raise ValueError
+            begin, finish = (round(float(p) * max_steps) if "." in p else int(p) for p in parts)
+        except ValueError:
+            raise ConfigError(hint) from None
+        if not 0 <= begin <= finish:
+            raise ConfigError(f"--{flag}: {text!r}: the change must start at step 0 or later and end after it starts")
+        return Schedule(start, end, begin, finish, shape)
+
+    def __call__(self, step: int) -> float:
+        if step <= self.begin or self.start == self.end:
+            return self.start
+        if step >= self.finish:
+            return self.end
+        progress = (step - self.begin) / (self.finish - self.begin)
+        if self.shape == "cosine":
+            progress = 0.5 * (1 - math.cos(math.pi * progress))
+        return self.start + (self.end - self.start) * progress
+
+
+# ---------------------------------------------------------------- the lens
+
+
+def run_blocks(model: Transformer, x: torch.Tensor, blocks: range, slot: int | None = None,
+               slot_value: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, T, D] (embeddings, positions not yet added when blocks start at 0) through `blocks` of
+    the model: the fast attention path (no hooks). With slot_value [B, D], position `slot` of the
+    residual stream is set to it before every block after the first."""
+    if blocks.start == 0:
+        x = x + model.pos_embed.weight[: x.shape[1]]
+    for i in blocks:
+        if slot_value is not None and i > 0:
+            x = torch.cat([x[:, :slot], slot_value[:, None].to(x.dtype), x[:, slot + 1:]], 1)
+        x = model.blocks[i](x)
+    return x
+
+
+def logits_at(model: Transformer, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits from residual-stream rows x [..., D], in float32."""
+    return model.unembed(model.ln_final(x)).float()
+
+
+def gumbel_straight_through(logits: torch.Tensor, tau: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One-hot of argmax((logits + Gumbel noise) / tau) [B, V] whose gradient is the soft
+    softmax's (straight-through). generator None: no noise (the argmax of the logits)."""
+    if generator is not None:
+        uniform = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(1e-10, 1 - 1e-7)
+        logits = logits - torch.log(-torch.log(uniform))
+    soft = F.softmax(logits / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+class ConsistencyLens(nn.Module):
+    """Decoder (soft prompt + slot → t_text tokens) and encoder (soft prompt + tokens → Â) on a
+    frozen base. The base is not a submodule: its weights are the original model's, shared, and
+    not in this module's state dict; an unfrozen decoder or encoder base is (`decoder_base`,
+    `encoder_base`). Parameters: decoder_left/right [n, D], encoder_left/right [m, D] (soft
+    prompts), decoder_in and encoder_out (D × D projections, identity at the start)."""
+
+    def __init__(self, base: Transformer, layer: int, encoder_layer: int, t_text: int,
+                 decoder_ids: tuple[list[int], list[int]], encoder_ids: tuple[list[int], list[int]],
+                 patch_all_layers: bool = False):
+        super().__init__()
+        self._base = [base]  # a list hides it from nn.Module: no parameters, no state dict entry
+        self.layer, self.encoder_layer, self.t_text = layer, encoder_layer, t_text
+        self.patch_all_layers = patch_all_layers
+        embed = base.embed.weight.detach()
+        D = embed.shape[1]
+
+        def prompt(ids: list[int]) -> nn.Parameter:
+            return nn.Parameter(embed[torch.tensor(ids, dtype=torch.long, device=embed.device)].clone().float()
+                                if ids else torch.zeros(0, D, device=embed.device))
+
+        self.decoder_left, self.decoder_right = prompt(decoder_ids[0]), prompt(decoder_ids[1])
+        self.encoder_left, self.encoder_right = prompt(encoder_ids[0]), prompt(encoder_ids[1])
+        self.decoder_in = nn.Linear(D, D, device=embed.device)
+        self.encoder_out = nn.Linear(D, D, device=embed.device)
+        for projection in (self.decoder_in, self.encoder_out):
+            nn.init.eye_(projection.weight)
+            nn.init.zeros_(projection.bias)
+        self.decoder_base: Transformer | None = None
+        self.encoder_base: Transformer | None = None
+        self.register_buffer("mean_square", torch.ones((), device=embed.device))  # E|A|² / D on the train split
+        self.register_buffer("mean_act", torch.zeros(D, device=embed.device))  # E[A], the mean baseline
+
+    @property
+    def base(self) -> Transformer:
+        return self._base[0]
+
+    def unfreeze(self, part: str) -> Transformer:
+        """Gives the decoder or encoder its own trainable copy of the base; returns it."""
+        copy_ = copy.deepcopy(self.base)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        setattr(self, f"{part}_base", copy_)
+        return copy_
+
+    def decoder_model(self) -> Transformer:
+        return self.decoder_base or self.base
+
+    def encoder_model(self) -> Transformer:
+        return self.encoder_base or self.base
+
+    def explain(self, acts: torch.Tensor, tau: float, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """acts [B, D] → (tokens as straight-through one-hots [B, t_text, V], the decoder's logits
+        before each token [B, t_text, V], float32). generator None: greedy, no Gumbel noise."""
+        model = self.decoder_model()
+        B = acts.shape[0]
+        slot_value = self.decoder_in(acts)
+        x = torch.cat([self.decoder_left.expand(B, -1, -1), slot_value[:, None], self.decoder_right.expand(B, -1, -1)], 1)
+        slot = self.decoder_left.shape[0]
+        tokens, all_logits = [], []
+        for _ in range(self.t_text):
+            # The whole sequence again for every token (no KV cache): t_text is short, and this
+            # keeps the decoder the base model's own forward.
+            h = run_blocks(model, x, range(len(model.blocks)), slot, slot_value if self.patch_all_layers else None)
+            logits = logits_at(model, h[:, -1])
+            one_hot = gumbel_straight_through(logits, tau, generator)
+            tokens.append(one_hot)
+            all_logits.append(logits)
+            x = torch.cat([x, (one_hot.to(model.embed.weight.dtype) @ model.embed.weight)[:, None].to(x.dtype)], 1)
+        return torch.stack(tokens, 1), torch.stack(all_logits, 1)
+
+    def reconstruct(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One-hot tokens [B, t, V] → Â [B, D]."""
+        model = self.encoder_model()
+        B = tokens.shape[0]
+        text = tokens.to(model.embed.weight.dtype) @ model.embed.weight
+        x = torch.cat([self.encoder_left.expand(B, -1, -1).to(text.dtype), text,
+                       self.encoder_right.expand(B, -1, -1).to(text.dtype)], 1)
+        h = run_blocks(model, x, range(self.encoder_layer + 1))
+        return self.encoder_out(h[:, -1].float())
+
+    def forward(self, acts: torch.Tensor, tau: float, generator: torch.Generator | None = None):
+        tokens, logits = self.explain(acts, tau, generator)
+        return self.reconstruct(tokens), tokens, logits
+
+
+def prompt_ids(run: Run, text: str, marker: str, flag: str) -> tuple[list[int], list[int]]:
+    """The token ids on either side of `marker` in `text`; a ConfigError when the run's tokenizer
+    cannot write the text."""
+    left, right = text.split(marker)
+    ids = []
+    for part in (left, right):
+        encoded = run.data.encode(part)
+        if run.data.decode(encoded) != part:
+            missing = sorted(set(part) - set(run.data.decode(encoded)))
+            raise ConfigError(f"--{flag}: the run's tokenizer cannot write {part!r}"
+                              + (f" (no token for {''.join(missing)!r})" if missing else "")
+                              + "; use text from its vocabulary")
+        ids.append(encoded)
+    return ids[0], ids[1]
+
+
+# ---------------------------------------------------------------- the losses
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [B, T'] the contexts, cut after the last position needed
+    position: torch.Tensor  # [B] where A was taken
+    acts: torch.Tensor  # [B, D] A, float32
+    resid: torch.Tensor  # [B, T', D] the residual stream after block `layer`, for patching
+    clean_logprobs: torch.Tensor  # [B, V] float32: the original model's next-token log-probs at p
+
+
+@torch.no_grad()
+def prepare(base: Transformer, layer: int, contexts: torch.Tensor, position: torch.Tensor, acts: torch.Tensor,
+            device, dtype) -> Batch:
+    """The original model's view of a batch: its residual stream after `layer` and its next-token
+    distribution at each activation's position (from the clean forward)."""
+    tokens = contexts[:, :int(position.max()) + 1].to(device)
+    rows = torch.arange(len(tokens), device=device)
+    with autocast(device, dtype):
+        resid = run_blocks(base, base.embed(tokens), range(layer + 1))
+        rest = run_blocks(base, resid, range(layer + 1, len(base.blocks)))
+        logits = logits_at(base, rest[rows, position])
+    return Batch(tokens, position, acts.float(), resid, F.log_softmax(logits, -1))
+
+
+def patched_logprobs(base: Transformer, batch: Batch, layer: int, value: torch.Tensor) -> torch.Tensor:
+    """The original model's next-token log-probs at each row's position with the residual stream
+    there (after block `layer`) replaced by value [B, D]; float32."""
+    rows = torch.arange(len(value), device=value.device)
+    where = F.one_hot(batch.position, batch.resid.shape[1]).bool()[..., None]  # [B, T', 1]
+    x = torch.where(where, value[:, None].to(batch.resid.dtype), batch.resid)
+    x = run_blocks(base, x, range(layer + 1, len(base.blocks)))
+    return F.log_softmax(logits_at(base, x[rows, batch.position]), -1)
+
+
+def kl_from(clean_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(clean ‖ other) per row [B]."""
+    return (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
+
+
+def lens_losses(lens: ConsistencyLens, batch: Batch, tau: float, weights: dict, fluency_prefix: torch.Tensor,
+                resample_ablation: bool, generator: torch.Generator | None, forward=None
+                ) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """(weighted loss, each term's mean as a float, the explanations' token ids [B, t]). `forward`
+    is the module to call (lens itself)."""
+    reconstruction, tokens, decoder_logits = (forward or lens)(batch.acts, tau, generator)
+    base = lens.base
+    error = reconstruction - batch.acts
+    mse = error.pow(2).mean(-1) / lens.mean_square
+    patched = reconstruction
+    if resample_ablation:  # this Â with another sample's reconstruction error
+        patched = reconstruction + (batch.acts - reconstruction).roll(1, 0)
+    kl = kl_from(batch.clean_logprobs, patched_logprobs(base, batch, lens.layer, patched))
+    decoder_logprobs = F.log_softmax(decoder_logits, -1)  # [B, t, V]
+    ids = tokens.argmax(-1)
+    terms = {"kl": kl.mean(), "mse": mse.mean()}
+    if weights["alpha"]:
+        with torch.no_grad():  # the original model reading the explanation after a natural prefix
+            text = torch.cat([fluency_prefix.expand(len(ids), -1), ids], 1)
+            prior = F.log_softmax(base(text)[:, fluency_prefix.shape[1] - 1:-1].float(), -1)
+        terms["fluency"] = kl_from(prior, decoder_logprobs).mean()
+    entropy = -(decoder_logprobs.exp() * decoder_logprobs).sum(-1).mean()
+    terms["entropy"] = entropy
+    loss = (weights["kl_weight"] * terms["kl"] + weights["mse_weight"] * terms["mse"]
+            + weights["alpha"] * terms.get("fluency", 0.0) - weights["entropy_weight"] * entropy)
+    return loss, {k: float(v.detach()) for k, v in terms.items()}, ids
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(lens: ConsistencyLens, batches: list[Batch]) -> tuple[dict, list[torch.Tensor]]:
+    """On held-out batches, greedy explanations (no noise): fraction of variance explained by Â,
+    mse (as in training) and KL, with two baselines each: Â = the mean activation (of the train
+    split) and Â = another sample's A. Returns (metrics, the explanations' token ids per batch)."""
+    base = lens.base
+    sums = dict.fromkeys(("kl", "kl_mean", "kl_random", "mse", "mse_mean", "mse_random", "squared", "rows"), 0.0)
+    acts_all, explanations = [], []
+    for batch in batches:
+        reconstruction, tokens, _ = lens(batch.acts, 1.0, None)
+        explanations.append(tokens.argmax(-1))
+        other = batch.acts.roll(1, 0)
+        mean = lens.mean_act.expand_as(batch.acts)
+        for name, value in (("", reconstruction), ("_mean", mean), ("_random", other)):
+            sums["kl" + name] += float(kl_from(batch.clean_logprobs, patched_logprobs(base, batch, lens.layer, value)).sum())
+            sums["mse" + name] += float(((value - batch.acts).pow(2).mean(-1) / lens.mean_square).sum())
+        sums["squared"] += float((reconstruction - batch.acts).pow(2).sum())
+        sums["rows"] += len(batch.acts)
+        acts_all.append(batch.acts)
+    acts = torch.cat(acts_all)
+    total = float((acts - acts.mean(0)).pow(2).sum())
+    rows = sums.pop("rows")
+    metrics = {f"val_{k}": v / rows for k, v in sums.items() if k != "squared"}
+    metrics["val_fve"] = 1 - sums["squared"] / max(total, 1e-12)
+    return metrics, explanations
+
+
+def show_context(run: Run, tokens: torch.Tensor, position: int, width: int = 40) -> str:
+    """The text before and at a position, the token at it in ⟦brackets⟧."""
+    ids = tokens.tolist()
+    return run.data.decode(ids[max(0, position + 1 - width):position]) + "⟦" + run.data.decode(ids[position:position + 1]) + "⟧"
+
+
+# ---------------------------------------------------------------- training
+
+
+def lens_dir(cfg: LensConfig, layer: int) -> str:
+    base = cfg.run_dir if os.path.isdir(cfg.run_dir) else os.path.dirname(cfg.run_dir)
+    return os.path.join(cfg.save_model_dir or os.path.join(base, "lens"), cfg.run_name or f"layer{layer}-t{cfg.t_text}")
+
+
+def resolve_layers(cfg: LensConfig, run: Run) -> tuple[int, int]:
+    blocks = run.cfg.num_blocks
+    layer = blocks // 2 if cfg.layer == -1 else cfg.layer
+    encoder_layer = layer if cfg.encoder_layer == -1 else cfg.encoder_layer
+    for flag, value in (("layer", layer), ("encoder_layer", encoder_layer)):
+        if value >= blocks:
+            raise ConfigError(f"--{flag}: {value} is not a block of this model (blocks 0 to {blocks - 1})")
+    return layer, encoder_layer
+
+
+def build_lens(cfg: LensConfig, run: Run) -> ConsistencyLens:
+    """A fresh lens for this run (bad prompts or layers raise ConfigError)."""
+    if run.cfg.task != "text":
+        raise ConfigError(f"run_dir: {cfg.run_dir} is a {run.cfg.task} run; the lens explains a language model's "
+                          f"activations in its own tokens, so it needs a text run (e.g. --preset shakespeare_char)")
+    layer, encoder_layer = resolve_layers(cfg, run)
+    decoder_ids = prompt_ids(run, cfg.decoder_prompt, "<A>", "decoder_prompt")
+    encoder_ids = prompt_ids(run, cfg.encoder_prompt, "<T>", "encoder_prompt")
+    decoder_length = len(decoder_ids[0]) + 1 + len(decoder_ids[1]) + cfg.t_text - 1
+    encoder_length = len(encoder_ids[0]) + cfg.t_text + len(encoder_ids[1])
+    fluency_length = len(run.data.encode(cfg.fluency_prefix)) + cfg.t_text
+    limit = run.cfg.context_len
+    for flag, length in (("decoder_prompt", decoder_length), ("encoder_prompt", encoder_length),
+                         ("fluency_prefix", fluency_length)):
+        if length > limit:
+            raise ConfigError(f"--{flag}: with --t_text {cfg.t_text} it makes {length} positions, more than the "
+                              f"model's context of {limit}; shorten it or lower --t_text")
+    if not run.data.encode(cfg.fluency_prefix):
+        raise ConfigError(f"--fluency_prefix: {cfg.fluency_prefix!r} has no token in this run's vocabulary")
+    return ConsistencyLens(run.model, layer, encoder_layer, cfg.t_text, decoder_ids, encoder_ids,
+                           cfg.patch_all_layers)
+
+
+def build_optimizers(cfg: LensConfig, named: list[tuple[str, nn.Parameter]], scale: float = 1.0,
+                     unfrozen_at: int | None = None) -> list[dict]:
+    """Parameter groups: Muon for 2-D matrices (the projections, a base's block matrices) when
+    --use_muon, AdamW for the rest. Returns [adamw groups, muon groups] as dicts; `scale` and
+    `unfrozen_at` mark an unfrozen base's groups (their own LR multiplier and warm-up)."""
+    muon, decay, no_decay = [], [], []
+    seen = set()
+    for name, p in named:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if cfg.use_muon and p.ndim == 2 and (name.startswith("blocks.") or name.endswith(("decoder_in.weight",
+                                                                                            "encoder_out.weight"))):
+            muon.append(p)
+        elif p.ndim >= 2 and "prompt" not in name and not name.endswith(("_left", "_right")):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    extra = {"unfrozen_at": unfrozen_at}
+    adamw = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay, "initial_lr": cfg.lr * scale, **extra},
+                         {"params": no_decay, "weight_decay": 0.0, "initial_lr": cfg.lr * scale, **extra}) if g["params"]]
+    muon_groups = [{"params": muon, "weight_decay": cfg.weight_decay, "initial_lr": cfg.muon_lr * scale, **extra}] if muon else []
+    return [adamw, muon_groups]
+
+
+class Optimizers:
+    """AdamW and Muon over the lens's groups; groups are added when a base unfreezes, in the same
+    order on resume, so their states line up."""
+
+    def __init__(self, cfg: LensConfig, lens: ConsistencyLens):
+        self.cfg = cfg
+        adamw, muon = build_optimizers(cfg, list(lens.named_parameters()))
+        fused = lens.decoder_in.weight.is_cuda or None
+        self.adamw = torch.optim.AdamW(adamw, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+        self.muon = Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay) if muon else None
+
+    def add_base(self, base: Transformer, step: int) -> None:
+        adamw, muon = build_optimizers(self.cfg, list(base.named_parameters()), self.cfg.base_lr_mult, step)
+        for group in adamw:
+            self.adamw.add_param_group(group)
+        for group in muon:
+            if self.muon is None:
+                self.muon = Muon([group], lr=self.cfg.muon_lr, weight_decay=self.cfg.weight_decay)
+            else:
+                self.muon.add_param_group(group)
+
+    def all(self) -> list[torch.optim.Optimizer]:
+        return [self.adamw] + ([self.muon] if self.muon is not None else [])
+
+    def set_lr(self, step: int) -> float:
+        multiplier = lr_multiplier(step, self.cfg, self.cfg.max_steps)
+        for optimizer in self.all():
+            for group in optimizer.param_groups:
+                warm = 1.0
+                if group.get("unfrozen_at") is not None:
+                    warm = min(1.0, (step - group["unfrozen_at"] + 1) / max(1, self.cfg.base_warmup_steps))
+                group["lr"] = group["initial_lr"] * multiplier * warm
+        return self.adamw.param_groups[0]["lr"]
+
+    def step(self) -> None:
+        for optimizer in self.all():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> list[dict]:
+        return [optimizer.state_dict() for optimizer in self.all()]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for optimizer, state in zip(self.all(), states):
+            optimizer.load_state_dict(state)
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    """DDP's gradient average, by hand: one all-reduce of every gradient flattened together. (DDP
+    itself cannot take parameters added mid-run, which an unfrozen base is.)"""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten().float() for g in grads])
+    torch_dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
+
+
+class Data:
+    """Train batches (dump or on the fly), held-out batches from the val split, and the contexts
+    each row came from."""
+
+    def __init__(self, cfg: LensConfig, run: Run, layer: int, rank: int, world: int, dtype: str):
+        hook = f"blocks.{layer}.hook_resid_post"
+        if cfg.source == "dump":
+            directory = cfg.dump or default_dump_dir(cfg.run_dir, hook, "train", cfg.positions)
+            self.train = DumpSource(directory, cfg.batch_size, run.device, cfg.seed, rank, world)
+            wanted = {"hook": hook, "split": "train", "positions": cfg.positions, "step": run.step}
+            for key, value in wanted.items():
+                if self.train.manifest.get(key) != value:
+                    raise ConfigError(f"--dump: {directory} holds {key} {self.train.manifest.get(key)!r}, and this "
+                                      f"lens needs {value!r}; dump it with `python activations.py dump {cfg.run_dir} "
+                                      f"--hook {hook} --positions {cfg.positions}`")
+        else:
+            self.train = TokenSource(run, hook, cfg.positions, "train", cfg.batch_size, cfg.seed, rank, world,
+                                     cfg.max_tokens, dtype)
+        self.held_out, self.eval_rows = held_out_rows(run, hook, cfg.positions, cfg.eval_rows, cfg.seed + 1, dtype)
+
+
+def held_out_rows(run: Run, hook: str, positions: str, rows: int, seed: int, dtype: str):
+    """(the val split's TokenSource, its first batches: about `rows` activations, none twice)."""
+    available = int(split_sequences(run, "val", positions).mask.sum())
+    batch = min(rows, 256, available)
+    source = TokenSource(run, hook, positions, "val", batch, seed, 0, 1, 0, dtype)
+    return source, [source.batch(s) for s in range(max(1, min(rows, available) // batch))]
+
+
+def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
+    """Trains one lens (every rank of a torchrun job calls this); returns the final metrics and
+    where the lens lives. Bad input raises ConfigError / CheckpointError before anything is written."""
+    started = time.perf_counter()
+    load_env_files()
+    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
+    dist = setup_distributed(device.type)
+    log = setup_logging(dist.is_main)
+    try:
+        run = load_run(cfg.run_dir, device=str(device))
+        for p in run.model.parameters():
+            p.requires_grad_(False)  # the original model is only read
+        layer, _ = resolve_layers(cfg, run)
+        out_dir = lens_dir(cfg, layer)
+        checkpoint = None
+        if cfg.resume == "auto" and os.path.isfile(os.path.join(out_dir, "last.pt")):
+            checkpoint = load_checkpoint(os.path.join(out_dir, "last.pt"))
+            if "mean_square" not in checkpoint.get("model", {}):
+                raise CheckpointError(f"{out_dir}/last.pt is not a lens checkpoint; pass another --run_name")
+            saved = checkpoint["config"]
+            for key in ("layer", "encoder_layer", "t_text", "decoder_prompt", "encoder_prompt", "patch_all_layers",
+                        "seed", "use_muon", "unfreeze_decoder_step", "unfreeze_encoder_step"):
+                if key in explicit and getattr(cfg, key) != saved[key]:
+                    raise ConfigError(f"--{key}: a resumed lens keeps its checkpoint's {key} ({saved[key]!r})")
+            if checkpoint["model_step"] != run.step:
+                raise ConfigError(f"--resume: this lens was trained on the model at step {checkpoint['model_step']}, "
+                                  f"but {run.checkpoint_path} now holds step {run.step}; start a new lens (--run_name)")
+            cfg = LensConfig(**{**saved, **{k: getattr(cfg, k) for k in explicit}}).validate()
+        taken = broadcast_object(dist.is_main and os.path.isdir(out_dir) and bool(os.listdir(out_dir)))
+        if taken and checkpoint is None and cfg.resume != "auto":
+            raise ConfigError(f"--run_name: {out_dir} already holds a lens; pass another --run_name, or --resume auto "
+                              f"to continue it")
+        if cfg.batch_size % dist.world_size:
+            raise ConfigError(f"--batch_size: {cfg.batch_size} rows do not split into {dist.world_size} ranks")
+        dtype = pick_dtype(cfg.dtype, device)
+        seed_everything(cfg.seed)
+        lens = build_lens(cfg, run)
+        data = Data(cfg, run, lens.layer, dist.rank, dist.world_size, cfg.dtype)
+        fluency_prefix = torch.tensor([run.data.encode(cfg.fluency_prefix)], device=device)
+        if dist.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+    except (ConfigError, CheckpointError):
+        close_logging(log)
+        teardown_distributed()
+        raise
+    if dist.is_main:
+        attach_log_file(log, os.path.join(out_dir, "train.log"))
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+
+    # ---- statistics of A (the same on every rank: from the first train batches, not the shards)
+    with torch.no_grad():
+        sample = TokenSource(run, f"blocks.{lens.layer}.hook_resid_post", cfg.positions, "train",
+                             min(1024, data.train.num_rows), cfg.seed + 2, 0, 1, cfg.max_tokens, cfg.dtype)
+        rows = sample.batch(0).acts.float()
+        lens.mean_square.copy_(rows.pow(2).mean())
+        lens.mean_act.copy_(rows.mean(0))
+    eval_batches = [prepare(run.model, lens.layer, data.held_out.tokens[b.sequence.cpu()], b.position, b.acts,
+                            device, dtype) for b in data.eval_rows]
+    schedules = {name: cfg.schedule(name) for name in ("tau", "kl_weight", "mse_weight", "alpha", "entropy_weight")}
+    optimizers = Optimizers(cfg, lens)
+    step, elapsed_before = 0, 0.0
+
+    def unfreeze_due(step_: int) -> None:
+        for part in ("decoder", "encoder"):
+            at = getattr(cfg, f"unfreeze_{part}_step")
+            if at >= 0 and step_ >= at and getattr(lens, f"{part}_base") is None:
+                optimizers.add_base(lens.unfreeze(part), at)
+                if step_ == at:
+                    log.info(f"step {step_}: the {part} gets its own copy of the base "
+                             f"(lr x {cfg.base_lr_mult}, warm-up {cfg.base_warmup_steps} steps)")
+
+    if checkpoint is not None:
+        step, elapsed_before = checkpoint["step"], checkpoint["elapsed_seconds"]
+        for part in ("decoder", "encoder"):  # the copies first, so that their weights and optimizer groups have a place
+            if any(k.startswith(f"{part}_base.") for k in checkpoint["model"]):
+                optimizers.add_base(lens.unfreeze(part), getattr(cfg, f"unfreeze_{part}_step"))
+        lens.load_state_dict(checkpoint["model"])
+        optimizers.load_state_dict(checkpoint["optimizers"])
+        if len(checkpoint["rng"]) == dist.world_size:
+            set_rng_state(checkpoint["rng"][dist.rank])
+    trainable = lambda: [p for p in lens.parameters() if p.requires_grad]  # noqa: E731 (grows when a base unfreezes)
+
+    count = sum(p.numel() for p in trainable())
+    log.info(f"consistency lens on blocks.{lens.layer}.hook_resid_post of {cfg.run_dir} "
+             f"(checkpoint {run.checkpoint_path}, step {run.step}) -> {out_dir}")
+    log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
+    log.info(f"d={lens.mean_act.numel()} | {count:,} trainable parameters (base frozen and shared) | "
+             f"decoder prompt {len(lens.decoder_left) + 1 + len(lens.decoder_right)} positions, encoder prompt "
+             f"{len(lens.encoder_left) + len(lens.encoder_right)} + {cfg.t_text} | {cfg.source} source, "
+             f"{data.train.num_rows:,} train activations | {cfg.batch_size}/step on {dist.world_size} rank(s) | "
+             f"eval on {sum(len(b.acts) for b in eval_batches):,} val activations | dtype {dtype}"
+             + (f" | resumed at step {step}" if checkpoint is not None else ""))
+
+    wandb_run = None
+    if cfg.wandb_enabled and dist.is_main:
+        import wandb
+
+        wandb_run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
+                               name=os.path.basename(out_dir), dir=out_dir, config=cfg.to_dict(), resume="allow",
+                               id=checkpoint.get("wandb_id") if checkpoint else None)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    explanations_path = os.path.join(out_dir, "explanations.jsonl")
+    if dist.is_main:
+        trim_metrics(metrics_path, step)  # a resumed lens logs the steps after its checkpoint again
+        trim_metrics(explanations_path, step)
+
+    def write(record: dict) -> None:
+        nonlocal wandb_run
+        if dist.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if wandb_run is not None:
+                try:
+                    wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+                except Exception as e:
+                    log.warning(f"warning: W&B logging failed ({type(e).__name__}: {e}); going on without W&B")
+                    wandb_run = None
+
+    examples = [(int(s), int(p)) for s, p in zip(data.eval_rows[0].sequence.tolist()[:cfg.examples],
+                                                  data.eval_rows[0].position.tolist()[:cfg.examples])]
+    contexts = [show_context(run, data.held_out.tokens[s], p) for s, p in examples]
+
+    def run_eval(tau: float) -> dict:
+        metrics, explanations = evaluate(lens, eval_batches)
+        if dist.is_main:
+            texts = [run.data.decode(ids.tolist()) for ids in explanations[0][:cfg.examples]]
+            with open(explanations_path, "a") as f:
+                f.write(json.dumps({"step": step, "tau": tau, "contexts": contexts, "explanations": texts}) + "\n")
+        return metrics
+
+    def save() -> None:
+        rng = gather_objects(rng_state())
+        if dist.is_main:
+            save_checkpoint({"model": lens.state_dict(), "optimizers": optimizers.state_dict(), "step": step,
+                             "rng": rng, "config": cfg.to_dict(),
+                             "elapsed_seconds": elapsed_before + time.perf_counter() - t0,
+                             "wandb_id": wandb_run.id if wandb_run is not None else None,
+                             "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step},
+                            os.path.join(out_dir, "last.pt"))
+
+    # ---- the loop
+    t0 = time.perf_counter()
+    keys = ("loss", "kl", "mse", "fluency", "entropy")
+    window, window_steps, window_start = dict.fromkeys(keys + ("rows",), 0.0), 0, time.perf_counter()
+    last_eval, interrupted = {}, 0
+    with StopSignals() as signals:
+        while step < cfg.max_steps:
+            unfreeze_due(step)
+            lr = optimizers.set_lr(step)
+            weights = {name: schedule(step) for name, schedule in schedules.items()}
+            rows = data.train.batch(step)
+            contexts_tokens = data.train.tokens[rows.sequence.cpu()]
+            batch = prepare(run.model, lens.layer, contexts_tokens, rows.position, rows.acts, device, dtype)
+            # Gumbel noise from (seed, step, rank): a resumed lens draws what it would have drawn.
+            generator = torch.Generator(device=device).manual_seed(_step_seed(cfg.seed, 31, step * dist.world_size + dist.rank))
+            with autocast(device, dtype):
+                loss, parts, _ = lens_losses(lens, batch, weights["tau"], weights, fluency_prefix,
+                                             cfg.resample_ablation, generator)
+            loss.backward()
+            params = trainable()
+            if dist.enabled:
+                average_gradients(params, dist.world_size)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf")))
+            optimizers.step()
+            step += 1
+            window_steps += 1
+            window["loss"] += float(loss.detach()) * len(batch.acts)
+            for key, value in parts.items():
+                window[key] += value * len(batch.acts)
+            window["rows"] += len(batch.acts)
+
+            log_due = step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps
+            record = {}
+            if log_due:
+                sums = all_reduce_sum(window, device)
+                seconds = time.perf_counter() - window_start
+                n = max(sums["rows"], 1)
+                record = {"step": step, **{f"train_{k}": sums[k] / n for k in keys if k in parts or k == "loss"},
+                          "tau": weights["tau"], "lr": lr, "grad_norm": grad_norm,
+                          "ms_per_step": 1000 * seconds / window_steps, "rows_per_sec": sums["rows"] / seconds}
+                eta = (cfg.max_steps - step) * seconds / window_steps
+                log.info(f"step {step:>6}/{cfg.max_steps} | loss {record['train_loss']:.4f} | kl {record['train_kl']:.4f} | "
+                         f"mse {record['train_mse']:.4f}"
+                         + (f" | fluency {record['train_fluency']:.3f}" if "train_fluency" in record else "")
+                         + f" | entropy {record['train_entropy']:.2f} | tau {weights['tau']:.3f} | lr {lr:.2e} | "
+                         f"{record['ms_per_step']:.1f} ms/step | {record['rows_per_sec']:,.0f} rows/s | "
+                         f"{format_duration(time.perf_counter() - t0)}, ETA {format_duration(eta)}")
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                last_eval = run_eval(weights["tau"])
+                record = {"step": step, **record, **last_eval}
+                log.info(f"eval {step:>6} | kl {last_eval['val_kl']:.4f} (mean A {last_eval['val_kl_mean']:.4f}, "
+                         f"other A {last_eval['val_kl_random']:.4f}) | mse {last_eval['val_mse']:.4f} "
+                         f"(mean A {last_eval['val_mse_mean']:.4f}, other A {last_eval['val_mse_random']:.4f}) | "
+                         f"fve {last_eval['val_fve']:.4f}")
+            if record:
+                record["elapsed_seconds"] = round(elapsed_before + time.perf_counter() - t0, 3)
+                write(record)
+            if log_due:
+                window, window_steps, window_start = dict.fromkeys(window, 0.0), 0, time.perf_counter()
+            if cfg.save_every and step % cfg.save_every == 0:
+                save()
+            signum = max_over_ranks(signals.received, dist)
+            if signum and step < cfg.max_steps:
+                interrupted = signum
+                log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
+                break
+        save()
+    if dist.enabled:
+        if same_on_all_ranks([p.detach() for p in trainable()]):
+            log.info(f"lens weights identical on all {dist.world_size} ranks")
+        else:
+            log.warning("warning: the lens weights differ between ranks; last.pt holds rank 0's")
+    if dist.is_main:
+        plot_lens_curves(metrics_path, os.path.join(out_dir, "curves.png"), title=os.path.basename(out_dir))
+        plot_explanations(explanations_path, os.path.join(out_dir, "explanations.png"))
+    seconds = time.perf_counter() - started
+    summary = {"lens_dir": out_dir, "steps": step, "seconds": seconds,
+               "interrupted": signal.Signals(interrupted).name if interrupted else None, **last_eval}
+    if interrupted:
+        log.info(f"interrupted at step {step}; last.pt saved. Continue with the same command and --resume auto")
+    else:
+        log.info(f"done: {step} steps in {format_duration(seconds)} | "
+                 + (f"val kl {last_eval['val_kl']:.4f} | val fve {last_eval['val_fve']:.4f} | " if last_eval else "")
+                 + f"report: python lens.py eval {out_dir}")
+    if wandb_run is not None:
+        try:
+            if interrupted:
+                wandb_run.mark_preempting()
+            wandb_run.finish(exit_code=128 + interrupted if interrupted else 0)
+        except Exception as e:
+            log.warning(f"warning: closing the W&B run failed ({type(e).__name__}: {e})")
+    close_logging(log)
+    teardown_distributed(barrier=True)
+    return summary
+
+
+# ---------------------------------------------------------------- pictures, loading, eval
+
+
+def plot_lens_curves(metrics_path: str, out_path: str, title: str = "") -> str:
+    """Training and held-out KL and MSE (with both baselines), FVE and tau against steps."""
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_path)
+    fig = Figure(figsize=(16, 3.6))
+    axes = fig.subplots(1, 4)
+    for ax, term in zip(axes[:2], ("kl", "mse")):
+        for key, label, style in ((f"train_{term}", "train", "-"), (f"val_{term}", "val", "o-"),
+                                  (f"val_{term}_mean", "val, Â = mean A", "--"),
+                                  (f"val_{term}_random", "val, Â = another A", ":")):
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), style, label=label, markersize=3)
+        ax.set(xlabel="step", title=term, yscale="log")
+        ax.legend(fontsize=7)
+    for ax, key, label in ((axes[2], "val_fve", "fraction of variance explained (val)"), (axes[3], "tau", "tau")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
+        ax.set(xlabel="step", title=label)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    return out_path
+
+
+def plot_explanations(path: str, out_path: str, evals: int = 8) -> str | None:
+    """A table as a picture: held-out contexts (columns) and their explanations at up to `evals`
+    evals spread over training (rows, with tau), to see them settle as tau anneals."""
+    from matplotlib.figure import Figure
+
+    records = read_metrics(path) if os.path.isfile(path) else []
+    if not records:
+        return None
+    count = min(evals, len(records))
+    picks = sorted({round(i * (len(records) - 1) / max(1, count - 1)) for i in range(count)})
+    records = [records[i] for i in picks]
+    columns = len(records[0]["contexts"])
+    fig = Figure(figsize=(2.6 * columns + 1.5, 0.45 * (len(records) + 1) + 0.8))
+    ax = fig.subplots()
+    ax.axis("off")
+    cells = [[repr(text)[1:-1] for text in r["explanations"]] for r in records]
+    table = ax.table(cellText=cells, rowLabels=[f"step {r['step']}, tau {r['tau']:.2f}" for r in records],
+                     colLabels=[repr(c[-18:])[1:-1].replace("⟦", "[").replace("⟧", "]") for c in records[0]["contexts"]], loc="center", cellLoc="left")
+    table.auto_set_font_size(False)
+    table.set_fontsize(7)
+    ax.set_title("explanations of held-out activations as tau anneals (greedy decoding; column: the context's end)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    return out_path
+
+
+def load_lens(path: str, device: str = "auto") -> tuple[ConsistencyLens, LensConfig, Run]:
+    """A lens directory (its last.pt) or checkpoint -> (lens in eval mode, its config, the run)."""
+    path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
+    checkpoint = load_checkpoint(path)
+    if "mean_square" not in checkpoint.get("model", {}):
+        raise CheckpointError(f"{path} is not a lens checkpoint; pass <run>/lens/<name>")
+    cfg = LensConfig(**checkpoint["config"])
+    model_path = checkpoint["model_checkpoint"]
+    if not os.path.isfile(model_path):  # moved: the run directory two levels up (<run>/lens/<name>/last.pt)
+        model_path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    run = load_run(model_path, device=device)
+    if checkpoint["model_step"] != run.step:
+        raise CheckpointError(f"{path}: this lens was trained on the model at step {checkpoint['model_step']}, but "
+                              f"{run.checkpoint_path} now holds step {run.step}")
+    for p in run.model.parameters():
+        p.requires_grad_(False)
+    lens = build_lens(cfg, run)
+    for part in ("decoder", "encoder"):
+        if any(k.startswith(f"{part}_base.") for k in checkpoint["model"]):
+            lens.unfreeze(part)
+    lens.load_state_dict(checkpoint["model"])
+    return lens.eval(), cfg, run
+
+
+@torch.no_grad()
+def eval_report(lens_path: str, rows: int = 2048, examples: int = 16) -> tuple[str, dict]:
+    """Writes <lens>/eval/report.md: held-out FVE, KL and MSE against the two baselines, and a
+    table of example explanations beside their contexts. Returns (its path, the metrics)."""
+    lens, cfg, run = load_lens(lens_path)
+    directory = lens_path if os.path.isdir(lens_path) else os.path.dirname(lens_path)
+    out = os.path.join(directory, "eval")
+    os.makedirs(out, exist_ok=True)
+    dtype = pick_dtype(cfg.dtype, run.device)
+    source, parts = held_out_rows(run, f"blocks.{lens.layer}.hook_resid_post", cfg.positions, rows, cfg.seed + 1,
+                                  cfg.dtype)
+    batches = [prepare(run.model, lens.layer, source.tokens[b.sequence.cpu()], b.position, b.acts, run.device, dtype)
+               for b in parts]
+    metrics, explanations = evaluate(lens, batches)
+    lines = [f"# Consistency lens {os.path.basename(os.path.normpath(directory))}", "",
+             f"`blocks.{lens.layer}.hook_resid_post` of `{cfg.run_dir}` (model step {run.step}); "
+             f"{cfg.t_text}-token explanations, greedy; {sum(len(b.acts) for b in batches):,} held-out activations "
+             f"from the val split.", "",
+             "| | lens (Â) | Â = mean activation | Â = another sample's A |", "| --- | --- | --- | --- |",
+             f"| KL(P_A ‖ P_Â) | {metrics['val_kl']:.4f} | {metrics['val_kl_mean']:.4f} | {metrics['val_kl_random']:.4f} |",
+             f"| MSE / E[A²] | {metrics['val_mse']:.4f} | {metrics['val_mse_mean']:.4f} | {metrics['val_mse_random']:.4f} |",
+             "", f"Fraction of variance explained by Â: **{metrics['val_fve']:.4f}**.", "",
+             "## Example explanations", "", "| context (⟦the activation's token⟧) | explanation |", "| --- | --- |"]
+    shown = 0
+    for part, ids in zip(parts, explanations):
+        for s, p, text in zip(part.sequence.tolist(), part.position.tolist(), ids.tolist()):
+            if shown == examples:
+                break
+            context = show_context(run, source.tokens[s], p).replace("|", "\\|").replace("\n", "↵")
+            explanation = run.data.decode(text).replace("|", "\\|").replace("\n", "↵")
+            lines.append(f"| `{context}` | `{explanation}` |")
+            shown += 1
+    explanations_path = os.path.join(directory, "explanations.jsonl")
+    if plot_explanations(explanations_path, os.path.join(out, "explanations.png")):
+        lines += ["", "## As tau annealed", "", "![explanations during training](explanations.png)"]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path, metrics
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "eval":
+        if len(argv) != 2 or argv[1].startswith("-"):
+            raise ConfigError("usage: python lens.py eval <run>/lens/<name>")
+        if not os.path.exists(argv[1]):
+            raise ConfigError(f"{argv[1]}: no such lens directory or checkpoint")
+        path, metrics = eval_report(argv[1])
+        print(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        print(f"wrote {path}")
+        return path
+    cfg, explicit = parse_flags(LensConfig, argv, "lens.py", "Train a consistency lens on a text run's residual "
+                                "stream (`python lens.py eval DIR` evaluates one).", positional="run_dir")
+    return train(cfg, explicit)
+
+
+if __name__ == "__main__":
+    try:
+        summary = main()
+    except (ConfigError, CheckpointError) as error:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(summary, dict) and summary.get("interrupted"):
+        sys.exit(128 + signal.Signals[summary["interrupted"]])
