@@ -33,13 +33,15 @@ def slurm(tmp_path_factory):
         yield cluster
 
 
-def submit(cluster: SlurmCluster, work_dir, job_name: str, train_args: list[str], processes: int = 1) -> str:
+def submit(cluster: SlurmCluster, work_dir, job_name: str, train_args: list[str], processes: int = 1,
+           program: str = "train.py") -> str:
     """`sbatch train.slurm ARGS` from work_dir, the way a user would, on CPU with this venv's python."""
     (work_dir / "logs").mkdir(exist_ok=True)  # Slurm does not create the --output directory
     env = {
         "TINYLAB_PYTHON": sys.executable,  # python -m torch.distributed.run, not whatever torchrun is on PATH
         "TINYLAB_DIR": ROOT,               # train.py lives here; runs/ and logs/ land in work_dir
         "NPROC_PER_NODE": str(processes),
+        "TINYLAB_PROGRAM": program,
         "OMP_NUM_THREADS": "1",            # two jobs share two cores
         # The script's default port comes from the job id, and another test session's cluster numbers
         # its jobs from 1 too.
@@ -140,3 +142,26 @@ def test_failed_or_cancelled_jobs_are_not_requeued(slurm, tmp_path):
     assert "got SIGTERM" in job_log(tmp_path, "cancelled", cancelled)
     assert slurm.restart_count(failing) == 0 and slurm.restart_count(cancelled) == 0
     assert slurm.state(failing) == "FAILED" and slurm.state(cancelled) == "CANCELLED"
+
+
+@pytest.mark.slow
+@requires_slurm
+def test_a_consistency_lens_is_requeued_and_resumes_under_train_slurm(slurm, tmp_path, trained_runs):
+    """TINYLAB_PROGRAM=lens.py: the warning signal makes the lens save, the job requeues, and the
+    second attempt continues the same lens directory to the end. About half a minute."""
+    run_dir = trained_runs["text"]
+    args = [run_dir, "--decoder_prompt", "of <A>:", "--encoder_prompt", "<T> is", "--t_text", "4",
+            "--batch_size", "16", "--eval_rows", "64", "--max_steps", "400", "--eval_every", "200",
+            "--log_every", "1", "--save_every", "0"]
+    job = submit(slurm, tmp_path, "lens", args, program="lens.py")
+    lens_dir = os.path.join(run_dir, "lens", f"lens-{job}")
+    slurm.wait_until(lambda: any(r["step"] >= 3 for r in run_metrics(lens_dir)), timeout=180,
+                     what="the lens to log step 3", job_id=job)
+    slurm.signal(job, "USR1", batch_only=True)
+    assert slurm.wait(job, timeout=240) == "COMPLETED", job_log(tmp_path, "lens", job) + slurm.logs(job)
+    log = job_log(tmp_path, "lens", job)
+    assert slurm.restart_count(job) == 1 and "restart 1:" in log and "training finished (restart 1)" in log
+    resumed_at = [int(step) for step in re.findall(r"resumed at step (\d+)", log)]
+    assert len(resumed_at) == 1 and 3 <= resumed_at[0] < 400, log
+    assert checkpoint(os.path.join(lens_dir, "last.pt"))["step"] == 400
+    assert [r["step"] for r in run_metrics(lens_dir)] == list(range(1, 401))
