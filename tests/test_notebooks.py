@@ -12,7 +12,7 @@ from conftest import ROOT
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 
 
-@pytest.mark.parametrize("name", ["modular_interp.ipynb", "training.ipynb"])
+@pytest.mark.parametrize("name", ["modular_interp.ipynb", "training.ipynb", "consistency_lens.ipynb"])
 def test_committed_without_outputs(name):
     with open(os.path.join(NOTEBOOKS, name)) as f:
         cells = json.load(f)["cells"]
@@ -63,3 +63,19 @@ def test_training_notebook_trains_plots_and_samples(tmp_path, monkeypatch):
     out = printed(notebook)
     assert "'steps': 40" in out and "'steps': 30" in out and "ROMEO:" in out
     assert images(notebook) >= 1
+
+
+def test_consistency_lens_notebook_trains_a_lens_and_reads_it(tmp_path, monkeypatch):
+    text = tmp_path / "corpus.txt"
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks? An explanation of it, please.\n" * 300)
+    notebook = execute("consistency_lens.ipynb", {
+        "TINYLAB_TEXT_ARGS": f"--save_model_dir {tmp_path}/runs --data_path {text} --num_blocks 2 --embedding_dim 32 "
+                             f"--num_heads 2 --max_steps 60 --eval_every 60",
+        "TINYLAB_LENS_ARGS": "--max_steps 40 --eval_every 20 --batch_size 16 --eval_rows 64",
+        "TINYLAB_RUN": "",
+    }, monkeypatch)
+    out = printed(notebook)
+    assert "  ->  " in out and "step    40  tau" in out and "   Â:    " in out and "Fraction of variance" in out
+    assert images(notebook) >= 1
+    lens_dir = tmp_path / "runs"
+    assert list(lens_dir.glob("*/lens/notebook/eval/report.md"))
