@@ -94,6 +94,7 @@ class LensConfig:
     patch_all_layers: bool = _lens(False, "also write the projected A into the slot's residual stream before every block")
     fluency_prefix: str = _lens("\n", "natural text the original model reads before an explanation, for the fluency term")
     tau: str = _lens("1.0>0.3@0.2:0.8:cosine", "Gumbel-softmax temperature schedule")
+    gumbel_noise: bool = _lens(True, "draw tokens with Gumbel noise (false: the argmax, still straight-through)")
 
     kl_weight: str = _losses("1.0", "weight of KL(P_A || P_Â) at the activation's position")
     mse_weight: str = _losses("1.0", "weight of |Â - A|² / E|A|²")
@@ -147,6 +148,9 @@ class LensConfig:
         need(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
         for name in ("beta1", "beta2"):
             need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        need(self.dtype != "float16", "dtype", "float16 would need a gradient scaler through the straight-through "
+             "chain; use bfloat16 (the default on capable GPUs) or float32")
+        need(self.eval_rows >= 2, "eval_rows", "the 'another sample' baseline needs at least 2 rows")
         need(self.decoder_prompt.count("<A>") == 1, "decoder_prompt",
              f"{self.decoder_prompt!r} must contain the slot marker <A> once, e.g. 'explanation of <A>:'")
         need(self.encoder_prompt.count("<T>") == 1, "encoder_prompt",
@@ -300,7 +304,8 @@ class ConsistencyLens(nn.Module):
         before each token [B, t_text, V], float32). generator None: greedy, no Gumbel noise."""
         model = self.decoder_model()
         B = acts.shape[0]
-        slot_value = self.decoder_in(acts)
+        with torch.autocast(acts.device.type, enabled=False):  # the projections stay in float32
+            slot_value = self.decoder_in(acts.float())
         x = torch.cat([self.decoder_left.expand(B, -1, -1), slot_value[:, None], self.decoder_right.expand(B, -1, -1)], 1)
         slot = self.decoder_left.shape[0]
         tokens, all_logits = [], []
@@ -323,27 +328,30 @@ class ConsistencyLens(nn.Module):
         x = torch.cat([self.encoder_left.expand(B, -1, -1).to(text.dtype), text,
                        self.encoder_right.expand(B, -1, -1).to(text.dtype)], 1)
         h = run_blocks(model, x, range(self.encoder_layer + 1))
-        return self.encoder_out(h[:, -1].float())
+        with torch.autocast(h.device.type, enabled=False):
+            return self.encoder_out(h[:, -1].float())
 
     def forward(self, acts: torch.Tensor, tau: float, generator: torch.Generator | None = None):
         tokens, logits = self.explain(acts, tau, generator)
         return self.reconstruct(tokens), tokens, logits
 
 
+def encode_exactly(run: Run, text: str, flag: str) -> list[int]:
+    """The run's token ids for `text`; a ConfigError naming the flag when its tokenizer cannot write
+    the text (a character tokenizer would drop unknown characters without a word)."""
+    encoded = run.data.encode(text)
+    if run.data.decode(encoded) != text:
+        missing = sorted(set(text) - set(run.data.decode(encoded)))
+        raise ConfigError(f"--{flag}: the run's tokenizer cannot write {text!r}"
+                          + (f" (no token for {''.join(missing)!r})" if missing else "")
+                          + "; use text from its vocabulary")
+    return encoded
+
+
 def prompt_ids(run: Run, text: str, marker: str, flag: str) -> tuple[list[int], list[int]]:
-    """The token ids on either side of `marker` in `text`; a ConfigError when the run's tokenizer
-    cannot write the text."""
+    """The token ids on either side of `marker` in `text`."""
     left, right = text.split(marker)
-    ids = []
-    for part in (left, right):
-        encoded = run.data.encode(part)
-        if run.data.decode(encoded) != part:
-            missing = sorted(set(part) - set(run.data.decode(encoded)))
-            raise ConfigError(f"--{flag}: the run's tokenizer cannot write {part!r}"
-                              + (f" (no token for {''.join(missing)!r})" if missing else "")
-                              + "; use text from its vocabulary")
-        ids.append(encoded)
-    return ids[0], ids[1]
+    return encode_exactly(run, left, flag), encode_exactly(run, right, flag)
 
 
 # ---------------------------------------------------------------- the losses
@@ -355,21 +363,22 @@ class Batch:
     position: torch.Tensor  # [B] where A was taken
     acts: torch.Tensor  # [B, D] A, float32
     resid: torch.Tensor  # [B, T', D] the residual stream after block `layer`, for patching
-    clean_logprobs: torch.Tensor  # [B, V] float32: the original model's next-token log-probs at p
+    clean_logprobs: torch.Tensor | None  # [B, V] float32: the original model's next-token log-probs at p, with A
 
 
 @torch.no_grad()
 def prepare(base: Transformer, layer: int, contexts: torch.Tensor, position: torch.Tensor, acts: torch.Tensor,
             device, dtype) -> Batch:
-    """The original model's view of a batch: its residual stream after `layer` and its next-token
-    distribution at each activation's position (from the clean forward)."""
+    """The original model's view of a batch: its residual stream after `layer`, and its next-token
+    distribution at each activation's position with A itself patched in there: the same path (and
+    precision) that Â takes, so that Â = A gives a KL of exactly 0, whether A came from a dump or
+    from this forward pass."""
     tokens = contexts[:, :int(position.max()) + 1].to(device)
-    rows = torch.arange(len(tokens), device=device)
     with autocast(device, dtype):
         resid = run_blocks(base, base.embed(tokens), range(layer + 1))
-        rest = run_blocks(base, resid, range(layer + 1, len(base.blocks)))
-        logits = logits_at(base, rest[rows, position])
-    return Batch(tokens, position, acts.float(), resid, F.log_softmax(logits, -1))
+        batch = Batch(tokens, position, acts.float(), resid, None)
+        batch.clean_logprobs = patched_logprobs(base, batch, layer, batch.acts)
+    return batch
 
 
 def patched_logprobs(base: Transformer, batch: Batch, layer: int, value: torch.Tensor) -> torch.Tensor:
@@ -387,6 +396,14 @@ def kl_from(clean_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tenso
     return (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(-1)
 
 
+@torch.no_grad()
+def fluency_prior(base: Transformer, prefix: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The original model's log-probs for each explanation token [B, t, V], having read prefix [1, P]
+    and the explanation's tokens before it (ids [B, t]): the target of the fluency term."""
+    text = torch.cat([prefix.expand(len(ids), -1), ids], 1)
+    return F.log_softmax(base(text)[:, prefix.shape[1] - 1:-1].float(), -1)
+
+
 def lens_losses(lens: ConsistencyLens, batch: Batch, tau: float, weights: dict, fluency_prefix: torch.Tensor,
                 resample_ablation: bool, generator: torch.Generator | None, forward=None
                 ) -> tuple[torch.Tensor, dict, torch.Tensor]:
@@ -398,16 +415,13 @@ def lens_losses(lens: ConsistencyLens, batch: Batch, tau: float, weights: dict, 
     mse = error.pow(2).mean(-1) / lens.mean_square
     patched = reconstruction
     if resample_ablation:  # this Â with another sample's reconstruction error
-        patched = reconstruction + (batch.acts - reconstruction).roll(1, 0)
+        patched = reconstruction + (batch.acts - reconstruction).roll(1, 0).detach()
     kl = kl_from(batch.clean_logprobs, patched_logprobs(base, batch, lens.layer, patched))
     decoder_logprobs = F.log_softmax(decoder_logits, -1)  # [B, t, V]
     ids = tokens.argmax(-1)
     terms = {"kl": kl.mean(), "mse": mse.mean()}
     if weights["alpha"]:
-        with torch.no_grad():  # the original model reading the explanation after a natural prefix
-            text = torch.cat([fluency_prefix.expand(len(ids), -1), ids], 1)
-            prior = F.log_softmax(base(text)[:, fluency_prefix.shape[1] - 1:-1].float(), -1)
-        terms["fluency"] = kl_from(prior, decoder_logprobs).mean()
+        terms["fluency"] = kl_from(fluency_prior(base, fluency_prefix, ids), decoder_logprobs).mean()
     entropy = -(decoder_logprobs.exp() * decoder_logprobs).sum(-1).mean()
     terms["entropy"] = entropy
     loss = (weights["kl_weight"] * terms["kl"] + weights["mse_weight"] * terms["mse"]
@@ -479,15 +493,15 @@ def build_lens(cfg: LensConfig, run: Run) -> ConsistencyLens:
     encoder_ids = prompt_ids(run, cfg.encoder_prompt, "<T>", "encoder_prompt")
     decoder_length = len(decoder_ids[0]) + 1 + len(decoder_ids[1]) + cfg.t_text - 1
     encoder_length = len(encoder_ids[0]) + cfg.t_text + len(encoder_ids[1])
-    fluency_length = len(run.data.encode(cfg.fluency_prefix)) + cfg.t_text
+    fluency_length = len(encode_exactly(run, cfg.fluency_prefix, "fluency_prefix")) + cfg.t_text
     limit = run.cfg.context_len
     for flag, length in (("decoder_prompt", decoder_length), ("encoder_prompt", encoder_length),
                          ("fluency_prefix", fluency_length)):
         if length > limit:
             raise ConfigError(f"--{flag}: with --t_text {cfg.t_text} it makes {length} positions, more than the "
                               f"model's context of {limit}; shorten it or lower --t_text")
-    if not run.data.encode(cfg.fluency_prefix):
-        raise ConfigError(f"--fluency_prefix: {cfg.fluency_prefix!r} has no token in this run's vocabulary")
+    if not cfg.fluency_prefix:
+        raise ConfigError("--fluency_prefix: give the original model some text to read first, e.g. a newline")
     return ConsistencyLens(run.model, layer, encoder_layer, cfg.t_text, decoder_ids, encoder_ids,
                            cfg.patch_all_layers)
 
@@ -500,7 +514,7 @@ def build_optimizers(cfg: LensConfig, named: list[tuple[str, nn.Parameter]], sca
     muon, decay, no_decay = [], [], []
     seen = set()
     for name, p in named:
-        if id(p) in seen:
+        if id(p) in seen or not p.numel():  # an empty soft prompt ("<T> is" has nothing before the text)
             continue
         seen.add(id(p))
         if cfg.use_muon and p.ndim == 2 and (name.startswith("blocks.") or name.endswith(("decoder_in.weight",
@@ -510,11 +524,20 @@ def build_optimizers(cfg: LensConfig, named: list[tuple[str, nn.Parameter]], sca
             decay.append(p)
         else:
             no_decay.append(p)
-    extra = {"unfrozen_at": unfrozen_at}
-    adamw = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay, "initial_lr": cfg.lr * scale, **extra},
-                         {"params": no_decay, "weight_decay": 0.0, "initial_lr": cfg.lr * scale, **extra}) if g["params"]]
-    muon_groups = [{"params": muon, "weight_decay": cfg.weight_decay, "initial_lr": cfg.muon_lr * scale, **extra}] if muon else []
+    adamw = [{"params": params, "kind": "adamw", "decays": decays, "unfrozen_at": unfrozen_at}
+             for params, decays in ((decay, True), (no_decay, False)) if params]
+    muon_groups = [{"params": muon, "kind": "muon", "decays": True, "unfrozen_at": unfrozen_at}] if muon else []
+    for group in adamw + muon_groups:
+        apply_settings(cfg, group)
     return [adamw, muon_groups]
+
+
+def apply_settings(cfg: LensConfig, group: dict) -> None:
+    """A group's peak LR and weight decay from the config (again after loading a checkpoint, so that
+    --lr, --muon_lr, --base_lr_mult and --weight_decay given on resume take effect)."""
+    scale = 1.0 if group["unfrozen_at"] is None else cfg.base_lr_mult
+    group["initial_lr"] = (cfg.lr if group["kind"] == "adamw" else cfg.muon_lr) * scale
+    group["weight_decay"] = cfg.weight_decay if group["decays"] else 0.0
 
 
 class Optimizers:
@@ -562,12 +585,15 @@ class Optimizers:
     def load_state_dict(self, states: list[dict]) -> None:
         for optimizer, state in zip(self.all(), states):
             optimizer.load_state_dict(state)
+            for group in optimizer.param_groups:
+                apply_settings(self.cfg, group)
 
 
 def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
     """DDP's gradient average, by hand: one all-reduce of every gradient flattened together. (DDP
     itself cannot take parameters added mid-run, which an unfrozen base is.)"""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    params = [p for p in params if p.grad is not None]  # the same on every rank: one graph
+    grads = [p.grad for p in params]
     flat = torch.cat([g.flatten().float() for g in grads])
     torch_dist.all_reduce(flat)
     flat /= world_size
@@ -586,7 +612,8 @@ class Data:
         if cfg.source == "dump":
             directory = cfg.dump or default_dump_dir(cfg.run_dir, hook, "train", cfg.positions)
             self.train = DumpSource(directory, cfg.batch_size, run.device, cfg.seed, rank, world)
-            wanted = {"hook": hook, "split": "train", "positions": cfg.positions, "step": run.step}
+            wanted = {"hook": hook, "split": "train", "positions": cfg.positions, "step": run.step,
+                      "checkpoint": os.path.abspath(run.checkpoint_path)}
             for key, value in wanted.items():
                 if self.train.manifest.get(key) != value:
                     raise ConfigError(f"--dump: {directory} holds {key} {self.train.manifest.get(key)!r}, and this "
@@ -604,6 +631,19 @@ def held_out_rows(run: Run, hook: str, positions: str, rows: int, seed: int, dty
     batch = min(rows, 256, available)
     source = TokenSource(run, hook, positions, "val", batch, seed, 0, 1, 0, dtype)
     return source, [source.batch(s) for s in range(max(1, min(rows, available) // batch))]
+
+
+@torch.no_grad()
+def activation_statistics(lens: ConsistencyLens, run: Run, cfg: LensConfig, rows: int = 512) -> None:
+    """E|A|² and E[A] (the MSE's scale and the mean baseline) from the first rows of the train
+    split in a fixed order: the same on every rank, whichever source trains."""
+    hook = f"blocks.{lens.layer}.hook_resid_post"
+    available = int(split_sequences(run, "train", cfg.positions, cfg.max_tokens).mask.sum())
+    sample = TokenSource(run, hook, cfg.positions, "train", min(rows, available), cfg.seed + 2, 0, 1, cfg.max_tokens,
+                         cfg.dtype)
+    acts = sample.batch(0).acts.float()
+    lens.mean_square.copy_(acts.pow(2).mean())
+    lens.mean_act.copy_(acts.mean(0))
 
 
 def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
@@ -626,10 +666,14 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
             if "mean_square" not in checkpoint.get("model", {}):
                 raise CheckpointError(f"{out_dir}/last.pt is not a lens checkpoint; pass another --run_name")
             saved = checkpoint["config"]
-            for key in ("layer", "encoder_layer", "t_text", "decoder_prompt", "encoder_prompt", "patch_all_layers",
-                        "seed", "use_muon", "unfreeze_decoder_step", "unfreeze_encoder_step"):
+            for key in ("t_text", "decoder_prompt", "encoder_prompt", "patch_all_layers", "seed", "use_muon",
+                        "unfreeze_decoder_step", "unfreeze_encoder_step"):
                 if key in explicit and getattr(cfg, key) != saved[key]:
                     raise ConfigError(f"--{key}: a resumed lens keeps its checkpoint's {key} ({saved[key]!r})")
+            for key, now, then in zip(("layer", "encoder_layer"), resolve_layers(cfg, run),
+                                      resolve_layers(LensConfig(**saved), run)):
+                if key in explicit and now != then:
+                    raise ConfigError(f"--{key}: a resumed lens keeps its checkpoint's {key} ({then})")
             if checkpoint["model_step"] != run.step:
                 raise ConfigError(f"--resume: this lens was trained on the model at step {checkpoint['model_step']}, "
                                   f"but {run.checkpoint_path} now holds step {run.step}; start a new lens (--run_name)")
@@ -638,13 +682,15 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
         if taken and checkpoint is None and cfg.resume != "auto":
             raise ConfigError(f"--run_name: {out_dir} already holds a lens; pass another --run_name, or --resume auto "
                               f"to continue it")
-        if cfg.batch_size % dist.world_size:
-            raise ConfigError(f"--batch_size: {cfg.batch_size} rows do not split into {dist.world_size} ranks")
+        if cfg.batch_size % dist.world_size or cfg.batch_size < 2 * dist.world_size:
+            raise ConfigError(f"--batch_size: {cfg.batch_size} rows do not split into {dist.world_size} rank(s) of at "
+                              f"least 2 (the resample ablation pairs each row with another of its rank)")
         dtype = pick_dtype(cfg.dtype, device)
         seed_everything(cfg.seed)
         lens = build_lens(cfg, run)
         data = Data(cfg, run, lens.layer, dist.rank, dist.world_size, cfg.dtype)
-        fluency_prefix = torch.tensor([run.data.encode(cfg.fluency_prefix)], device=device)
+        fluency_prefix = torch.tensor([encode_exactly(run, cfg.fluency_prefix, "fluency_prefix")], device=device)
+        activation_statistics(lens, run, cfg)
         if dist.is_main:
             os.makedirs(out_dir, exist_ok=True)
     except (ConfigError, CheckpointError):
@@ -656,13 +702,6 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
 
-    # ---- statistics of A (the same on every rank: from the first train batches, not the shards)
-    with torch.no_grad():
-        sample = TokenSource(run, f"blocks.{lens.layer}.hook_resid_post", cfg.positions, "train",
-                             min(1024, data.train.num_rows), cfg.seed + 2, 0, 1, cfg.max_tokens, cfg.dtype)
-        rows = sample.batch(0).acts.float()
-        lens.mean_square.copy_(rows.pow(2).mean())
-        lens.mean_act.copy_(rows.mean(0))
     eval_batches = [prepare(run.model, lens.layer, data.held_out.tokens[b.sequence.cpu()], b.position, b.acts,
                             device, dtype) for b in data.eval_rows]
     schedules = {name: cfg.schedule(name) for name in ("tau", "kl_weight", "mse_weight", "alpha", "entropy_weight")}
@@ -680,14 +719,16 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
 
     if checkpoint is not None:
         step, elapsed_before = checkpoint["step"], checkpoint["elapsed_seconds"]
-        for part in ("decoder", "encoder"):  # the copies first, so that their weights and optimizer groups have a place
+        # The copies first, so that their weights and optimizer groups have a place, in the order the
+        # run made them (optimizer states line up by position, and the two copies have one shape).
+        for part in sorted(("decoder", "encoder"), key=lambda part: getattr(cfg, f"unfreeze_{part}_step")):
             if any(k.startswith(f"{part}_base.") for k in checkpoint["model"]):
                 optimizers.add_base(lens.unfreeze(part), getattr(cfg, f"unfreeze_{part}_step"))
         lens.load_state_dict(checkpoint["model"])
         optimizers.load_state_dict(checkpoint["optimizers"])
         if len(checkpoint["rng"]) == dist.world_size:
             set_rng_state(checkpoint["rng"][dist.rank])
-    trainable = lambda: [p for p in lens.parameters() if p.requires_grad]  # noqa: E731 (grows when a base unfreezes)
+    trainable = lambda: [p for p in lens.parameters() if p.requires_grad and p.numel()]  # noqa: E731 (grows when a base unfreezes)
 
     count = sum(p.numel() for p in trainable())
     log.info(f"consistency lens on blocks.{lens.layer}.hook_resid_post of {cfg.run_dir} "
@@ -730,27 +771,35 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
     contexts = [show_context(run, data.held_out.tokens[s], p) for s, p in examples]
 
     def run_eval(tau: float) -> dict:
-        metrics, explanations = evaluate(lens, eval_batches)
-        if dist.is_main:
+        with autocast(device, dtype):  # as the held-out batches' reference was computed
+            metrics, explanations = evaluate(lens, eval_batches)
+        if dist.is_main and cfg.examples:
             texts = [run.data.decode(ids.tolist()) for ids in explanations[0][:cfg.examples]]
             with open(explanations_path, "a") as f:
                 f.write(json.dumps({"step": step, "tau": tau, "contexts": contexts, "explanations": texts}) + "\n")
         return metrics
 
     def save() -> None:
-        rng = gather_objects(rng_state())
+        rng, windows = gather_objects(rng_state()), gather_objects(dict(window))
         if dist.is_main:
             save_checkpoint({"model": lens.state_dict(), "optimizers": optimizers.state_dict(), "step": step,
                              "rng": rng, "config": cfg.to_dict(),
                              "elapsed_seconds": elapsed_before + time.perf_counter() - t0,
                              "wandb_id": wandb_run.id if wandb_run is not None else None,
-                             "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step},
+                             "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step,
+                             "window": windows},
                             os.path.join(out_dir, "last.pt"))
 
     # ---- the loop
     t0 = time.perf_counter()
+    # Sums since the last log line, per term with its own row count (a term switched off part-way,
+    # such as fluency at alpha 0, is averaged over the steps that had it). A resumed run carries
+    # them over from the checkpoint, so its next line averages the same steps as an unbroken run's.
     keys = ("loss", "kl", "mse", "fluency", "entropy")
-    window, window_steps, window_start = dict.fromkeys(keys + ("rows",), 0.0), 0, time.perf_counter()
+    window = dict.fromkeys(keys + tuple(f"{k}_rows" for k in keys), 0.0)
+    if checkpoint is not None and len(checkpoint["window"]) == dist.world_size:
+        window = checkpoint["window"][dist.rank]
+    timed_steps, window_start = 0, time.perf_counter()  # for ms/step: the steps this process ran
     last_eval, interrupted = {}, 0
     with StopSignals() as signals:
         while step < cfg.max_steps:
@@ -761,7 +810,10 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
             contexts_tokens = data.train.tokens[rows.sequence.cpu()]
             batch = prepare(run.model, lens.layer, contexts_tokens, rows.position, rows.acts, device, dtype)
             # Gumbel noise from (seed, step, rank): a resumed lens draws what it would have drawn.
-            generator = torch.Generator(device=device).manual_seed(_step_seed(cfg.seed, 31, step * dist.world_size + dist.rank))
+            generator = None
+            if cfg.gumbel_noise:
+                generator = torch.Generator(device=device).manual_seed(
+                    _step_seed(cfg.seed, 31, step * dist.world_size + dist.rank))
             with autocast(device, dtype):
                 loss, parts, _ = lens_losses(lens, batch, weights["tau"], weights, fluency_prefix,
                                              cfg.resample_ablation, generator)
@@ -772,22 +824,21 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf")))
             optimizers.step()
             step += 1
-            window_steps += 1
-            window["loss"] += float(loss.detach()) * len(batch.acts)
-            for key, value in parts.items():
+            timed_steps += 1
+            for key, value in (("loss", float(loss.detach())), *parts.items()):
                 window[key] += value * len(batch.acts)
-            window["rows"] += len(batch.acts)
+                window[f"{key}_rows"] += len(batch.acts)
 
             log_due = step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps
             record = {}
             if log_due:
                 sums = all_reduce_sum(window, device)
                 seconds = time.perf_counter() - window_start
-                n = max(sums["rows"], 1)
-                record = {"step": step, **{f"train_{k}": sums[k] / n for k in keys if k in parts or k == "loss"},
+                record = {"step": step, **{f"train_{k}": sums[k] / sums[f"{k}_rows"] for k in keys if sums[f"{k}_rows"]},
                           "tau": weights["tau"], "lr": lr, "grad_norm": grad_norm,
-                          "ms_per_step": 1000 * seconds / window_steps, "rows_per_sec": sums["rows"] / seconds}
-                eta = (cfg.max_steps - step) * seconds / window_steps
+                          "ms_per_step": 1000 * seconds / timed_steps,
+                          "rows_per_sec": timed_steps * cfg.batch_size / seconds}
+                eta = (cfg.max_steps - step) * seconds / timed_steps
                 log.info(f"step {step:>6}/{cfg.max_steps} | loss {record['train_loss']:.4f} | kl {record['train_kl']:.4f} | "
                          f"mse {record['train_mse']:.4f}"
                          + (f" | fluency {record['train_fluency']:.3f}" if "train_fluency" in record else "")
@@ -805,7 +856,7 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
                 record["elapsed_seconds"] = round(elapsed_before + time.perf_counter() - t0, 3)
                 write(record)
             if log_due:
-                window, window_steps, window_start = dict.fromkeys(window, 0.0), 0, time.perf_counter()
+                window, timed_steps, window_start = dict.fromkeys(window, 0.0), 0, time.perf_counter()
             if cfg.save_every and step % cfg.save_every == 0:
                 save()
             signum = max_over_ranks(signals.received, dist)
@@ -940,7 +991,8 @@ def eval_report(lens_path: str, rows: int = 2048, examples: int = 16) -> tuple[s
                                   cfg.dtype)
     batches = [prepare(run.model, lens.layer, source.tokens[b.sequence.cpu()], b.position, b.acts, run.device, dtype)
                for b in parts]
-    metrics, explanations = evaluate(lens, batches)
+    with autocast(run.device, dtype):
+        metrics, explanations = evaluate(lens, batches)
     lines = [f"# Consistency lens {os.path.basename(os.path.normpath(directory))}", "",
              f"`blocks.{lens.layer}.hook_resid_post` of `{cfg.run_dir}` (model step {run.step}); "
              f"{cfg.t_text}-token explanations, greedy; {sum(len(b.acts) for b in batches):,} held-out activations "
