@@ -419,10 +419,15 @@ class TokenSource(_RowOrder):
         if self.num_rows < batch_size:
             raise ConfigError(f"--batch_size: {batch_size} is more than the {self.num_rows} rows of the {split} split")
 
+    def locate(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sequence, position) [B] of this rank's rows for `step`, on the CPU: the batch without its
+        activations, for a caller that runs the model on these contexts anyway."""
+        where = self.where[self.indices(step)]
+        return where[:, 0], where[:, 1]
+
     @torch.no_grad()
     def batch(self, step: int) -> ActivationBatch:
-        where = self.where[self.indices(step)]
-        sequence, position = where[:, 0], where[:, 1]
+        sequence, position = self.locate(step)
         unique, inverse = sequence.unique(return_inverse=True)
         tokens = self.tokens[unique, :int(position.max()) + 1].to(self.device)
         with autocast(self.device, self.dtype):

@@ -218,16 +218,17 @@ class Schedule:
 
 
 def run_blocks(model: Transformer, x: torch.Tensor, blocks: range, slot: int | None = None,
-               slot_value: torch.Tensor | None = None) -> torch.Tensor:
+               slot_value: torch.Tensor | None = None, caches: list[dict] | None = None, start: int = 0) -> torch.Tensor:
     """x [B, T, D] (embeddings, positions not yet added when blocks start at 0) through `blocks` of
     the model: the fast attention path (no hooks). With slot_value [B, D], position `slot` of the
-    residual stream is set to it before every block after the first."""
+    residual stream is set to it before every block after the first. With caches (one dict per
+    block, {} at first), x holds positions start.. and attends to the cached ones before them."""
     if blocks.start == 0:
-        x = x + model.pos_embed.weight[: x.shape[1]]
+        x = x + model.pos_embed.weight[start:start + x.shape[1]]
     for i in blocks:
         if slot_value is not None and i > 0:
             x = torch.cat([x[:, :slot], slot_value[:, None].to(x.dtype), x[:, slot + 1:]], 1)
-        x = model.blocks[i](x)
+        x = model.blocks[i](x, cache=None if caches is None else caches[i])
     return x
 
 
@@ -308,16 +309,22 @@ class ConsistencyLens(nn.Module):
             slot_value = self.decoder_in(acts.float())
         x = torch.cat([self.decoder_left.expand(B, -1, -1), slot_value[:, None], self.decoder_right.expand(B, -1, -1)], 1)
         slot = self.decoder_left.shape[0]
+        # The prompt once, then one position per token, each attending to the keys and values cached
+        # before it (gradients flow through the cache). The slot is in the prompt, so patching it
+        # at every layer happens in the first pass.
+        caches = [{} for _ in model.blocks]
+        h = run_blocks(model, x, range(len(model.blocks)), slot, slot_value if self.patch_all_layers else None, caches)
+        position = x.shape[1]
         tokens, all_logits = [], []
-        for _ in range(self.t_text):
-            # The whole sequence again for every token (no KV cache): t_text is short, and this
-            # keeps the decoder the base model's own forward.
-            h = run_blocks(model, x, range(len(model.blocks)), slot, slot_value if self.patch_all_layers else None)
+        for k in range(self.t_text):
             logits = logits_at(model, h[:, -1])
             one_hot = gumbel_straight_through(logits, tau, generator)
             tokens.append(one_hot)
             all_logits.append(logits)
-            x = torch.cat([x, (one_hot.to(model.embed.weight.dtype) @ model.embed.weight)[:, None].to(x.dtype)], 1)
+            if k + 1 < self.t_text:
+                embedded = (one_hot.to(model.embed.weight.dtype) @ model.embed.weight)[:, None]
+                h = run_blocks(model, embedded, range(len(model.blocks)), caches=caches, start=position)
+                position += 1
         return torch.stack(tokens, 1), torch.stack(all_logits, 1)
 
     def reconstruct(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -367,15 +374,18 @@ class Batch:
 
 
 @torch.no_grad()
-def prepare(base: Transformer, layer: int, contexts: torch.Tensor, position: torch.Tensor, acts: torch.Tensor,
-            device, dtype) -> Batch:
+def prepare(base: Transformer, layer: int, contexts: torch.Tensor, position: torch.Tensor,
+            acts: torch.Tensor | None, device, dtype) -> Batch:
     """The original model's view of a batch: its residual stream after `layer`, and its next-token
     distribution at each activation's position with A itself patched in there: the same path (and
     precision) that Â takes, so that Â = A gives a KL of exactly 0, whether A came from a dump or
-    from this forward pass."""
+    from this forward pass (acts None: A is read from it)."""
     tokens = contexts[:, :int(position.max()) + 1].to(device)
+    position = position.to(device)
     with autocast(device, dtype):
         resid = run_blocks(base, base.embed(tokens), range(layer + 1))
+        if acts is None:
+            acts = resid[torch.arange(len(tokens), device=device), position]
         batch = Batch(tokens, position, acts.float(), resid, None)
         batch.clean_logprobs = patched_logprobs(base, batch, layer, batch.acts)
     return batch
@@ -806,9 +816,13 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
             unfreeze_due(step)
             lr = optimizers.set_lr(step)
             weights = {name: schedule(step) for name, schedule in schedules.items()}
-            rows = data.train.batch(step)
-            contexts_tokens = data.train.tokens[rows.sequence.cpu()]
-            batch = prepare(run.model, lens.layer, contexts_tokens, rows.position, rows.acts, device, dtype)
+            if isinstance(data.train, TokenSource):  # A from the forward pass prepare runs anyway
+                sequence, position = data.train.locate(step)
+                acts = None
+            else:
+                rows = data.train.batch(step)
+                sequence, position, acts = rows.sequence.cpu(), rows.position, rows.acts
+            batch = prepare(run.model, lens.layer, data.train.tokens[sequence], position, acts, device, dtype)
             # Gumbel noise from (seed, step, rank): a resumed lens draws what it would have drawn.
             generator = None
             if cfg.gumbel_noise:

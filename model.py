@@ -89,11 +89,13 @@ class Attention(nn.Module):
     def _hook(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return _run_hooks(self.hooks, self.prefix + name, x) if self.hooks else x
 
-    def forward(self, x, last_positions: int | None = None):
+    def forward(self, x, last_positions: int | None = None, cache: dict | None = None):
         B, T, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
         if last_positions:
             return self._last_queries(x, last_positions)
+        if cache is not None:
+            return self._cached(x, cache)
         q, k, v = self.qkv(x).view(B, T, 3, H, Dh).unbind(dim=2)
         q = self._hook("hook_q", q)  # [B, T, H, Dh]
         k = self._hook("hook_k", k)  # [B, T, H, Dh]
@@ -114,6 +116,25 @@ class Attention(nn.Module):
                                                attn_mask=mask, dropout_p=dropout)
         z = self._hook("hook_z", z.transpose(1, 2))  # [B, T, H, Dh]
         return self.out(z.reshape(B, T, H * Dh))
+
+    def _cached(self, x, cache: dict):
+        """Attention for new positions x [B, n, D] that follow the positions whose keys and values
+        `cache` holds ({} at the start); appends theirs to it. Gradients flow through the cache. The
+        fast path only: hooks see nothing here (callers use it with none attached)."""
+        B, n, _ = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, n, 3, H, Dh).transpose(1, 3).unbind(dim=2)  # [B, H, n, Dh] each
+        if cache:
+            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+        cache["k"], cache["v"] = k, v
+        T = k.shape[2]
+        mask = self._causal_bias(T, q, n).expand(H, n, T)  # the new queries are the last n of T positions
+        if self.sink is not None:
+            zeros = q.new_zeros(B, H, 1, Dh)
+            k, v = torch.cat([k, zeros], 2), torch.cat([v, zeros], 2)
+            mask = torch.cat([mask, self.sink.to(q.dtype).view(H, 1, 1).expand(H, n, 1)], -1)
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(z.transpose(1, 2).reshape(B, n, H * Dh))
 
     @staticmethod
     def _causal_bias(T: int, like: torch.Tensor, queries: int | None = None) -> torch.Tensor:
@@ -209,9 +230,10 @@ class Block(nn.Module):
     def _hook(self, name, x):
         return _run_hooks(self.hooks, self.prefix + name, x) if self.hooks else x
 
-    def forward(self, x, last_positions: int | None = None):
+    def forward(self, x, last_positions: int | None = None, cache: dict | None = None):
+        """cache: this block's keys and values of the positions before x (see Attention._cached)."""
         x = self._hook("hook_resid_pre", x)  # [B, T, D]
-        attn_out = self._hook("hook_attn_out", self.dropout(self.attn(self.ln1(x), last_positions)))  # [B, T, D]
+        attn_out = self._hook("hook_attn_out", self.dropout(self.attn(self.ln1(x), last_positions, cache)))  # [B, T, D]
         if last_positions:
             x = x[:, -last_positions:]
         if self.mlp is None:

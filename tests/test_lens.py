@@ -101,6 +101,23 @@ def test_gradients_reach_the_decoder_prompt_only_through_the_encoder(text_run):
     assert lens.decoder_left.grad is None
 
 
+@pytest.mark.parametrize("patch_all_layers", [False, True])
+def test_the_decoder_writes_what_the_model_would_read_back(text_run, patch_all_layers):
+    # The decoder feeds each token back through a key-value cache; the logits before token k are the
+    # model's on the whole sequence so far (prompt, slot, tokens 0..k-1) run from scratch.
+    extra = ["--patch_all_layers"] if patch_all_layers else []
+    cfg, run, lens = quick_lens(text_run, *extra)
+    acts = a_batch(run, lens, size=5).acts
+    tokens, logits = lens.explain(acts, 0.5, torch.Generator().manual_seed(3))
+    model, blocks = run.model, range(len(run.model.blocks))
+    slot_value = lens.decoder_in(acts)
+    prompt = torch.cat([lens.decoder_left.expand(5, -1, -1), slot_value[:, None], lens.decoder_right.expand(5, -1, -1)], 1)
+    for k in range(lens.t_text):
+        x = torch.cat([prompt, tokens[:, :k] @ model.embed.weight], 1)
+        h = lens_module.run_blocks(model, x, blocks, len(lens.decoder_left), slot_value if patch_all_layers else None)
+        torch.testing.assert_close(logits[:, k], lens_module.logits_at(model, h[:, -1]), rtol=1e-4, atol=1e-4)
+
+
 def test_the_base_stays_frozen_and_is_shared(text_run):
     cfg, run, lens = quick_lens(text_run)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}

@@ -97,6 +97,25 @@ def test_last_positions_gives_the_same_logits(sink):
         assert torch.allclose(model(x, last_positions=n), full[:, -n:], atol=1e-5)
 
 
+@pytest.mark.parametrize("sink", [False, True])
+def test_blocks_with_a_key_value_cache_give_the_full_forward(sink):
+    # Positions fed in pieces (a prompt, then one or two at a time), each attending to the cached keys
+    # and values before it: the residual stream the whole sequence gives at once.
+    model = make(attention_sink=sink, norm="layernorm")
+    x = model.embed(tokens()) + model.pos_embed.weight[:T]
+    full = x
+    for block in model.blocks:
+        full = block(full)
+    caches, pieces = [{} for _ in model.blocks], []
+    for start, stop in ((0, 3), (3, 4), (4, 6), (6, 7)):
+        h = x[:, start:stop]
+        for block, cache in zip(model.blocks, caches):
+            h = block(h, cache=cache)
+        pieces.append(h)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
+    assert caches[0]["k"].shape == (B, 4, T, 8)
+
+
 def test_model_with_loss_is_the_summed_loss_and_count_over_supervised_targets():
     """What train.py's loop (and torch.compile) gets: loss and correct predictions, ignored targets out."""
     model = make()
