@@ -32,6 +32,20 @@ SMALL_CORPUS = (
 )
 
 
+def pytest_addoption(parser):
+    parser.addoption("--extended", action="store_true",
+                     help="also run the tests marked extended (long, and covered in part by others)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--extended"):
+        return
+    skip = pytest.mark.skip(reason="extended: run with `pytest --extended`")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def corpus(tmp_path):
     """A few kilobytes of play-like text in a file of its own."""

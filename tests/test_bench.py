@@ -58,6 +58,7 @@ def test_hooks_bench_reports_both_ratios():
     assert re.search(r"grokking +eager +run_with_cache \(all\) / forward +[\d.]+ +[\d.]+ +[\d.]+ +<= 1.5", out), out
 
 
+@pytest.mark.extended
 def test_throughput_bench_times_both_loops_and_the_loader():
     out = bench("throughput.py", "--configs", "shakespeare_char", "--compile", "off", "--batch_size", "1",
                 "--steps", "1", "--warmup", "0", "--loader_batches", "3")
@@ -67,6 +68,7 @@ def test_throughput_bench_times_both_loops_and_the_loader():
     assert re.search(r"data loader .*: [\d,]+ tokens/s", out), out
 
 
+@pytest.mark.extended
 def test_shakespeare_bench_compares_recipes_on_one_clock(corpus, tmp_path):
     out = bench("shakespeare.py", "--data_path", str(corpus), "--compile", "false", "--eval_every", "5",
                 "--target", "9", "--out", str(tmp_path / "out"),
@@ -84,6 +86,7 @@ def test_shakespeare_bench_names_a_missing_corpus(tmp_path):
     assert result.returncode == 2 and "--data_path" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.extended
 def test_ddp_bench_shows_per_rank_throughput_and_all_reduce_during_backward():
     out = bench("ddp.py", "--config", "small", "--steps", "1", "--warmup", "2", "--overlap_reps", "1")
     for row in ("single process", r"DDP \(gloo\), mean of ranks"):

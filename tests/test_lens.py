@@ -17,7 +17,7 @@ import torch
 import lens as lens_module
 from activations import DumpSettings, DumpSource, TokenSource, dump, load_run
 from config import ConfigError
-from conftest import ROOT, run_torchrun, write_corpus
+from conftest import ROOT, logged_steps, run_torchrun, wait_until, write_corpus
 from lens import LensConfig, Schedule, build_lens, lens_losses, prepare
 from utils import read_metrics
 
@@ -265,6 +265,30 @@ def test_a_lens_of_a_itself_scores_zero_and_the_baselines_do_not(text_run):
     assert metrics["val_kl"] == 0.0 and metrics["val_mse"] == 0.0 and metrics["val_fve"] == 1.0
     assert metrics["val_kl_mean"] > 0.01 and metrics["val_kl_random"] > metrics["val_kl_mean"] / 2
     assert 0.1 < metrics["val_mse_mean"] < metrics["val_mse_random"]
+
+
+def test_sigterm_saves_and_the_same_command_resumes_in_one_wandb_run(tmp_path, text_run):
+    # The command train.slurm runs for TINYLAB_PROGRAM=lens.py: its --run_name and --resume auto first.
+    lens_dir = os.path.join(text_run, "lens", "preempted")
+    command = [sys.executable, os.path.join(ROOT, "lens.py"), "--run_name", "preempted", "--resume", "auto",
+               text_run, *QUICK, "--max_steps", "150", "--eval_every", "75", "--log_every", "1", "--wandb_enabled"]
+    environment = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    process = subprocess.Popen(command, cwd=str(tmp_path), env=environment, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: logged_steps(lens_dir), 120, "the first logged step", process)
+    process.send_signal(signal.SIGTERM)  # what train.slurm's warning becomes (scancel --signal=TERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    stopped_at = torch.load(os.path.join(lens_dir, "last.pt"), weights_only=True)["step"]
+    assert 1 <= stopped_at < 150 and f"stopping after step {stopped_at}" in stdout and "Traceback" not in stderr
+
+    resumed = subprocess.run(command, cwd=str(tmp_path), env=environment, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed at step {stopped_at}" in resumed.stdout
+    assert logged_steps(lens_dir) == list(range(1, 151))
+    wandb_id = torch.load(os.path.join(lens_dir, "last.pt"), weights_only=True)["wandb_id"]
+    attempts = [d for d in os.listdir(os.path.join(lens_dir, "wandb")) if d.startswith("offline-run-")]
+    assert len(attempts) == 2 and all(d.endswith(f"-{wandb_id}") for d in attempts)
 
 
 def test_schedules():

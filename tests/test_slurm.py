@@ -34,7 +34,7 @@ def slurm(tmp_path_factory):
 
 
 def submit(cluster: SlurmCluster, work_dir, job_name: str, train_args: list[str], processes: int = 1,
-           program: str = "train.py") -> str:
+           program: str = "train.py", extra_env: dict | None = None) -> str:
     """`sbatch train.slurm ARGS` from work_dir, the way a user would, on CPU with this venv's python."""
     (work_dir / "logs").mkdir(exist_ok=True)  # Slurm does not create the --output directory
     env = {
@@ -46,6 +46,7 @@ def submit(cluster: SlurmCluster, work_dir, job_name: str, train_args: list[str]
         # The script's default port comes from the job id, and another test session's cluster numbers
         # its jobs from 1 too.
         "RDZV_PORT": str(free_port()),
+        **(extra_env or {}),
     }
     return cluster.sbatch(["--job-name", job_name, "--gpus-per-node=0", "--cpus-per-task=1", "--time=30", SCRIPT, *train_args],
                           cwd=work_dir, env=env)
@@ -144,16 +145,18 @@ def test_failed_or_cancelled_jobs_are_not_requeued(slurm, tmp_path):
     assert slurm.state(failing) == "FAILED" and slurm.state(cancelled) == "CANCELLED"
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # tests/test_lens.py stops and resumes lens.py with train.slurm's flags, without Slurm
 @requires_slurm
 def test_a_consistency_lens_is_requeued_and_resumes_under_train_slurm(slurm, tmp_path, trained_runs):
     """TINYLAB_PROGRAM=lens.py: the warning signal makes the lens save, the job requeues, and the
-    second attempt continues the same lens directory to the end. About half a minute."""
+    second attempt continues the same lens directory, and the same W&B run, to the end. About half
+    a minute."""
     run_dir = trained_runs["text"]
     args = [run_dir, "--decoder_prompt", "of <A>:", "--encoder_prompt", "<T> is", "--t_text", "4",
             "--batch_size", "16", "--eval_rows", "64", "--max_steps", "400", "--eval_every", "200",
-            "--log_every", "1", "--save_every", "0"]
-    job = submit(slurm, tmp_path, "lens", args, program="lens.py")
+            "--log_every", "1", "--save_every", "0", "--wandb_enabled"]
+    job = submit(slurm, tmp_path, "lens", args, program="lens.py",
+                 extra_env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     lens_dir = os.path.join(run_dir, "lens", f"lens-{job}")
     slurm.wait_until(lambda: any(r["step"] >= 3 for r in run_metrics(lens_dir)), timeout=180,
                      what="the lens to log step 3", job_id=job)
@@ -165,3 +168,6 @@ def test_a_consistency_lens_is_requeued_and_resumes_under_train_slurm(slurm, tmp
     assert len(resumed_at) == 1 and 3 <= resumed_at[0] < 400, log
     assert checkpoint(os.path.join(lens_dir, "last.pt"))["step"] == 400
     assert [r["step"] for r in run_metrics(lens_dir)] == list(range(1, 401))
+    wandb_id = checkpoint(os.path.join(lens_dir, "last.pt"))["wandb_id"]
+    attempts = [d for d in os.listdir(os.path.join(lens_dir, "wandb")) if d.startswith("offline-run-")]
+    assert len(attempts) == 2 and all(d.endswith(f"-{wandb_id}") for d in attempts)
