@@ -613,34 +613,35 @@ def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
         offset += g.numel()
 
 
-class Data:
-    """Train batches (dump or on the fly), held-out batches from the val split, and the contexts
-    each row came from."""
-
-    def __init__(self, cfg: LensConfig, run: Run, layer: int, rank: int, world: int, dtype: str):
-        hook = f"blocks.{layer}.hook_resid_post"
-        if cfg.source == "dump":
-            directory = cfg.dump or default_dump_dir(cfg.run_dir, hook, "train", cfg.positions)
-            self.train = DumpSource(directory, cfg.batch_size, run.device, cfg.seed, rank, world)
-            wanted = {"hook": hook, "split": "train", "positions": cfg.positions, "step": run.step,
-                      "checkpoint": os.path.abspath(run.checkpoint_path)}
-            for key, value in wanted.items():
-                if self.train.manifest.get(key) != value:
-                    raise ConfigError(f"--dump: {directory} holds {key} {self.train.manifest.get(key)!r}, and this "
-                                      f"lens needs {value!r}; dump it with `python activations.py dump {cfg.run_dir} "
-                                      f"--hook {hook} --positions {cfg.positions}`")
-        else:
-            self.train = TokenSource(run, hook, cfg.positions, "train", cfg.batch_size, cfg.seed, rank, world,
-                                     cfg.max_tokens, dtype)
-        self.held_out, self.eval_rows = held_out_rows(run, hook, cfg.positions, cfg.eval_rows, cfg.seed + 1, dtype)
+def train_source(cfg: LensConfig, run: Run, layer: int, rank: int, world: int):
+    """The train batches: a dump's, or the same computed on the fly."""
+    hook = f"blocks.{layer}.hook_resid_post"
+    if cfg.source == "live":
+        return TokenSource(run, hook, cfg.positions, "train", cfg.batch_size, cfg.seed, rank, world, cfg.max_tokens,
+                           cfg.dtype)
+    directory = cfg.dump or default_dump_dir(cfg.run_dir, hook, "train", cfg.positions)
+    source = DumpSource(directory, cfg.batch_size, run.device, cfg.seed, rank, world)
+    wanted = {"hook": hook, "split": "train", "positions": cfg.positions, "step": run.step,
+              "checkpoint": os.path.abspath(run.checkpoint_path)}
+    for key, value in wanted.items():
+        if source.manifest.get(key) != value:
+            raise ConfigError(f"--dump: {directory} holds {key} {source.manifest.get(key)!r}, and this lens needs "
+                              f"{value!r}; dump it with `python activations.py dump {cfg.run_dir} --hook {hook} "
+                              f"--positions {cfg.positions}`")
+    return source
 
 
-def held_out_rows(run: Run, hook: str, positions: str, rows: int, seed: int, dtype: str):
-    """(the val split's TokenSource, its first batches: about `rows` activations, none twice)."""
+def held_out(run: Run, layer: int, positions: str, rows: int, seed: int, dtype: str
+             ) -> tuple[TokenSource, list[tuple[torch.Tensor, torch.Tensor]], list[Batch]]:
+    """About `rows` activations of the val split, none twice, in a fixed order: (their source,
+    each batch's (sequence, position), the prepared batches)."""
     available = int(split_sequences(run, "val", positions).mask.sum())
-    batch = min(rows, 256, available)
-    source = TokenSource(run, hook, positions, "val", batch, seed, 0, 1, 0, dtype)
-    return source, [source.batch(s) for s in range(max(1, min(rows, available) // batch))]
+    size = min(rows, 256, available)
+    source = TokenSource(run, f"blocks.{layer}.hook_resid_post", positions, "val", size, seed, 0, 1, 0, dtype)
+    located = [source.locate(s) for s in range(max(1, min(rows, available) // size))]
+    batches = [prepare(run.model, layer, source.tokens[sequence], position, None, run.device,
+                       pick_dtype(dtype, run.device)) for sequence, position in located]
+    return source, located, batches
 
 
 @torch.no_grad()
@@ -698,7 +699,9 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
         dtype = pick_dtype(cfg.dtype, device)
         seed_everything(cfg.seed)
         lens = build_lens(cfg, run)
-        data = Data(cfg, run, lens.layer, dist.rank, dist.world_size, cfg.dtype)
+        source = train_source(cfg, run, lens.layer, dist.rank, dist.world_size)
+        held_out_source, located, eval_batches = held_out(run, lens.layer, cfg.positions, cfg.eval_rows,
+                                                           cfg.seed + 1, cfg.dtype)
         fluency_prefix = torch.tensor([encode_exactly(run, cfg.fluency_prefix, "fluency_prefix")], device=device)
         activation_statistics(lens, run, cfg)
         if dist.is_main:
@@ -712,8 +715,6 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
 
-    eval_batches = [prepare(run.model, lens.layer, data.held_out.tokens[b.sequence.cpu()], b.position, b.acts,
-                            device, dtype) for b in data.eval_rows]
     schedules = {name: cfg.schedule(name) for name in ("tau", "kl_weight", "mse_weight", "alpha", "entropy_weight")}
     optimizers = Optimizers(cfg, lens)
     step, elapsed_before = 0, 0.0
@@ -747,7 +748,7 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
     log.info(f"d={lens.mean_act.numel()} | {count:,} trainable parameters (base frozen and shared) | "
              f"decoder prompt {len(lens.decoder_left) + 1 + len(lens.decoder_right)} positions, encoder prompt "
              f"{len(lens.encoder_left) + len(lens.encoder_right)} + {cfg.t_text} | {cfg.source} source, "
-             f"{data.train.num_rows:,} train activations | {cfg.batch_size}/step on {dist.world_size} rank(s) | "
+             f"{source.num_rows:,} train activations | {cfg.batch_size}/step on {dist.world_size} rank(s) | "
              f"eval on {sum(len(b.acts) for b in eval_batches):,} val activations | dtype {dtype}"
              + (f" | resumed at step {step}" if checkpoint is not None else ""))
 
@@ -776,9 +777,8 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
                     log.warning(f"warning: W&B logging failed ({type(e).__name__}: {e}); going on without W&B")
                     wandb_run = None
 
-    examples = [(int(s), int(p)) for s, p in zip(data.eval_rows[0].sequence.tolist()[:cfg.examples],
-                                                  data.eval_rows[0].position.tolist()[:cfg.examples])]
-    contexts = [show_context(run, data.held_out.tokens[s], p) for s, p in examples]
+    contexts = [show_context(run, held_out_source.tokens[s], p)
+                for s, p in zip(*(column[:cfg.examples].tolist() for column in located[0]))]
 
     def run_eval(tau: float) -> dict:
         with autocast(device, dtype):  # as the held-out batches' reference was computed
@@ -816,13 +816,13 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
             unfreeze_due(step)
             lr = optimizers.set_lr(step)
             weights = {name: schedule(step) for name, schedule in schedules.items()}
-            if isinstance(data.train, TokenSource):  # A from the forward pass prepare runs anyway
-                sequence, position = data.train.locate(step)
+            if isinstance(source, TokenSource):  # A from the forward pass prepare runs anyway
+                sequence, position = source.locate(step)
                 acts = None
             else:
-                rows = data.train.batch(step)
+                rows = source.batch(step)
                 sequence, position, acts = rows.sequence.cpu(), rows.position, rows.acts
-            batch = prepare(run.model, lens.layer, data.train.tokens[sequence], position, acts, device, dtype)
+            batch = prepare(run.model, lens.layer, source.tokens[sequence], position, acts, device, dtype)
             # Gumbel noise from (seed, step, rank): a resumed lens draws what it would have drawn.
             generator = None
             if cfg.gumbel_noise:
@@ -953,7 +953,7 @@ def plot_explanations(path: str, out_path: str, evals: int = 8) -> str | None:
     picks = sorted({round(i * (len(records) - 1) / max(1, count - 1)) for i in range(count)})
     records = [records[i] for i in picks]
     columns = len(records[0]["contexts"])
-    fig = Figure(figsize=(2.6 * columns + 1.5, 0.45 * (len(records) + 1) + 0.8))
+    fig = Figure(figsize=(2.6 * columns + 1.5, 0.3 * (len(records) + 1) + 0.6))
     ax = fig.subplots()
     ax.axis("off")
     cells = [[repr(text)[1:-1] for text in r["explanations"]] for r in records]
@@ -963,8 +963,7 @@ def plot_explanations(path: str, out_path: str, evals: int = 8) -> str | None:
     table.set_fontsize(7)
     ax.set_title("explanations of held-out activations as tau anneals (greedy decoding; column: the context's end)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
+    fig.savefig(out_path, dpi=110, bbox_inches="tight")
     return out_path
 
 
@@ -1001,10 +1000,7 @@ def eval_report(lens_path: str, rows: int = 2048, examples: int = 16) -> tuple[s
     out = os.path.join(directory, "eval")
     os.makedirs(out, exist_ok=True)
     dtype = pick_dtype(cfg.dtype, run.device)
-    source, parts = held_out_rows(run, f"blocks.{lens.layer}.hook_resid_post", cfg.positions, rows, cfg.seed + 1,
-                                  cfg.dtype)
-    batches = [prepare(run.model, lens.layer, source.tokens[b.sequence.cpu()], b.position, b.acts, run.device, dtype)
-               for b in parts]
+    source, located, batches = held_out(run, lens.layer, cfg.positions, rows, cfg.seed + 1, cfg.dtype)
     with autocast(run.device, dtype):
         metrics, explanations = evaluate(lens, batches)
     lines = [f"# Consistency lens {os.path.basename(os.path.normpath(directory))}", "",
@@ -1017,8 +1013,8 @@ def eval_report(lens_path: str, rows: int = 2048, examples: int = 16) -> tuple[s
              "", f"Fraction of variance explained by Â: **{metrics['val_fve']:.4f}**.", "",
              "## Example explanations", "", "| context (⟦the activation's token⟧) | explanation |", "| --- | --- |"]
     shown = 0
-    for part, ids in zip(parts, explanations):
-        for s, p, text in zip(part.sequence.tolist(), part.position.tolist(), ids.tolist()):
+    for (sequence, position), ids in zip(located, explanations):
+        for s, p, text in zip(sequence.tolist(), position.tolist(), ids.tolist()):
             if shown == examples:
                 break
             context = show_context(run, source.tokens[s], p).replace("|", "\\|").replace("\n", "↵")
