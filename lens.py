@@ -59,7 +59,8 @@ from data import _step_seed
 from model import Transformer
 from optimizer import Muon, lr_multiplier
 from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file, autocast, broadcast_object,
-                   close_logging, format_duration, gather_objects, load_checkpoint, load_env_files, max_over_ranks, pick_device,
+                   close_logging, format_duration, gather_objects, load_checkpoint, load_env_files, max_over_ranks,
+                   pick_device,
                    pick_dtype, read_metrics, rng_state, same_on_all_ranks, save_checkpoint, seed_everything,
                    set_rng_state, setup_distributed, setup_logging, teardown_distributed, trim_metrics)
 
@@ -88,8 +89,10 @@ class LensConfig:
     seed: int = _what(0, "seed for initialisation, batch order and Gumbel noise")
 
     t_text: int = _lens(8, "tokens in each explanation")
-    decoder_prompt: str = _lens("explanation of <A>:", "text whose embeddings start the decoder's soft prompt; <A> is the slot")
-    encoder_prompt: str = _lens("<T> explains:", "text whose embeddings start the encoder's soft prompt; <T> is the explanation")
+    decoder_prompt: str = _lens("explanation of <A>:",
+                                "text whose embeddings start the decoder's soft prompt; <A> is the slot")
+    encoder_prompt: str = _lens("<T> explains:",
+                                "text whose embeddings start the encoder's soft prompt; <T> is the explanation")
     encoder_layer: int = _lens(-1, "the encoder reads its residual stream after this block (-1: --layer)")
     patch_all_layers: bool = _lens(False, "also write the projected A into the slot's residual stream before every block")
     fluency_prefix: str = _lens("\n", "natural text the original model reads before an explanation, for the fluency term")
@@ -185,7 +188,8 @@ class Schedule:
 
     @staticmethod
     def parse(text: str, flag: str, max_steps: int) -> "Schedule":
-        hint = f"--{flag}: {text!r} is not a schedule; write a number (0.5) or start>end@from:to[:cosine], e.g. 1.0>0.3@0.2:0.8:cosine"
+        hint = (f"--{flag}: {text!r} is not a schedule; write a number (0.5) or start>end@from:to[:cosine], "
+                f"e.g. 1.0>0.3@0.2:0.8:cosine")
         try:
             if ">" not in text:
                 value = float(text)
@@ -472,7 +476,8 @@ def evaluate(lens: ConsistencyLens, batches: list[Batch]) -> tuple[dict, list[to
 def show_context(run: Run, tokens: torch.Tensor, position: int, width: int = 40) -> str:
     """The text before and at a position, the token at it in ⟦brackets⟧."""
     ids = tokens.tolist()
-    return run.data.decode(ids[max(0, position + 1 - width):position]) + "⟦" + run.data.decode(ids[position:position + 1]) + "⟧"
+    before = run.data.decode(ids[max(0, position + 1 - width):position])
+    return before + "⟦" + run.data.decode(ids[position:position + 1]) + "⟧"
 
 
 # ---------------------------------------------------------------- training
@@ -739,7 +744,8 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
         optimizers.load_state_dict(checkpoint["optimizers"])
         if len(checkpoint["rng"]) == dist.world_size:
             set_rng_state(checkpoint["rng"][dist.rank])
-    trainable = lambda: [p for p in lens.parameters() if p.requires_grad and p.numel()]  # noqa: E731 (grows when a base unfreezes)
+    def trainable() -> list[nn.Parameter]:  # grows when a base unfreezes
+        return [p for p in lens.parameters() if p.requires_grad and p.numel()]
 
     count = sum(p.numel() for p in trainable())
     log.info(f"consistency lens on blocks.{lens.layer}.hook_resid_post of {cfg.run_dir} "
@@ -752,13 +758,16 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
              f"eval on {sum(len(b.acts) for b in eval_batches):,} val activations | dtype {dtype}"
              + (f" | resumed at step {step}" if checkpoint is not None else ""))
 
-    wandb_run = None
+    wandb_run, wandb_id = None, checkpoint.get("wandb_id") if checkpoint else None
     if cfg.wandb_enabled and dist.is_main:
         import wandb
 
         wandb_run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
                                name=os.path.basename(out_dir), dir=out_dir, config=cfg.to_dict(), resume="allow",
-                               id=checkpoint.get("wandb_id") if checkpoint else None)
+                               id=wandb_id)
+        # Checkpointed even if W&B fails later (under Slurm the stop signal reaches its service
+        # process too), so that the resumed run continues this W&B run.
+        wandb_id = wandb_run.id
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     explanations_path = os.path.join(out_dir, "explanations.jsonl")
     if dist.is_main:
@@ -795,7 +804,7 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
             save_checkpoint({"model": lens.state_dict(), "optimizers": optimizers.state_dict(), "step": step,
                              "rng": rng, "config": cfg.to_dict(),
                              "elapsed_seconds": elapsed_before + time.perf_counter() - t0,
-                             "wandb_id": wandb_run.id if wandb_run is not None else None,
+                             "wandb_id": wandb_id,
                              "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step,
                              "window": windows},
                             os.path.join(out_dir, "last.pt"))
@@ -958,7 +967,8 @@ def plot_explanations(path: str, out_path: str, evals: int = 8) -> str | None:
     ax.axis("off")
     cells = [[repr(text)[1:-1] for text in r["explanations"]] for r in records]
     table = ax.table(cellText=cells, rowLabels=[f"step {r['step']}, tau {r['tau']:.2f}" for r in records],
-                     colLabels=[repr(c[-18:])[1:-1].replace("⟦", "[").replace("⟧", "]") for c in records[0]["contexts"]], loc="center", cellLoc="left")
+                     colLabels=[repr(c[-18:])[1:-1].replace("⟦", "[").replace("⟧", "]") for c in records[0]["contexts"]],
+                     loc="center", cellLoc="left")
     table.auto_set_font_size(False)
     table.set_fontsize(7)
     ax.set_title("explanations of held-out activations as tau anneals (greedy decoding; column: the context's end)",

@@ -405,13 +405,15 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
              f"eval on {len(eval_rows):,} val rows | input scale {float(sae.scale):.4g}"
              + (f" | resumed at step {step}" if checkpoint is not None else ""))
 
-    wandb_run = None
+    wandb_run, wandb_id = None, checkpoint.get("wandb_id") if checkpoint else None
     if cfg.wandb_enabled and dist.is_main:
         import wandb
 
         wandb_run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
-                               name=name, dir=out_dir, config=cfg.to_dict(), resume="allow",
-                               id=checkpoint.get("wandb_id") if checkpoint else None)
+                               name=name, dir=out_dir, config=cfg.to_dict(), resume="allow", id=wandb_id)
+        # Checkpointed even if W&B fails later (under Slurm the stop signal reaches its service
+        # process too), so that the resumed run continues this W&B run.
+        wandb_id = wandb_run.id
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     if dist.is_main and os.path.isfile(metrics_path):  # a resumed SAE logs the steps after its checkpoint again
         kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]
@@ -448,7 +450,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             save_checkpoint({"model": sae.state_dict(), "optimizers": [optimizer.state_dict()], "step": step,
                              "rng": rng, "source": states, "rows_since_fired": rows_since_fired.cpu(),
                              "config": cfg.to_dict(), "elapsed_seconds": elapsed_before + time.perf_counter() - t0,
-                             "wandb_id": wandb_run.id if wandb_run is not None else None, "d": d,
+                             "wandb_id": wandb_id, "d": d,
                              "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step},
                             os.path.join(out_dir, "last.pt"))
 
