@@ -29,8 +29,9 @@ decoder's; `entropy`, a bonus for the decoder's entropy. With --resample_ablatio
 
 By default only the soft prompts and the two projections train, and decoder, encoder and the
 original model are one set of weights in memory. --unfreeze_decoder_step / --unfreeze_encoder_step
-give the decoder or encoder its own copy of the base at that step, trained at --base_lr_mult times
-the learning rate after a --base_warmup_steps warm-up.
+give the decoder or encoder its own copy of the base at that step, trained at --decoder_lr_mult /
+--encoder_lr_mult times the learning rate after a --decoder_warmup_steps / --encoder_warmup_steps
+warm-up.
 
 A lens lives in `<run>/lens/<name>/` (or `<save_model_dir>/<run_name>/`), laid out like a run:
 config.json, train.log, metrics.jsonl, last.pt, curves.png, explanations.jsonl (the explanations
@@ -107,8 +108,10 @@ class LensConfig:
 
     unfreeze_decoder_step: int = _freeze(-1, "give the decoder a trainable copy of the base at this step (-1: never)")
     unfreeze_encoder_step: int = _freeze(-1, "give the encoder a trainable copy of the base at this step (-1: never)")
-    base_lr_mult: float = _freeze(0.1, "learning rate of an unfrozen base, times the lens's")
-    base_warmup_steps: int = _freeze(100, "an unfrozen base's learning rate rises linearly over these steps")
+    decoder_lr_mult: float = _freeze(0.1, "learning rate of the decoder's unfrozen base, times the lens's")
+    encoder_lr_mult: float = _freeze(0.1, "learning rate of the encoder's unfrozen base, times the lens's")
+    decoder_warmup_steps: int = _freeze(100, "the decoder's base: its learning rate rises linearly over these steps")
+    encoder_warmup_steps: int = _freeze(100, "the encoder's base: its learning rate rises linearly over these steps")
 
     max_steps: int = _optim(2000, "optimizer steps")
     batch_size: int = _optim(64, "activations per step (all ranks together)")
@@ -140,9 +143,10 @@ class LensConfig:
             need_one_of(self, name, choices)
         for name in ("t_text", "max_steps", "batch_size", "eval_every", "eval_rows", "log_every"):
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("max_tokens", "warmup_steps", "save_every", "examples", "base_warmup_steps"):
+        for name in ("max_tokens", "warmup_steps", "save_every", "examples", "decoder_warmup_steps",
+                     "encoder_warmup_steps"):
             need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
-        for name in ("lr", "muon_lr", "base_lr_mult"):
+        for name in ("lr", "muon_lr", "decoder_lr_mult", "encoder_lr_mult"):
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip"):
             need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
@@ -521,11 +525,12 @@ def build_lens(cfg: LensConfig, run: Run) -> ConsistencyLens:
                            cfg.patch_all_layers)
 
 
-def build_optimizers(cfg: LensConfig, named: list[tuple[str, nn.Parameter]], scale: float = 1.0,
-                     unfrozen_at: int | None = None) -> list[dict]:
+def build_optimizers(cfg: LensConfig, named: list[tuple[str, nn.Parameter]], part: str | None = None
+                     ) -> list[dict]:
     """Parameter groups: Muon for 2-D matrices (the projections, a base's block matrices) when
-    --use_muon, AdamW for the rest. Returns [adamw groups, muon groups] as dicts; `scale` and
-    `unfrozen_at` mark an unfrozen base's groups (their own LR multiplier and warm-up)."""
+    --use_muon, AdamW for the rest. Returns [adamw groups, muon groups] as dicts; `part`
+    ("decoder" or "encoder") marks an unfrozen base's groups, which have their own LR multiplier
+    and warm-up."""
     muon, decay, no_decay = [], [], []
     seen = set()
     for name, p in named:
@@ -539,9 +544,9 @@ def build_optimizers(cfg: LensConfig, named: list[tuple[str, nn.Parameter]], sca
             decay.append(p)
         else:
             no_decay.append(p)
-    adamw = [{"params": params, "kind": "adamw", "decays": decays, "unfrozen_at": unfrozen_at}
+    adamw = [{"params": params, "kind": "adamw", "decays": decays, "part": part}
              for params, decays in ((decay, True), (no_decay, False)) if params]
-    muon_groups = [{"params": muon, "kind": "muon", "decays": True, "unfrozen_at": unfrozen_at}] if muon else []
+    muon_groups = [{"params": muon, "kind": "muon", "decays": True, "part": part}] if muon else []
     for group in adamw + muon_groups:
         apply_settings(cfg, group)
     return [adamw, muon_groups]
@@ -549,8 +554,9 @@ def build_optimizers(cfg: LensConfig, named: list[tuple[str, nn.Parameter]], sca
 
 def apply_settings(cfg: LensConfig, group: dict) -> None:
     """A group's peak LR and weight decay from the config (again after loading a checkpoint, so that
-    --lr, --muon_lr, --base_lr_mult and --weight_decay given on resume take effect)."""
-    scale = 1.0 if group["unfrozen_at"] is None else cfg.base_lr_mult
+    --lr, --muon_lr, --decoder_lr_mult, --encoder_lr_mult and --weight_decay given on resume take
+    effect)."""
+    scale = 1.0 if group["part"] is None else getattr(cfg, f"{group['part']}_lr_mult")
     group["initial_lr"] = (cfg.lr if group["kind"] == "adamw" else cfg.muon_lr) * scale
     group["weight_decay"] = cfg.weight_decay if group["decays"] else 0.0
 
@@ -566,8 +572,8 @@ class Optimizers:
         self.adamw = torch.optim.AdamW(adamw, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
         self.muon = Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay) if muon else None
 
-    def add_base(self, base: Transformer, step: int) -> None:
-        adamw, muon = build_optimizers(self.cfg, list(base.named_parameters()), self.cfg.base_lr_mult, step)
+    def add_base(self, base: Transformer, part: str) -> None:
+        adamw, muon = build_optimizers(self.cfg, list(base.named_parameters()), part)
         for group in adamw:
             self.adamw.add_param_group(group)
         for group in muon:
@@ -583,9 +589,10 @@ class Optimizers:
         multiplier = lr_multiplier(step, self.cfg, self.cfg.max_steps)
         for optimizer in self.all():
             for group in optimizer.param_groups:
-                warm = 1.0
-                if group.get("unfrozen_at") is not None:
-                    warm = min(1.0, (step - group["unfrozen_at"] + 1) / max(1, self.cfg.base_warmup_steps))
+                warm, part = 1.0, group["part"]
+                if part is not None:  # an unfrozen base: its own warm-up from the step it unfroze
+                    since = step - getattr(self.cfg, f"unfreeze_{part}_step") + 1
+                    warm = min(1.0, since / max(1, getattr(self.cfg, f"{part}_warmup_steps")))
                 group["lr"] = group["initial_lr"] * multiplier * warm
         return self.adamw.param_groups[0]["lr"]
 
@@ -728,10 +735,11 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
         for part in ("decoder", "encoder"):
             at = getattr(cfg, f"unfreeze_{part}_step")
             if at >= 0 and step_ >= at and getattr(lens, f"{part}_base") is None:
-                optimizers.add_base(lens.unfreeze(part), at)
+                optimizers.add_base(lens.unfreeze(part), part)
                 if step_ == at:
                     log.info(f"step {step_}: the {part} gets its own copy of the base "
-                             f"(lr x {cfg.base_lr_mult}, warm-up {cfg.base_warmup_steps} steps)")
+                             f"(lr x {getattr(cfg, f'{part}_lr_mult')}, warm-up "
+                             f"{getattr(cfg, f'{part}_warmup_steps')} steps)")
 
     if checkpoint is not None:
         step, elapsed_before = checkpoint["step"], checkpoint["elapsed_seconds"]
@@ -739,7 +747,7 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
         # run made them (optimizer states line up by position, and the two copies have one shape).
         for part in sorted(("decoder", "encoder"), key=lambda part: getattr(cfg, f"unfreeze_{part}_step")):
             if any(k.startswith(f"{part}_base.") for k in checkpoint["model"]):
-                optimizers.add_base(lens.unfreeze(part), getattr(cfg, f"unfreeze_{part}_step"))
+                optimizers.add_base(lens.unfreeze(part), part)
         lens.load_state_dict(checkpoint["model"])
         optimizers.load_state_dict(checkpoint["optimizers"])
         if len(checkpoint["rng"]) == dist.world_size:

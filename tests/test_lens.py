@@ -124,6 +124,12 @@ def test_the_base_stays_frozen_and_is_shared(text_run):
     assert lens.decoder_model() is run.model and lens.encoder_model() is run.model
     assert not any(k.startswith(("decoder_base", "encoder_base")) for k in lens.state_dict())
     optimizers = lens_module.Optimizers(cfg, lens)
+    base_ids = {id(p) for p in run.model.parameters()}
+
+    def optimized() -> set[int]:
+        return {id(p) for o in optimizers.all() for g in o.param_groups for p in g["params"]}
+
+    assert optimized() and not optimized() & base_ids  # no optimizer holds a base weight
     trained = {k: v.clone() for k, v in lens.named_parameters()}
     weights = {"kl_weight": 1.0, "mse_weight": 1.0, "alpha": 0.1, "entropy_weight": 0.01}
     prefix = torch.tensor([run.data.encode("\n")])
@@ -139,7 +145,8 @@ def test_the_base_stays_frozen_and_is_shared(text_run):
     assert all(not torch.equal(trained[k], v) for k, v in lens.named_parameters() if v.numel()), "a parameter stood still"
     # Unfreezing gives the decoder a copy; training it leaves the original (and the encoder's) alone.
     copy = lens.unfreeze("decoder")
-    optimizers.add_base(copy, 5)
+    optimizers.add_base(copy, "decoder")
+    assert {id(p) for p in copy.parameters()} <= optimized() and not optimized() & base_ids
     for step in range(5, 8):
         optimizers.set_lr(step)
         loss, _, _ = lens_losses(lens, a_batch(run, lens, seed=step), 1.0, weights, prefix, False,
@@ -170,7 +177,8 @@ def test_a_stopped_lens_resumes_exactly_across_unfreezing(text_run):
     # come back to the right one), the stop falls between two log lines (the next line averages steps
     # from both sides of it) and the schedules of tau and alpha move throughout.
     common = [text_run, *QUICK, "--max_steps", "24", "--eval_every", "12", "--log_every", "5",
-              "--unfreeze_encoder_step", "4", "--unfreeze_decoder_step", "6", "--base_warmup_steps", "4",
+              "--unfreeze_encoder_step", "4", "--unfreeze_decoder_step", "6", "--decoder_warmup_steps", "4",
+              "--encoder_warmup_steps", "2", "--encoder_lr_mult", "0.3",
               "--tau", "1.5>0.5@0:24", "--alpha", "0>0.2@0:24", "--resample_ablation"]
     straight = lens_module.main(common + ["--run_name", "straight"])
     logger = logging.getLogger("tinylab")
