@@ -59,7 +59,7 @@ from config import DEVICES, DTYPES, SCHEDULES, ConfigError, need, need_one_of, p
 from data import _step_seed
 from model import Transformer
 from optimizer import Muon, lr_multiplier
-from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file, autocast, broadcast_object,
+from utils import (CheckpointError, MetricsLog, StopSignals, all_reduce_sum, attach_log_file, autocast, broadcast_object,
                    close_logging, format_duration, gather_objects, load_checkpoint, load_env_files, max_over_ranks,
                    pick_device,
                    pick_dtype, read_metrics, rng_state, same_on_all_ranks, save_checkpoint, seed_everything,
@@ -766,33 +766,16 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
              f"eval on {sum(len(b.acts) for b in eval_batches):,} val activations | dtype {dtype}"
              + (f" | resumed at step {step}" if checkpoint is not None else ""))
 
-    wandb_run, wandb_id = None, checkpoint.get("wandb_id") if checkpoint else None
-    if cfg.wandb_enabled and dist.is_main:
-        import wandb
-
-        wandb_run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
-                               name=os.path.basename(out_dir), dir=out_dir, config=cfg.to_dict(), resume="allow",
-                               id=wandb_id)
-        # Checkpointed even if W&B fails later (under Slurm the stop signal reaches its service
-        # process too), so that the resumed run continues this W&B run.
-        wandb_id = wandb_run.id
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     explanations_path = os.path.join(out_dir, "explanations.jsonl")
+    wandb_settings = None
+    if cfg.wandb_enabled:
+        wandb_settings = {"project": cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
+                          "name": os.path.basename(out_dir), "dir": out_dir, "config": cfg.to_dict()}
+    metrics_log = MetricsLog(metrics_path, dist.is_main, log, step, wandb_settings,
+                             checkpoint.get("wandb_id") if checkpoint else None)
     if dist.is_main:
-        trim_metrics(metrics_path, step)  # a resumed lens logs the steps after its checkpoint again
         trim_metrics(explanations_path, step)
-
-    def write(record: dict) -> None:
-        nonlocal wandb_run
-        if dist.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb_run is not None:
-                try:
-                    wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-                except Exception as e:
-                    log.warning(f"warning: W&B logging failed ({type(e).__name__}: {e}); going on without W&B")
-                    wandb_run = None
 
     contexts = [show_context(run, held_out_source.tokens[s], p)
                 for s, p in zip(*(column[:cfg.examples].tolist() for column in located[0]))]
@@ -812,7 +795,7 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
             save_checkpoint({"model": lens.state_dict(), "optimizers": optimizers.state_dict(), "step": step,
                              "rng": rng, "config": cfg.to_dict(),
                              "elapsed_seconds": elapsed_before + time.perf_counter() - t0,
-                             "wandb_id": wandb_id,
+                             "wandb_id": metrics_log.wandb_id,
                              "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step,
                              "window": windows},
                             os.path.join(out_dir, "last.pt"))
@@ -885,7 +868,7 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
                          f"fve {last_eval['val_fve']:.4f}")
             if record:
                 record["elapsed_seconds"] = round(elapsed_before + time.perf_counter() - t0, 3)
-                write(record)
+                metrics_log.write(record)
             if log_due:
                 window, timed_steps, window_start = dict.fromkeys(window, 0.0), 0, time.perf_counter()
             if cfg.save_every and step % cfg.save_every == 0:
@@ -913,13 +896,7 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
         log.info(f"done: {step} steps in {format_duration(seconds)} | "
                  + (f"val kl {last_eval['val_kl']:.4f} | val fve {last_eval['val_fve']:.4f} | " if last_eval else "")
                  + f"report: python lens.py eval {out_dir}")
-    if wandb_run is not None:
-        try:
-            if interrupted:
-                wandb_run.mark_preempting()
-            wandb_run.finish(exit_code=128 + interrupted if interrupted else 0)
-        except Exception as e:
-            log.warning(f"warning: closing the W&B run failed ({type(e).__name__}: {e})")
+    metrics_log.finish(interrupted)
     close_logging(log)
     teardown_distributed(barrier=True)
     return summary

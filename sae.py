@@ -46,7 +46,7 @@ from config import DEVICES, DTYPES, SCHEDULES, ConfigError, need, need_one_of, p
 from data import IGNORE
 from interp import fourier_losses, load_run, neuron_frequencies
 from optimizer import apply_lr, lr_multiplier
-from utils import (CheckpointError, StopSignals, all_reduce_sum, attach_log_file, broadcast_object, close_logging,
+from utils import (CheckpointError, MetricsLog, StopSignals, all_reduce_sum, attach_log_file, broadcast_object, close_logging,
                    format_duration, gather_objects, gather_to_main, load_checkpoint, load_env_files, max_over_ranks,
                    pick_device, pick_dtype, read_metrics, rng_state, same_on_all_ranks, save_checkpoint,
                    seed_everything, set_rng_state, setup_distributed, setup_logging, teardown_distributed)
@@ -405,32 +405,14 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
              f"eval on {len(eval_rows):,} val rows | input scale {float(sae.scale):.4g}"
              + (f" | resumed at step {step}" if checkpoint is not None else ""))
 
-    wandb_run, wandb_id = None, checkpoint.get("wandb_id") if checkpoint else None
-    if cfg.wandb_enabled and dist.is_main:
-        import wandb
-
-        wandb_run = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
-                               name=name, dir=out_dir, config=cfg.to_dict(), resume="allow", id=wandb_id)
-        # Checkpointed even if W&B fails later (under Slurm the stop signal reaches its service
-        # process too), so that the resumed run continues this W&B run.
-        wandb_id = wandb_run.id
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if dist.is_main and os.path.isfile(metrics_path):  # a resumed SAE logs the steps after its checkpoint again
-        kept = [r for r in read_metrics(metrics_path) if r["step"] <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-
-    def write(record: dict) -> None:
-        nonlocal wandb_run
-        if dist.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb_run is not None:
-                try:
-                    wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-                except Exception as e:  # W&B trouble never stops training (and never strands the other ranks)
-                    log.warning(f"warning: W&B logging failed ({type(e).__name__}: {e}); going on without W&B")
-                    wandb_run = None
+    wandb_settings = None
+    if cfg.wandb_enabled:
+        wandb_settings = {"project": cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
+                          "name": name, "dir": out_dir, "config": cfg.to_dict()}
+    metrics_log = MetricsLog(metrics_path, dist.is_main, log, step, wandb_settings,
+                             checkpoint.get("wandb_id") if checkpoint else None)
+    write = metrics_log.write
 
     density = None  # each feature's firing frequency on the held-out rows, at the latest eval
 
@@ -450,7 +432,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             save_checkpoint({"model": sae.state_dict(), "optimizers": [optimizer.state_dict()], "step": step,
                              "rng": rng, "source": states, "rows_since_fired": rows_since_fired.cpu(),
                              "config": cfg.to_dict(), "elapsed_seconds": elapsed_before + time.perf_counter() - t0,
-                             "wandb_id": wandb_id, "d": d,
+                             "wandb_id": metrics_log.wandb_id, "d": d,
                              "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step},
                             os.path.join(out_dir, "last.pt"))
 
@@ -537,13 +519,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         log.info(f"done: {step} steps in {seconds:.1f}s | " + " | ".join(
             f"{k} {last_eval[k]:.4f}" for k in ("explained_variance", "l0", "ce_recovered") if k in last_eval)
             + f" | report: python sae.py report {out_dir}")
-    if wandb_run is not None:
-        try:
-            if interrupted:
-                wandb_run.mark_preempting()  # shown as preempted, not failed, until it resumes
-            wandb_run.finish(exit_code=128 + interrupted if interrupted else 0)
-        except Exception as e:
-            log.warning(f"warning: closing the W&B run failed ({type(e).__name__}: {e})")
+    metrics_log.finish(interrupted)
     close_logging(log)
     teardown_distributed(barrier=True)
     return summary

@@ -637,6 +637,50 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+class MetricsLog:
+    """A tool's metrics.jsonl (rank 0 writes it), mirrored to W&B when `wandb_settings` (keyword
+    arguments of wandb.init: project, name, dir, config) are given: the writer sae.py and lens.py
+    share. `wandb_id` continues a checkpoint's W&B run; `.wandb_id` is the one to checkpoint, kept
+    even if W&B fails later (under Slurm the stop signal reaches W&B's service process too). W&B
+    trouble never stops training, and never strands the other ranks: it is a warning, and W&B is
+    dropped."""
+
+    def __init__(self, path: str, is_main: bool, log: logging.Logger, step: int = 0,
+                 wandb_settings: dict | None = None, wandb_id: str | None = None):
+        self.path, self.is_main, self.log = path, is_main, log
+        self.run, self.wandb_id = None, wandb_id
+        if is_main:
+            trim_metrics(path, step)  # a resumed run logs the steps after its checkpoint (`step`) again
+        if is_main and wandb_settings is not None:
+            import wandb
+
+            self.run = wandb.init(resume="allow", id=wandb_id, **wandb_settings)
+            self.wandb_id = self.run.id
+
+    def write(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.run is not None:
+            try:
+                self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            except Exception as e:
+                self.log.warning(f"warning: W&B logging failed ({type(e).__name__}: {e}); going on without W&B")
+                self.run = None
+
+    def finish(self, interrupted: int = 0) -> None:
+        """Closes the W&B run: preempted (not failed) until it resumes when a signal stopped it."""
+        if self.run is None:
+            return
+        try:
+            if interrupted:
+                self.run.mark_preempting()
+            self.run.finish(exit_code=128 + interrupted if interrupted else 0)
+        except Exception as e:
+            self.log.warning(f"warning: closing the W&B run failed ({type(e).__name__}: {e})")
+
+
 def read_metrics(path: str) -> list[dict]:
     """The records of a metrics.jsonl (one JSON object per logged step or eval)."""
     records = []
