@@ -37,7 +37,7 @@ from config import DEVICES, DTYPES, ConfigError, config_from_dict, need, need_on
 from data import IGNORE, _step_seed, build_data
 from model import Transformer
 from utils import (CheckpointError, Dist, autocast, broadcast_object, find_checkpoint, gather_objects,
-                   load_checkpoint, pick_device, pick_dtype, setup_distributed, teardown_distributed)
+                   load_checkpoint, pick_device, pick_dtype, run_command, setup_distributed, teardown_distributed)
 
 POSITIONS = ("answer", "all")
 SPLITS = ("train", "val")
@@ -557,9 +557,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, CheckpointError) as error:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

@@ -59,11 +59,11 @@ from config import DEVICES, DTYPES, SCHEDULES, ConfigError, need, need_one_of, p
 from data import _step_seed
 from model import Transformer
 from optimizer import Muon, lr_multiplier
-from utils import (CheckpointError, MetricsLog, StopSignals, all_reduce_sum, attach_log_file, autocast, broadcast_object,
-                   close_logging, format_duration, gather_objects, load_checkpoint, load_env_files, max_over_ranks,
-                   pick_device,
-                   pick_dtype, read_metrics, rng_state, same_on_all_ranks, save_checkpoint, seed_everything,
-                   set_rng_state, setup_distributed, setup_logging, teardown_distributed, trim_metrics)
+from utils import (CheckpointError, MetricsLog, StopSignals, all_reduce_sum, attach_log_file, autocast,
+                   broadcast_object, close_logging, format_duration, gather_objects, load_checkpoint,
+                   load_env_files, max_over_ranks, pick_device, pick_dtype, read_metrics, rng_state, run_command,
+                   same_on_all_ranks, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
+                   setup_logging, teardown_distributed, trim_metrics)
 
 SOURCES = ("live", "dump")
 
@@ -1045,11 +1045,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    try:
-        summary = main()
-    except (ConfigError, CheckpointError) as error:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    if isinstance(summary, dict) and summary.get("interrupted"):
-        sys.exit(128 + signal.Signals[summary["interrupted"]])
+    run_command(main)

@@ -268,6 +268,21 @@ def close_logging(logger: logging.Logger) -> None:
         handler.close()
 
 
+def run_command(main) -> None:
+    """`if __name__ == "__main__"` of a tool (sae.py, lens.py, activations.py): bad input (a
+    ConfigError or CheckpointError) is one line on stderr, from rank 0 only, and exit status 2; a
+    run stopped by a signal with its checkpoint saved (a summary whose "interrupted" names the
+    signal) exits 128 + that signal, as schedulers expect of an unfinished job."""
+    try:
+        summary = main()
+    except (ConfigError, CheckpointError) as error:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(summary, dict) and summary.get("interrupted"):
+        sys.exit(128 + signal.Signals[summary["interrupted"]])
+
+
 def wandb_sweep_run() -> tuple[str, str] | None:
     """(sweep id, run id) when `wandb agent` started this process (it sets both variables)."""
     sweep_id, run_id = os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
