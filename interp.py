@@ -29,7 +29,7 @@ from fourier import (fourier_basis, fourier_measures, frequency_norms, frequency
                      key_frequencies, logit_frequency_norms, restrict_to_frequencies, restricted_and_excluded,
                      sum_directions)  # (re-exported)
 from model import Transformer
-from utils import CheckpointError
+from checkpoints import CheckpointError
 
 
 def _model(model_or_run) -> Transformer:
@@ -206,8 +206,9 @@ def corrupt(run: Run, tokens: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor
 
 
 def logit_difference(logits: torch.Tensor, right: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of logit[right] - logit[wrong] at the last position."""
-    last = logits[:, -1].float()
+    """Mean over the batch of logit[right] - logit[wrong] at the last position, in float32 or wider
+    (a float64 model's analysis stays in float64)."""
+    last = logits[:, -1].to(torch.promote_types(logits.dtype, torch.float32))
     return (last.gather(1, right[:, None]) - last.gather(1, wrong[:, None])).mean()
 
 
@@ -255,7 +256,7 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, right: torc
     model = _model(model)
     names = [f"blocks.{i}.attn.hook_z" for i in range(model.cfg.num_blocks)]
     cache, recovery = _patching(model, clean, corrupted, right, wrong, names)
-    result = torch.zeros(model.cfg.num_blocks, model.cfg.num_heads)
+    result = torch.zeros(model.cfg.num_blocks, model.cfg.num_heads, dtype=torch.float64)
     for i, name in enumerate(names):
         for head in range(model.cfg.num_heads):
             def patch(z, hook, head=head, name=name):
