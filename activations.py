@@ -36,8 +36,10 @@ import torch
 from config import DEVICES, DTYPES, ConfigError, config_from_dict, need, need_one_of, parse_flags, section
 from data import IGNORE, _step_seed, build_data
 from model import Transformer
-from utils import (CheckpointError, Dist, autocast, broadcast_object, find_checkpoint, gather_objects,
-                   load_checkpoint, pick_device, pick_dtype, run_command, setup_distributed, teardown_distributed)
+from checkpoints import CheckpointError, find_checkpoint, load_checkpoint
+from distributed import Dist, broadcast_object, gather_objects, setup_distributed, teardown_distributed
+from hardware import autocast, pick_device, pick_dtype
+from session import run_command
 
 POSITIONS = ("answer", "all")
 SPLITS = ("train", "val")

@@ -19,10 +19,11 @@ class ConfigError(Exception):
 
 
 def section(title: str):
-    """Returns a field factory whose knobs are listed under `title` in --help."""
+    """Returns a field factory whose knobs are listed under `title` in --help. `aliases` are other
+    flags for the same field (an old spelling, say)."""
 
-    def knob(default, help: str):
-        return field(default=default, metadata={"help": help, "group": title})
+    def knob(default, help: str, aliases: tuple[str, ...] = ()):
+        return field(default=default, metadata={"help": help, "group": title, "aliases": aliases})
 
     return knob
 
@@ -41,7 +42,7 @@ TASKS = ("modular", "dyck", "text")
 OPERATIONS = ("add", "subtract", "multiply", "divide")
 NORMS = ("none", "layernorm", "rmsnorm")
 ACTIVATIONS = ("relu", "gelu")
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "plateau")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SHAKESPEARE_URL = (
@@ -50,7 +51,44 @@ SHAKESPEARE_URL = (
 
 
 @dataclass
-class Config:
+class OptimSettings:
+    """The optimisation settings every trainer shares (train.py, sae.py, lens.py inherit them, each
+    with its own defaults through `override`): the learning rate's peak, warm-up and schedule, Adam's
+    betas, gradient clipping. `optimizer.LRSchedule` and `optimizer.load_optimizer_states` take this."""
+
+    lr: float = _optim(1e-2, "AdamW learning rate (peak)")
+    beta1: float = _optim(0.9, "AdamW beta1")
+    beta2: float = _optim(0.99, "AdamW beta2")
+    warmup_steps: int = _optim(10, "linear warm-up steps")
+    lr_schedule: str = _optim("constant", "after warm-up: cosine | linear (to min_lr_frac at the last step) | "
+                                          "constant | plateau (x plateau_factor when the eval loss stalls)")
+    min_lr_frac: float = _optim(0.1, "final LR as a fraction of the peak (cosine, linear), its floor (plateau)")
+    plateau_factor: float = _optim(0.5, "plateau: multiply the LR by this when the eval loss stalls")
+    plateau_patience: int = _optim(3, "plateau: evals without the eval loss improving by min_delta before a cut")
+    min_delta: float = _optim(0.0, "smallest eval-loss decrease that counts as improvement (plateau; early stopping)")
+    grad_clip: float = _optim(1.0, "clip the global gradient norm (0: off)")
+
+    def validate_optimization(self) -> None:
+        need_one_of(self, "lr_schedule", SCHEDULES)
+        for name in ("lr", "grad_clip", "min_delta"):
+            need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
+        need(self.warmup_steps >= 0, "warmup_steps", f"must be 0 or more, got {self.warmup_steps}")
+        need(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
+        for name in ("beta1", "beta2"):
+            need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        need(0 < self.plateau_factor < 1, "plateau_factor", f"must be strictly between 0 and 1, got {self.plateau_factor}")
+        need(self.plateau_patience >= 1, "plateau_patience", f"must be at least 1, got {self.plateau_patience}")
+
+
+def override(name: str, default, help: str = ""):
+    """A shared optimisation field with this program's default (and, if given, its own help text),
+    for a config class that inherits OptimSettings: `lr: float = override("lr", 1e-3)`."""
+    base = OptimSettings.__dataclass_fields__[name]
+    return field(default=default, metadata={**base.metadata, "help": help or base.metadata["help"]})
+
+
+@dataclass
+class Config(OptimSettings):
     # The defaults are the `grokking` preset: `python train.py` memorises the training pairs by
     # step ~80, groks by step 290-540 and learns the circuit Nanda et al. describe (logits in a few
     # key frequencies: restricted loss at or below the full loss, excluded loss high). It takes
@@ -67,11 +105,14 @@ class Config:
     # cannot explain; lowering its decay restores sparsity only at 0.1, where it no longer groks fast.
 
     # ---- run ----
-    run: str = _run("", "run name; the run lives in <save_model_dir>/<run>/ (empty: generated)")
+    run_name: str = _run("", "run name; the run lives in <save_model_dir>/<run_name>/ (empty: generated)",
+                         aliases=("--run",))
     save_model_dir: str = _run("runs", "directory that holds run directories")
     preset: str = _run("grokking", "named set of defaults applied before --config and flags")
     seed: int = _run(0, "seed for the data split, initialisation and sampling")
     resume: str = _run("", "'auto' (resume <run>/last.pt if it exists) or a checkpoint / run dir")
+    claim_timeout: float = _run(300.0, "a run directory whose writer on another host has sent no heartbeat for this "
+                                       "many seconds may be taken over (a live writer on this host never is)")
 
     # ---- task ----
     task: str = _task("modular", "modular | dyck | text")
@@ -112,19 +153,12 @@ class Config:
     epochs: float = _optim(0.0, "passes over the training set, used when --max_steps is 0")
     batch_size: int = _optim(0, "global batch (sequences per optimizer step, all ranks); 0: full batch")
     accumulation_steps: int = _optim(1, "micro-batches per optimizer step")
-    lr: float = _optim(1e-2, "AdamW learning rate (peak)")
     weight_decay: float = _optim(0.5, "AdamW decoupled weight decay (matrices and embeddings)")
     decay_all_params: bool = _optim(False, "also decay biases, norms and sinks (plain AdamW on everything)")
-    beta1: float = _optim(0.9, "AdamW beta1")
-    beta2: float = _optim(0.99, "AdamW beta2")
     use_muon: bool = _optim(False, "Muon for hidden 2-D matrices, AdamW for the rest")
     muon_lr: float = _optim(0.3, "Muon learning rate (peak)")
     muon_momentum: float = _optim(0.95, "Muon momentum (Nesterov)")
     muon_weight_decay: float = _optim(0.5, "Muon decoupled weight decay")
-    warmup_steps: int = _optim(10, "linear warm-up steps")
-    lr_schedule: str = _optim("constant", "decay after warm-up: cosine | linear | constant")
-    min_lr_frac: float = _optim(0.1, "final LR as a fraction of the peak (cosine, linear)")
-    grad_clip: float = _optim(1.0, "clip the global gradient norm (0: off)")
     grokfast_lamb: float = _optim(0.0, "Grokfast: add lamb x EMA of the gradient to the gradient (0: off)")
     grokfast_alpha: float = _optim(0.98, "Grokfast: decay of that gradient EMA")
 
@@ -135,7 +169,6 @@ class Config:
                                     "Dyck, batch_size for text)")
     target_val_acc: float = _eval(0.99, "stop once val_acc reaches this (0: off)")
     patience: int = _eval(0, "stop after N evals without val_loss improving by min_delta (0: off)")
-    min_delta: float = _eval(0.0, "smallest val_loss decrease that counts as improvement")
     track_progress: bool = _eval(False, "modular addition: also log Nanda et al.'s progress measures at each eval "
                                         "(restricted/excluded loss, Fourier gini, weight norm) and plot them")
 
@@ -161,20 +194,20 @@ class Config:
 
         for name, choices in (
             ("task", TASKS), ("operation", OPERATIONS), ("norm", NORMS), ("activation", ACTIVATIONS),
-            ("lr_schedule", SCHEDULES), ("dtype", DTYPES), ("device", DEVICES), ("preset", PRESETS),
+            ("dtype", DTYPES), ("device", DEVICES), ("preset", PRESETS),
         ):
             need_one_of(self, name, choices)
         for name in ("num_blocks", "num_heads", "embedding_dim", "context_len", "accumulation_steps",
                      "eval_every", "log_every", "dyck_types", "dyck_num_train", "dyck_num_val"):
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("mlp_dim", "max_steps", "batch_size", "warmup_steps", "save_every", "patience",
+        for name in ("mlp_dim", "max_steps", "batch_size", "save_every", "patience",
                      "sample_tokens", "top_k", "eval_max_batches", "eval_batch_size", "rclone_every"):
             need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
-        for name in ("lr", "muon_lr", "weight_decay", "muon_weight_decay", "grad_clip", "epochs",
-                     "min_delta", "init_std", "temperature", "grokfast_lamb"):
+        self.validate_optimization()
+        for name in ("muon_lr", "weight_decay", "muon_weight_decay", "epochs", "init_std", "temperature",
+                     "grokfast_lamb", "claim_timeout"):
             need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
-        need("/" not in self.run and "\\" not in self.run and self.run not in (".", ".."), "run",
-             f"{self.run!r} is a path; give a name (the run lives in --save_model_dir/<run>)")
+        need_name(self.run_name, "run_name")
         need(self.embedding_dim % self.num_heads == 0, "num_heads",
              f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}; "
              f"pick a head count that divides it")
@@ -182,8 +215,7 @@ class Config:
         need(0 < self.val_frac < 1, "val_frac", f"must be strictly between 0 and 1, got {self.val_frac}")
         need(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         need(0 <= self.target_val_acc <= 1, "target_val_acc", f"must be in [0, 1], got {self.target_val_acc}")
-        need(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
-        for name in ("beta1", "beta2", "muon_momentum", "grokfast_alpha"):
+        for name in ("muon_momentum", "grokfast_alpha"):
             need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         need(self.max_steps > 0 or self.epochs > 0, "max_steps", "set --max_steps or --epochs above 0")
         if self.task == "modular":
@@ -225,6 +257,12 @@ def need(ok: bool, flag: str, message: str) -> None:
 def need_one_of(settings, name: str, choices) -> None:
     value = getattr(settings, name)
     need(value in choices, name, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def need_name(name: str, flag: str) -> None:
+    """A run's (or an SAE's, a lens's) name: one directory, not a path."""
+    need("/" not in name and "\\" not in name and name not in (".", ".."), flag,
+         f"{name!r} is a path; give a name (--save_model_dir says where it lives)")
 
 
 def _is_prime(n: int) -> bool:
@@ -287,15 +325,18 @@ PRESETS: dict[str, dict] = {
 }
 
 # Fields that shape the model, the data or the optimizer state: a resumed run keeps the checkpoint's.
-RESUME_FIXED = (
+Config.FIXED_ON_RESUME = (
     "task", "modulus", "operation", "frac_train", "dyck_types", "dyck_max_depth", "dyck_min_len",
     "dyck_max_len", "dyck_num_train", "dyck_num_val", "data_path", "tokenizer", "val_frac", "seed",
     "num_blocks", "num_heads", "embedding_dim", "mlp_dim", "context_len", "norm", "activation",
     "tie_embeddings", "attention_only", "bias", "attention_sink", "use_muon", "decay_all_params",
 )
 
+# Keys of config.json files and checkpoints written before a field was renamed: they keep loading.
+Config.RENAMED = {"run": "run_name"}
+
 # Fields that name a run rather than describe it: `--config` leaves them to the new run.
-_IDENTITY_FIELDS = ("run", "resume")
+_IDENTITY_FIELDS = ("run_name", "resume")
 
 
 def _parse_bool(text: str) -> bool:
@@ -318,6 +359,18 @@ def _field_types(cls=None) -> dict[str, type]:
             for f in dataclasses.fields(cls or Config)}
 
 
+def ordered_fields(cls) -> list[dataclasses.Field]:
+    """A settings class's fields, section by section in the order the class itself declares its
+    sections, and in each section its own fields (overrides included) before inherited ones. (A
+    dataclass lists inherited fields first: the shared optimisation settings would otherwise head
+    every --help and log.)"""
+    fields = dataclasses.fields(cls)
+    own = [name for name in vars(cls).get("__annotations__", {}) if name in {f.name for f in fields}]
+    group = {f.name: f.metadata["group"] for f in fields}
+    order = list(dict.fromkeys([group[name] for name in own] + [group[f.name] for f in fields]))
+    return sorted(fields, key=lambda f: (order.index(group[f.name]), f.name not in own))
+
+
 def build_parser(cls=None, prog: str = "train.py", description: str = "",
                  positional: str = "") -> argparse.ArgumentParser:
     """The flags of a dataclass whose fields carry `section` metadata: Config (train.py) by
@@ -335,7 +388,7 @@ def build_parser(cls=None, prog: str = "train.py", description: str = "",
         parser.add_argument("--config", default=None, help="JSON file of a run's config (runs/<run>/config.json)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     types = _field_types(cls)
-    for f in dataclasses.fields(cls):
+    for f in ordered_fields(cls):
         if f.name == positional:
             parser.add_argument(f.name, metavar=f.name.upper(), help=f.metadata["help"])
             continue
@@ -346,9 +399,9 @@ def build_parser(cls=None, prog: str = "train.py", description: str = "",
         help_text = f.metadata["help"]
         if f.name == "preset" and cls is Config:
             help_text += f" ({', '.join(PRESETS)})"
-        # torchrun's own parser reads `--run` anywhere on its command line as an abbreviation of
-        # its `--run-path`, so the run name also answers to `--run_name`, which torchrun leaves alone.
-        names = [f"--{f.name}", "--run_name"] if f.name == "run" and cls is Config else [f"--{f.name}"]
+        # --run_name, not --run, is the run name's spelling: torchrun's own parser reads `--run`
+        # anywhere on its command line as an abbreviation of its `--run-path`.
+        names = [f"--{f.name}", *f.metadata.get("aliases", ())]
         if kind is bool:
             # `--flag`, `--flag true`, `--flag=False` all work.
             group.add_argument(*names, type=_parse_bool, nargs="?", const=True,
@@ -390,6 +443,7 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"--config: {path} is not readable JSON ({e}); pass a run's config.json")
     if not isinstance(values, dict):
         raise ConfigError(f"--config: {path} must hold a JSON object of flag names and values")
+    values = renamed_keys(Config, values)
     known = {f.name for f in dataclasses.fields(Config)}
     for key in values:
         if key not in known:
@@ -397,9 +451,9 @@ def load_config_file(path: str) -> dict:
     return values
 
 
-def _coerce(values: dict, source: str) -> dict:
+def _coerce(values: dict, source: str, cls=None) -> dict:
     """Type-checks values from a preset or JSON file against the dataclass field types."""
-    types = _field_types()
+    types = _field_types(cls)
     out = {}
     for key, value in values.items():
         kind = types[key]
@@ -458,17 +512,40 @@ def _parse(cls, argv, *parser_args):
     return args, set(vars(probe.parse_known_args(argv)[0]))
 
 
-def config_from_dict(values: dict, overrides: dict | None = None) -> Config:
-    """A Config from a saved dict (e.g. a checkpoint's), with optional overrides; validated."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    merged = {k: v for k, v in values.items() if k in known}
+def renamed_keys(cls, values: dict) -> dict:
+    """A saved config's keys in today's names (`cls.RENAMED`: old name -> new), so that config.json
+    files and checkpoints written before a rename keep loading."""
+    renames = getattr(cls, "RENAMED", {})
+    return {renames.get(key, key): value for key, value in values.items()}
+
+
+def config_from_dict(values: dict, overrides: dict | None = None, cls=None):
+    """Settings (a Config unless `cls` says otherwise) from a saved dict (a checkpoint's, say), with
+    optional overrides; keys it does not know are dropped, values type-checked, the result validated."""
+    cls = cls or Config
+    known = {f.name for f in dataclasses.fields(cls)}
+    merged = {k: v for k, v in renamed_keys(cls, values).items() if k in known}
     merged.update(overrides or {})
-    return Config(**_coerce(merged, "saved config")).validate()
+    return cls(**_coerce(merged, "saved config", cls)).validate()
+
+
+def resumed_config(settings, saved: dict, explicit: set[str], what: str = "run"):
+    """What a resumed run trains with: the checkpoint's settings `saved`, with the flags typed now
+    (`explicit`, their values in `settings`) on top, e.g. a longer --max_steps or another --lr.
+    A flag in the class's FIXED_ON_RESUME (it shapes the model, the data or the optimizer state)
+    that differs from the checkpoint raises ConfigError naming it."""
+    cls = type(settings)
+    saved = renamed_keys(cls, saved)
+    for key in sorted(explicit & set(cls.FIXED_ON_RESUME)):
+        if key in saved and getattr(settings, key) != saved[key]:
+            raise ConfigError(f"--{key}: a resumed {what} keeps its checkpoint's {key} ({saved[key]!r}); "
+                              f"start a new {what} to change it")
+    return config_from_dict(saved, {k: getattr(settings, k) for k in explicit}, cls)
 
 
 def format_config(cfg: Config) -> str:
     """The config as `section: key=value ...` lines, for the head of every log."""
     sections: dict[str, list[str]] = {}
-    for f in dataclasses.fields(Config):
+    for f in ordered_fields(Config):
         sections.setdefault(f.metadata["group"], []).append(f"{f.name}={getattr(cfg, f.name)!r}")
     return "\n".join(f"  {title}: {' '.join(items)}" for title, items in sections.items())

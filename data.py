@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from config import Config, ConfigError
-from utils import Dist
+from distributed import Dist
 
 IGNORE = -100  # cross_entropy's ignore_index
 

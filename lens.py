@@ -46,7 +46,6 @@ import math
 import os
 import signal
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,17 +54,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from activations import POSITIONS, DumpSource, Run, TokenSource, default_dump_dir, load_run, split_sequences
-from config import DEVICES, DTYPES, SCHEDULES, ConfigError, need, need_one_of, parse_flags, section
+from checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
+from config import (DEVICES, DTYPES, ConfigError, OptimSettings, config_from_dict, need, need_name, need_one_of,
+                    override, parse_flags, resumed_config, section)
 from data import _step_seed
+from distributed import all_reduce_sum, gather_objects
+from hardware import autocast, pick_dtype
 from model import Transformer
-from optimizer import Muon, lr_multiplier
-from utils import (CheckpointError, MetricsLog, StopSignals, all_reduce_sum, attach_log_file, autocast,
-                   broadcast_object, close_logging, format_duration, gather_objects, load_checkpoint,
-                   load_env_files, max_over_ranks, pick_device, pick_dtype, read_metrics, rng_state, run_command,
-                   same_on_all_ranks, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
-                   setup_logging, teardown_distributed, trim_metrics)
+from optimizer import LRSchedule, Muon, load_optimizer_states
+from session import Session, StepClock, run_command
+from tracking import read_metrics, trim_metrics, wandb_settings
+from utils import format_duration
 
 SOURCES = ("live", "dump")
+DIVERGED_ADVICE = "Lower --lr or --muon_lr, or set --grad_clip, then start again"
 
 _what = section("what to explain")
 _lens = section("the lens")
@@ -77,7 +79,7 @@ _runtime = section("runtime")
 
 
 @dataclass
-class LensConfig:
+class LensConfig(OptimSettings):
     run_dir: str = _what("", "the text model's run directory (runs/<run>) or checkpoint")
     layer: int = _what(-1, "explain the residual stream after this block (-1: the middle block, num_blocks // 2)")
     source: str = _what("live", "live (computed from the train split as needed) | dump (activations.py dump)")
@@ -87,6 +89,8 @@ class LensConfig:
     run_name: str = _what("", "the lens's name (default layer<L>-t<t_text>)")
     save_model_dir: str = _what("", "where lenses live (default <run>/lens)")
     resume: str = _what("", "'auto': continue <lens dir>/last.pt if it exists")
+    claim_timeout: float = _what(300.0, "a lens directory whose writer on another host has sent no heartbeat for "
+                                        "this many seconds may be taken over")
     seed: int = _what(0, "seed for initialisation, batch order and Gumbel noise")
 
     t_text: int = _lens(8, "tokens in each explanation")
@@ -115,16 +119,12 @@ class LensConfig:
 
     max_steps: int = _optim(2000, "optimizer steps")
     batch_size: int = _optim(64, "activations per step (all ranks together)")
-    lr: float = _optim(1e-2, "AdamW learning rate (soft prompts, biases, and every matrix without Muon)")
+    lr: float = override("lr", 1e-2, "AdamW learning rate (soft prompts, biases, and every matrix without Muon)")
     use_muon: bool = _optim(True, "Muon for the projections (and an unfrozen base's block matrices)")
     muon_lr: float = _optim(0.05, "Muon learning rate (the projections)")
     weight_decay: float = _optim(0.0, "AdamW / Muon weight decay")
-    beta1: float = _optim(0.9, "AdamW beta1")
-    beta2: float = _optim(0.99, "AdamW beta2")
-    warmup_steps: int = _optim(50, "linear LR warm-up steps")
-    lr_schedule: str = _optim("cosine", "after warm-up: cosine | linear | constant")
-    min_lr_frac: float = _optim(0.1, "final LR as a fraction of the peak")
-    grad_clip: float = _optim(1.0, "clip the gradient norm (0: off)")
+    warmup_steps: int = override("warmup_steps", 50)
+    lr_schedule: str = override("lr_schedule", "cosine")  # plateau: on the held-out val_kl
 
     eval_every: int = _eval(200, "evaluate on held-out activations every N steps")
     eval_rows: int = _eval(512, "held-out activations (val split) per evaluation")
@@ -137,24 +137,25 @@ class LensConfig:
     device: str = _runtime("auto", "auto | cpu | cuda | mps")
     dtype: str = _runtime("auto", "auto (bf16 autocast on capable GPUs) | float32 | bfloat16")
 
+    # Fields that shape the lens or its optimizer state: a resumed lens keeps them (and its layers).
+    FIXED_ON_RESUME = ("t_text", "decoder_prompt", "encoder_prompt", "patch_all_layers", "seed", "use_muon",
+                       "unfreeze_decoder_step", "unfreeze_encoder_step")
+
     def validate(self) -> "LensConfig":
-        for name, choices in (("source", SOURCES), ("positions", POSITIONS), ("lr_schedule", SCHEDULES),
-                              ("device", DEVICES), ("dtype", DTYPES)):
+        self.validate_optimization()
+        for name, choices in (("source", SOURCES), ("positions", POSITIONS), ("device", DEVICES), ("dtype", DTYPES)):
             need_one_of(self, name, choices)
         for name in ("t_text", "max_steps", "batch_size", "eval_every", "eval_rows", "log_every"):
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("max_tokens", "warmup_steps", "save_every", "examples", "decoder_warmup_steps",
+        for name in ("max_tokens", "save_every", "examples", "decoder_warmup_steps",
                      "encoder_warmup_steps"):
             need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
         for name in ("lr", "muon_lr", "decoder_lr_mult", "encoder_lr_mult"):
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("weight_decay", "claim_timeout"):
             need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
         for name in ("layer", "encoder_layer", "unfreeze_decoder_step", "unfreeze_encoder_step"):
             need(getattr(self, name) >= -1, name, f"must be -1 or more, got {getattr(self, name)}")
-        need(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
-        for name in ("beta1", "beta2"):
-            need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         need(self.dtype != "float16", "dtype", "float16 would need a gradient scaler through the straight-through "
              "chain; use bfloat16 (the default on capable GPUs) or float32")
         need(self.eval_rows >= 2, "eval_rows", "the 'another sample' baseline needs at least 2 rows")
@@ -162,8 +163,7 @@ class LensConfig:
              f"{self.decoder_prompt!r} must contain the slot marker <A> once, e.g. 'explanation of <A>:'")
         need(self.encoder_prompt.count("<T>") == 1, "encoder_prompt",
              f"{self.encoder_prompt!r} must contain the text marker <T> once, e.g. '<T> explains:'")
-        need("/" not in self.run_name and self.run_name not in (".", ".."), "run_name",
-             f"{self.run_name!r} is a path; give a name (--save_model_dir says where)")
+        need_name(self.run_name, "run_name")
         need(self.resume in ("", "auto"), "resume", f"{self.resume!r}: the only value is auto")
         for name in ("tau", "kl_weight", "mse_weight", "alpha", "entropy_weight"):
             schedule = Schedule.parse(getattr(self, name), name, self.max_steps)
@@ -567,6 +567,7 @@ class Optimizers:
 
     def __init__(self, cfg: LensConfig, lens: ConsistencyLens):
         self.cfg = cfg
+        self.schedule = LRSchedule(cfg, cfg.max_steps)
         adamw, muon = build_optimizers(cfg, list(lens.named_parameters()))
         fused = lens.decoder_in.weight.is_cuda or None
         self.adamw = torch.optim.AdamW(adamw, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
@@ -586,7 +587,7 @@ class Optimizers:
         return [self.adamw] + ([self.muon] if self.muon is not None else [])
 
     def set_lr(self, step: int) -> float:
-        multiplier = lr_multiplier(step, self.cfg, self.cfg.max_steps)
+        multiplier = self.schedule(step)
         for optimizer in self.all():
             for group in optimizer.param_groups:
                 warm, part = 1.0, group["part"]
@@ -605,10 +606,7 @@ class Optimizers:
         return [optimizer.state_dict() for optimizer in self.all()]
 
     def load_state_dict(self, states: list[dict]) -> None:
-        for optimizer, state in zip(self.all(), states):
-            optimizer.load_state_dict(state)
-            for group in optimizer.param_groups:
-                apply_settings(self.cfg, group)
+        load_optimizer_states(self.all(), states)  # the groups keep today's settings (apply_settings)
 
 
 def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
@@ -672,12 +670,8 @@ def activation_statistics(lens: ConsistencyLens, run: Run, cfg: LensConfig, rows
 def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
     """Trains one lens (every rank of a torchrun job calls this); returns the final metrics and
     where the lens lives. Bad input raises ConfigError / CheckpointError before anything is written."""
-    started = time.perf_counter()
-    load_env_files()
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    dist = setup_distributed(device.type)
-    log = setup_logging(dist.is_main)
-    try:
+    with Session(cfg.device, cfg.dtype) as session:
+        log, dist, device, dtype = session.log, session.dist, session.device, session.dtype
         run = load_run(cfg.run_dir, device=str(device))
         for p in run.model.parameters():
             p.requires_grad_(False)  # the original model is only read
@@ -689,26 +683,17 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
             if "mean_square" not in checkpoint.get("model", {}):
                 raise CheckpointError(f"{out_dir}/last.pt is not a lens checkpoint; pass another --run_name")
             saved = checkpoint["config"]
-            for key in ("t_text", "decoder_prompt", "encoder_prompt", "patch_all_layers", "seed", "use_muon",
-                        "unfreeze_decoder_step", "unfreeze_encoder_step"):
-                if key in explicit and getattr(cfg, key) != saved[key]:
-                    raise ConfigError(f"--{key}: a resumed lens keeps its checkpoint's {key} ({saved[key]!r})")
             for key, now, then in zip(("layer", "encoder_layer"), resolve_layers(cfg, run),
                                       resolve_layers(LensConfig(**saved), run)):
-                if key in explicit and now != then:
+                if key in explicit and now != then:  # -1 means the middle block: compare the blocks meant
                     raise ConfigError(f"--{key}: a resumed lens keeps its checkpoint's {key} ({then})")
             if checkpoint["model_step"] != run.step:
                 raise ConfigError(f"--resume: this lens was trained on the model at step {checkpoint['model_step']}, "
                                   f"but {run.checkpoint_path} now holds step {run.step}; start a new lens (--run_name)")
-            cfg = LensConfig(**{**saved, **{k: getattr(cfg, k) for k in explicit}}).validate()
-        taken = broadcast_object(dist.is_main and os.path.isdir(out_dir) and bool(os.listdir(out_dir)))
-        if taken and checkpoint is None and cfg.resume != "auto":
-            raise ConfigError(f"--run_name: {out_dir} already holds a lens; pass another --run_name, or --resume auto "
-                              f"to continue it")
+            cfg = resumed_config(cfg, saved, explicit, "lens")
         if cfg.batch_size % dist.world_size or cfg.batch_size < 2 * dist.world_size:
             raise ConfigError(f"--batch_size: {cfg.batch_size} rows do not split into {dist.world_size} rank(s) of at "
                               f"least 2 (the resample ablation pairs each row with another of its rank)")
-        dtype = pick_dtype(cfg.dtype, device)
         seed_everything(cfg.seed)
         lens = build_lens(cfg, run)
         source = train_source(cfg, run, lens.layer, dist.rank, dist.world_size)
@@ -716,189 +701,174 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
                                                            cfg.seed + 1, cfg.dtype)
         fluency_prefix = torch.tensor([encode_exactly(run, cfg.fluency_prefix, "fluency_prefix")], device=device)
         activation_statistics(lens, run, cfg)
-        if dist.is_main:
-            os.makedirs(out_dir, exist_ok=True)
-    except (ConfigError, CheckpointError):
-        close_logging(log)
-        teardown_distributed()
-        raise
-    if dist.is_main:
-        attach_log_file(log, os.path.join(out_dir, "train.log"))
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        session.claim_directory(out_dir, cfg.resume == "auto", f"--run_name: {out_dir} already holds a lens; pass "
+                                f"another --run_name, or --resume auto to continue it", cfg.to_dict(), cfg.claim_timeout)
 
-    schedules = {name: cfg.schedule(name) for name in ("tau", "kl_weight", "mse_weight", "alpha", "entropy_weight")}
-    optimizers = Optimizers(cfg, lens)
-    step, elapsed_before = 0, 0.0
+        schedules = {name: cfg.schedule(name) for name in ("tau", "kl_weight", "mse_weight", "alpha", "entropy_weight")}
+        optimizers = Optimizers(cfg, lens)
+        step, elapsed_before = 0, 0.0
 
-    def unfreeze_due(step_: int) -> None:
-        for part in ("decoder", "encoder"):
-            at = getattr(cfg, f"unfreeze_{part}_step")
-            if at >= 0 and step_ >= at and getattr(lens, f"{part}_base") is None:
-                optimizers.add_base(lens.unfreeze(part), part)
-                if step_ == at:
-                    log.info(f"step {step_}: the {part} gets its own copy of the base "
-                             f"(lr x {getattr(cfg, f'{part}_lr_mult')}, warm-up "
-                             f"{getattr(cfg, f'{part}_warmup_steps')} steps)")
+        def unfreeze_due(step_: int) -> None:
+            for part in ("decoder", "encoder"):
+                at = getattr(cfg, f"unfreeze_{part}_step")
+                if at >= 0 and step_ >= at and getattr(lens, f"{part}_base") is None:
+                    optimizers.add_base(lens.unfreeze(part), part)
+                    if step_ == at:
+                        log.info(f"step {step_}: the {part} gets its own copy of the base "
+                                 f"(lr x {getattr(cfg, f'{part}_lr_mult')}, warm-up "
+                                 f"{getattr(cfg, f'{part}_warmup_steps')} steps)")
 
-    if checkpoint is not None:
-        step, elapsed_before = checkpoint["step"], checkpoint["elapsed_seconds"]
-        # The copies first, so that their weights and optimizer groups have a place, in the order the
-        # run made them (optimizer states line up by position, and the two copies have one shape).
-        for part in sorted(("decoder", "encoder"), key=lambda part: getattr(cfg, f"unfreeze_{part}_step")):
-            if any(k.startswith(f"{part}_base.") for k in checkpoint["model"]):
-                optimizers.add_base(lens.unfreeze(part), part)
-        lens.load_state_dict(checkpoint["model"])
-        optimizers.load_state_dict(checkpoint["optimizers"])
-        if len(checkpoint["rng"]) == dist.world_size:
-            set_rng_state(checkpoint["rng"][dist.rank])
-    def trainable() -> list[nn.Parameter]:  # grows when a base unfreezes
-        return [p for p in lens.parameters() if p.requires_grad and p.numel()]
+        if checkpoint is not None:
+            step, elapsed_before = checkpoint["step"], checkpoint["elapsed_seconds"]
+            # The copies first, so that their weights and optimizer groups have a place, in the order the
+            # run made them (optimizer states line up by position, and the two copies have one shape).
+            for part in sorted(("decoder", "encoder"), key=lambda part: getattr(cfg, f"unfreeze_{part}_step")):
+                if any(k.startswith(f"{part}_base.") for k in checkpoint["model"]):
+                    optimizers.add_base(lens.unfreeze(part), part)
+            lens.load_state_dict(checkpoint["model"])
+            optimizers.load_state_dict(checkpoint["optimizers"])
+            optimizers.schedule.load_state_dict(checkpoint.get("lr_schedule"))
+            if len(checkpoint["rng"]) == dist.world_size:
+                set_rng_state(checkpoint["rng"][dist.rank])
 
-    count = sum(p.numel() for p in trainable())
-    log.info(f"consistency lens on blocks.{lens.layer}.hook_resid_post of {cfg.run_dir} "
-             f"(checkpoint {run.checkpoint_path}, step {run.step}) -> {out_dir}")
-    log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
-    log.info(f"d={lens.mean_act.numel()} | {count:,} trainable parameters (base frozen and shared) | "
-             f"decoder prompt {len(lens.decoder_left) + 1 + len(lens.decoder_right)} positions, encoder prompt "
-             f"{len(lens.encoder_left) + len(lens.encoder_right)} + {cfg.t_text} | {cfg.source} source, "
-             f"{source.num_rows:,} train activations | {cfg.batch_size}/step on {dist.world_size} rank(s) | "
-             f"eval on {sum(len(b.acts) for b in eval_batches):,} val activations | dtype {dtype}"
-             + (f" | resumed at step {step}" if checkpoint is not None else ""))
+        def trainable() -> list[nn.Parameter]:  # grows when a base unfreezes
+            return [p for p in lens.parameters() if p.requires_grad and p.numel()]
 
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    explanations_path = os.path.join(out_dir, "explanations.jsonl")
-    wandb_settings = None
-    if cfg.wandb_enabled:
-        wandb_settings = {"project": cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
-                          "name": os.path.basename(out_dir), "dir": out_dir, "config": cfg.to_dict()}
-    metrics_log = MetricsLog(metrics_path, dist.is_main, log, step, wandb_settings,
-                             checkpoint.get("wandb_id") if checkpoint else None)
-    if dist.is_main:
-        trim_metrics(explanations_path, step)
+        count = sum(p.numel() for p in trainable())
+        log.info(f"consistency lens on blocks.{lens.layer}.hook_resid_post of {cfg.run_dir} "
+                 f"(checkpoint {run.checkpoint_path}, step {run.step}) -> {out_dir}")
+        log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
+        log.info(f"d={lens.mean_act.numel()} | {count:,} trainable parameters (base frozen and shared) | "
+                 f"decoder prompt {len(lens.decoder_left) + 1 + len(lens.decoder_right)} positions, encoder prompt "
+                 f"{len(lens.encoder_left) + len(lens.encoder_right)} + {cfg.t_text} | {cfg.source} source, "
+                 f"{source.num_rows:,} train activations | {cfg.batch_size}/step on {dist.world_size} rank(s) | "
+                 f"eval on {sum(len(b.acts) for b in eval_batches):,} val activations | dtype {dtype}"
+                 + (f" | resumed at step {step}" if checkpoint is not None else ""))
 
-    contexts = [show_context(run, held_out_source.tokens[s], p)
-                for s, p in zip(*(column[:cfg.examples].tolist() for column in located[0]))]
+        explanations_path = os.path.join(out_dir, "explanations.jsonl")
+        tracker = session.tracker(out_dir, step, wandb_settings(cfg.wandb_project, os.path.basename(out_dir), out_dir,
+                                                                cfg.to_dict()) if cfg.wandb_enabled else None,
+                                  checkpoint.get("wandb_id") if checkpoint else None)
+        if session.is_main:
+            trim_metrics(explanations_path, step)
+        checkpointer = session.checkpointer(out_dir, cfg.max_steps, last=(os.path.join(out_dir, "last.pt"), step)
+                                            if checkpoint is not None else None, advice=DIVERGED_ADVICE)
+        clock = StepClock(cfg.max_steps, elapsed_before)
 
-    def run_eval(tau: float) -> dict:
-        with autocast(device, dtype):  # as the held-out batches' reference was computed
-            metrics, explanations = evaluate(lens, eval_batches)
-        if dist.is_main and cfg.examples:
-            texts = [run.data.decode(ids.tolist()) for ids in explanations[0][:cfg.examples]]
-            with open(explanations_path, "a") as f:
-                f.write(json.dumps({"step": step, "tau": tau, "contexts": contexts, "explanations": texts}) + "\n")
-        return metrics
+        contexts = [show_context(run, held_out_source.tokens[s], p)
+                    for s, p in zip(*(column[:cfg.examples].tolist() for column in located[0]))]
 
-    def save() -> None:
-        rng, windows = gather_objects(rng_state()), gather_objects(dict(window))
-        if dist.is_main:
-            save_checkpoint({"model": lens.state_dict(), "optimizers": optimizers.state_dict(), "step": step,
-                             "rng": rng, "config": cfg.to_dict(),
-                             "elapsed_seconds": elapsed_before + time.perf_counter() - t0,
-                             "wandb_id": metrics_log.wandb_id,
-                             "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step,
-                             "window": windows},
-                            os.path.join(out_dir, "last.pt"))
+        def run_eval(tau: float) -> dict:
+            with autocast(device, dtype):  # as the held-out batches' reference was computed
+                metrics, explanations = evaluate(lens, eval_batches)
+            if session.is_main and cfg.examples:
+                texts = [run.data.decode(ids.tolist()) for ids in explanations[0][:cfg.examples]]
+                with open(explanations_path, "a") as f:
+                    f.write(json.dumps({"step": step, "tau": tau, "contexts": contexts, "explanations": texts}) + "\n")
+            return metrics
 
-    # ---- the loop
-    t0 = time.perf_counter()
-    # Sums since the last log line, per term with its own row count (a term switched off part-way,
-    # such as fluency at alpha 0, is averaged over the steps that had it). A resumed run carries
-    # them over from the checkpoint, so its next line averages the same steps as an unbroken run's.
-    keys = ("loss", "kl", "mse", "fluency", "entropy")
-    window = dict.fromkeys(keys + tuple(f"{k}_rows" for k in keys), 0.0)
-    if checkpoint is not None and len(checkpoint["window"]) == dist.world_size:
-        window = checkpoint["window"][dist.rank]
-    timed_steps, window_start = 0, time.perf_counter()  # for ms/step: the steps this process ran
-    last_eval, interrupted = {}, 0
-    with StopSignals() as signals:
-        while step < cfg.max_steps:
-            unfreeze_due(step)
-            lr = optimizers.set_lr(step)
-            weights = {name: schedule(step) for name, schedule in schedules.items()}
-            if isinstance(source, TokenSource):  # A from the forward pass prepare runs anyway
-                sequence, position = source.locate(step)
-                acts = None
-            else:
-                rows = source.batch(step)
-                sequence, position, acts = rows.sequence.cpu(), rows.position, rows.acts
-            batch = prepare(run.model, lens.layer, source.tokens[sequence], position, acts, device, dtype)
-            # Gumbel noise from (seed, step, rank): a resumed lens draws what it would have drawn.
-            generator = None
-            if cfg.gumbel_noise:
-                generator = torch.Generator(device=device).manual_seed(
-                    _step_seed(cfg.seed, 31, step * dist.world_size + dist.rank))
-            with autocast(device, dtype):
-                loss, parts, _ = lens_losses(lens, batch, weights["tau"], weights, fluency_prefix,
-                                             cfg.resample_ablation, generator)
-            loss.backward()
-            params = trainable()
-            if dist.enabled:
-                average_gradients(params, dist.world_size)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf")))
-            optimizers.step()
-            step += 1
-            timed_steps += 1
-            for key, value in (("loss", float(loss.detach())), *parts.items()):
-                window[key] += value * len(batch.acts)
-                window[f"{key}_rows"] += len(batch.acts)
+        def state() -> dict:
+            return {"model": lens.state_dict(), "optimizers": optimizers.state_dict(), "step": step,
+                    "lr_schedule": optimizers.schedule.state_dict(), "config": cfg.to_dict(),
+                    "elapsed_seconds": clock.elapsed(), "wandb_id": tracker.wandb_id,
+                    "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step,
+                    "window": gather_objects(dict(window))}
 
-            log_due = step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps
-            record = {}
-            if log_due:
-                sums = all_reduce_sum(window, device)
-                seconds = time.perf_counter() - window_start
-                record = {"step": step, **{f"train_{k}": sums[k] / sums[f"{k}_rows"] for k in keys if sums[f"{k}_rows"]},
-                          "tau": weights["tau"], "lr": lr, "grad_norm": grad_norm,
-                          "ms_per_step": 1000 * seconds / timed_steps,
-                          "rows_per_sec": timed_steps * cfg.batch_size / seconds}
-                eta = (cfg.max_steps - step) * seconds / timed_steps
-                log.info(f"step {step:>6}/{cfg.max_steps} | loss {record['train_loss']:.4f} | kl {record['train_kl']:.4f} | "
-                         f"mse {record['train_mse']:.4f}"
-                         + (f" | fluency {record['train_fluency']:.3f}" if "train_fluency" in record else "")
-                         + f" | entropy {record['train_entropy']:.2f} | tau {weights['tau']:.3f} | lr {lr:.2e} | "
-                         f"{record['ms_per_step']:.1f} ms/step | {record['rows_per_sec']:,.0f} rows/s | "
-                         f"{format_duration(time.perf_counter() - t0)}, ETA {format_duration(eta)}")
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                last_eval = run_eval(weights["tau"])
-                record = {"step": step, **record, **last_eval}
-                log.info(f"eval {step:>6} | kl {last_eval['val_kl']:.4f} (mean A {last_eval['val_kl_mean']:.4f}, "
-                         f"other A {last_eval['val_kl_random']:.4f}) | mse {last_eval['val_mse']:.4f} "
-                         f"(mean A {last_eval['val_mse_mean']:.4f}, other A {last_eval['val_mse_random']:.4f}) | "
-                         f"fve {last_eval['val_fve']:.4f}")
-            if record:
-                record["elapsed_seconds"] = round(elapsed_before + time.perf_counter() - t0, 3)
-                metrics_log.write(record)
-            if log_due:
-                window, timed_steps, window_start = dict.fromkeys(window, 0.0), 0, time.perf_counter()
-            if cfg.save_every and step % cfg.save_every == 0:
-                save()
-            signum = max_over_ranks(signals.received, dist)
-            if signum and step < cfg.max_steps:
-                interrupted = signum
-                log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
-                break
-        save()
-    if dist.enabled:
-        if same_on_all_ranks([p.detach() for p in trainable()]):
-            log.info(f"lens weights identical on all {dist.world_size} ranks")
+        # ---- the loop
+        # Sums since the last log line, per term with its own row count (a term switched off part-way,
+        # such as fluency at alpha 0, is averaged over the steps that had it). A resumed run carries
+        # them over from the checkpoint, so its next line averages the same steps as an unbroken run's.
+        keys = ("loss", "kl", "mse", "fluency", "entropy")
+        window = dict.fromkeys(keys + tuple(f"{k}_rows" for k in keys), 0.0)
+        if checkpoint is not None and len(checkpoint["window"]) == dist.world_size:
+            window = checkpoint["window"][dist.rank]
+        last_eval, interrupted = {}, 0
+        with session.stop_signals():
+            while step < cfg.max_steps:
+                unfreeze_due(step)
+                lr = optimizers.set_lr(step)
+                weights = {name: schedule(step) for name, schedule in schedules.items()}
+                if isinstance(source, TokenSource):  # A from the forward pass prepare runs anyway
+                    sequence, position = source.locate(step)
+                    acts = None
+                else:
+                    rows = source.batch(step)
+                    sequence, position, acts = rows.sequence.cpu(), rows.position, rows.acts
+                batch = prepare(run.model, lens.layer, source.tokens[sequence], position, acts, device, dtype)
+                # Gumbel noise from (seed, step, rank): a resumed lens draws what it would have drawn.
+                generator = None
+                if cfg.gumbel_noise:
+                    generator = torch.Generator(device=device).manual_seed(
+                        _step_seed(cfg.seed, 31, step * dist.world_size + dist.rank))
+                with autocast(device, dtype):
+                    loss, parts, _ = lens_losses(lens, batch, weights["tau"], weights, fluency_prefix,
+                                                 cfg.resample_ablation, generator)
+                loss.backward()
+                params = trainable()
+                if dist.enabled:
+                    average_gradients(params, dist.world_size)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+                optimizers.step()
+                step += 1
+                clock.tick()
+                checkpointer.watch(step, loss.detach() + grad_norm)
+                for key, value in (("loss", float(loss.detach())), *parts.items()):
+                    window[key] += value * len(batch.acts)
+                    window[f"{key}_rows"] += len(batch.acts)
+
+                log_due = step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps
+                eval_due = step % cfg.eval_every == 0 or step == cfg.max_steps
+                save_due = cfg.save_every and step % cfg.save_every == 0
+                if log_due or eval_due or save_due:
+                    checkpointer.check(step, trainable())  # before anything is logged as good or saved
+                record = {}
+                if log_due:
+                    sums = all_reduce_sum(window, device)
+                    ms_per_step, rows_per_sec = clock.report(cfg.batch_size)
+                    record = {"step": step,
+                              **{f"train_{k}": sums[k] / sums[f"{k}_rows"] for k in keys if sums[f"{k}_rows"]},
+                              "tau": weights["tau"], "lr": lr, "grad_norm": float(grad_norm),
+                              "ms_per_step": ms_per_step, "rows_per_sec": rows_per_sec}
+                    log.info(f"step {step:>6}/{cfg.max_steps} | loss {record['train_loss']:.4f} | "
+                             f"kl {record['train_kl']:.4f} | mse {record['train_mse']:.4f}"
+                             + (f" | fluency {record['train_fluency']:.3f}" if "train_fluency" in record else "")
+                             + f" | entropy {record['train_entropy']:.2f} | tau {weights['tau']:.3f} | lr {lr:.2e} | "
+                             f"{ms_per_step:.1f} ms/step | {rows_per_sec:,.0f} rows/s | {clock.progress(step)}")
+                    window = dict.fromkeys(window, 0.0)
+                with clock.paused():  # evals and checkpoints stay out of ms/step and rows/s
+                    if eval_due:
+                        last_eval = run_eval(weights["tau"])
+                        record = {"step": step, **record, **last_eval}
+                        log.info(f"eval {step:>6} | kl {last_eval['val_kl']:.4f} (mean A {last_eval['val_kl_mean']:.4f}, "
+                                 f"other A {last_eval['val_kl_random']:.4f}) | mse {last_eval['val_mse']:.4f} "
+                                 f"(mean A {last_eval['val_mse_mean']:.4f}, other A {last_eval['val_mse_random']:.4f}) | "
+                                 f"fve {last_eval['val_fve']:.4f}")
+                        if optimizers.schedule.observe(last_eval["val_kl"]):
+                            log.info(f"plateau: LR x {optimizers.schedule.factor:.3g} of its schedule from step {step + 1}")
+                    if record:
+                        tracker.write({**record, "elapsed_seconds": round(clock.elapsed(), 3)})
+                    if save_due:
+                        checkpointer.save("last.pt", step, state(), trainable())
+                signum = session.agreed_stop_signal()
+                if signum and step < cfg.max_steps:
+                    interrupted = signum
+                    log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
+                    break
+            checkpointer.save("last.pt", step, state(), trainable())
+        session.report_replicas(trainable(), "lens weights")
+        if session.is_main:
+            plot_lens_curves(tracker.path, os.path.join(out_dir, "curves.png"), title=os.path.basename(out_dir))
+            plot_explanations(explanations_path, os.path.join(out_dir, "explanations.png"))
+        seconds = session.seconds()
+        summary = {"lens_dir": out_dir, "steps": step, "seconds": seconds,
+                   "interrupted": signal.Signals(interrupted).name if interrupted else None, **last_eval}
+        if interrupted:
+            log.info(f"interrupted at step {step}; last.pt saved. Continue with the same command and --resume auto")
         else:
-            log.warning("warning: the lens weights differ between ranks; last.pt holds rank 0's")
-    if dist.is_main:
-        plot_lens_curves(metrics_path, os.path.join(out_dir, "curves.png"), title=os.path.basename(out_dir))
-        plot_explanations(explanations_path, os.path.join(out_dir, "explanations.png"))
-    seconds = time.perf_counter() - started
-    summary = {"lens_dir": out_dir, "steps": step, "seconds": seconds,
-               "interrupted": signal.Signals(interrupted).name if interrupted else None, **last_eval}
-    if interrupted:
-        log.info(f"interrupted at step {step}; last.pt saved. Continue with the same command and --resume auto")
-    else:
-        log.info(f"done: {step} steps in {format_duration(seconds)} | "
-                 + (f"val kl {last_eval['val_kl']:.4f} | val fve {last_eval['val_fve']:.4f} | " if last_eval else "")
-                 + f"report: python lens.py eval {out_dir}")
-    metrics_log.finish(interrupted)
-    close_logging(log)
-    teardown_distributed(barrier=True)
+            log.info(f"done: {step} steps in {format_duration(seconds)} | "
+                     + (f"val kl {last_eval['val_kl']:.4f} | val fve {last_eval['val_fve']:.4f} | " if last_eval else "")
+                     + f"report: python lens.py eval {out_dir}")
+        session.finish_tracking(128 + interrupted if interrupted else 0, preempted=bool(interrupted))
     return summary
 
 
@@ -968,7 +938,7 @@ def load_lens(path: str, device: str = "auto") -> tuple[ConsistencyLens, LensCon
     checkpoint = load_checkpoint(path)
     if "mean_square" not in checkpoint.get("model", {}):
         raise CheckpointError(f"{path} is not a lens checkpoint; pass <run>/lens/<name>")
-    cfg = LensConfig(**checkpoint["config"])
+    cfg = config_from_dict(checkpoint["config"], cls=LensConfig)
     model_path = checkpoint["model_checkpoint"]
     if not os.path.isfile(model_path):  # moved: the run directory two levels up (<run>/lens/<name>/last.pt)
         model_path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))

@@ -1,4 +1,5 @@
-"""Optimizers and schedules: parameter groups, Muon (ours) + AdamW, warm-up and decay, early stopping."""
+"""Optimizers and schedules: parameter groups, Muon (ours) + AdamW, warm-up and decay (or cuts on a
+plateau of the eval loss), restoring optimizer state under today's settings, early stopping."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
-from config import Config
+from config import Config, OptimSettings
 
 # Quintic Newton–Schulz coefficients from Keller Jordan's Muon (also torch.optim.Muon's defaults).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -174,8 +175,9 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
 
 def load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:
     """Restores moments and step counts from a checkpoint, but keeps the hyperparameters (LR, weight
-    decay, betas, momentum) that `build_optimizers` took from the current config, so flags typed
-    at resume time take effect."""
+    decay, betas, momentum, the peak `initial_lr` and any other entry of a group) that the optimizers
+    were built with from today's settings, so flags typed at resume time take effect. Every trainer
+    resumes its optimizers through this; a checkpoint whose optimizers do not fit raises ValueError."""
     if len(states) != len(optimizers):
         raise ValueError(f"the checkpoint has {len(states)} optimizers, this config builds {len(optimizers)}")
     for optimizer, state in zip(optimizers, states):
@@ -185,11 +187,12 @@ def load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[
             group.update(settings)
 
 
-def lr_multiplier(step: int, cfg: Config, max_steps: int) -> float:
-    """Linear warm-up over warmup_steps, then cosine / linear decay to min_lr_frac, or constant."""
+def lr_multiplier(step: int, cfg: OptimSettings, max_steps: int) -> float:
+    """Linear warm-up over warmup_steps, then cosine / linear decay to min_lr_frac, or constant
+    (also the plateau schedule's shape: its cuts are LRSchedule's)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
+    if cfg.lr_schedule in ("constant", "plateau"):
         return 1.0
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
     if cfg.lr_schedule == "cosine":
@@ -203,6 +206,43 @@ def apply_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * multiplier
+
+
+class LRSchedule:
+    """The LR multiplier of every step: `lr_multiplier`'s warm-up and decay, and for
+    `--lr_schedule plateau` a factor cut by `plateau_factor` (never below `min_lr_frac`) whenever
+    `plateau_patience` evals in a row have not improved the program's own eval loss by more than
+    `min_delta` (as torch's ReduceLROnPlateau, without cooldown). `observe` takes each eval's loss;
+    the state goes into the checkpoint, so a resumed run cuts where an unbroken one would."""
+
+    def __init__(self, settings: OptimSettings, max_steps: int):
+        self.settings, self.max_steps = settings, max_steps
+        self.factor, self.best, self.bad_evals = 1.0, math.inf, 0
+
+    def __call__(self, step: int) -> float:
+        return lr_multiplier(step, self.settings, self.max_steps) * self.factor
+
+    def observe(self, eval_loss: float) -> bool:
+        """Records one eval; True when it cut the learning rate."""
+        if self.settings.lr_schedule != "plateau":
+            return False
+        if eval_loss < self.best - self.settings.min_delta:
+            self.best, self.bad_evals = eval_loss, 0
+            return False
+        self.bad_evals += 1
+        if self.bad_evals < self.settings.plateau_patience or self.factor <= self.settings.min_lr_frac:
+            return False
+        self.factor = max(self.settings.min_lr_frac, self.factor * self.settings.plateau_factor)
+        self.bad_evals = 0
+        return True
+
+    def state_dict(self) -> dict:
+        return {"factor": self.factor, "best": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """A checkpoint's state; None (one written before the plateau schedule existed) starts afresh."""
+        if state:
+            self.factor, self.best, self.bad_evals = state["factor"], state["best"], state["bad_evals"]
 
 
 class EarlyStopping:

@@ -26,12 +26,10 @@ model at the hook: (CE_zero_ablation - CE_sae) / (CE_zero_ablation - CE_clean).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,17 +40,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from activations import (POSITIONS, DumpSource, LiveSource, Sequences, capture, default_dump_dir,
                          hook_width, rows_of, split_sequences)
-from config import DEVICES, DTYPES, SCHEDULES, ConfigError, need, need_one_of, parse_flags, section
+from checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
+from config import (DEVICES, DTYPES, ConfigError, OptimSettings, config_from_dict, need, need_name, need_one_of,
+                    override, parse_flags, resumed_config, section)
 from data import IGNORE
+from distributed import all_reduce_sum, gather_to_main
 from interp import fourier_losses, load_run, neuron_frequencies
-from optimizer import apply_lr, lr_multiplier
-from utils import (CheckpointError, MetricsLog, StopSignals, all_reduce_sum, attach_log_file, broadcast_object,
-                   close_logging, format_duration, gather_objects, gather_to_main, load_checkpoint, load_env_files,
-                   max_over_ranks, pick_device, pick_dtype, read_metrics, rng_state, run_command, same_on_all_ranks,
-                   save_checkpoint, seed_everything, set_rng_state, setup_distributed, setup_logging,
-                   teardown_distributed)
+from optimizer import LRSchedule, apply_lr, load_optimizer_states
+from session import Session, StepClock, run_command
+from tracking import read_metrics, wandb_settings
 
 ARCHS = ("relu", "topk")
+DIVERGED_ADVICE = "Lower --lr or set --grad_clip, then start again"
 SOURCES = ("live", "dump")
 
 _what = section("what to train on")
@@ -63,7 +62,7 @@ _runtime = section("runtime")
 
 
 @dataclass
-class SAEConfig:
+class SAEConfig(OptimSettings):
     run_dir: str = _what("", "the model's run directory (runs/<run>) or checkpoint")
     hook: str = _what("", "hook point whose activations to reconstruct, e.g. blocks.0.mlp.hook_post")
     positions: str = _what("answer", "answer (the positions the loss reads) | all (every token)")
@@ -71,8 +70,11 @@ class SAEConfig:
     dump: str = _what("", "with --source dump: the dump directory (default <run>/activations/<hook>/train-<positions>)")
     max_tokens: int = _what(0, "with --source live: use only the first N tokens of the train split (0: all)")
     buffer_rows: int = _what(65536, "with --source live: rows in the shuffling buffer")
-    name: str = _what("", "the SAE's name: it lives in <run>/sae/<name> (empty: <hook>-<arch>-<dict_size>)")
-    resume: str = _what("", "'auto': continue <run>/sae/<name>/last.pt if it exists")
+    run_name: str = _what("", "the SAE's name (empty: <hook>-<arch>-<dict_size>)", aliases=("--name",))
+    save_model_dir: str = _what("", "where SAEs live (empty: <run>/sae); the SAE is <save_model_dir>/<run_name>")
+    resume: str = _what("", "'auto': continue <save_model_dir>/<run_name>/last.pt if it exists")
+    claim_timeout: float = _what(300.0, "an SAE directory whose writer on another host has sent no heartbeat for "
+                                        "this many seconds may be taken over")
     seed: int = _what(0, "seed for initialisation and batch order")
 
     arch: str = _dictionary("relu", "relu (L1 penalty) | topk (k active features, AuxK for dead ones)")
@@ -89,13 +91,11 @@ class SAEConfig:
 
     max_steps: int = _optim(3000, "optimizer steps")
     batch_size: int = _optim(4096, "rows per step (all ranks together)")
-    lr: float = _optim(1e-3, "Adam learning rate (peak)")
-    beta1: float = _optim(0.9, "Adam beta1")
-    beta2: float = _optim(0.999, "Adam beta2")
-    warmup_steps: int = _optim(100, "linear LR warm-up steps")
-    lr_schedule: str = _optim("cosine", "after warm-up: cosine | linear | constant")
-    min_lr_frac: float = _optim(0.1, "final LR as a fraction of the peak")
-    grad_clip: float = _optim(1.0, "clip the gradient norm (0: off)")
+    lr: float = override("lr", 1e-3, "Adam learning rate (peak)")
+    beta1: float = override("beta1", 0.9, "Adam beta1")
+    beta2: float = override("beta2", 0.999, "Adam beta2")
+    warmup_steps: int = override("warmup_steps", 100)
+    lr_schedule: str = override("lr_schedule", "cosine")  # plateau: on the held-out mse
 
     eval_every: int = _eval(500, "evaluate on held-out rows every N steps")
     eval_tokens: int = _eval(32768, "tokens of the val split used for evaluation (0: all)")
@@ -107,24 +107,27 @@ class SAEConfig:
     device: str = _runtime("auto", "auto | cpu | cuda | mps")
     dtype: str = _runtime("auto", "precision of the model's forward pass (the SAE trains in float32)")
 
+    # Fields that shape the SAE, its data or its live buffer (in the checkpoint): a resumed SAE keeps them.
+    FIXED_ON_RESUME = ("hook", "positions", "arch", "dict_size", "expansion", "k", "normalize", "source", "seed",
+                       "buffer_rows", "max_tokens")
+    RENAMED = {"name": "run_name"}  # the keys of SAE checkpoints written before the rename
+
     def validate(self) -> "SAEConfig":
+        self.validate_optimization()
         for name, choices in (("arch", ARCHS), ("source", SOURCES), ("positions", POSITIONS),
-                              ("lr_schedule", SCHEDULES), ("device", DEVICES), ("dtype", DTYPES)):
+                              ("device", DEVICES), ("dtype", DTYPES)):
             need_one_of(self, name, choices)
         need(bool(self.hook), "hook", "name the hook point, e.g. --hook blocks.0.mlp.hook_post")
         for name in ("max_steps", "batch_size", "k", "eval_every", "log_every", "buffer_rows", "dead_rows"):
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
-        for name in ("dict_size", "l1_warmup_steps", "resample_every", "aux_k", "warmup_steps", "save_every",
+        for name in ("dict_size", "l1_warmup_steps", "resample_every", "aux_k", "save_every",
                      "eval_tokens", "max_tokens"):
             need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
         for name in ("expansion", "lr"):
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        for name in ("l1_coefficient", "aux_coefficient", "grad_clip"):
+        for name in ("l1_coefficient", "aux_coefficient", "claim_timeout"):
             need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
-        need(0 <= self.min_lr_frac <= 1, "min_lr_frac", f"must be in [0, 1], got {self.min_lr_frac}")
-        for name in ("beta1", "beta2"):
-            need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
-        need("/" not in self.name and self.name not in (".", ".."), "name", f"{self.name!r} is a path; give a name")
+        need_name(self.run_name, "run_name")
         need(self.resume in ("", "auto"), "resume", f"{self.resume!r}: the only value is auto")
         return self
 
@@ -231,6 +234,7 @@ def update(sae: SparseAutoencoder, optimizer, x: torch.Tensor, cfg: SAEConfig, l
     """One optimizer step on rows x: loss, backward, the decoder-norm constraint, clip, step.
     Returns the loss parts (summed over rows) and the feature activations f."""
     loss, parts, f = sae_loss(sae, x, cfg, l1_weight, dead, forward)
+    parts["loss"] = loss.detach()  # for the nan guard
     loss.backward()
     sae.remove_parallel_gradient()
     if cfg.grad_clip:
@@ -302,20 +306,17 @@ def ce_recovered(model, sequences: Sequences, hook: str, replace, loss_positions
 
 
 def sae_dir(cfg: SAEConfig, d: int) -> tuple[str, str]:
+    """(where the SAE lives, its name): <save_model_dir>/<run_name>, by default <run>/sae/<hook>-<arch>-<size>."""
     base = cfg.run_dir if os.path.isdir(cfg.run_dir) else os.path.dirname(cfg.run_dir)
-    name = cfg.name or f"{cfg.hook}-{cfg.arch}-{cfg.dict_size or int(cfg.expansion * d)}"
-    return os.path.join(base, "sae", name), name
+    name = cfg.run_name or f"{cfg.hook}-{cfg.arch}-{cfg.dict_size or int(cfg.expansion * d)}"
+    return os.path.join(cfg.save_model_dir or os.path.join(base, "sae"), name), name
 
 
 def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
     """Trains one SAE (every rank of a torchrun job calls this); returns the final metrics and
     where the SAE lives. Bad input raises ConfigError / CheckpointError before anything is written."""
-    started = time.perf_counter()
-    load_env_files()  # W&B settings, as for train.py
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
-    dist = setup_distributed(device.type)
-    log = setup_logging(dist.is_main)
-    try:
+    with Session(cfg.device, cfg.dtype) as session:
+        log, dist, device, dtype = session.log, session.dist, session.device, session.dtype
         run = load_run(cfg.run_dir, device=str(device))
         for p in run.model.parameters():
             p.requires_grad_(False)  # the model is only read
@@ -324,23 +325,12 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         checkpoint = None
         if cfg.resume == "auto" and os.path.isfile(os.path.join(out_dir, "last.pt")):
             checkpoint = load_checkpoint(os.path.join(out_dir, "last.pt"))
-            saved = checkpoint["config"]
-            for key in ("hook", "positions", "arch", "dict_size", "expansion", "k", "normalize", "source", "seed",
-                        "buffer_rows", "max_tokens"):  # the last two shape the live buffer in the checkpoint
-                if key in explicit and getattr(cfg, key) != saved[key]:
-                    raise ConfigError(f"--{key}: a resumed SAE keeps its checkpoint's {key} ({saved[key]!r})")
             if checkpoint.get("model_step", run.step) != run.step:
                 raise ConfigError(f"--resume: this SAE was trained on the model at step {checkpoint['model_step']}, "
-                                  f"but {run.checkpoint_path} now holds step {run.step}; start a new SAE (--name)")
-            cfg = SAEConfig(**{**saved, **{k: getattr(cfg, k) for k in explicit}}).validate()
-        # Rank 0 decides and tells the others, which would otherwise race it to the directory.
-        taken = broadcast_object(dist.is_main and os.path.isdir(out_dir) and bool(os.listdir(out_dir)))
-        if taken and checkpoint is None and cfg.resume != "auto":
-            raise ConfigError(f"--name: {out_dir} already holds an SAE; pass another --name, or --resume auto "
-                              f"to continue it")
+                                  f"but {run.checkpoint_path} now holds step {run.step}; start a new SAE (--run_name)")
+            cfg = resumed_config(cfg, checkpoint["config"], explicit, "SAE")
         if cfg.batch_size % dist.world_size:
             raise ConfigError(f"--batch_size: {cfg.batch_size} rows do not split into {dist.world_size} ranks")
-        dtype = pick_dtype(cfg.dtype, device)
         local_batch = cfg.batch_size // dist.world_size
         if cfg.source == "dump":
             directory = cfg.dump or default_dump_dir(cfg.run_dir, cfg.hook, "train", cfg.positions)
@@ -357,172 +347,156 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                                 cfg.seed, dist.rank, dist.world_size, cfg.max_tokens, dtype=cfg.dtype)
         held_out = split_sequences(run, "val", cfg.positions, cfg.eval_tokens)
         calibration = split_sequences(run, "train", cfg.positions, 32768)  # for the input scale and b_dec
-        if dist.is_main:
-            os.makedirs(out_dir, exist_ok=True)
-    except (ConfigError, CheckpointError):
-        close_logging(log)
-        teardown_distributed()
-        raise
-    if dist.is_main:
-        attach_log_file(log, os.path.join(out_dir, "train.log"))
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        session.claim_directory(out_dir, cfg.resume == "auto", f"--run_name: {out_dir} already holds an SAE; pass "
+                                f"another --run_name, or --resume auto to continue it", cfg.to_dict(), cfg.claim_timeout)
 
-    # ---- the SAE, its optimizer, its state
-    def all_rows(seqs: Sequences) -> torch.Tensor:
-        return torch.cat([rows_of(run.model, seqs, s, s + 1024, cfg.hook, device, dtype).acts
-                          for s in range(0, len(seqs.tokens), 1024)])
+        # ---- the SAE, its optimizer, its state
+        def all_rows(seqs: Sequences) -> torch.Tensor:
+            return torch.cat([rows_of(run.model, seqs, s, s + 1024, cfg.hook, device, dtype).acts
+                              for s in range(0, len(seqs.tokens), 1024)])
 
-    eval_rows = all_rows(held_out)
-    dict_size = cfg.dict_size or int(cfg.expansion * d)
-    seed_everything(cfg.seed)  # the same initialisation on every rank
-    sae = SparseAutoencoder(d, dict_size, cfg.arch, cfg.k).to(device)
-    sae.calibrate(all_rows(calibration), cfg.normalize)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
-    rows_since_fired = torch.zeros(dict_size, dtype=torch.long, device=device)
-    step, elapsed_before = 0, 0.0
-    if checkpoint is not None:
-        sae.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizers"][0])
+        eval_rows = all_rows(held_out)
+        dict_size = cfg.dict_size or int(cfg.expansion * d)
+        seed_everything(cfg.seed)  # the same initialisation on every rank
+        sae = SparseAutoencoder(d, dict_size, cfg.arch, cfg.k).to(device)
+        sae.calibrate(all_rows(calibration), cfg.normalize)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         for group in optimizer.param_groups:
             group["initial_lr"] = cfg.lr
-        rows_since_fired = checkpoint["rows_since_fired"].to(device)
-        step, elapsed_before = checkpoint["step"], checkpoint["elapsed_seconds"]
-        states = checkpoint["source"]
-        if len(states) == dist.world_size:
-            source.load_state_dict(states[dist.rank])
-            set_rng_state(checkpoint["rng"][dist.rank])
-        elif cfg.source == "live":
-            log.warning("warning: resumed on a different number of ranks; the live buffers start afresh")
-    model = DDP(sae, device_ids=[dist.local_rank] if device.type == "cuda" else None) if dist.enabled else sae
+        schedule = LRSchedule(cfg, cfg.max_steps)
+        rows_since_fired = torch.zeros(dict_size, dtype=torch.long, device=device)
+        step, elapsed_before = 0, 0.0
+        if checkpoint is not None:
+            sae.load_state_dict(checkpoint["model"])
+            load_optimizer_states([optimizer], checkpoint["optimizers"])
+            schedule.load_state_dict(checkpoint.get("lr_schedule"))
+            rows_since_fired = checkpoint["rows_since_fired"].to(device)
+            step, elapsed_before = checkpoint["step"], checkpoint["elapsed_seconds"]
+            states = checkpoint["source"]
+            if len(states) == dist.world_size:
+                source.load_state_dict(states[dist.rank])
+                set_rng_state(checkpoint["rng"][dist.rank])
+            elif cfg.source == "live":
+                log.warning("warning: resumed on a different number of ranks; the live buffers start afresh")
+        model = DDP(sae, device_ids=[dist.local_rank] if device.type == "cuda" else None) if dist.enabled else sae
 
-    log.info(f"SAE {name} on {cfg.hook} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) "
-             f"-> {out_dir}")
-    log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
-    log.info(f"d={d} -> {dict_size} features ({cfg.arch}{f', k={cfg.k}' if cfg.arch == 'topk' else ''}) | "
-             f"{cfg.source} source | {cfg.batch_size} rows/step on {dist.world_size} rank(s) | "
-             f"eval on {len(eval_rows):,} val rows | input scale {float(sae.scale):.4g}"
-             + (f" | resumed at step {step}" if checkpoint is not None else ""))
+        log.info(f"SAE {name} on {cfg.hook} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) "
+                 f"-> {out_dir}")
+        log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
+        log.info(f"d={d} -> {dict_size} features ({cfg.arch}{f', k={cfg.k}' if cfg.arch == 'topk' else ''}) | "
+                 f"{cfg.source} source | {cfg.batch_size} rows/step on {dist.world_size} rank(s) | "
+                 f"eval on {len(eval_rows):,} val rows | input scale {float(sae.scale):.4g}"
+                 + (f" | resumed at step {step}" if checkpoint is not None else ""))
 
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    wandb_settings = None
-    if cfg.wandb_enabled:
-        wandb_settings = {"project": cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "tinylab",
-                          "name": name, "dir": out_dir, "config": cfg.to_dict()}
-    metrics_log = MetricsLog(metrics_path, dist.is_main, log, step, wandb_settings,
-                             checkpoint.get("wandb_id") if checkpoint else None)
-    write = metrics_log.write
+        tracker = session.tracker(out_dir, step, wandb_settings(cfg.wandb_project, name, out_dir, cfg.to_dict())
+                                  if cfg.wandb_enabled else None, checkpoint.get("wandb_id") if checkpoint else None)
+        checkpointer = session.checkpointer(out_dir, cfg.max_steps, last=(os.path.join(out_dir, "last.pt"), step)
+                                            if checkpoint is not None else None, advice=DIVERGED_ADVICE)
+        clock = StepClock(cfg.max_steps, elapsed_before)
+        density = None  # each feature's firing frequency on the held-out rows, at the latest eval
 
-    density = None  # each feature's firing frequency on the held-out rows, at the latest eval
+        def evaluate() -> dict:
+            nonlocal density
+            sae.eval()
+            metrics = reconstruction_metrics(sae, eval_rows)
+            density = metrics.pop("feature_density")
+            metrics.update(ce_recovered(run.model, held_out, cfg.hook, lambda rows: sae(rows)[0],
+                                        run.data.loss_positions))
+            sae.train()
+            return metrics
 
-    def evaluate() -> dict:
-        nonlocal density
-        sae.eval()
-        metrics = reconstruction_metrics(sae, eval_rows)
-        density = metrics.pop("feature_density")
-        metrics.update(ce_recovered(run.model, held_out, cfg.hook, lambda rows: sae(rows)[0], run.data.loss_positions))
-        sae.train()
-        return metrics
+        def state() -> dict:
+            return {"model": sae.state_dict(), "optimizers": [optimizer.state_dict()], "step": step,
+                    "source": gather_to_main(source.state_dict()),  # a live buffer per rank: only rank 0 needs them
+                    "rows_since_fired": rows_since_fired.cpu(), "lr_schedule": schedule.state_dict(),
+                    "config": cfg.to_dict(), "elapsed_seconds": clock.elapsed(), "wandb_id": tracker.wandb_id,
+                    "d": d, "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step}
 
-    def save() -> None:
-        states = gather_to_main(source.state_dict())  # a live buffer per rank: only rank 0 needs them
-        rng = gather_objects(rng_state())
+        # ---- the loop
+        window = dict.fromkeys(("mse_sum", "l0_sum", "l1_sum", "aux_sum", "rows"), 0.0)
+        last_eval, interrupted = {}, 0
+        with session.stop_signals():
+            while step < cfg.max_steps:
+                apply_lr([optimizer], schedule(step))
+                x = source.batch(step).acts
+                l1_weight = cfg.l1_coefficient * min(1.0, (step + 1) / max(cfg.l1_warmup_steps, 1))
+                dead = rows_since_fired >= cfg.dead_rows
+                parts, f = update(sae, optimizer, x, cfg, l1_weight, dead, forward=model)
+                fired = (f > 0).any(0).long()
+                if dist.enabled:
+                    torch_dist.all_reduce(fired)
+                rows_since_fired = torch.where(fired > 0, 0, rows_since_fired + cfg.batch_size)
+                step += 1
+                clock.tick()
+                checkpointer.watch(step, parts["loss"])
+                for key, value in parts.items():
+                    if key in window:
+                        window[key] += float(value)
+                window["rows"] += len(x)
+
+                log_due = step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps
+                eval_due = step % cfg.eval_every == 0 or step == cfg.max_steps
+                save_due = cfg.save_every and step % cfg.save_every == 0
+                if log_due or eval_due or save_due:
+                    checkpointer.check(step, sae.parameters())  # before anything is logged as good or saved
+                record = {}
+                if log_due:
+                    sums = all_reduce_sum(window, device)
+                    rows = max(sums["rows"], 1)
+                    ms_per_step, rows_per_sec = clock.report(cfg.batch_size)
+                    record = {"step": step, "train_mse": sums["mse_sum"] / rows, "train_l0": sums["l0_sum"] / rows,
+                              "dead_frac": float((rows_since_fired >= cfg.dead_rows).float().mean()),
+                              "lr": optimizer.param_groups[0]["lr"], "ms_per_step": ms_per_step,
+                              "rows_per_sec": rows_per_sec}
+                    if cfg.arch == "relu":
+                        record["train_l1"] = sums["l1_sum"] / rows
+                        record["l1_weight"] = l1_weight
+                    log.info(f"step {step:>6}/{cfg.max_steps} | mse {record['train_mse']:.4g} | "
+                             f"L0 {record['train_l0']:.1f}"
+                             + (f" | l1 {record['train_l1']:.4g} (weight {l1_weight:.3g})" if cfg.arch == "relu" else "")
+                             + f" | dead {record['dead_frac']:.1%} | lr {record['lr']:.2e} | "
+                             f"{ms_per_step:.1f} ms/step | {rows_per_sec:,.0f} rows/s | {clock.progress(step)}")
+                    window = dict.fromkeys(window, 0.0)
+                with clock.paused():  # evals and checkpoints stay out of ms/step and rows/s
+                    if eval_due:
+                        last_eval = evaluate()
+                        record = {"step": step, **record, **last_eval}
+                        log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                        if schedule.observe(last_eval["mse"]):
+                            log.info(f"plateau: LR x {schedule.factor:.3g} of its schedule from step {step + 1}")
+                    if record:
+                        tracker.write({**record, "elapsed_seconds": round(clock.elapsed(), 3)})
+                    # After this step's metrics: they describe the SAE as trained, not the moment after resampling.
+                    resample_due = cfg.resample_every and step % cfg.resample_every == 0 and step <= cfg.max_steps // 2
+                    if cfg.arch == "relu" and resample_due:
+                        count = resample_dead(sae, optimizer, x, rows_since_fired >= cfg.dead_rows, dist.enabled)
+                        rows_since_fired = torch.where(rows_since_fired >= cfg.dead_rows, 0, rows_since_fired)
+                        if count:
+                            log.info(f"step {step}: resampled {count} dead features")
+                    if save_due:
+                        checkpointer.save("last.pt", step, state(), sae.parameters())
+                signum = session.agreed_stop_signal()
+                if signum and step < cfg.max_steps:
+                    interrupted = signum
+                    log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
+                    break
+            checkpointer.save("last.pt", step, state(), sae.parameters())
+        del model  # the DDP wrapper goes before the process group does (see distributed.teardown_distributed)
+        session.report_replicas(sae.parameters(), "SAE weights")  # resampling included
         if dist.is_main:
-            save_checkpoint({"model": sae.state_dict(), "optimizers": [optimizer.state_dict()], "step": step,
-                             "rng": rng, "source": states, "rows_since_fired": rows_since_fired.cpu(),
-                             "config": cfg.to_dict(), "elapsed_seconds": elapsed_before + time.perf_counter() - t0,
-                             "wandb_id": metrics_log.wandb_id, "d": d,
-                             "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step},
-                            os.path.join(out_dir, "last.pt"))
-
-    # ---- the loop
-    t0 = time.perf_counter()
-    window, window_start = dict.fromkeys(("mse_sum", "l0_sum", "l1_sum", "aux_sum", "rows"), 0.0), time.perf_counter()
-    window_steps, last_eval, interrupted = 0, {}, 0
-    with StopSignals() as signals:
-        while step < cfg.max_steps:
-            apply_lr([optimizer], lr_multiplier(step, cfg, cfg.max_steps))
-            x = source.batch(step).acts
-            l1_weight = cfg.l1_coefficient * min(1.0, (step + 1) / max(cfg.l1_warmup_steps, 1))
-            dead = rows_since_fired >= cfg.dead_rows
-            parts, f = update(sae, optimizer, x, cfg, l1_weight, dead, forward=model)
-            fired = (f > 0).any(0).long()
-            if dist.enabled:
-                torch_dist.all_reduce(fired)
-            rows_since_fired = torch.where(fired > 0, 0, rows_since_fired + cfg.batch_size)
-            step += 1
-            window_steps += 1
-            for key, value in parts.items():
-                window[key] += float(value)
-            window["rows"] += len(x)
-
-            log_due = step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps
-            record = {}
-            if log_due:
-                sums = all_reduce_sum(window, device)
-                seconds = time.perf_counter() - window_start
-                rows = max(sums["rows"], 1)
-                record = {"step": step, "train_mse": sums["mse_sum"] / rows, "train_l0": sums["l0_sum"] / rows,
-                          "dead_frac": float((rows_since_fired >= cfg.dead_rows).float().mean()),
-                          "lr": optimizer.param_groups[0]["lr"], "ms_per_step": 1000 * seconds / window_steps,
-                          "rows_per_sec": sums["rows"] / seconds}
-                if cfg.arch == "relu":
-                    record["train_l1"] = sums["l1_sum"] / rows
-                    record["l1_weight"] = l1_weight
-                eta = (cfg.max_steps - step) * seconds / window_steps
-                log.info(f"step {step:>6}/{cfg.max_steps} | mse {record['train_mse']:.4g} | L0 {record['train_l0']:.1f}"
-                         + (f" | l1 {record['train_l1']:.4g} (weight {l1_weight:.3g})" if cfg.arch == "relu" else "")
-                         + f" | dead {record['dead_frac']:.1%} | lr {record['lr']:.2e} | "
-                         f"{record['ms_per_step']:.1f} ms/step | {record['rows_per_sec']:,.0f} rows/s | "
-                         f"{format_duration(time.perf_counter() - t0)}, ETA {format_duration(eta)}")
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                last_eval = evaluate()
-                record = {"step": step, **record, **last_eval}
-                log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            if record:
-                record["elapsed_seconds"] = round(elapsed_before + time.perf_counter() - t0, 3)
-                write(record)
-            if log_due:
-                window = dict.fromkeys(window, 0.0)
-                window_start, window_steps = time.perf_counter(), 0
-            # After this step's metrics: they describe the SAE as trained, not the moment after resampling.
-            resample_due = cfg.resample_every and step % cfg.resample_every == 0 and step <= cfg.max_steps // 2
-            if cfg.arch == "relu" and resample_due:
-                count = resample_dead(sae, optimizer, x, rows_since_fired >= cfg.dead_rows, dist.enabled)
-                rows_since_fired = torch.where(rows_since_fired >= cfg.dead_rows, 0, rows_since_fired)
-                if count:
-                    log.info(f"step {step}: resampled {count} dead features")
-            if cfg.save_every and step % cfg.save_every == 0:
-                save()
-            signum = max_over_ranks(signals.received, dist)
-            if signum and step < cfg.max_steps:
-                interrupted = signum
-                log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
-                break
-        save()
-    if dist.enabled:  # DDP keeps the copies identical, resampling included; say so or say that they drifted
-        if same_on_all_ranks(list(sae.parameters())):
-            log.info(f"SAE weights identical on all {dist.world_size} ranks")
+            plot_sae_curves(tracker.path, os.path.join(out_dir, "curves.png"), title=name)
+            if density is not None:
+                plot_feature_density(density, os.path.join(out_dir, "feature_density.png"))
+        seconds = session.seconds()
+        summary = {"sae_dir": out_dir, "steps": step, "seconds": seconds, "dict_size": dict_size,
+                   "interrupted": signal.Signals(interrupted).name if interrupted else None, **last_eval}
+        if interrupted:
+            log.info(f"interrupted at step {step}; last.pt saved. Continue with the same command and --resume auto")
         else:
-            log.warning("warning: the SAE weights differ between ranks; last.pt holds rank 0's")
-    if dist.is_main:
-        plot_sae_curves(metrics_path, os.path.join(out_dir, "curves.png"), title=name)
-        if density is not None:
-            plot_feature_density(density, os.path.join(out_dir, "feature_density.png"))
-    seconds = time.perf_counter() - started
-    summary = {"sae_dir": out_dir, "steps": step, "seconds": seconds, "dict_size": dict_size,
-               "interrupted": signal.Signals(interrupted).name if interrupted else None, **last_eval}
-    if interrupted:
-        log.info(f"interrupted at step {step}; last.pt saved. Continue with the same command and --resume auto")
-    else:
-        log.info(f"done: {step} steps in {seconds:.1f}s | " + " | ".join(
-            f"{k} {last_eval[k]:.4f}" for k in ("explained_variance", "l0", "ce_recovered") if k in last_eval)
-            + f" | report: python sae.py report {out_dir}")
-    metrics_log.finish(interrupted)
-    close_logging(log)
-    teardown_distributed(barrier=True)
+            log.info(f"done: {step} steps in {seconds:.1f}s | " + " | ".join(
+                f"{k} {last_eval[k]:.4f}" for k in ("explained_variance", "l0", "ce_recovered") if k in last_eval)
+                + f" | report: python sae.py report {out_dir}")
+        session.finish_tracking(128 + interrupted if interrupted else 0, preempted=bool(interrupted))
     return summary
 
 
@@ -610,7 +584,7 @@ def load_sae(path: str, device: str = "auto"):
     checkpoint = load_checkpoint(path)
     if "rows_since_fired" not in checkpoint:
         raise CheckpointError(f"{path} is a model checkpoint, not an SAE's; pass <run>/sae/<name>")
-    cfg = SAEConfig(**checkpoint["config"])
+    cfg = config_from_dict(checkpoint["config"], cls=SAEConfig)
     # The model checkpoint it was trained on, by absolute path (run_dir may be relative to elsewhere);
     # else the run directory two levels up (<run>/sae/<name>/last.pt).
     model_path = checkpoint.get("model_checkpoint", "")

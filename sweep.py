@@ -45,6 +45,8 @@ import time
 from dataclasses import dataclass
 
 from config import Config, ConfigError, _field_types, _suggest, need, parse_config, parse_flags, section
+from rundirs import process_alive
+from utils import format_duration
 
 _where = section("where the study lives")
 _agents = section("agents")
@@ -462,23 +464,6 @@ def open_study(sweep: Sweep, storage: str, study_name: str, seed: int):
 # ---------------------------------------------------------------- one agent
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs on this host (a zombie, exited but not yet reaped, does not)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _die_with_agent() -> None:
     """In the trial's process, before exec: SIGTERM when the agent dies (Linux), so a killed agent
     leaves no orphan training; the trial checkpoints and stops."""
@@ -548,7 +533,7 @@ class Agent:
                    if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "seconds" in t.user_attrs]
         if left and seconds:
             agents = 1 + sum(t.state == TrialState.RUNNING for t in trials)
-            text += f", ETA {_duration(sum(seconds) / len(seconds) * left / agents)}"
+            text += f", ETA {format_duration(sum(seconds) / len(seconds) * left / agents)}"
         return text
 
     def _next_trial(self):
@@ -592,8 +577,8 @@ class Agent:
         now = time.time()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             attrs = t.user_attrs
-            same_host_dead = (attrs.get("host") == self.host and not _alive(attrs.get("agent_pid", 0))
-                              and not _alive(attrs.get("child_pid", 0)))
+            same_host_dead = (attrs.get("host") == self.host and not process_alive(attrs.get("agent_pid", 0))
+                              and not process_alive(attrs.get("child_pid", 0)))
             silent = now - attrs.get("heartbeat", now)
             if same_host_dead or silent > self.settings.stale_after:
                 why = "its agent is gone" if same_host_dead else f"no heartbeat for {silent:.0f}s"
@@ -672,7 +657,7 @@ class Agent:
                 self.child.send_signal(signal.SIGTERM)
             rc = self.child.wait()
             self.child = None
-        seconds, took = time.time() - started, _duration(time.time() - started)
+        seconds, took = time.time() - started, format_duration(time.time() - started)
         if lost:
             self.say(f"trial {trial.number} was failed by another agent (no heartbeat seen); its queued "
                      f"copy continues {run_dir}")
@@ -770,10 +755,6 @@ def _short(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _duration(seconds: float) -> str:
-    from utils import format_duration
-
-    return format_duration(seconds)
 
 
 def _logged_keys(run_dir: str) -> str:
@@ -913,7 +894,7 @@ def report(where: str, study_name: str = "", top: int = 10) -> str:
         rows.append([str(rank), str(t.number), t.state.name.lower(), "-" if value is None else f"{value:.4g}"]
                     + [_short(params(t)[n]) if n in params(t) else "-" for n in names]
                     + [str(t.user_attrs.get("evals", len(t.intermediate_values))),
-                       _duration(t.user_attrs["seconds"]) if "seconds" in t.user_attrs else "-",
+                       format_duration(t.user_attrs["seconds"]) if "seconds" in t.user_attrs else "-",
                        os.path.relpath(t.user_attrs.get("run_dir", "-"))])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     for row in [header] + rows:

@@ -85,7 +85,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-import utils  # noqa: E402
+import distributed  # noqa: E402
+import hardware  # noqa: E402
 from config import PRESETS, Config  # noqa: E402
 from model import Transformer  # noqa: E402
 from optimizer import build_optimizers  # noqa: E402
@@ -171,10 +172,10 @@ def build_training(cfg: Config, device: torch.device, batch: int, data_seed: int
     return model, optimizers, x, y
 
 
-def train_step(model, raw_model, optimizers, x, y, cfg, device, dtype, info: utils.Dist) -> torch.Tensor:
+def train_step(model, raw_model, optimizers, x, y, cfg, device, dtype, info: distributed.Dist) -> torch.Tensor:
     """train.py's step with one micro-batch. `model` is raw_model or its DDP wrapper. The dtype is
     train.py's 'auto' choice, which is never fp16, so the GradScaler (fp16 only) is left out."""
-    with utils.autocast(device, dtype):
+    with hardware.autocast(device, dtype):
         logits = model(x)
     loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
     num_targets = y.numel() * info.world_size  # targets in the global batch
@@ -187,7 +188,7 @@ def train_step(model, raw_model, optimizers, x, y, cfg, device, dtype, info: uti
         optimizer.zero_grad(set_to_none=True)
     # train.py makes the ranks agree on stop signals after every step: one small all-reduce on the
     # CPU (nothing at all in a single process).
-    utils.max_over_ranks(0, info)
+    distributed.max_over_ranks(0, info)
     return correct
 
 
@@ -221,7 +222,7 @@ def measure_single_process(cfg, args, device, dtype, threads: int) -> dict:
     model, optimizers, x, y = build_training(cfg, device, args.batch_size, data_seed=1)
 
     def step():
-        train_step(model, model, optimizers, x, y, cfg, device, dtype, utils.Dist())
+        train_step(model, model, optimizers, x, y, cfg, device, dtype, distributed.Dist())
 
     seconds = timed_steps(step, args.warmup, args.steps, device)
     tokens = args.batch_size * cfg.context_len * args.steps
@@ -254,13 +255,13 @@ def worker(args) -> None:
 
 
 def run_worker(args) -> None:
-    device = utils.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    info = utils.setup_distributed(device.type)  # train.py's init: gloo on a CPU, nccl on CUDA
+    device = hardware.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    info = distributed.setup_distributed(device.type)  # train.py's init: gloo on a CPU, nccl on CUDA
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as train.py does
     say_here = say if info.is_main else (lambda message: None)  # progress from rank 0 only (its timings)
     cfg = model_config(args.config)
-    dtype = utils.pick_dtype(cfg.dtype, device)
+    dtype = hardware.pick_dtype(cfg.dtype, device)
     raw_model, optimizers, x, y = build_training(cfg, device, args.batch_size, data_seed=1 + info.rank)
 
     # Wrapped as train.py wraps it: DDP's defaults for everything but device_ids.
@@ -309,7 +310,7 @@ def run_worker(args) -> None:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         dist.barrier()
-        with utils.autocast(device, dtype):
+        with hardware.autocast(device, dtype):
             logits = model(x)
         loss = loss_of(logits)
         synchronize(device)
@@ -327,7 +328,7 @@ def run_worker(args) -> None:
             optimizer.zero_grad(set_to_none=True)
         dist.barrier()
         with model.no_sync():
-            with utils.autocast(device, dtype):
+            with hardware.autocast(device, dtype):
                 logits = model(x)
             loss = loss_of(logits)
             synchronize(device)
@@ -371,11 +372,11 @@ def run_worker(args) -> None:
         "gradient_bytes": sum(p.numel() * p.element_size() for p in params),
         "parameter_tensors": len(params),
     }
-    results = utils.gather_objects(result)
+    results = distributed.gather_objects(result)
     if info.is_main:
         with open(args.result_file, "w") as f:
             json.dump(results, f)
-    utils.teardown_distributed(barrier=True)
+    distributed.teardown_distributed(barrier=True)
 
 
 # ---------------------------------------------------------------- launching and reporting
@@ -541,7 +542,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set when run under torchrun
     parser.add_argument("--result_file", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device == "auto":  # not utils.pick_device's auto: gloo DDP cannot run on mps
+    if args.device == "auto":  # not hardware.pick_device's auto: gloo DDP cannot run on mps
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = args.device == "cuda"
     args.steps = args.steps or (20 if on_gpu else 5)
@@ -565,9 +566,9 @@ def main() -> None:
         parser.error(f"--nproc: {args.nproc} ranks need {args.nproc} GPUs, {torch.cuda.device_count()} visible")
     cpus = usable_cpus()
     threads = args.threads or max(1, cpus // args.nproc)
-    device = utils.pick_device(args.device)
+    device = hardware.pick_device(args.device)
     cfg = model_config(args.config)
-    dtype = utils.pick_dtype(cfg.dtype, device)
+    dtype = hardware.pick_dtype(cfg.dtype, device)
     torch.set_flush_denormal(True)  # as train.py does: subnormal Adam state is slow on x86
 
     num_params = Transformer(cfg, SHAKESPEARE_CHAR_VOCAB).num_params()

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import utils  # noqa: E402
+import hardware  # noqa: E402
 from config import DTYPES, PRESETS, Config, ConfigError  # noqa: E402
 from model import Transformer  # noqa: E402
 
@@ -87,7 +87,7 @@ def measure(name: str, args, device, dtype) -> list[str]:
 
     def train_step(model):
         def step():
-            with utils.autocast(device, dtype):
+            with hardware.autocast(device, dtype):
                 logits = model(tokens)
             F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
             for p in model.parameters():
@@ -109,12 +109,12 @@ def measure(name: str, args, device, dtype) -> list[str]:
 
     @torch.no_grad()
     def forward():
-        with utils.autocast(device, dtype):
+        with hardware.autocast(device, dtype):
             ours(tokens)
 
     @torch.no_grad()
     def cached():
-        with utils.autocast(device, dtype):
+        with hardware.autocast(device, dtype):
             ours.run_with_cache(tokens)
 
     say("  run_with_cache (every hook point) vs forward, no_grad, eval")
@@ -141,10 +141,10 @@ def main() -> None:
     if args.repeats < 1 or args.inner < 0 or args.batch_size < 0:
         parser.error("--repeats must be at least 1; --inner and --batch_size 0 or more")
     try:
-        device = utils.pick_device(args.device)
+        device = hardware.pick_device(args.device)
     except ConfigError as e:
         parser.error(str(e))
-    dtype = utils.pick_dtype(args.dtype, device)
+    dtype = hardware.pick_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py
     torch.set_flush_denormal(True)

@@ -42,7 +42,8 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 from data import IGNORE  # noqa: E402
-import utils  # noqa: E402
+import distributed  # noqa: E402
+import hardware  # noqa: E402
 from config import DTYPES, PRESETS, Config, ConfigError  # noqa: E402
 from model import ModelWithLoss, Transformer  # noqa: E402
 from optimizer import build_optimizers  # noqa: E402
@@ -127,7 +128,7 @@ def measure_training(name: str, loop: str, compiled: bool, batch: int, args, dev
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def tinylab_step():  # train.py's step, with one micro-batch and no DDP
-        with utils.autocast(device, dtype):
+        with hardware.autocast(device, dtype):
             loss, correct = model(x, y)  # train.py counts train_acc every step, so do we
         scaler.scale(loss / y.numel()).backward()
         for optimizer in optimizers:
@@ -141,7 +142,7 @@ def measure_training(name: str, loop: str, compiled: bool, batch: int, args, dev
         return correct
 
     def nanogpt_step():  # nanoGPT's train.py with one micro-batch: forward+loss, backward, clip, step
-        with utils.autocast(device, dtype):
+        with hardware.autocast(device, dtype):
             loss = model(x, y)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizers[0])
@@ -175,8 +176,8 @@ def measure_training(name: str, loop: str, compiled: bool, batch: int, args, dev
 
     tokens_per_sec = batch * T * args.steps / seconds
     ms_per_step = 1000 * seconds / args.steps
-    peak = utils.peak_flops(device)
-    flops = utils.flops_per_token(flops_params, cfg.num_blocks,
+    peak = hardware.peak_flops(device)
+    flops = hardware.flops_per_token(flops_params, cfg.num_blocks,
                                   cfg.num_heads, cfg.embedding_dim // cfg.num_heads, T)
     return {
         "params": num_params, "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec,
@@ -223,7 +224,7 @@ def measure_loader(path: str, batch: int, num_batches: int, device: torch.device
         cfg = dataclasses.replace(Config(), **PRESETS["shakespeare_char"])
         cfg = dataclasses.replace(cfg, data_path=path, batch_size=batch).validate()
         started = time.perf_counter()
-        text_data = data.build_data(cfg, utils.Dist(), device)
+        text_data = data.build_data(cfg, distributed.Dist(), device)
         build_seconds = time.perf_counter() - started
         text_data.train_batches(0)  # first touch of the token memmap and of pinned memory
         synchronize(device)
@@ -266,10 +267,10 @@ def main() -> None:
         if n not in ("tinylab", "nanogpt"):
             parser.error(f"--loops: {n!r} is not one of tinylab, nanogpt")
     try:
-        device = utils.pick_device(args.device)
+        device = hardware.pick_device(args.device)
     except ConfigError as e:
         parser.error(str(e))
-    dtype = utils.pick_dtype(args.dtype, device)
+    dtype = hardware.pick_dtype(args.dtype, device)
     on_gpu = device.type == "cuda"
     args.steps = args.steps or (20 if on_gpu else 3)
     args.warmup = args.warmup if args.warmup >= 0 else (3 if on_gpu else 1)

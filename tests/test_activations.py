@@ -15,7 +15,7 @@ import torch
 import activations
 from activations import DumpSettings, DumpSource, LiveSource, dump
 from config import ConfigError
-from utils import CheckpointError
+from checkpoints import CheckpointError
 from conftest import ROOT, run_torchrun
 from interp import load_run
 

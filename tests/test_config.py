@@ -41,7 +41,7 @@ def test_issue_flags_exist():
     ])
     assert (cfg.num_blocks, cfg.num_heads, cfg.embedding_dim, cfg.context_len) == (2, 8, 64, 16)
     assert (cfg.epochs, cfg.max_steps, cfg.use_muon, cfg.accumulation_steps) == (3.0, 0, True, 2)
-    assert (cfg.tokenizer, cfg.save_model_dir, cfg.save_every, cfg.run) == ("gpt2", "elsewhere", 7, "r1")
+    assert (cfg.tokenizer, cfg.save_model_dir, cfg.save_every, cfg.run_name) == ("gpt2", "elsewhere", 7, "r1")
 
 
 def test_every_field_is_a_flag_with_default_and_help():
@@ -81,8 +81,8 @@ def test_config_file_reproduces_and_later_flags_override(tmp_path):
     original.save(str(path))
     again, _ = parse_config(["--config", str(path)])
     # Everything but the run's name comes back; the new run gets its own name.
-    assert dataclasses.replace(again, run="old") == original
-    assert again.run == ""
+    assert dataclasses.replace(again, run_name="old") == original
+    assert again.run_name == ""
     changed, explicit = parse_config(["--config", str(path), "--lr", "9e-4"])
     assert changed.lr == 9e-4 and changed.seed == 7 and explicit == {"lr"}
 
@@ -122,7 +122,7 @@ def test_config_file_with_wrong_type(tmp_path):
 
 
 def test_run_name_alias_for_torchrun():
-    # torchrun claims `--run` for its own `--run-path`; `--run_name` sets the same field.
+    # torchrun claims `--run` for its own `--run-path`; `--run_name` is the field, `--run` its old spelling.
     for argv in (["--run_name", "r7"], ["--run_name=r7"], ["--run", "r7"]):
         cfg, explicit = parse_config(argv)
-        assert cfg.run == "r7" and explicit == {"run"}
+        assert cfg.run_name == "r7" and explicit == {"run_name"}

@@ -11,7 +11,7 @@ import torch
 
 import train
 from conftest import assert_same_run, child_pids, logged_steps, model_weights, run_torchrun, torchrun_command, wait_until
-from utils import read_metrics
+from tracking import read_metrics
 
 # A run long enough to interrupt: 150 steps, a checkpoint every 10, dropout so that every rank's
 # own RNG stream matters for an exact resume.

@@ -9,7 +9,7 @@ import torch
 
 import interp
 from conftest import run_train
-from utils import read_metrics
+from tracking import read_metrics
 
 
 @pytest.mark.slow

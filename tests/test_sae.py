@@ -19,7 +19,7 @@ from conftest import ROOT, logged_steps, run_torchrun, wait_until
 from interp import load_run
 from optimizer import apply_lr, lr_multiplier
 from sae import SAEConfig, SparseAutoencoder, ce_recovered, resample_dead, sae_loss, update
-from utils import read_metrics
+from tracking import read_metrics
 
 HOOK = "blocks.0.mlp.hook_post"
 QUICK = ["--hook", HOOK, "--dict_size", "96", "--batch_size", "64", "--max_steps", "20", "--eval_every", "10",
@@ -227,7 +227,7 @@ def test_an_existing_sae_is_never_overwritten(tmp_path, trained_runs):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "sae.py"), trained_runs["modular"], *QUICK,
                              "--name", "kept"], capture_output=True, text=True, cwd=str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: --name:") and "--resume auto" in result.stderr
+    assert result.stderr.startswith("error: --run_name:") and "--resume auto" in result.stderr
     assert open(os.path.join(first["sae_dir"], "last.pt"), "rb").read() == before
 
 

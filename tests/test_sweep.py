@@ -18,6 +18,7 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 import sweep as sweep_module
 from config import Config, _field_types, _parse, parse_config
 from conftest import ROOT, run_metrics, run_train, wait_until, write_corpus
+from rundirs import process_alive
 from slurm_cluster import SlurmCluster, slurm_missing_reason
 
 TRAIN = os.path.join(ROOT, "train.py")
@@ -257,7 +258,7 @@ def test_a_killed_agent_leaves_its_trial_failed_and_the_study_usable(tmp_path):
     agent.kill()  # no chance to clean up: the trial stays RUNNING in the study
     agent.communicate(timeout=30)
     # The trial's process is told (SIGTERM on its parent's death), saves its state and stops
-    wait_until(lambda: not sweep_module._alive(child), 30, "the orphaned trial to stop")
+    wait_until(lambda: not process_alive(child), 30, "the orphaned trial to stop")
     stopped_at = json.loads((run_dir / "state.json").read_text())["evals"]
     assert stopped_at < 20 and study_of(tmp_path / "sw").get_trials()[0].state.name == "RUNNING"
 

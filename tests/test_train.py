@@ -10,7 +10,7 @@ import torch
 
 import train
 from conftest import run_train, tiny_args
-from utils import read_metrics
+from tracking import read_metrics
 
 RUN_FILES = {"config.json", "train.log", "metrics.jsonl", "last.pt", "best.pt", "training_curves.png"}
 
@@ -42,7 +42,7 @@ def test_modular_run_writes_its_run_directory(tmp_path, capsys):
     assert [r["step"] for r in evals] == [10, 20] and all("val_acc" in r for r in evals)
 
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["modulus"] == 17 and config["run"] == "m1"
+    assert config["modulus"] == 17 and config["run_name"] == "m1"
 
     ckpt = torch.load(run_dir / "last.pt", weights_only=True)
     for key in ("model", "optimizers", "scaler", "step", "rng", "data_position", "early_stopping",

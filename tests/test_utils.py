@@ -12,9 +12,10 @@ import time
 import pytest
 import torch
 
+from checkpoints import load_checkpoint, save_checkpoint
 from conftest import ROOT, wait_until
-from utils import (PEAK_FLOPS, StopSignals, flops_per_token, load_checkpoint, peak_flops, peak_flops_of,
-                   save_checkpoint)
+from hardware import PEAK_FLOPS, flops_per_token, peak_flops, peak_flops_of
+from session import StopSignals
 
 
 def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
@@ -23,7 +24,7 @@ def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_loadable(
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {ROOT!r})
-        from utils import save_checkpoint
+        from checkpoints import save_checkpoint
         weights = torch.randn(16, 1024, 1024)
         for i in range(10**6):
             save_checkpoint({{"model": {{"w": weights}}, "config": {{}}, "step": i}}, {str(path)!r})

@@ -1,0 +1,195 @@
+"""Ranks and the process group: torchrun's environment read once, collectives on small Python
+values, and workers tied to their launcher. Without torchrun's variables a run is one process and
+every helper here is the identity."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    # A CPU (gloo) group for small control messages such as "stop after this step": agreeing on
+    # them every step then never waits for the GPU. None means the default group (already gloo).
+    control_group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def elastic_restart_count() -> int:
+    """How many times `torchrun --max-restarts` has restarted this worker (0 outside torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def setup_distributed(device_kind: str) -> Dist:
+    """Reads torchrun's RANK/LOCAL_RANK/WORLD_SIZE; without them the run is one process."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    info = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    # Imported before the group exists, on purpose: its functions take `group=group.WORLD` as a
+    # default argument, evaluated at import. DDP imports it on first use (through
+    # torch.distributed._shard); imported then, those defaults hold the default process group for
+    # ever, destroy_process_group cannot free it, and gloo's worker threads live on into the
+    # interpreter's shutdown (see teardown_distributed).
+    import torch.distributed.nn.functional  # noqa: F401
+    if not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if device_kind == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        restart = elastic_restart_count()
+        if restart and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's default static rendezvous keeps one store for every attempt, so restarted
+            # workers would read the dead attempt's addresses and fail to connect. Give each
+            # attempt keys of its own (harmless where the rendezvous made a fresh store).
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  info.world_size, is_master=False)
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"tinylab/attempt_{restart}", store),
+                                    rank=info.rank, world_size=info.world_size)
+        else:
+            dist.init_process_group(backend=backend)
+    if dist.get_backend() != "gloo":
+        info.control_group = dist.new_group(backend="gloo")
+    return info
+
+
+def teardown_distributed(barrier: bool = False) -> None:
+    """Destroys the process group, and with it gloo's threads.
+
+    barrier=True (every rank at the normal end of a run) first waits for all ranks, so none tears
+    its group down while a peer still works on its end (rank 0 plotting, say).
+
+    The group is only freed, and its worker threads (`pt_gloo_runloop`, `gloo_tcp_loop`) only
+    joined, when nothing holds it any more: the caller drops its DDP wrapper first (the reducer
+    holds the group), and setup_distributed keeps torch's own default arguments off it. A gloo
+    thread still running when the interpreter shuts down can be the one to drop the last reference
+    to a tensor that Python owns; it then needs the GIL of an interpreter that is finalising,
+    which ends the thread with pthread_exit, unwinding through C++ that must not be unwound:
+    `terminate called without an active exception`, SIGABRT, after a run that had finished.
+    """
+    if dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
+        gc.collect()  # wrappers caught in reference cycles (torch.compile's, say) let go of the group too
+        dist.destroy_process_group()
+
+
+def gloo_threads() -> list[str]:
+    """The names of this process's threads that belong to gloo (Linux; [] elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended while we looked
+            continue
+    return sorted(name for name in names if "gloo" in name)
+
+
+def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sums a dict of floats over ranks (identity in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return dict(values)
+    keys = sorted(values)
+    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, packed.tolist()))
+
+
+def max_over_ranks(value: int, info: Dist) -> int:
+    """The largest of every rank's integer `value` (itself in a single process), sent on the CPU."""
+    return _reduce_int(value, info, dist.ReduceOp.MAX) if info.enabled else value
+
+
+def min_over_ranks(value: int, info: Dist) -> int:
+    return _reduce_int(value, info, dist.ReduceOp.MIN) if info.enabled else value
+
+
+def _reduce_int(value: int, info: Dist, op) -> int:
+    packed = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(packed, op=op, group=info.control_group)
+    return int(packed.item())
+
+
+def same_on_all_ranks(tensors) -> bool:
+    """True when every tensor is bit-for-bit the same on every rank (elementwise max == min)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return True
+    same = True
+    for tensor in tensors:
+        high, low = tensor.detach().clone(), tensor.detach().clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        same = same and torch.equal(high, low)
+    return same
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank ([obj] in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_to_main(obj) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 only (None elsewhere); [obj] in a single process.
+    For large objects that only rank 0 writes (an SAE's live buffers)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s object on every rank (e.g. the generated run name)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun: this worker gets SIGTERM when its launcher dies, however it dies.
+
+    torchrun starts each worker in a process session of its own, so a launcher killed outright
+    (the OOM killer, kill -9, a lost tmux or ssh session) leaves its workers training on as orphans,
+    still writing the run directory. With the parent-death signal set, they stop the way a
+    preemption stops them: the step finishes, rank 0 saves, they exit. Linux only; elsewhere
+    nothing changes. A launcher already gone before the signal was set (this process was
+    re-parented) gets the same SIGTERM at once."""
+    if not under_torchrun():
+        return
+    launcher = os.getppid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != launcher or launcher == 1:
+        os.kill(os.getpid(), signal.SIGTERM)

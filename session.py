@@ -1,0 +1,313 @@
+"""The run layer: what surrounds every training loop, written once for train.py, sae.py, lens.py and
+any later trainer. Each program keeps its own loop; around it:
+
+    with Session(cfg.device, cfg.dtype) as session:           # .env, device, ranks, precision, logging
+        ...                                                   # bad input: ConfigError, nothing written
+        session.claim_directory(run_dir, resuming, ...)       # one live writer; train.log, config.json
+        tracker = session.tracker(run_dir, step, wandb, ...)  # metrics.jsonl, W&B, rclone
+        checkpointer = session.checkpointer(run_dir, ...)     # atomic, every rank's RNG, never nan
+        clock = StepClock(max_steps, elapsed_before)          # ms/step, items/s, ETA
+        with session.stop_signals():                          # SIGTERM / SIGUSR1 end the loop
+            while step < max_steps:
+                ...
+                checkpointer.watch(step, loss)                # no sync: read at the next check
+                signum = session.agreed_stop_signal()         # every rank stops after the same step
+    # leaving the block, however it is left: W&B closed, the claim released, logging closed, the
+    # process group torn down (after a barrier only when the run ended normally)
+
+`run_command(main)` is every program's `if __name__ == "__main__"` ending: exit 2 for bad input,
+1 for a run that diverged, 128 + the signal for one that a signal stopped, 0 on every rank for
+one that finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import torch
+
+from checkpoints import CheckpointError, rng_state, save_checkpoint
+from config import ConfigError
+from distributed import (broadcast_object, gather_objects, gloo_threads, max_over_ranks, min_over_ranks, same_on_all_ranks, setup_distributed,
+                         stop_with_launcher, teardown_distributed)
+from hardware import fast_math, pick_device, pick_dtype
+from rundirs import Claim, create_run_dir
+from tracking import Tracker, attach_log_file, close_logging, load_env_files, setup_logging
+from utils import format_duration
+
+
+class TrainingDiverged(Exception):
+    """The loss, gradient norm or weights stopped being finite; the message names the step and the
+    checkpoint to go back to."""
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 ask the loop to stop after the current step instead of killing it.
+
+    Slurm sends one of them before preemption or at the time limit (`--signal`), torchrun forwards
+    SIGTERM (and whatever TORCHELASTIC_SIGNALS_TO_HANDLE lists) to its workers, and `kill` sends
+    SIGTERM. The handler only records the first signal, so a second one, even in the middle of
+    saving a checkpoint, changes nothing. Use as a context manager: the previous handlers return on
+    exit. Outside the main thread (where Python cannot install handlers) it records nothing.
+    """
+
+    NAMES = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received = 0  # signal number, 0 for none
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.NAMES:
+                if hasattr(signal, name):  # Windows has no SIGUSR1
+                    number = getattr(signal, name)
+                    self._previous[number] = signal.signal(number, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)  # None: set from C
+        self._previous.clear()
+
+
+class Session:
+    """Device, precision, process group and logging for one run, opened and torn down in one place.
+
+    Entering reads .env files, ties a torchrun worker to its launcher (it stops when the launcher
+    dies), picks the device and the autocast dtype, joins the process group and starts the logger
+    (rank 0 prints; lines reach train.log once the directory is claimed). Leaving, whether the
+    block ended, raised or was stopped: closes the tracker if the program did not (a failed W&B run),
+    releases the directory's claim, closes the log and tears the process group down.
+    """
+
+    def __init__(self, device: str = "auto", dtype: str = "auto"):
+        self.started = time.perf_counter()
+        self.requested = (device, dtype)
+        self.claim: Claim | None = None
+        self._tracker: Tracker | None = None
+        self._signals: StopSignals | None = None
+
+    def __enter__(self) -> "Session":
+        load_env_files()  # WANDB_API_KEY, WANDB_MODE, RCLONE_DEST, ... from .env files
+        stop_with_launcher()
+        self.device = pick_device(self.requested[0], int(os.environ.get("LOCAL_RANK", 0)))
+        self.dist = setup_distributed(self.device.type)
+        self.dtype = pick_dtype(self.requested[1], self.device)
+        fast_math(self.device)
+        self.log = setup_logging(self.dist.is_main)
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self._tracker is not None:
+            self._tracker.finish(exit_code=1)  # only still open if the run failed
+        if self.claim is not None:
+            self.claim.release()
+        close_logging(self.log)
+        teardown_distributed(barrier=kind is None)
+        left = gloo_threads() if self.dist.enabled else []
+        if left and kind is None:  # something still holds the process group: say so, it may abort at exit
+            print(f"warning: rank {self.dist.rank}: gloo threads outlived the process group ({', '.join(left)}); "
+                  f"a DDP wrapper still referenced?", file=sys.stderr)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def seconds(self) -> float:
+        """Since the session opened."""
+        return time.perf_counter() - self.started
+
+    # ------------------------------------------------------------ the output directory
+
+    def claim_directory(self, path: str, resuming: bool, taken: str, config: dict,
+                        claim_timeout: float = 300, flag: str = "run_name") -> str:
+        """Makes and claims `path` for this launch (rank 0 decides, every rank learns the outcome):
+        a directory that already holds files raises ConfigError(`taken`) unless `resuming`; one that
+        a live process of another launch writes is refused with its process and host named (see
+        rundirs.Claim). Then train.log gets the lines logged so far and config.json the config."""
+        failure = None
+        if self.is_main:
+            try:
+                create_run_dir(path, resuming, taken)
+                self.claim, took_over = Claim.take(path, claim_timeout, flag)
+                attach_log_file(self.log, os.path.join(path, "train.log"))
+                if took_over:
+                    self.log.info(took_over)
+                with open(os.path.join(path, "config.json"), "w") as f:
+                    json.dump(config, f, indent=2)
+                    f.write("\n")
+            except ConfigError as e:
+                failure = str(e)
+        failure = broadcast_object(failure)
+        if failure:
+            raise ConfigError(failure)
+        return path
+
+    def tracker(self, directory: str, step: int, wandb: dict | None = None, wandb_id: str | None = None) -> Tracker:
+        """metrics.jsonl (and W&B, and rclone copies) for the run in `directory`, from `step` on."""
+        self._tracker = Tracker(directory, self.is_main, self.log, step, wandb, wandb_id)
+        return self._tracker
+
+    def finish_tracking(self, exit_code: int = 0, preempted: bool = False) -> None:
+        if self._tracker is not None:
+            self._tracker.finish(exit_code, preempted)
+
+    def checkpointer(self, directory: str, max_steps: int, enabled: bool = True,
+                     last: tuple[str, int] | None = None, advice: str = "") -> "Checkpointer":
+        return Checkpointer(self, directory, max_steps, enabled, last, advice)
+
+    # ------------------------------------------------------------ stopping
+
+    @contextlib.contextmanager
+    def stop_signals(self):
+        """SIGTERM and SIGUSR1 are recorded, not fatal, inside the block (the training loop)."""
+        with StopSignals() as self._signals:
+            yield self._signals
+
+    def agreed_stop_signal(self) -> int:
+        """The stop signal any rank has received (0: none). Signals reach ranks at different moments;
+        asking after every step makes them all stop after the same one. A claim that another launch
+        took over (we were silent past its timeout) stops the run the same way, as SIGTERM."""
+        received = self._signals.received if self._signals is not None else 0
+        if self.claim is not None and self.claim.lost and not received:
+            self.log.warning(f"warning: {self.claim.path} now names another writer; stopping")
+            received = signal.SIGTERM
+        return max_over_ranks(received, self.dist)
+
+    def report_replicas(self, params, what: str = "weights") -> None:
+        """DDP keeps replicas identical; say so, or say loudly that they drifted apart."""
+        if not self.dist.enabled:
+            return
+        if same_on_all_ranks([p.detach() for p in params]):
+            self.log.info(f"{what} identical on all {self.dist.world_size} ranks")
+        else:
+            self.log.warning(f"warning: the {what} differ between ranks; the checkpoint holds rank 0's")
+
+
+class Checkpointer:
+    """Saves a run's state into its directory and guards it: every rank's RNG streams are gathered,
+    rank 0 writes atomically (checkpoints.save_checkpoint), and nothing is saved, or logged as good,
+    once the loss, gradient norm or weights have stopped being finite. Then the run stops with
+    TrainingDiverged naming the last good checkpoint.
+
+    `watch(step, *values)` records the first step whose values were not finite without waiting for
+    the device; `check(step, params)` (before a log line, an eval or a save) reads it, adds whether
+    the weights themselves overflowed, and agrees on the earliest bad step over the ranks."""
+
+    def __init__(self, session: Session, directory: str, max_steps: int, enabled: bool = True,
+                 last: tuple[str, int] | None = None, advice: str = ""):
+        self.session, self.directory, self.max_steps, self.enabled = session, directory, max_steps, enabled
+        self.last = last  # (path, step) of the newest good checkpoint
+        self.advice = advice or "Lower --lr, lengthen --warmup_steps or set --grad_clip, then start again"
+        self.first_bad_step = torch.zeros((), dtype=torch.long, device=session.device)
+
+    def watch(self, step: int, value: torch.Tensor) -> None:
+        """Step `step` (the step just taken, counted from 1) produced `value`, a scalar on the device
+        that is finite when the step was (its loss, or loss + gradient norm)."""
+        bad = ~torch.isfinite(value.detach())
+        self.first_bad_step = torch.where(bad & (self.first_bad_step == 0), step, self.first_bad_step)
+
+    def check(self, step: int, params) -> None:
+        """Raises TrainingDiverged, on every rank, if any rank saw a non-finite value or has
+        non-finite weights."""
+        bad = int(self.first_bad_step)
+        if not bad and not math.isfinite(float(torch.nn.utils.get_total_norm([p.detach() for p in params]))):
+            bad = step
+        bad = min_over_ranks(bad or self.max_steps + 1, self.session.dist)  # the earliest step any rank saw
+        if bad > self.max_steps:
+            return
+        kept = (f"{self.last[0]} (step {self.last[1]}) is the last good checkpoint" if self.last
+                else "nothing was saved")
+        message = (f"training diverged at step {bad}: the loss, gradient norm or weights became nan or inf; "
+                   f"stopped before saving, so {kept}. {self.advice}" + (" or --resume from it" if self.last else ""))
+        self.session.log.error(f"error: {message}")
+        raise TrainingDiverged(message)
+
+    def save(self, name: str, step: int, state: dict, params) -> str:
+        """Checks the run (above), then writes `state` (the program's own entries; "rng" is added:
+        every rank's streams, in rank order) to <directory>/<name>. Every rank calls it."""
+        self.check(step, params)
+        path = os.path.join(self.directory, name)
+        if not self.enabled:
+            return path
+        rng = gather_objects(rng_state())  # every rank takes part
+        if self.session.is_main:
+            save_checkpoint({**state, "rng": rng}, path)
+        self.last = (path, step)
+        return path
+
+
+class StepClock:
+    """Training time for the log: ms/step and items/s over the steps since the last report, with
+    evaluations and checkpoints kept out of them (`with clock.paused():`), the ETA to max_steps,
+    and the wall time of the whole run, carried over from the checkpoint when it resumed."""
+
+    def __init__(self, max_steps: int, elapsed_before: float = 0.0):
+        self.max_steps, self.elapsed_before = max_steps, elapsed_before
+        self.started = self.window_start = time.perf_counter()
+        self.window_steps, self.ms_per_step = 0, 0.0
+
+    def tick(self) -> None:
+        self.window_steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_start += time.perf_counter() - paused
+
+    def report(self, items_per_step: float) -> tuple[float, float]:
+        """(ms per step, items per second) since the last report; starts the next window."""
+        seconds = max(time.perf_counter() - self.window_start, 1e-9)
+        steps = max(self.window_steps, 1)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.ms_per_step = 1000 * seconds / steps
+        return self.ms_per_step, items_per_step * steps / seconds
+
+    def eta(self, step: int, at_most: bool = False) -> str:
+        """Time from `step` to max_steps at the last reported pace; "<=" when something else (early
+        stopping) may end the run sooner."""
+        return ("<=" if at_most else "") + format_duration((self.max_steps - step) * self.ms_per_step / 1000)
+
+    def training_seconds(self) -> float:
+        """Seconds since this process started training."""
+        return time.perf_counter() - self.started
+
+    def elapsed(self) -> float:
+        """Wall seconds of training over the whole run, earlier attempts included."""
+        return self.elapsed_before + self.training_seconds()
+
+    def progress(self, step: int, at_most: bool = False) -> str:
+        """'12.3s, ETA 4m05s': the tail of a log line."""
+        return f"{format_duration(self.training_seconds())}, ETA {self.eta(step, at_most)}"
+
+
+def run_command(main) -> None:
+    """A program's `if __name__ == "__main__"`: bad input (ConfigError, CheckpointError) is one line
+    on stderr, from rank 0 only, and exit status 2; a run that diverged (already logged, with the
+    checkpoint to go back to) exits 1; a run stopped by a signal with its checkpoint saved (a
+    summary whose "interrupted" names the signal) exits 128 + that signal, as schedulers expect of
+    an unfinished job; a run that finished exits 0."""
+    try:
+        summary = main()
+    except (ConfigError, CheckpointError) as error:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged:
+        sys.exit(1)
+    if isinstance(summary, dict) and summary.get("interrupted"):
+        sys.exit(128 + signal.Signals[summary["interrupted"]])
