@@ -103,19 +103,46 @@ class Attention(nn.Module):
         explicit = bool(self.hooks) and any(n in self.hooks for n in self._explicit_names)
         if explicit:
             return self._explicit(q, k, v)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, Dh]
-        dropout = self.dropout if self.training else 0.0
-        if self.sink is None:
-            z = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            # The sink is one more key with logit sink[h] for every query and a zero value.
-            zeros = q.new_zeros(B, H, 1, Dh)
-            sink = self.sink.to(q.dtype).view(H, 1, 1).expand(H, T, 1)
-            mask = torch.cat([self._causal_bias(T, q).expand(H, T, T), sink], -1)
-            z = F.scaled_dot_product_attention(q, torch.cat([k, zeros], 2), torch.cat([v, zeros], 2),
-                                               attn_mask=mask, dropout_p=dropout)
+        z = self._fused(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.dropout if self.training else 0.0)
         z = self._hook("hook_z", z.transpose(1, 2))  # [B, T, H, Dh]
         return self.out(z.reshape(B, T, H * Dh))
+
+    # The mask and the sink, for every path: query i (the last n of T positions) sees keys j <= its
+    # own position, and with --attention_sink one more key whose logit is sink[h] and whose value is zero.
+
+    @staticmethod
+    def _causal_bias(T: int, like: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """[n, T]: 0 where query i may see key j, -inf elsewhere; the queries are the last `queries` positions."""
+        n = queries or T
+        return torch.full((n, T), float("-inf"), device=like.device, dtype=like.dtype).triu(T - n + 1)
+
+    def _fused(self, q, k, v, dropout: float = 0.0):
+        """scaled_dot_product_attention for queries q [B, H, n, Dh] at the last n of the T positions of
+        k, v [B, H, T, Dh]: its causal kernel (flash on GPU) when it can, else an explicit mask, with
+        the sink as one more key of logit sink[h] and a zero value."""
+        n, T = q.shape[2], k.shape[2]
+        if self.sink is None and n == T:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        H = q.shape[1]
+        mask = self._causal_bias(T, q, n).expand(H, n, T)
+        if self.sink is not None:
+            zeros = q.new_zeros(q.shape[0], H, 1, q.shape[3])
+            k, v = torch.cat([k, zeros], 2), torch.cat([v, zeros], 2)
+            mask = torch.cat([mask, self.sink.to(q.dtype).view(H, 1, 1).expand(H, n, 1)], -1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+    def _softmax(self, scores: torch.Tensor, key_dim: int, head_dim: int) -> torch.Tensor:
+        """The attention pattern from masked scores (keys along `key_dim`, heads along `head_dim`):
+        with a sink, its logit joins the softmax and its share is dropped, so rows sum to < 1."""
+        if self.sink is None:
+            return scores.softmax(key_dim)
+        shape = [1] * scores.dim()
+        shape[head_dim] = -1
+        sink_shape = list(scores.shape)
+        sink_shape[key_dim] = 1
+        sink = self.sink.to(scores.dtype).view(shape).expand(sink_shape)
+        T = scores.shape[key_dim]
+        return torch.cat([scores, sink], key_dim).softmax(key_dim).narrow(key_dim, 0, T)
 
     def _cached(self, x, cache: dict):
         """Attention for new positions x [B, n, D] that follow the positions whose keys and values
@@ -127,20 +154,8 @@ class Attention(nn.Module):
         if cache:
             k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
         cache["k"], cache["v"] = k, v
-        T = k.shape[2]
-        mask = self._causal_bias(T, q, n).expand(H, n, T)  # the new queries are the last n of T positions
-        if self.sink is not None:
-            zeros = q.new_zeros(B, H, 1, Dh)
-            k, v = torch.cat([k, zeros], 2), torch.cat([v, zeros], 2)
-            mask = torch.cat([mask, self.sink.to(q.dtype).view(H, 1, 1).expand(H, n, 1)], -1)
-        z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        z = self._fused(q, k, v)
         return self.out(z.transpose(1, 2).reshape(B, n, H * Dh))
-
-    @staticmethod
-    def _causal_bias(T: int, like: torch.Tensor, queries: int | None = None) -> torch.Tensor:
-        """0 where query i may see key j, -inf elsewhere; the queries are the last `queries` positions."""
-        n = queries or T
-        return torch.full((n, T), float("-inf"), device=like.device, dtype=like.dtype).triu(T - n + 1)
 
     def _last_queries(self, x, n: int):
         """Attention output for the last n positions only (keys and values from all positions).
@@ -158,11 +173,7 @@ class Attention(nn.Module):
         scores = (q * k).sum(-1) / math.sqrt(Dh)  # [B, n, T, H]
         if n > 1:
             scores = scores + self._causal_bias(T, q, n)[None, :, :, None]
-        if self.sink is None:
-            pattern = scores.softmax(2)
-        else:
-            sink = self.sink.to(scores.dtype).view(1, 1, 1, H).expand(B, n, 1, H)
-            pattern = torch.cat([scores, sink], 2).softmax(2)[:, :, :T]
+        pattern = self._softmax(scores, key_dim=2, head_dim=3)
         if self.training and self.dropout > 0:
             pattern = F.dropout(pattern, self.dropout)
         z = (pattern.unsqueeze(-1) * v).sum(2)  # [B, n, H, Dh]
@@ -177,12 +188,7 @@ class Attention(nn.Module):
         scores = torch.baddbmm(self._causal_bias(T, q), q, k.transpose(1, 2), alpha=1 / math.sqrt(Dh))
         scores = self._hook("hook_attn_scores", scores.view(B, H, T, T))  # [B, H, T_q, T_k], scaled, masked, pre-softmax
         scores = scores.expand(B, H, T, T)  # a hook may have returned a broadcastable tensor
-        if self.sink is None:
-            pattern = scores.softmax(-1)
-        else:
-            sink = self.sink.to(scores.dtype).view(1, H, 1, 1).expand(B, H, T, 1)
-            pattern = torch.cat([scores, sink], -1).softmax(-1)[..., :T]  # rows sum to < 1
-        pattern = self._hook("hook_pattern", pattern)  # [B, H, T_q, T_k]
+        pattern = self._hook("hook_pattern", self._softmax(scores, key_dim=-1, head_dim=1))  # [B, H, T_q, T_k]
         if self.training and self.dropout > 0:
             pattern = F.dropout(pattern, self.dropout)
         # expand: a hook may return a broadcastable pattern (a mean over the batch, say)

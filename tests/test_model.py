@@ -89,6 +89,28 @@ def test_fast_and_explicit_attention_agree(sink, norm):
 
 
 @pytest.mark.parametrize("sink", [False, True])
+def test_the_four_attention_paths_compute_one_function(sink):
+    """Fused, explicit, last-queries and cached attention share their mask and sink code; in float64
+    they agree to rounding, on every position each of them computes."""
+    model = make(attention_sink=sink, norm="layernorm").double()
+    x = tokens()
+    fused = model(x)
+    explicit = model.run_with_hooks(x, [(lambda name: name.endswith("hook_attn_scores"), lambda t, hook: None)])
+    last = model(x, last_positions=3)
+    h, caches = model.embed(x) + model.pos_embed.weight[:T], [{} for _ in model.blocks]
+    pieces = []
+    for start, stop in ((0, 4), (4, 5), (5, 7)):
+        piece = h[:, start:stop]
+        for block, cache in zip(model.blocks, caches):
+            piece = block(piece, cache=cache)
+        pieces.append(piece)
+    cached = model.unembed(model.ln_final(torch.cat(pieces, 1)))
+    for other in (explicit, cached):
+        torch.testing.assert_close(other, fused, rtol=0, atol=1e-10)
+    torch.testing.assert_close(last, fused[:, -3:], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("sink", [False, True])
 def test_last_positions_gives_the_same_logits(sink):
     model = make(attention_sink=sink)
     x = tokens()
