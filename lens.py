@@ -751,8 +751,8 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
                                   checkpoint.get("wandb_id") if checkpoint else None)
         if session.is_main:
             trim_metrics(explanations_path, step)
-        checkpointer = session.checkpointer(out_dir, cfg.max_steps, last=(os.path.join(out_dir, "last.pt"), step)
-                                            if checkpoint is not None else None, advice=DIVERGED_ADVICE)
+        last_good = (os.path.join(out_dir, "last.pt"), step) if checkpoint is not None else None
+        checkpointer = session.checkpointer(out_dir, trainable, cfg.max_steps, last=last_good, advice=DIVERGED_ADVICE)
         clock = StepClock(cfg.max_steps, elapsed_before)
 
         contexts = [show_context(run, held_out_source.tokens[s], p)
@@ -820,7 +820,7 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
                 eval_due = step % cfg.eval_every == 0 or step == cfg.max_steps
                 save_due = cfg.save_every and step % cfg.save_every == 0
                 if log_due or eval_due or save_due:
-                    checkpointer.check(step, trainable())  # before anything is logged as good or saved
+                    checkpointer.check(step)  # before anything is logged as good or saved
                 record = {}
                 if log_due:
                     sums = all_reduce_sum(window, device)
@@ -848,13 +848,13 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
                     if record:
                         tracker.write({**record, "elapsed_seconds": round(clock.elapsed(), 3)})
                     if save_due:
-                        checkpointer.save("last.pt", step, state(), trainable())
+                        checkpointer.save("last.pt", step, state())
                 signum = session.agreed_stop_signal()
                 if signum and step < cfg.max_steps:
                     interrupted = signum
                     log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
                     break
-            checkpointer.save("last.pt", step, state(), trainable())
+            checkpointer.save("last.pt", step, state())
         session.report_replicas(trainable(), "lens weights")
         if session.is_main:
             plot_lens_curves(tracker.path, os.path.join(out_dir, "curves.png"), title=os.path.basename(out_dir))

@@ -390,8 +390,8 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
 
         tracker = session.tracker(out_dir, step, wandb_settings(cfg.wandb_project, name, out_dir, cfg.to_dict())
                                   if cfg.wandb_enabled else None, checkpoint.get("wandb_id") if checkpoint else None)
-        checkpointer = session.checkpointer(out_dir, cfg.max_steps, last=(os.path.join(out_dir, "last.pt"), step)
-                                            if checkpoint is not None else None, advice=DIVERGED_ADVICE)
+        last_good = (os.path.join(out_dir, "last.pt"), step) if checkpoint is not None else None
+        checkpointer = session.checkpointer(out_dir, sae.parameters, cfg.max_steps, last=last_good, advice=DIVERGED_ADVICE)
         clock = StepClock(cfg.max_steps, elapsed_before)
         density = None  # each feature's firing frequency on the held-out rows, at the latest eval
 
@@ -438,7 +438,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                 eval_due = step % cfg.eval_every == 0 or step == cfg.max_steps
                 save_due = cfg.save_every and step % cfg.save_every == 0
                 if log_due or eval_due or save_due:
-                    checkpointer.check(step, sae.parameters())  # before anything is logged as good or saved
+                    checkpointer.check(step)  # before anything is logged as good or saved
                 record = {}
                 if log_due:
                     sums = all_reduce_sum(window, device)
@@ -474,13 +474,13 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                         if count:
                             log.info(f"step {step}: resampled {count} dead features")
                     if save_due:
-                        checkpointer.save("last.pt", step, state(), sae.parameters())
+                        checkpointer.save("last.pt", step, state())
                 signum = session.agreed_stop_signal()
                 if signum and step < cfg.max_steps:
                     interrupted = signum
                     log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
                     break
-            checkpointer.save("last.pt", step, state(), sae.parameters())
+            checkpointer.save("last.pt", step, state())
         del model  # the DDP wrapper goes before the process group does (see distributed.teardown_distributed)
         session.report_replicas(sae.parameters(), "SAE weights")  # resampling included
         if dist.is_main:

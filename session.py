@@ -5,7 +5,7 @@ any later trainer. Each program keeps its own loop; around it:
         ...                                                   # bad input: ConfigError, nothing written
         session.claim_directory(run_dir, resuming, ...)       # one live writer; train.log, config.json
         tracker = session.tracker(run_dir, step, wandb, ...)  # metrics.jsonl, W&B, rclone
-        checkpointer = session.checkpointer(run_dir, ...)     # atomic, every rank's RNG, never nan
+        checkpointer = session.checkpointer(run_dir, model.parameters, ...)  # atomic, every rank's RNG, never nan
         clock = StepClock(max_steps, elapsed_before)          # ms/step, items/s, ETA
         with session.stop_signals():                          # SIGTERM / SIGUSR1 end the loop
             while step < max_steps:
@@ -163,9 +163,9 @@ class Session:
         if self._tracker is not None:
             self._tracker.finish(exit_code, preempted)
 
-    def checkpointer(self, directory: str, max_steps: int, enabled: bool = True,
+    def checkpointer(self, directory: str, params, max_steps: int, enabled: bool = True,
                      last: tuple[str, int] | None = None, advice: str = "") -> "Checkpointer":
-        return Checkpointer(self, directory, max_steps, enabled, last, advice)
+        return Checkpointer(self, directory, params, max_steps, enabled, last, advice)
 
     # ------------------------------------------------------------ stopping
 
@@ -201,13 +201,16 @@ class Checkpointer:
     once the loss, gradient norm or weights have stopped being finite. Then the run stops with
     TrainingDiverged naming the last good checkpoint.
 
-    `watch(step, *values)` records the first step whose values were not finite without waiting for
-    the device; `check(step, params)` (before a log line, an eval or a save) reads it, adds whether
-    the weights themselves overflowed, and agrees on the earliest bad step over the ranks."""
+    `params()` gives the weights to guard (a callable: a lens's grow as its bases unfreeze).
+    `watch(step, value)` records the first step whose value was not finite without waiting for the
+    device; `check(step)` (before a log line, an eval or a save) reads it, adds whether the weights
+    themselves overflowed, and agrees on the earliest bad step over the ranks. With enabled=False
+    (train.py's --save_model false) it guards but writes nothing."""
 
-    def __init__(self, session: Session, directory: str, max_steps: int, enabled: bool = True,
+    def __init__(self, session: Session, directory: str, params, max_steps: int, enabled: bool = True,
                  last: tuple[str, int] | None = None, advice: str = ""):
-        self.session, self.directory, self.max_steps, self.enabled = session, directory, max_steps, enabled
+        self.session, self.directory, self.params = session, directory, params
+        self.max_steps, self.enabled = max_steps, enabled
         self.last = last  # (path, step) of the newest good checkpoint
         self.advice = advice or "Lower --lr, lengthen --warmup_steps or set --grad_clip, then start again"
         self.first_bad_step = torch.zeros((), dtype=torch.long, device=session.device)
@@ -218,11 +221,11 @@ class Checkpointer:
         bad = ~torch.isfinite(value.detach())
         self.first_bad_step = torch.where(bad & (self.first_bad_step == 0), step, self.first_bad_step)
 
-    def check(self, step: int, params) -> None:
+    def check(self, step: int) -> None:
         """Raises TrainingDiverged, on every rank, if any rank saw a non-finite value or has
         non-finite weights."""
         bad = int(self.first_bad_step)
-        if not bad and not math.isfinite(float(torch.nn.utils.get_total_norm([p.detach() for p in params]))):
+        if not bad and not math.isfinite(float(torch.nn.utils.get_total_norm([p.detach() for p in self.params()]))):
             bad = step
         bad = min_over_ranks(bad or self.max_steps + 1, self.session.dist)  # the earliest step any rank saw
         if bad > self.max_steps:
@@ -234,10 +237,10 @@ class Checkpointer:
         self.session.log.error(f"error: {message}")
         raise TrainingDiverged(message)
 
-    def save(self, name: str, step: int, state: dict, params) -> str:
+    def save(self, name: str, step: int, state: dict) -> str:
         """Checks the run (above), then writes `state` (the program's own entries; "rng" is added:
         every rank's streams, in rank order) to <directory>/<name>. Every rank calls it."""
-        self.check(step, params)
+        self.check(step)
         path = os.path.join(self.directory, name)
         if not self.enabled:
             return path

@@ -36,13 +36,9 @@ from utils import format_duration
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Runs one training run; returns a summary (steps, seconds, final and best metrics, run dir).
-
-    Bad input raises ConfigError / CheckpointError before anything is written (`python train.py`:
-    one line on stderr, exit 2). SIGTERM or SIGUSR1 ends the run after the current step with a
-    checkpoint (summary["interrupted"] names the signal; exit 128 + its number). A diverging run
-    raises TrainingDiverged (exit 1).
-    """
+    """One training run; returns its summary. Bad input: ConfigError / CheckpointError before anything is
+    written (exit 2). SIGTERM / SIGUSR1: a checkpoint after the current step (summary["interrupted"];
+    exit 128 + the signal). A run that diverges raises TrainingDiverged (exit 1)."""
     cfg, explicit = parse_config(argv)
     with Session(cfg.device, cfg.dtype) as session:
         log, dist, device, dtype = session.log, session.dist, session.device, session.dtype
@@ -54,18 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
         raw_model, model = build_model(cfg, data, session, resume)
         t = Training.build(cfg, raw_model, session, resume, max_steps)
         run_dir = claim_run_dir(cfg, explicit, session, resume)
-        tokens_per_step, flops_token, peak = describe_run(cfg, raw_model, data, session, resume, t.step, max_steps)
-        tracker = session.tracker(run_dir, t.step, wandb_settings(cfg.wandb_project, cfg.run_name, run_dir,
-                                                                  cfg.to_dict(), cfg.wandb_entity)
-                                  if cfg.wandb_enabled else None, resume.wandb_id)
-        checkpointer = session.checkpointer(run_dir, max_steps, cfg.save_model, resume.last_good)
-        clock = StepClock(max_steps, t.elapsed_before)
+        speed = describe_run(cfg, raw_model, data, session, resume, t.step, max_steps)
+        tracker, checkpointer, clock = open_run(cfg, session, run_dir, resume, t, max_steps)
 
         # ---- the loop; SIGTERM / SIGUSR1 (preemption) end it after the current step, with a checkpoint
-        if t.step >= max_steps:
-            log.info(f"nothing to do: step {t.step} >= max_steps {max_steps}")
-        model.train()
-        step, start_step, stop, preempted, evals_done, last = t.step, t.step, False, 0, 0, {}
+        step, start_step, stop, preempted, last = t.step, t.step, False, 0, {}
         with session.stop_signals():
             while step < max_steps and not stop:
                 apply_lr(t.optimizers, t.schedule(step))
@@ -82,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
                         t.scaler.scale(loss * (dist.world_size / num_targets)).backward()
                     loss_sum += loss.detach()
                     correct += micro_correct
-                grad_norm = t.finish_step(raw_model, cfg.grad_clip)  # unscale, Grokfast, clip, step
+                grad_norm = t.finish_step(cfg.grad_clip)  # unscale, Grokfast, clip, step
                 step += 1
                 clock.tick()
                 # Under fp16 an inf gradient is the scaler's business (it skips the step); a bad loss never is.
@@ -96,23 +85,15 @@ def main(argv: list[str] | None = None) -> dict:
                 eval_due = step % cfg.eval_every == 0 or step == max_steps
                 save_due = cfg.save_every and step % cfg.save_every == 0
                 if print_due or eval_due or save_due:
-                    checkpointer.check(step, raw_model.parameters())  # before anything is logged as good or saved
+                    checkpointer.check(step)  # before anything is logged as good or saved
                 record = {}
                 if print_due:
-                    sums = all_reduce_sum({"loss_sum": loss_sum.item(), "correct": correct.item()}, device)
-                    ms_per_step, tokens_per_sec = clock.report(tokens_per_step)
-                    train = {"step": step, "train_loss": sums["loss_sum"] / num_targets,
-                             "train_acc": sums["correct"] / num_targets, "lr": t.optimizers[0].param_groups[0]["lr"],
-                             "grad_norm": grad_norm.item(), "ms_per_step": ms_per_step, "tokens_per_sec": tokens_per_sec}
-                    if peak:
-                        train["mfu"] = flops_token * tokens_per_sec / dist.world_size / peak
+                    train = train_metrics(step, loss_sum, correct, num_targets, grad_norm, t, clock, speed, session)
                     log.info(train_line(train, max_steps) + f" | {clock.progress(step, t.early_stopping.active)}")
                     last, record = {**last, **train}, (train if record_due else {})
                 with clock.paused():  # evals and checkpoints stay out of ms/step and tokens/s
                     if eval_due:
-                        val = evaluate(model, raw_model, data, session)
-                        if cfg.track_progress:  # every rank computes the same numbers on the same full table
-                            val.update(progress_measures(raw_model, data, cfg.modulus))
+                        val = evaluate(model, raw_model, data, cfg, session)
                         record, last = {"step": step, **record, **val}, {**last, **val}
                         stop = t.early_stopping.update(val["val_loss"], val.get("val_acc"))
                         log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
@@ -122,23 +103,19 @@ def main(argv: list[str] | None = None) -> dict:
                             print_samples(raw_model, data, cfg, step, session)
                         if val["val_loss"] < t.best_val_loss:
                             t.best_val_loss = val["val_loss"]
-                            checkpointer.save("best.pt", step, t.state(raw_model, cfg, step, tracker, clock),
-                                              raw_model.parameters())
+                            checkpointer.save("best.pt", step, t.state(step, tracker, clock))
                     if record:  # elapsed_seconds: wall time since training began, the x axis of "first to a loss"
                         tracker.write({**record, "elapsed_seconds": round(clock.elapsed(), 3)})
                     if save_due:
-                        checkpointer.save("last.pt", step, t.state(raw_model, cfg, step, tracker, clock),
-                                          raw_model.parameters())
-                    if eval_due and cfg.rclone_every:
-                        evals_done += 1
-                        if evals_done % cfg.rclone_every == 0:
-                            tracker.copy()  # in the background; a copy still running is left to finish
+                        checkpointer.save("last.pt", step, t.state(step, tracker, clock))
+                    if eval_due and cfg.rclone_every and step // cfg.eval_every % cfg.rclone_every == 0:
+                        tracker.copy()  # in the background; a copy still running is left to finish
                     if signum and not stop and step < max_steps:  # a run that just ended is not preempted
                         preempted, stop = signum, True
                         log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
 
             # ---- the end: checkpoint, picture, summary (a second signal here changes nothing)
-            checkpointer.save("last.pt", step, t.state(raw_model, cfg, step, tracker, clock), raw_model.parameters())
+            checkpointer.save("last.pt", step, t.state(step, tracker, clock))
         del model  # the DDP wrapper goes before the process group does (see distributed.teardown_distributed)
         session.report_replicas(raw_model.parameters())
         summary = finish_run(cfg, session, tracker, run_dir, step, preempted, stop, t, last, clock, sweep)
@@ -261,13 +238,15 @@ def build_model(cfg: Config, data, session: Session, resume: Resume):
         model = torch.compile(model)
     if session.dist.enabled:
         model = DDP(model, device_ids=[session.dist.local_rank] if session.device.type == "cuda" else None)
-    return raw_model, model
+    return raw_model, model.train()
 
 
 @dataclass
 class Training:
     """What the loop updates besides the weights (optimizers, precision scaler, early stopping,
     Grokfast, the LR schedule, the best val_loss), where it starts, and its checkpoint entries."""
+    raw_model: Transformer
+    cfg: Config
     optimizers: list
     scaler: torch.amp.GradScaler
     early_stopping: EarlyStopping
@@ -279,7 +258,7 @@ class Training:
 
     @classmethod
     def build(cls, cfg: Config, raw_model: Transformer, session: Session, resume: Resume, max_steps: int) -> "Training":
-        t = cls(build_optimizers(raw_model, cfg),
+        t = cls(raw_model, cfg, build_optimizers(raw_model, cfg),
                 torch.amp.GradScaler(session.device.type, enabled=session.dtype == torch.float16),
                 EarlyStopping(cfg.patience, cfg.min_delta, cfg.target_val_acc),
                 GrokfastEMA(raw_model.parameters(), cfg.grokfast_alpha, cfg.grokfast_lamb) if cfg.grokfast_lamb else None,
@@ -306,13 +285,13 @@ class Training:
             seed_everything(cfg.seed + 1_000_003 * t.step + dist.rank)
         return t
 
-    def finish_step(self, raw_model: Transformer, grad_clip: float) -> torch.Tensor:
+    def finish_step(self, grad_clip: float) -> torch.Tensor:
         """After the backward passes: unscale (fp16), Grokfast, clip, step, zero; the gradient norm."""
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
         if self.grokfast is not None:
             self.grokfast.apply()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), grad_clip or math.inf)
         for optimizer in self.optimizers:
             self.scaler.step(optimizer)
         self.scaler.update()
@@ -320,10 +299,10 @@ class Training:
             optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def state(self, raw_model: Transformer, cfg: Config, step: int, tracker, clock: StepClock) -> dict:
+    def state(self, step: int, tracker, clock: StepClock) -> dict:
         """The checkpoint's entries (the run layer adds every rank's RNG streams)."""
         return {
-            "model": raw_model.state_dict(),  # clean keys: never the compiled or DDP wrapper's
+            "model": self.raw_model.state_dict(),  # clean keys: never the compiled or DDP wrapper's
             "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
             "scaler": self.scaler.state_dict(),
             "step": step,
@@ -333,7 +312,7 @@ class Training:
             "lr_schedule": self.schedule.state_dict(),
             "best_val_loss": self.best_val_loss,
             "elapsed_seconds": clock.elapsed(),
-            "config": cfg.to_dict(),
+            "config": self.cfg.to_dict(),
             "wandb_id": tracker.wandb_id,
         }
 
@@ -356,10 +335,17 @@ def claim_run_dir(cfg: Config, explicit: set[str], session: Session, resume: Res
     return run_dir
 
 
+@dataclass
+class Speed:
+    """What tok/s and MFU are computed from."""
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float | None  # the GPU's, or None: no MFU
+
+
 def describe_run(cfg: Config, raw_model: Transformer, data, session: Session, resume: Resume, step: int,
-                 max_steps: int) -> tuple[int, float, float | None]:
-    """The run describes itself (config, versions, hardware, sizes) at the top of its log; returns
-    (tokens per step, training FLOPs per token, the GPU's peak FLOP/s or None) for tok/s and MFU."""
+                 max_steps: int) -> Speed:
+    """The run describes itself (config, versions, hardware, sizes) at the top of its log."""
     log, device = session.log, session.device
     origin = "new" if resume.checkpoint is None else (f"resumed at step {step}" if resume.continuing
                                                        else f"started from {resume.path} at step {step}")
@@ -376,10 +362,35 @@ def describe_run(cfg: Config, raw_model: Transformer, data, session: Session, re
     log.info(f"data {cfg.task}: {data.train_size:,} train examples · global batch {global_batch} "
              f"({tokens_per_step:,} tokens/step) · {max_steps:,} steps"
              + ("" if peak else f" · MFU: unknown, {no_mfu_reason(device)}"))
-    return tokens_per_step, flops_token, peak
+    if step >= max_steps:
+        log.info(f"nothing to do: step {step} >= max_steps {max_steps}")
+    return Speed(tokens_per_step, flops_token, peak)
+
+
+def open_run(cfg: Config, session: Session, run_dir: str, resume: Resume, t: Training, max_steps: int):
+    """(metrics.jsonl and W&B, the checkpointer with its nan guard, the step clock) for the loop."""
+    wandb = (wandb_settings(cfg.wandb_project, cfg.run_name, run_dir, cfg.to_dict(), cfg.wandb_entity)
+             if cfg.wandb_enabled else None)
+    tracker = session.tracker(run_dir, t.step, wandb, resume.wandb_id)
+    checkpointer = session.checkpointer(run_dir, t.raw_model.parameters, max_steps, cfg.save_model, resume.last_good)
+    return tracker, checkpointer, StepClock(max_steps, t.elapsed_before)
 
 
 # ---------------------------------------------------------------- inside the loop
+
+
+def train_metrics(step: int, loss_sum: torch.Tensor, correct: torch.Tensor, num_targets: int, grad_norm: torch.Tensor,
+                  t: Training, clock: StepClock, speed: Speed, session: Session) -> dict:
+    """This step's training record: loss and accuracy over the global batch (all-reduced), LR,
+    gradient norm, and the pace since the last one (ms/step, tok/s, MFU on known GPUs)."""
+    sums = all_reduce_sum({"loss_sum": loss_sum.item(), "correct": correct.item()}, session.device)
+    ms_per_step, tokens_per_sec = clock.report(speed.tokens_per_step)
+    train = {"step": step, "train_loss": sums["loss_sum"] / num_targets, "train_acc": sums["correct"] / num_targets,
+             "lr": t.optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(), "ms_per_step": ms_per_step,
+             "tokens_per_sec": tokens_per_sec}
+    if speed.peak_flops:
+        train["mfu"] = speed.flops_per_token * tokens_per_sec / session.dist.world_size / speed.peak_flops
+    return train
 
 
 def train_line(train: dict, max_steps: int) -> str:
@@ -390,8 +401,9 @@ def train_line(train: dict, max_steps: int) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, raw_model: Transformer, data, session: Session) -> dict:
-    """Validation metrics over the whole val split (each rank its share), all-reduced."""
+def evaluate(model, raw_model: Transformer, data, cfg: Config, session: Session) -> dict:
+    """Validation metrics over the whole val split (each rank its share), all-reduced; with
+    --track_progress also Nanda et al.'s progress measures (every rank computes the same numbers)."""
     model.eval()
     sums = dict.fromkeys(data.EVAL_KEYS, 0.0)  # the same keys on every rank, batches or not
     for x, y, extras in data.val_batches():
@@ -400,7 +412,10 @@ def evaluate(model, raw_model: Transformer, data, session: Session) -> dict:
         for key, value in data.eval_sums(logits, y, extras).items():
             sums[key] += value
     model.train()
-    return data.eval_metrics(all_reduce_sum(sums, session.device))
+    metrics = data.eval_metrics(all_reduce_sum(sums, session.device))
+    if cfg.track_progress:
+        metrics.update(progress_measures(raw_model, data, cfg.modulus))
+    return metrics
 
 
 def print_samples(raw_model: Transformer, data, cfg: Config, step: int, session: Session) -> None:
