@@ -4,10 +4,11 @@ every helper here is the identity."""
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -175,21 +176,23 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def stop_with_launcher() -> None:
-    """Under torchrun: this worker gets SIGTERM when its launcher dies, however it dies.
+def stop_with_launcher(interval: float = 1.0) -> None:
+    """Under torchrun: this worker gets one SIGTERM when its launcher dies, however it dies.
 
     torchrun starts each worker in a process session of its own, so a launcher killed outright
     (the OOM killer, kill -9, a lost tmux or ssh session) leaves its workers training on as orphans,
-    still writing the run directory. With the parent-death signal set, they stop the way a
-    preemption stops them: the step finishes, rank 0 saves, they exit. Linux only; elsewhere
-    nothing changes. A launcher already gone before the signal was set (this process was
-    re-parented) gets the same SIGTERM at once."""
+    still writing the run directory. A thread watches the parent process; when the worker is
+    re-parented, it sends the worker SIGTERM, and the worker stops the way a preemption stops it:
+    the step finishes, rank 0 saves, it exits. (Not the parent-death signal: torchrun's agent has
+    several threads, and the kernel sends that signal again each time the thread the worker is
+    parented to exits, which can land after training, once the default handler is back.)"""
     if not under_torchrun():
         return
     launcher = os.getppid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux
-        return
-    if os.getppid() != launcher or launcher == 1:
+
+    def watch() -> None:
+        while os.getppid() == launcher != 1:
+            time.sleep(interval)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="tinylab-launcher", daemon=True).start()

@@ -109,6 +109,8 @@ class Session:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
+        if self._signals is not None:
+            self._signals.__exit__()
         if self._tracker is not None:
             self._tracker.finish(exit_code=1)  # only still open if the run failed
         if self.claim is not None:
@@ -171,9 +173,12 @@ class Session:
 
     @contextlib.contextmanager
     def stop_signals(self):
-        """SIGTERM and SIGUSR1 are recorded, not fatal, inside the block (the training loop)."""
-        with StopSignals() as self._signals:
-            yield self._signals
+        """SIGTERM and SIGUSR1 are recorded, not fatal, from the start of the block (the training
+        loop) to the end of the session: a second signal while the run saves and finishes changes
+        nothing."""
+        if self._signals is None:
+            self._signals = StopSignals().__enter__()
+        yield self._signals
 
     def agreed_stop_signal(self) -> int:
         """The stop signal any rank has received (0: none). Signals reach ranks at different moments;

@@ -181,6 +181,7 @@ def test_two_ranks_train_the_sae_one_process_trains(tmp_path, trained_runs):
     one = sae_module.main([run_dir, *common, "--name", "one"])
     result = run_torchrun([run_dir, *common, "--name", "two"], cwd=str(tmp_path), script="sae.py")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "gloo threads outlived" not in result.stderr  # the DDP wrapper went before the process group
     a = {r["step"]: r for r in read_metrics(os.path.join(one["sae_dir"], "metrics.jsonl"))}
     b = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", "two", "metrics.jsonl"))}
     assert sorted(a) == sorted(b) == list(range(1, 21))
