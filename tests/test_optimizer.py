@@ -5,7 +5,7 @@ import torch
 
 from config import Config
 from model import Transformer
-from optimizer import EarlyStopping, Muon, build_optimizers, lr_multiplier, orthogonalize
+from optimizer import EarlyStopping, LRSchedule, Muon, build_optimizers, lr_multiplier, orthogonalize
 
 
 def _run_both(ns_dtype, shapes=((64, 32), (32, 96), (48, 48)), steps=4, **hyper):
@@ -154,3 +154,28 @@ def test_loaded_optimizer_state_keeps_todays_hyperparameters():
     assert adamw.state[adamw.param_groups[0]["params"][0]]["step"] == 1  # moments came back
     with pytest.raises(ValueError, match="optimizers"):
         load_optimizer_states(new[:1], [o.state_dict() for o in old])
+
+
+def test_the_plateau_schedule_cuts_the_lr_when_the_eval_loss_stalls_and_resumes_where_it_was():
+    cfg = Config(lr_schedule="plateau", warmup_steps=2, plateau_factor=0.5, plateau_patience=2, min_delta=0.01,
+                 min_lr_frac=0.2).validate()
+    schedule = LRSchedule(cfg, max_steps=100)
+    assert [schedule(step) for step in (0, 1, 2, 50)] == [0.5, 1.0, 1.0, 1.0]  # warm-up, then flat
+    cuts = [schedule.observe(loss) for loss in (1.0, 0.9, 0.895, 0.899)]  # 0.895 improves by less than min_delta
+    assert cuts == [False, False, False, True] and schedule(50) == 0.5
+    resumed = LRSchedule(cfg, max_steps=100)
+    resumed.load_state_dict(schedule.state_dict())
+    for loss in (0.8, 0.85, 0.85, 0.85, 0.85, 0.85, 0.85):  # an improvement resets the count
+        assert resumed.observe(loss) == schedule.observe(loss)
+    assert resumed(50) == schedule(50) == 0.2  # 0.5 -> 0.25 -> the floor, min_lr_frac
+    assert not schedule.observe(0.85) and schedule(50) == 0.2
+    other = LRSchedule(Config(lr_schedule="cosine").validate(), max_steps=100)
+    assert not any(other.observe(1.0) for _ in range(10)) and other.factor == 1.0  # only plateau cuts
+
+
+@pytest.mark.parametrize("flag,value", [("plateau_factor", "1"), ("plateau_patience", "0"), ("lr_schedule", "step")])
+def test_plateau_settings_are_checked(flag, value):
+    from config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=f"--{flag}"):
+        parse_config([f"--{flag}", value])

@@ -222,6 +222,18 @@ def test_bad_input_names_the_flag(trained_runs, args, message):
     assert str(error.value).startswith(message)
 
 
+def test_an_sae_saved_before_the_run_name_rename_still_loads(trained_runs):
+    trained = sae_module.main([trained_runs["modular"], *QUICK, "--max_steps", "2", "--run_name", "old-keys"])
+    path = os.path.join(trained["sae_dir"], "last.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["config"]["name"] = checkpoint["config"].pop("run_name")
+    for key in ("save_model_dir", "claim_timeout", "plateau_factor", "plateau_patience", "min_delta"):
+        del checkpoint["config"][key]  # fields it did not have yet
+    torch.save(checkpoint, path)
+    sae, cfg, _ = sae_module.load_sae(trained["sae_dir"])
+    assert cfg.run_name == "old-keys" and sae.dict_size == 96
+
+
 def test_an_existing_sae_is_never_overwritten(tmp_path, trained_runs):
     first = sae_module.main([trained_runs["modular"], *QUICK, "--max_steps", "2", "--name", "kept"])
     before = open(os.path.join(first["sae_dir"], "last.pt"), "rb").read()

@@ -358,3 +358,36 @@ def test_resume_in_another_precision(tmp_path):
     train.main(args + ["--max_steps", "4"])
     summary = train.main(args + ["--max_steps", "8", "--dtype", "float16"])
     assert summary["steps"] == 8 and math.isfinite(summary["train_loss"])
+
+
+def test_the_plateau_schedule_cuts_the_lr_and_a_resumed_run_cuts_where_a_straight_one_does(tmp_path):
+    # min_delta 100: no eval after the first counts as an improvement; with patience 2 the evals at
+    # steps 10 and 15 cut the LR after step 15. The stopped run ends at 10, between the two.
+    common = tiny_args(tmp_path, "--lr_schedule", "plateau", "--plateau_patience", "2", "--plateau_factor", "0.5",
+                       "--min_delta", "100", "--min_lr_frac", "0.1", "--warmup_steps", "0", "--eval_every", "5",
+                       "--log_every", "1", "--target_val_acc", "0")
+    train.main(common + ["--run", "straight"])
+    train.main(common + ["--run", "cut", "--max_steps", "10"])
+    train.main(common + ["--run", "cut", "--resume", "auto"])
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "runs" / "straight" / "metrics.jsonl")}
+    assert [lrs[s] for s in (1, 15, 16, 20)] == [1e-2, 1e-2, 5e-3, 5e-3]
+    assert lrs == {r["step"]: r["lr"] for r in read_metrics(tmp_path / "runs" / "cut" / "metrics.jsonl")}
+    assert "plateau: LR x 0.5 of its schedule from step 16" in (tmp_path / "runs" / "straight" / "train.log").read_text()
+
+
+def test_config_files_and_checkpoints_from_before_the_run_name_rename_still_load(tmp_path):
+    train.main(tiny_args(tmp_path, "--run", "old", "--max_steps", "4"))
+    run_dir = tmp_path / "runs" / "old"
+    config = json.loads((run_dir / "config.json").read_text())
+    config["run"] = config.pop("run_name")  # as written before the field was renamed
+    (run_dir / "config.json").write_text(json.dumps(config))
+    for name in ("last.pt", "best.pt"):
+        checkpoint = torch.load(run_dir / name, weights_only=True)
+        checkpoint["config"]["run"] = checkpoint["config"].pop("run_name")
+        del checkpoint["lr_schedule"]  # and before the plateau schedule
+        torch.save(checkpoint, run_dir / name)
+    summary = train.main(["--save_model_dir", str(tmp_path / "runs"), "--run_name", "old", "--resume", "auto",
+                          "--max_steps", "6"])
+    assert summary["steps"] == 6
+    again = train.main(["--config", str(run_dir / "config.json"), "--run_name", "again", "--max_steps", "2"])
+    assert again["steps"] == 2
