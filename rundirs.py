@@ -150,10 +150,10 @@ def launch_identity() -> str:
     host = socket.gethostname()
     if os.environ.get("SLURM_JOB_ID"):
         return f"slurm job {os.environ['SLURM_JOB_ID']} on {os.environ.get('SLURM_CLUSTER_NAME', 'its cluster')}"
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        agent = os.getppid()
-        return f"torchrun {agent} on {host} since {process_start_time(agent)}"
-    return f"process {os.getpid()} on {host} since {process_start_time(os.getpid())}"
+    pid = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else os.getpid()
+    started = process_start_time(pid)
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "unknown"
+    return f"{'torchrun' if pid != os.getpid() else 'process'} {pid} on {host}, started {since}"
 
 
 class Claim:

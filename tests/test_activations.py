@@ -34,6 +34,7 @@ def read_dump(directory) -> dict:
     return {tuple(w): row for w, row in zip(source.where.tolist(), everything)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task,positions", [("modular", "answer"), ("text", "all"), ("dyck", "all")])
 def test_dump_and_live_source_give_the_same_rows(tmp_path, trained_runs, task, positions):
     shard_rows = 30 if task == "modular" else 1000  # several shards either way
@@ -114,6 +115,7 @@ def test_an_interrupted_dump_finishes_what_is_missing(tmp_path, trained_runs):
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.slow
 def test_two_ranks_write_the_same_dump_as_one_process(tmp_path, trained_runs):
     one = dump_to(trained_runs["modular"], tmp_path / "one", shard_rows=40)
     result = run_torchrun(["dump", trained_runs["modular"], "--hook", HOOK, "--out", str(tmp_path / "two"),
@@ -148,6 +150,7 @@ def test_bad_input_names_the_flag_and_writes_nothing(trained_runs, args, message
     assert not os.path.exists(os.path.join(trained_runs["modular"], "activations"))
 
 
+@pytest.mark.slow
 def test_the_command_line_says_it_in_one_line_with_exit_status_2(tmp_path, trained_runs):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "activations.py"), "dump", trained_runs["modular"],
                              "--hook", "blocks.0.mlp.hook_pots"], capture_output=True, text=True, cwd=str(tmp_path))

@@ -52,6 +52,7 @@ def test_plain_gpt_refuses_what_it_cannot_compute():
         PlainGPT(Config(attention_sink=True).validate(), 10)
 
 
+@pytest.mark.slow
 def test_hooks_bench_reports_both_ratios():
     out = bench("hooks.py", "--configs", "grokking", "--batch_size", "64", "--repeats", "1", "--inner", "1")
     assert re.search(r"grokking +eager +fwd\+bwd, no hooks / plain +[\d.]+ +[\d.]+ +[\d.]+ +<= 1.02", out), out

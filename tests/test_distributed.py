@@ -19,6 +19,7 @@ LONG = ["--modulus", "23", "--batch_size", "64", "--max_steps", "150", "--target
         "--dropout", "0.1", "--log_every", "5", "--eval_every", "25", "--save_every", "10"]
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
     """Same global batch: 2 ranks x 2 micro-steps of 16 give one process's 64-example steps.
 
@@ -61,6 +62,7 @@ def straight_run(tmp_path_factory):
     return root / "straight"
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_and_resume_is_exact(tmp_path, straight_run):
     args = ["--save_model_dir", str(tmp_path), "--run_name", "cut", *LONG]
     process = subprocess.Popen(torchrun_command(args), cwd=str(tmp_path), stdout=subprocess.PIPE,
@@ -83,6 +85,7 @@ def test_sigterm_to_torchrun_checkpoints_and_resume_is_exact(tmp_path, straight_
     assert_same_run(tmp_path / "cut", straight_run)
 
 
+@pytest.mark.slow
 def test_max_restarts_resumes_after_a_worker_dies(tmp_path, straight_run):
     # No run name: the restarted workers must find the run their first attempt generated.
     args = ["--save_model_dir", str(tmp_path), *LONG]

@@ -127,6 +127,7 @@ def test_restriction_keeps_what_the_key_frequencies_carry_and_exclusion_removes_
     assert interp.key_frequencies(norms) == [k]
 
 
+@pytest.mark.slow
 def test_report_writes_plots_and_numbers(tiny_run, tmp_path):
     path = interp.main([str(tiny_run), "--out", str(tmp_path / "report")])
     text = open(path).read()
@@ -137,6 +138,7 @@ def test_report_writes_plots_and_numbers(tiny_run, tmp_path):
         assert f"({name})" in text  # every plot is linked from the report
 
 
+@pytest.mark.slow
 def test_report_on_a_dyck_run_has_what_applies(tmp_path):
     train.main(["--preset", "dyck", "--save_model_dir", str(tmp_path), "--run", "d", "--max_steps", "10",
                 "--eval_every", "10", "--num_blocks", "2", "--embedding_dim", "32", "--mlp_dim", "64",
@@ -147,6 +149,7 @@ def test_report_on_a_dyck_run_has_what_applies(tmp_path):
     assert "| L1 MLP |" in text and "Fourier" not in text and "fourier_embedding.png" not in names
 
 
+@pytest.mark.slow
 def test_report_on_a_missing_run_fails_cleanly(tmp_path):
     import subprocess
     import sys

@@ -54,6 +54,7 @@ def a_batch(run, lens, size: int = 16, seed: int = 0):
                    torch.float32)
 
 
+@pytest.mark.slow
 def test_the_lens_learns_to_beat_both_baselines_and_writes_its_report(text_run):
     summary = lens_module.main([text_run, *QUICK, "--max_steps", "300", "--eval_every", "100", "--log_every", "50",
                                 "--run_name", "learns"])
@@ -172,6 +173,7 @@ class _SignalAt(logging.Filter):
         return True
 
 
+@pytest.mark.slow
 def test_a_stopped_lens_resumes_exactly_across_unfreezing(text_run):
     # The encoder unfreezes before the decoder (their copies have one shape: optimizer states must
     # come back to the right one), the stop falls between two log lines (the next line averages steps
@@ -208,6 +210,7 @@ def test_a_stopped_lens_resumes_exactly_across_unfreezing(text_run):
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.slow
 def test_dumped_and_on_the_fly_sources_give_the_same_batches(tmp_path, text_run):
     hook = "blocks.1.hook_resid_post"
     out = str(tmp_path / "dump")
@@ -229,6 +232,7 @@ def test_dumped_and_on_the_fly_sources_give_the_same_batches(tmp_path, text_run)
     assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_lens_one_process_trains(tmp_path, text_run):
     # Without Gumbel noise (which each rank draws for itself) two ranks of 16 rows are one process of
     # 32: the same losses, and the same gradient norm, which a sum instead of a mean would double.
@@ -276,6 +280,7 @@ def test_a_lens_of_a_itself_scores_zero_and_the_baselines_do_not(text_run):
     assert 0.1 < metrics["val_mse_mean"] < metrics["val_mse_random"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes_in_one_wandb_run(tmp_path, text_run):
     # The command train.slurm runs for TINYLAB_PROGRAM=lens.py: its --run_name and --resume auto first.
     lens_dir = os.path.join(text_run, "lens", "preempted")
@@ -328,6 +333,7 @@ def test_bad_input_names_the_flag(text_run, args, message):
     assert not os.path.exists(os.path.join(text_run, "lens", "bad"))
 
 
+@pytest.mark.slow
 def test_a_non_text_run_and_an_existing_lens_are_refused(tmp_path, trained_runs, text_run):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "lens.py"), trained_runs["modular"]],
                             capture_output=True, text=True, cwd=str(tmp_path))

@@ -42,6 +42,7 @@ def images(notebook) -> int:
     return sum("image/png" in o.get("data", {}) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
 
 
+@pytest.mark.slow
 def test_modular_interp_notebook_trains_a_run_and_analyses_it(tmp_path, monkeypatch):
     args = f"--save_model_dir {tmp_path}/runs --run_name nb --modulus 23 --frac_train 0.6 --max_steps 150 --eval_every 25"
     notebook = execute("modular_interp.ipynb", {"TINYLAB_TRAIN_ARGS": args, "TINYLAB_RUN": ""}, monkeypatch)
@@ -53,6 +54,7 @@ def test_modular_interp_notebook_trains_a_run_and_analyses_it(tmp_path, monkeypa
     assert any("restricted_loss" in m for m in metrics)  # the notebook trains with --track_progress
 
 
+@pytest.mark.slow
 def test_training_notebook_trains_plots_and_samples(tmp_path, monkeypatch):
     text = tmp_path / "corpus.txt"
     text.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 300)
@@ -65,6 +67,7 @@ def test_training_notebook_trains_plots_and_samples(tmp_path, monkeypatch):
     assert images(notebook) >= 1
 
 
+@pytest.mark.slow
 def test_consistency_lens_notebook_trains_a_lens_and_reads_it(tmp_path, monkeypatch):
     text = tmp_path / "corpus.txt"
     text.write_text("ROMEO:\nBut soft, what light through yonder window breaks? An explanation of it, please.\n" * 300)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import train
@@ -19,6 +20,7 @@ LONG = ["--modulus", "23", "--batch_size", "64", "--max_steps", "120", "--target
         "--dropout", "0.1", "--log_every", "5", "--eval_every", "20", "--save_every", "50"]
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_after_the_step_and_resume_is_exact(tmp_path):
     common = ["--save_model_dir", str(tmp_path), *LONG]
     train.main(common + ["--run", "straight"])
@@ -42,6 +44,7 @@ def test_sigusr1_checkpoints_after_the_step_and_resume_is_exact(tmp_path):
     assert_same_run(tmp_path / "cut", tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_a_loss_that_blows_up_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     args = ["--save_model_dir", str(tmp_path), "--run", "boom", "--modulus", "17", "--target_val_acc", "0",
             "--log_every", "5", "--eval_every", "10", "--save_every", "10"]

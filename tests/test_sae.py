@@ -39,6 +39,7 @@ def synthetic(n: int, d: int = 32, features: int = 64, p: float = 0.05, seed: in
     return (active * magnitude) @ true, true, float(active.sum(1).float().mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["relu", "topk"])
 def test_the_sae_recovers_a_known_sparse_dictionary(arch):
     x, true, true_l0 = synthetic(50_000)
@@ -139,6 +140,7 @@ def test_ce_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zeros(tra
     assert 0 < half["ce_recovered"] < 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["live", "dump"])
 def test_sae_training_writes_its_directory_and_resumes_exactly(tmp_path, trained_runs, source):
     run_dir = trained_runs["modular"]
@@ -173,6 +175,7 @@ def test_sae_training_writes_its_directory_and_resumes_exactly(tmp_path, trained
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_sae_one_process_trains(tmp_path, trained_runs):
     run_dir = trained_runs["modular"]
     dump(DumpSettings(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
@@ -198,6 +201,7 @@ def test_two_ranks_train_the_sae_one_process_trains(tmp_path, trained_runs):
     ("text", None, "⟦"),
     ("dyck", "features_depth.png", "depth 0"),
 ])
+@pytest.mark.slow
 def test_report_writes_feature_views_for_each_task(trained_runs, task, picture, text):
     positions = "answer" if task == "modular" else "all"
     trained = sae_module.main([trained_runs[task], *QUICK, "--arch", "topk", "--k", "4", "--positions", positions,
@@ -222,6 +226,7 @@ def test_bad_input_names_the_flag(trained_runs, args, message):
     assert str(error.value).startswith(message)
 
 
+@pytest.mark.slow
 def test_an_sae_saved_before_the_run_name_rename_still_loads(trained_runs):
     trained = sae_module.main([trained_runs["modular"], *QUICK, "--max_steps", "2", "--run_name", "old-keys"])
     path = os.path.join(trained["sae_dir"], "last.pt")
@@ -234,6 +239,7 @@ def test_an_sae_saved_before_the_run_name_rename_still_loads(trained_runs):
     assert cfg.run_name == "old-keys" and sae.dict_size == 96
 
 
+@pytest.mark.slow
 def test_an_existing_sae_is_never_overwritten(tmp_path, trained_runs):
     first = sae_module.main([trained_runs["modular"], *QUICK, "--max_steps", "2", "--name", "kept"])
     before = open(os.path.join(first["sae_dir"], "last.pt"), "rb").read()
@@ -244,6 +250,7 @@ def test_an_existing_sae_is_never_overwritten(tmp_path, trained_runs):
     assert open(os.path.join(first["sae_dir"], "last.pt"), "rb").read() == before
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_and_the_resumed_sae_continues_exactly_in_one_wandb_run(tmp_path, trained_runs):
     run_dir = trained_runs["modular"]
     common = [run_dir, *QUICK, "--max_steps", "200", "--log_every", "1", "--eval_every", "100"]
@@ -275,6 +282,7 @@ def test_sigusr1_saves_and_the_resumed_sae_continues_exactly_in_one_wandb_run(tm
     assert len(wandb_runs) == 2 and all(d.endswith(f"-{y['wandb_id']}") for d in wandb_runs)
 
 
+@pytest.mark.slow
 def test_two_ranks_on_the_live_source_with_resampling_keep_one_sae(tmp_path, trained_runs):
     """Each rank reads its own share of the sequences into its own buffer; resampling takes rank 0's
     choice on every rank; the copies stay identical and a resume on two ranks carries on."""

@@ -106,6 +106,7 @@ def test_the_heartbeat_keeps_a_claim_fresh_and_a_lost_claim_is_noticed(tmp_path)
     assert json.loads(path.read_text())["token"] == "theirs"  # release leaves another's claim alone
 
 
+@pytest.mark.slow
 def test_of_launches_racing_for_a_stale_claim_exactly_one_wins(tmp_path):
     write_claim(tmp_path, host="node-b", pid=4242, age=10_000)
     script = textwrap.dedent(f"""
@@ -148,6 +149,7 @@ def test_the_clock_keeps_evals_out_of_the_step_time_and_carries_the_elapsed_time
 # ---------------------------------------------------------------- the nan guard in every trainer
 
 
+@pytest.mark.slow
 def test_a_diverging_sae_stops_and_keeps_its_last_good_checkpoint(trained_runs):
     args = [trained_runs["modular"], "--hook", "blocks.0.mlp.hook_post", "--dict_size", "32", "--batch_size", "32",
             "--eval_every", "100", "--log_every", "2", "--buffer_rows", "256", "--eval_tokens", "200",
@@ -225,6 +227,7 @@ def test_one_writer_per_run_and_workers_stop_with_their_launcher(program, traine
 # ---------------------------------------------------------------- the process group goes, and gloo's threads with it
 
 
+@pytest.mark.slow
 def test_a_ddp_wrapper_kept_past_the_end_is_reported(tmp_path):
     """The session checks that gloo's threads went with the process group: a program that still
     holds its DDP wrapper at the end gets a warning (and the trainers, which drop theirs, none:

@@ -66,6 +66,7 @@ def test_train_slurm_is_valid_bash():
     subprocess.run(["bash", "-n", SCRIPT], check=True)
 
 
+@pytest.mark.slow
 @requires_slurm
 def test_sbatch_runs_a_short_run_to_completion(slurm, tmp_path):
     # --run (not --run_name) on purpose: the script hands it to train.py as --run_name, which torchrun
@@ -124,6 +125,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path
     assert evals == reference_evals
 
 
+@pytest.mark.slow
 @requires_slurm
 def test_failed_or_cancelled_jobs_are_not_requeued(slurm, tmp_path):
     # A run that fails (here: a misspelt flag) ends the job as FAILED, once.

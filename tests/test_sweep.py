@@ -54,6 +54,7 @@ def last_logged(run_dir, key: str) -> float:
     return [r[key] for r in run_metrics(run_dir) if key in r][-1]
 
 
+@pytest.mark.slow
 def test_a_2x2_grid_runs_four_trials_as_run_directories_and_finds_the_best(tmp_path):
     path = write_sweep(tmp_path, "grid", method="grid",
                        parameters={**TINY, "lr": {"values": [0.001, 0.01]}, "weight_decay": {"values": [0.1, 1.0]}})
@@ -124,6 +125,7 @@ def test_distributions_map_to_optuna_and_respect_their_bounds(tmp_path):
     assert set(column("num_heads")) == {1, 2, 3, 4} and set(column("seed")) == {0, 1, 2}
 
 
+@pytest.mark.slow
 def test_bayes_runs_its_budget_within_bounds(tmp_path):
     """(random runs end to end in the --agents test; both samplers draw from the same Params)"""
     path = write_sweep(tmp_path, "bayes", method="bayes", run_cap=4, program=STAND_IN, parameters={
@@ -140,6 +142,7 @@ def test_bayes_runs_its_budget_within_bounds(tmp_path):
     assert isinstance(sweep_module.make_sampler(sweep_module.load_sweep(path), 0), optuna.samplers.TPESampler)
 
 
+@pytest.mark.slow
 def test_hyperband_prunes_a_trial_whose_val_loss_is_clearly_worse(tmp_path):
     corpus = write_corpus(tmp_path)
     text = {"task": {"value": "text"}, "data_path": {"value": corpus}, "num_blocks": {"value": 1},
@@ -161,6 +164,7 @@ def test_hyperband_prunes_a_trial_whose_val_loss_is_clearly_worse(tmp_path):
     assert torch.load(tmp_path / "sw" / "trial-0001" / "last.pt", weights_only=True)["step"] < 400
 
 
+@pytest.mark.slow
 def test_two_agents_started_separately_never_run_a_trial_twice(tmp_path):
     path = write_sweep(tmp_path, "pair", method="grid", program=STAND_IN, parameters={
         "lr": {"values": [0.001, 0.002, 0.003, 0.004]}, "seed": {"values": [0, 1]},
@@ -177,6 +181,7 @@ def test_two_agents_started_separately_never_run_a_trial_twice(tmp_path):
     assert sum(runs_by) == 8 and min(runs_by) >= 1, outputs  # both worked, and nothing twice
 
 
+@pytest.mark.slow
 def test_agents_flag_starts_local_agents_on_a_random_budget(tmp_path):
     path = write_sweep(tmp_path, "rand", method="random", run_cap=6, program=STAND_IN, parameters={
         "lr": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}, "seconds_per_eval": {"value": 0.2}})
@@ -198,6 +203,7 @@ def test_agents_flag_starts_local_agents_on_a_random_budget(tmp_path):
                for n in (0, 1))
 
 
+@pytest.mark.slow
 def test_a_stopped_agent_queues_its_trial_which_resumes_from_its_checkpoint(tmp_path):
     path = write_sweep(tmp_path, "stop", method="grid", parameters={
         **TINY, "max_steps": {"value": 300}, "eval_every": {"value": 20}, "save_every": {"value": 10},
@@ -247,6 +253,7 @@ def test_a_trial_whose_agent_fell_silent_on_another_machine_is_failed_and_resume
     assert trials[0].user_attrs["failed_because"].startswith("no heartbeat for")
 
 
+@pytest.mark.slow
 def test_a_killed_agent_leaves_its_trial_failed_and_the_study_usable(tmp_path):
     path = write_sweep(tmp_path, "kill", method="grid", program=STAND_IN, parameters={
         "lr": {"values": [0.001]}, "evals": {"value": 20}, "seconds_per_eval": {"value": 0.1}})
@@ -333,6 +340,7 @@ def test_every_config_field_takes_the_arguments_a_wandb_agent_passes():
     assert (cfg.lr, cfg.weight_decay, cfg.use_muon, cfg.num_heads) == (point["lr"], 1.0, True, 8)
 
 
+@pytest.mark.slow
 def test_train_py_under_a_wandb_agent_logs_the_metric_and_resumes_a_preempted_run(tmp_path):
     """What `wandb agent` does, minus the server: it sets WANDB_SWEEP_ID and WANDB_RUN_ID and runs
     `python train.py --name=value`. train.py turns W&B on, names its run directory after the run and,
@@ -375,6 +383,7 @@ def test_the_example_sweep_files_load(name, monkeypatch):
 MISSING = slurm_missing_reason()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MISSING is not None, reason=f"no local Slurm: {MISSING}")
 def test_a_slurm_array_of_two_agents_completes_a_study(tmp_path):
     path = write_sweep(tmp_path, "array", method="grid", program=STAND_IN, parameters={
@@ -394,6 +403,7 @@ def test_a_slurm_array_of_two_agents_completes_a_study(tmp_path):
     assert len({t.user_attrs["agent"] for t in trials}) == 2, logs  # both array tasks ran trials
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MISSING is not None, reason=f"no local Slurm: {MISSING}")
 def test_slurms_warning_checkpoints_the_trial_requeues_the_agent_and_the_trial_resumes(tmp_path):
     path = write_sweep(tmp_path, "warned", method="grid", program=STAND_IN, parameters={

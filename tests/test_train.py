@@ -54,6 +54,7 @@ def test_modular_run_writes_its_run_directory(tmp_path, capsys):
     assert best["best_val_loss"] == min(r["val_loss"] for r in evals)
 
 
+@pytest.mark.slow
 def test_track_progress_logs_nanda_progress_measures_and_plots_them(tmp_path):
     summary = train.main(tiny_args(tmp_path, "--run", "t", "--track_progress", "--max_steps", "20"))
     evals = [r for r in read_metrics(tmp_path / "runs" / "t" / "metrics.jsonl") if "val_loss" in r]
@@ -99,6 +100,7 @@ def test_text_run_samples_and_perplexity(tmp_path, corpus, capsys):
     assert "--- sample from 'ROMEO:'" in out
 
 
+@pytest.mark.slow
 def test_accumulation_gives_the_same_step_as_one_big_batch(tmp_path):
     args = ["--save_model_dir", str(tmp_path), "--modulus", "17", "--batch_size", "32", "--max_steps", "3",
             "--eval_every", "3"]
@@ -117,6 +119,7 @@ def test_accumulation_gives_the_same_step_as_one_big_batch(tmp_path):
      "--dyck_num_train", "300", "--dyck_num_val", "50", "--batch_size", "16", "--dropout", "0.1",
      "--lr_schedule", "constant"],
 ], ids=["modular", "dyck"])
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, task_args):
     """Stop at step 10, resume to 20: the same losses and weights as 20 steps straight."""
     common = ["--save_model_dir", str(tmp_path), "--eval_every", "5", "--log_every", "5", *task_args]
@@ -140,12 +143,14 @@ def test_resume_continues_exactly(tmp_path, task_args):
     assert "resumed at step 10" in (tmp_path / "stopped" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_epochs_set_the_length_when_max_steps_is_zero(tmp_path):
     # 0.3 * 17 * 17 = 87 training pairs; batches of 16 give 5 steps per epoch.
     summary = train.main(tiny_args(tmp_path, "--max_steps", "0", "--epochs", "2", "--batch_size", "16"))
     assert summary["steps"] == 10
 
 
+@pytest.mark.slow
 def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
     summary = train.main(tiny_args(tmp_path, "--run", "fresh", "--resume", "auto", "--max_steps", "3"))
     assert summary["steps"] == 3
@@ -157,6 +162,7 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path):
     assert summary["steps"] == 3 and steps == sorted(set(steps))
 
 
+@pytest.mark.slow
 def test_resume_auto_takes_the_newest_checkpoint_and_relogs_nothing_twice(tmp_path):
     """A preemption after step 8 whose last save was at step 5: resume from 5, log 6.. once."""
     run_dir = tmp_path / "runs" / "p"
@@ -173,6 +179,7 @@ def test_resume_auto_takes_the_newest_checkpoint_and_relogs_nothing_twice(tmp_pa
     assert "resumed at step 5" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_resume_from_best_only(tmp_path):
     run_dir = tmp_path / "runs" / "b"
     train.main(tiny_args(tmp_path, "--run", "b", "--max_steps", "20"))
@@ -182,6 +189,7 @@ def test_resume_from_best_only(tmp_path):
     assert f"resumed at step {best_step}" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_flags_typed_at_resume_take_effect(tmp_path):
     args = tiny_args(tmp_path, "--run", "lr", "--resume", "auto", "--warmup_steps", "0")
     train.main(args + ["--max_steps", "5"])
@@ -207,12 +215,14 @@ def test_resume_from_a_path_uses_the_saved_config(tmp_path):
     assert config["embedding_dim"] == 64 and config["max_steps"] == 8 and config["modulus"] == 17
 
 
+@pytest.mark.slow
 def test_config_json_reproduces_a_run(tmp_path):
     first = train.main(tiny_args(tmp_path, "--run", "a", "--max_steps", "6", "--seed", "3"))
     second = train.main(["--config", str(tmp_path / "runs" / "a" / "config.json"), "--run", "b"])
     assert second["train_loss"] == first["train_loss"] and second["val_loss"] == first["val_loss"]
 
 
+@pytest.mark.slow
 def test_wandb_offline_settings_from_dotenv_and_one_wandb_run_across_a_resume(tmp_path):
     secret = "sk-test-0123456789abcdef0123456789abcdef0123456789"
     (tmp_path / ".env").write_text(f"WANDB_API_KEY={secret}\nWANDB_PROJECT=from-dotenv\n"
@@ -233,6 +243,7 @@ def test_wandb_offline_settings_from_dotenv_and_one_wandb_run_across_a_resume(tm
             assert secret.encode() not in open(os.path.join(root, name), "rb").read(), name
 
 
+@pytest.mark.slow
 def test_rclone_copies_the_run_and_a_failing_copy_never_stops_training(tmp_path):
     if shutil.which("rclone") is None:
         pytest.skip("rclone is not installed (apt-get install rclone; .ci/run installs it)")
@@ -252,6 +263,7 @@ def test_rclone_copies_the_run_and_a_failing_copy_never_stops_training(tmp_path)
     assert torch.load(tmp_path / "runs" / "r2" / "last.pt", weights_only=True)["step"] == 20
 
 
+@pytest.mark.slow
 def test_fp16_keeps_its_grad_scaler_and_resumes_exactly(tmp_path):
     common = ["--save_model_dir", str(tmp_path), "--modulus", "17", "--dtype", "float16", "--eval_every", "5",
               "--log_every", "5", "--target_val_acc", "0"]
@@ -266,6 +278,7 @@ def test_fp16_keeps_its_grad_scaler_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_compiled_run_saves_clean_keys_and_matches_eager(tmp_path):
     eager = train.main(tiny_args(tmp_path, "--run", "eager", "--max_steps", "4"))
     compiled = train.main(tiny_args(tmp_path, "--run", "compiled", "--max_steps", "4", "--torch_compile"))
@@ -310,6 +323,7 @@ def existing_run(tmp_path):
     (["--resume", "auto", "--use_muon", "true"], ["--use_muon", "resumed run keeps"]),
     (["--track_progress", "--operation", "multiply"], ["--track_progress", "multiply"]),
 ])
+@pytest.mark.slow
 def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, args, fragments):
     run_dir, snapshot = existing_run
     result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", *args], cwd=str(tmp_path))
@@ -318,18 +332,21 @@ def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, arg
     assert os.listdir(tmp_path / "runs") == ["keep"]
 
 
+@pytest.mark.slow
 def test_resume_auto_needs_a_run_name(tmp_path):
     result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--resume", "auto"], cwd=str(tmp_path))
     assert_clean_failure(result, "--resume", "--run")
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_save_model_dir_that_is_a_file(tmp_path):
     (tmp_path / "runs").write_text("not a directory")
     result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--max_steps", "1"], cwd=str(tmp_path))
     assert_clean_failure(result, "--save_model_dir", "is a file")
 
 
+@pytest.mark.slow
 def test_existing_run_directory_is_never_overwritten(tmp_path, existing_run):
     run_dir, snapshot = existing_run
     result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", "--modulus", "17"],
@@ -338,6 +355,7 @@ def test_existing_run_directory_is_never_overwritten(tmp_path, existing_run):
     assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == snapshot
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated"])
 def test_unreadable_checkpoint(tmp_path, existing_run, content):
     bad = tmp_path / "bad.pt"
@@ -346,6 +364,7 @@ def test_unreadable_checkpoint(tmp_path, existing_run, content):
     assert_clean_failure(result, str(bad), "not a readable checkpoint")
 
 
+@pytest.mark.slow
 def test_help_lists_every_flag(tmp_path):
     result = run_train(["--help"], cwd=str(tmp_path))
     assert result.returncode == 0
@@ -360,6 +379,7 @@ def test_resume_in_another_precision(tmp_path):
     assert summary["steps"] == 8 and math.isfinite(summary["train_loss"])
 
 
+@pytest.mark.slow
 def test_the_plateau_schedule_cuts_the_lr_and_a_resumed_run_cuts_where_a_straight_one_does(tmp_path):
     # min_delta 100: no eval after the first counts as an improvement; with patience 2 the evals at
     # steps 10 and 15 cut the LR after step 15. The stopped run ends at 10, between the two.
@@ -375,6 +395,7 @@ def test_the_plateau_schedule_cuts_the_lr_and_a_resumed_run_cuts_where_a_straigh
     assert "plateau: LR x 0.5 of its schedule from step 16" in (tmp_path / "runs" / "straight" / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_config_files_and_checkpoints_from_before_the_run_name_rename_still_load(tmp_path):
     train.main(tiny_args(tmp_path, "--run", "old", "--max_steps", "4"))
     run_dir = tmp_path / "runs" / "old"

@@ -18,6 +18,7 @@ from hardware import PEAK_FLOPS, flops_per_token, peak_flops, peak_flops_of
 from session import StopSignals
 
 
+@pytest.mark.slow
 def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     # A process saves a 64 MB checkpoint over and over; SIGKILL lands at arbitrary points of a save.
     path = tmp_path / "last.pt"
