@@ -12,6 +12,7 @@ any later trainer. Each program keeps its own loop; around it:
                 ...
                 checkpointer.watch(step, loss)                # no sync: read at the next check
                 signum = session.agreed_stop_signal()         # every rank stops after the same step
+        del ddp_model                                         # DDP holds the process group: drop it first
     # leaving the block, however it is left: W&B closed, the claim released, logging closed, the
     # process group torn down (after a barrier only when the run ended normally)
 
@@ -35,8 +36,8 @@ import torch
 
 from checkpoints import CheckpointError, rng_state, save_checkpoint
 from config import ConfigError
-from distributed import (broadcast_object, gather_objects, gloo_threads, max_over_ranks, min_over_ranks, same_on_all_ranks, setup_distributed,
-                         stop_with_launcher, teardown_distributed)
+from distributed import (broadcast_object, gather_objects, gloo_threads, max_over_ranks, min_over_ranks,
+                         same_on_all_ranks, setup_distributed, stop_with_launcher, teardown_distributed)
 from hardware import fast_math, pick_device, pick_dtype
 from rundirs import Claim, create_run_dir
 from tracking import Tracker, attach_log_file, close_logging, load_env_files, setup_logging
