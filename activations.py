@@ -99,7 +99,7 @@ def split_sequences(run: Run, split: str, positions: str, max_tokens: int = 0) -
     non-overlapping windows of context_len (the first max_tokens' worth when max_tokens > 0)."""
     data = run.data
     if run.cfg.task == "text":
-        source = np.asarray(data.train_tokens if split == "train" else data.val_tokens)
+        source = data.train_tokens if split == "train" else data.val_tokens  # a corpus.TokenStream
         T = data.seq_len
         count = (len(source) - 1) // T
         if max_tokens:

@@ -88,7 +88,41 @@ def override(name: str, default, help: str = ""):
 
 
 @dataclass
-class Config(OptimSettings):
+class CorpusSettings:
+    """Where the text task's tokens come from (train.py and prepare.py share them; corpus.py reads
+    them): a text file, documents (.txt / .jsonl / .parquet, a folder or a glob) or token shards,
+    prepared once into --cache_dir."""
+
+    data_path: str = _text("data/tiny_shakespeare.txt",
+                           "a text file (the default is downloaded from --data_url if missing); a folder or glob "
+                           "of .txt / .jsonl / .parquet documents; or token shards: nanoGPT's train.bin/val.bin, "
+                           "llm.c / modded-nanogpt .bin shards, a folder prepare.py wrote")
+    data_url: str = _text(SHAKESPEARE_URL, "where to download --data_path from when it is missing")
+    val_path: str = _text("", "the validation split, in any form --data_path takes (empty: val.bin or *_val_* "
+                              "shards beside the data, else a held-out share, see --val_frac)")
+    text_field: str = _text("text", "the field of .jsonl lines, or the column of .parquet files, that holds the text")
+    tokenizer: str = _text("char", "char, or a tiktoken encoding (gpt2, cl100k_base, o200k_base, ...)")
+    val_frac: float = _text(0.1, "held out for validation when nothing names a split: the tail of one text "
+                                 "file's tokens, or one document in every 1/val_frac")
+    cache_dir: str = _text(os.environ.get("TINYLAB_CACHE_DIR") or "data/cache",
+                           "where prepared token shards go (never beside the source), one folder per source and "
+                           "tokenizer; the TINYLAB_CACHE_DIR environment variable sets this default")
+    prepare_workers: int = _text(0, "processes that prepare documents into shards (0: every core this "
+                                    "process may use)")
+    shard_mb: float = _text(32.0, "MB of source per shard: the unit of work a prepare resumes by (another value "
+                                  "makes another cache)")
+
+    def validate_corpus(self) -> None:
+        need(0 < self.val_frac < 1, "val_frac", f"must be strictly between 0 and 1, got {self.val_frac}")
+        need(self.prepare_workers >= 0, "prepare_workers", f"must be 0 or more, got {self.prepare_workers}")
+        need(bool(self.data_path), "data_path", "is empty; name a text file, a folder or glob of documents, or shards")
+        need(bool(self.text_field), "text_field", "is empty; name the field that holds the text")
+        need(bool(self.cache_dir), "cache_dir", "is empty; name a folder for the prepared shards")
+        need(self.shard_mb > 0, "shard_mb", f"must be above 0, got {self.shard_mb}")
+
+
+@dataclass
+class Config(OptimSettings, CorpusSettings):
     # The defaults are the `grokking` preset: `python train.py` memorises the training pairs by
     # step ~80, groks by step 290-540 and learns the circuit Nanda et al. describe (logits in a few
     # key frequencies: restricted loss at or below the full loss, excluded loss high). It takes
@@ -126,11 +160,6 @@ class Config(OptimSettings):
     dyck_max_len: int = _dyck(30, "maximum number of brackets in a sequence (even)")
     dyck_num_train: int = _dyck(20000, "distinct training sequences")
     dyck_num_val: int = _dyck(2000, "distinct validation sequences (never in training)")
-
-    data_path: str = _text("data/tiny_shakespeare.txt", "text corpus; downloaded from --data_url if missing")
-    data_url: str = _text(SHAKESPEARE_URL, "where to download --data_path from")
-    tokenizer: str = _text("char", "char, or a tiktoken encoding (gpt2, cl100k_base, o200k_base, ...)")
-    val_frac: float = _text(0.1, "fraction of the corpus (its end) held out for validation")
 
     # ---- model ----
     num_blocks: int = _model(1, "transformer blocks")
@@ -212,7 +241,7 @@ class Config(OptimSettings):
              f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}; "
              f"pick a head count that divides it")
         need(0 < self.frac_train < 1, "frac_train", f"must be strictly between 0 and 1, got {self.frac_train}")
-        need(0 < self.val_frac < 1, "val_frac", f"must be strictly between 0 and 1, got {self.val_frac}")
+        self.validate_corpus()
         need(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
         need(0 <= self.target_val_acc <= 1, "target_val_acc", f"must be in [0, 1], got {self.target_val_acc}")
         for name in ("muon_momentum", "grokfast_alpha"):
@@ -327,10 +356,14 @@ PRESETS: dict[str, dict] = {
 # Fields that shape the model, the data or the optimizer state: a resumed run keeps the checkpoint's.
 Config.FIXED_ON_RESUME = (
     "task", "modulus", "operation", "frac_train", "dyck_types", "dyck_max_depth", "dyck_min_len",
-    "dyck_max_len", "dyck_num_train", "dyck_num_val", "data_path", "tokenizer", "val_frac", "seed",
+    "dyck_max_len", "dyck_num_train", "dyck_num_val", "data_path", "val_path", "text_field", "tokenizer",
+    "val_frac", "shard_mb", "seed",
     "num_blocks", "num_heads", "embedding_dim", "mlp_dim", "context_len", "norm", "activation",
     "tie_embeddings", "attention_only", "bias", "attention_sink", "use_muon", "decay_all_params",
 )
+
+# --help and the log list the sections in this order (the text task's are inherited, so would come last).
+Config.SECTIONS = ("run", "task: modular arithmetic", "task: Dyck languages", "task: text")
 
 # Keys of config.json files and checkpoints written before a field was renamed: they keep loading.
 Config.RENAMED = {"run": "run_name"}
@@ -367,7 +400,8 @@ def ordered_fields(cls) -> list[dataclasses.Field]:
     fields = dataclasses.fields(cls)
     own = [name for name in vars(cls).get("__annotations__", {}) if name in {f.name for f in fields}]
     group = {f.name: f.metadata["group"] for f in fields}
-    order = list(dict.fromkeys([group[name] for name in own] + [group[f.name] for f in fields]))
+    order = list(dict.fromkeys(list(getattr(cls, "SECTIONS", ())) + [group[name] for name in own]
+                               + [group[f.name] for f in fields]))
     return sorted(fields, key=lambda f: (order.index(group[f.name]), f.name not in own))
 
 
@@ -484,7 +518,11 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
         from_file = _coerce(load_config_file(args.config), args.config)
         values.update({k: v for k, v in from_file.items() if k not in _IDENTITY_FIELDS})
     values.update({name: getattr(args, name) for name in explicit})
-    return Config(**values).validate(), explicit
+    cfg = Config(**values).validate()
+    for name in sorted(explicit & {"data_path", "val_path", "text_field"}):
+        need(cfg.task == "text", name, f"only the text task reads a corpus, and this run is {cfg.task}; add "
+                                       f"--task text (or a text preset: --preset shakespeare_char)")
+    return cfg, explicit
 
 
 def parse_flags(cls, argv: list[str] | None, prog: str, description: str, positional: str = ""):

@@ -1,4 +1,4 @@
-"""Tasks -> train/val data and batches: modular arithmetic, Dyck languages, text (char or tiktoken).
+"""Tasks -> train/val data and batches: modular arithmetic, Dyck languages, text (corpus.py: any corpus, char or tiktoken).
 
 Batches are a pure function of (seed, step): the global batch of step s is the same whatever the
 world size or accumulation, each rank takes its own slice of it, and resuming at step s draws
@@ -14,8 +14,8 @@ positions, and the model computes only those logits.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import time
 import urllib.error
 import urllib.request
 from typing import Iterator
@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import Config, ConfigError
+from config import SHAKESPEARE_URL, Config, ConfigError
+from corpus import TokenStream, open_corpus
 from distributed import Dist
 
 IGNORE = -100  # cross_entropy's ignore_index
@@ -309,41 +310,6 @@ def generate_dyck(n: int, k: int, max_depth: int, min_len: int, max_len: int, rn
 # ---------------------------------------------------------------- text
 
 
-class CharTokenizer:
-    def __init__(self, vocab: str):
-        self.vocab = vocab
-        self.n_vocab = len(vocab)
-        self._index = {ch: i for i, ch in enumerate(vocab)}
-
-    def encode(self, text: str) -> list[int]:
-        return [self._index[ch] for ch in text if ch in self._index]
-
-    def decode(self, ids) -> str:
-        return "".join(self.vocab[i] for i in ids if 0 <= i < self.n_vocab)
-
-
-class TiktokenTokenizer:
-    def __init__(self, name: str):
-        import tiktoken
-
-        try:
-            self._encoding = tiktoken.get_encoding(name)
-        except ValueError:
-            known = ", ".join(tiktoken.list_encoding_names())
-            raise ConfigError(f"--tokenizer: {name!r} is neither 'char' nor a tiktoken encoding ({known})") from None
-        except Exception as e:  # the BPE file could not be downloaded
-            raise ConfigError(
-                f"--tokenizer: could not load the {name!r} BPE file ({type(e).__name__}); when offline, "
-                f"set TIKTOKEN_CACHE_DIR to a directory that holds it") from None
-        self.n_vocab = self._encoding.n_vocab
-
-    def encode(self, text: str) -> list[int]:
-        return self._encoding.encode_ordinary(text)
-
-    def decode(self, ids) -> str:
-        return self._encoding.decode([int(i) for i in ids if 0 <= int(i) < self.n_vocab])
-
-
 def download(url: str, path: str) -> None:
     """Fetches `url` to `path` through a temporary file, so a failed download leaves nothing."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -363,79 +329,45 @@ def download(url: str, path: str) -> None:
             os.remove(tmp)
 
 
-def load_tokens(cfg: Config):
-    """The corpus as a token memmap cached next to the text, and its tokenizer.
-
-    The cache is `<text>.<tokenizer>.bin` (uint16 when the vocabulary fits, else uint32) with a
-    `.json` beside it recording the tokenizer, dtype, length and the text's size; a stale or
-    foreign cache is rebuilt. Where that directory is read-only the tokens stay in memory.
-    """
-    path = cfg.data_path
-    if not os.path.isfile(path):
-        download(cfg.data_url, path)
-    stat = os.stat(path)
-    cache, meta_path = f"{path}.{cfg.tokenizer}.bin", f"{path}.{cfg.tokenizer}.json"
-    meta = None
-    if os.path.isfile(meta_path) and os.path.isfile(cache):
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            meta = None
-        if meta and (meta.get("source_bytes") != stat.st_size or meta.get("tokenizer") != cfg.tokenizer):
-            meta = None
-    if meta is None:
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"--data_path: {path} is not UTF-8 text (byte {e.start}); pass a text file") from None
-        if cfg.tokenizer == "char":
-            tokenizer = CharTokenizer("".join(sorted(set(text))))
-        else:
-            tokenizer = TiktokenTokenizer(cfg.tokenizer)
-        dtype = "uint16" if tokenizer.n_vocab <= 2**16 else "uint32"
-        ids = np.array(tokenizer.encode(text), dtype=dtype)
-        meta = {"tokenizer": cfg.tokenizer, "dtype": dtype, "num_tokens": int(len(ids)),
-                "source_bytes": stat.st_size, "n_vocab": tokenizer.n_vocab,
-                "vocab": tokenizer.vocab if cfg.tokenizer == "char" else None}
-        try:
-            _write_cache(ids, cache, meta, meta_path)
-        except OSError:  # a read-only directory beside the text: keep the tokens in memory instead
-            return ids, tokenizer
-    else:
-        tokenizer = CharTokenizer(meta["vocab"]) if cfg.tokenizer == "char" else TiktokenTokenizer(cfg.tokenizer)
-    tokens = np.memmap(cache, dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
-    return tokens, tokenizer
+def _wait_for_file(path: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise ConfigError(f"--data_path: {path} did not appear within {timeout:.0f}s (--claim_timeout) while "
+                              f"this node's first process downloaded it; place it there by hand")
+        time.sleep(0.2)
 
 
-def _write_cache(ids: np.ndarray, cache: str, meta: dict, meta_path: str) -> None:
-    """Token file, then its description, each through a temporary file and a rename."""
-    tmp = f"{cache}.tmp-{os.getpid()}"
-    try:
-        ids.tofile(tmp)
-        os.replace(tmp, cache)
-        with open(f"{meta_path}.tmp-{os.getpid()}", "w") as f:
-            json.dump(meta, f)
-        os.replace(f"{meta_path}.tmp-{os.getpid()}", meta_path)
-    finally:
-        for leftover in (tmp, f"{meta_path}.tmp-{os.getpid()}"):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+def _may_download(cfg: Config) -> bool:
+    """Whether a missing --data_path is fetched from --data_url: the default corpus, or a URL the
+    user named (a mistyped path of their own must not silently become tiny-shakespeare)."""
+    return bool(cfg.data_url) and (cfg.data_path == Config.data_path or cfg.data_url != SHAKESPEARE_URL) \
+        and not any(c in cfg.data_path for c in "*?[") and not cfg.data_path.endswith(os.sep)
 
 
 class TextData(TaskData):
-    """Next-token prediction on a corpus: the first 1 - val_frac for training (random windows of
-    context_len), the end for validation (consecutive, non-overlapping windows)."""
+    """Next-token prediction on a corpus (corpus.py: a text file, documents or token shards, read
+    by memmap): random windows of context_len across every training shard, consecutive
+    non-overlapping windows of the validation split for evaluation.
+
+    Under torchrun the first process of each node may prepare documents into shards; exactly one
+    does (a claim in the cache folder), the others wait for its files, outside any collective."""
 
     SAMPLE_PROMPTS = ("\n", "ROMEO:", "First Citizen:\n")
 
     def __init__(self, cfg, dist_info, device):
         super().__init__(cfg, dist_info, device)
-        tokens, self.tokenizer = load_tokens(cfg)
+        if not os.path.exists(cfg.data_path) and _may_download(cfg):
+            if dist_info.local_rank == 0:
+                download(cfg.data_url, cfg.data_path)
+            else:  # one download per node: a second would give the file another mtime, so another cache
+                _wait_for_file(cfg.data_path, cfg.claim_timeout)
+        text = open_corpus(cfg, may_build=dist_info.local_rank == 0, claim_timeout=cfg.claim_timeout,
+                           live=False)
+        self.tokenizer = text.tokenizer
+        self.train_tokens, self.val_tokens = text.train, text.val
+        self.description = text.description
         self.seq_len = cfg.context_len
-        split = int(len(tokens) * (1 - cfg.val_frac))
-        self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
         for name, part in (("training", self.train_tokens), ("validation", self.val_tokens)):
             if len(part) <= self.seq_len + 1:
                 raise ConfigError(f"--context_len: the {name} split of {cfg.data_path} has {len(part)} "
@@ -450,10 +382,8 @@ class TextData(TaskData):
     def global_batch_size(self):
         return self.cfg.batch_size or 64  # "full batch" has no meaning for a corpus
 
-    def _windows(self, source: np.ndarray, starts: np.ndarray):
-        span = self.seq_len + 1
-        rows = np.stack([source[s : s + span] for s in starts]).astype(np.int64)
-        batch = torch.from_numpy(rows)
+    def _windows(self, source: TokenStream, starts: np.ndarray):
+        batch = torch.from_numpy(source.windows(starts, self.seq_len + 1))
         if self._pin:
             batch = batch.pin_memory()
         batch = batch.to(self.device, non_blocking=True)

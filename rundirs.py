@@ -178,6 +178,19 @@ class Claim:
     @classmethod
     def take(cls, directory: str, timeout: float, flag: str = "run_name") -> tuple["Claim", str]:
         """(the claim, what was taken over: "" for a free directory, else a sentence)."""
+        claim, said = cls.try_take(directory, timeout)
+        if claim is None:
+            raise ConfigError(f"--{flag}: {directory} is being written by {said}; stop that run "
+                              f"first, or if it is gone for good wait until its claim is {timeout:.0f}s old "
+                              f"(--claim_timeout), then launch again")
+        return claim, said
+
+    @classmethod
+    def try_take(cls, directory: str, timeout: float, own_launch: bool = True) -> tuple["Claim | None", str]:
+        """`take` for a caller that waits instead of failing: (the claim, what was taken over) when
+        it is ours, (None, who holds it) while a live writer does. `own_launch=False`: an earlier
+        attempt of this launch is no exception (a token cache is built by one process of a
+        multi-node job while the job's other nodes wait, all of them one launch)."""
         path = os.path.join(directory, CLAIM)
         record = {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start_time(os.getpid()),
                   "launch": launch_identity(), "claimed": time.time(), "token": uuid.uuid4().hex}
@@ -188,14 +201,12 @@ class Claim:
             owner, age = _read_claim(path)
             if owner is None and age is None:  # it vanished between the two calls: try again
                 continue
-            reason = _stale_because(owner, age, record, timeout)
+            reason = _stale_because(owner, age, record if own_launch else {**record, "launch": None}, timeout)
             if reason is None:
-                raise ConfigError(f"--{flag}: {directory} is being written by {_describe(owner, age)}; stop that run "
-                                  f"first, or if it is gone for good wait until its claim is {timeout:.0f}s old "
-                                  f"(--claim_timeout), then launch again")
+                return None, _describe(owner, age)
             if _move_aside(path, owner):
                 taken_over = f"took over {directory} from {_describe(owner, age)}: {reason}"
-        raise ConfigError(f"--{flag}: {directory}: other launches keep claiming it; launch once")
+        return None, "other launches that keep claiming it"
 
     def _beat(self) -> None:
         interval = max(0.05, min(30.0, self.timeout / 4))

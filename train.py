@@ -362,6 +362,10 @@ def describe_run(cfg: Config, raw_model: Transformer, data, session: Session, re
     log.info(f"data {cfg.task}: {data.train_size:,} train examples · global batch {global_batch} "
              f"({tokens_per_step:,} tokens/step) · {max_steps:,} steps"
              + ("" if peak else f" · MFU: unknown, {no_mfu_reason(device)}"))
+    if cfg.task == "text":
+        log.info(f"corpus: {data.description} · train {len(data.train_tokens):,} tokens in "
+                 f"{len(data.train_tokens.parts)} shard{'s' if len(data.train_tokens.parts) != 1 else ''} · "
+                 f"val {len(data.val_tokens):,} tokens")
     if step >= max_steps:
         log.info(f"nothing to do: step {step} >= max_steps {max_steps}")
     return Speed(tokens_per_step, flops_token, peak)

@@ -7,8 +7,10 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -18,6 +20,10 @@ from slurm_cluster import free_port  # one helper for torchrun's and Slurm's por
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# Token caches of the tests' corpora go to a folder of this session (runs started as processes
+# inherit it), never to the checkout's data/cache. Set before config is imported: it is the default.
+os.environ["TINYLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="tinylab-test-cache-")
 
 # The real BPE files live beside the checkout on our machines and in CI (../shared/data); tests
 # that need a tiktoken encoding skip when they are absent rather than reach for the network.
@@ -35,6 +41,10 @@ SMALL_CORPUS = (
 def pytest_addoption(parser):
     parser.addoption("--extended", action="store_true",
                      help="also run the tests marked extended (long, and covered in part by others)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["TINYLAB_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

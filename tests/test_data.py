@@ -7,7 +7,7 @@ import torch
 
 from config import Config, ConfigError
 from conftest import SMALL_CORPUS, TIKTOKEN_CACHE
-from data import IGNORE, DyckData, ModularData, TextData, build_data, generate_dyck, load_tokens
+from data import IGNORE, DyckData, ModularData, TextData, build_data, generate_dyck
 from distributed import Dist
 
 CPU = torch.device("cpu")
@@ -183,15 +183,18 @@ def text_cfg(path, **overrides):
     return Config(**{"task": "text", "data_path": path, "context_len": 16, "batch_size": 8, **overrides})
 
 
-def test_char_tokens_are_cached_next_to_the_text(corpus):
-    tokens, tokenizer = load_tokens(text_cfg(corpus))
-    assert os.path.isfile(corpus + ".char.bin") and tokens.dtype == np.uint16
+def test_char_tokens_are_cached_outside_the_source(corpus, tmp_path):
+    data = TextData(text_cfg(corpus, cache_dir=str(tmp_path / "cache")), Dist(), CPU)
     text = open(corpus).read()
-    assert tokenizer.decode(tokens[:200].tolist()) == text[:200]
-    meta = json.load(open(corpus + ".char.json"))
-    assert meta["num_tokens"] == len(text) and meta["vocab"] == "".join(sorted(set(text)))
-    again, _ = load_tokens(text_cfg(corpus))  # served from the cache
-    assert np.array_equal(np.asarray(again), np.asarray(tokens))
+    tokens = np.concatenate([data.train_tokens[:], data.val_tokens[:]])
+    assert tokens.dtype == np.uint16 and data.decode(tokens[:200].tolist()) == text[:200]
+    assert os.listdir(os.path.dirname(corpus)) == ["tiny.txt"]  # nothing beside the text
+    folder, = os.listdir(tmp_path / "cache")
+    assert folder.startswith("tiny-char-")
+    manifest = json.load(open(tmp_path / "cache" / folder / "manifest.json"))
+    assert manifest["tokens"] == {"all": len(text)} and manifest["vocab"] == "".join(sorted(set(text)))
+    again = TextData(text_cfg(corpus, cache_dir=str(tmp_path / "cache")), Dist(), CPU)  # from the cache
+    assert np.array_equal(again.train_tokens[:], data.train_tokens[:])
 
 
 def test_text_batches_windows_and_split(corpus):
@@ -220,7 +223,7 @@ def test_failed_download_names_the_file_and_leaves_nothing(tmp_path, http_server
     _, url = http_server
     target = tmp_path / "data" / "tiny_shakespeare.txt"
     with pytest.raises(ConfigError) as info:
-        load_tokens(text_cfg(str(target), data_url=f"{url}/no-such-file.txt"))
+        build_data(text_cfg(str(target), data_url=f"{url}/no-such-file.txt"), Dist(), CPU)
     assert str(target) in str(info.value) and "by hand" in str(info.value)
     assert os.listdir(target.parent) == []
 
@@ -230,7 +233,6 @@ def test_tiktoken_tokens(corpus, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
     data = TextData(text_cfg(corpus, tokenizer="gpt2"), Dist(), CPU)
     assert data.vocab_size == 50304  # 50257 padded to a multiple of 64
-    assert os.path.isfile(corpus + ".gpt2.bin")
     assert data.decode(data.encode("ROMEO: soft!")) == "ROMEO: soft!"
     big = TextData(text_cfg(corpus, tokenizer="o200k_base"), Dist(), CPU)
     assert big.train_tokens.dtype == np.uint32
@@ -238,7 +240,7 @@ def test_tiktoken_tokens(corpus, monkeypatch):
 
 def test_unknown_tokenizer(corpus):
     with pytest.raises(ConfigError, match="--tokenizer"):
-        load_tokens(text_cfg(corpus, tokenizer="not_an_encoding"))
+        build_data(text_cfg(corpus, tokenizer="not_an_encoding"), Dist(), CPU)
 
 
 def test_eval_cap_is_global_not_per_rank():
@@ -252,4 +254,4 @@ def test_non_utf8_corpus(tmp_path):
     path = tmp_path / "binary.txt"
     path.write_bytes(b"\xff\xfe\x00\x81 not text")
     with pytest.raises(ConfigError, match="not UTF-8"):
-        load_tokens(text_cfg(str(path)))
+        build_data(text_cfg(str(path)), Dist(), CPU)
