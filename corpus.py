@@ -291,20 +291,21 @@ class _ShardWriter:
         self.path, self.header = path, dict(header)
         self.tmp = f"{path}.tmp-{os.getpid()}"
         self.dtype = np.dtype(header["dtype"])
-        self.count, self.documents, self._buffer = 0, 0, []
+        self.count, self.documents, self._buffer, self._buffered = 0, 0, [], 0
         self.file = open(self.tmp, "wb")
         self.file.write(_header_bytes({**self.header, "num_tokens": 0, "documents": 0}))
 
     def add(self, ids: np.ndarray) -> None:
         self._buffer.append(ids.astype(self.dtype, copy=False))
         self.count += len(ids)
-        if sum(len(b) for b in self._buffer) >= 1 << 20:
+        self._buffered += len(ids)
+        if self._buffered >= 1 << 20:
             self._flush()
 
     def _flush(self) -> None:
-        for ids in self._buffer:
-            ids.tofile(self.file)
-        self._buffer = []
+        if self._buffer:
+            np.concatenate(self._buffer).tofile(self.file)
+        self._buffer, self._buffered = [], 0
 
     def close(self) -> None:
         self._flush()
@@ -920,12 +921,13 @@ class TokenStream:
         if len(self.parts) == 1:
             part = self.parts[0]
             return np.stack([part[s:s + span] for s in starts]).astype(np.int64)
+        starts = np.asarray(starts, dtype=np.int64)
         shard = np.searchsorted(self.offsets, starts, side="right") - 1
+        local = starts - self.offsets[shard]
+        inside = local + span <= self.offsets[shard + 1] - self.offsets[shard]
         rows = []
-        for s, i in zip(starts, shard):
-            local = s - self.offsets[i]
-            part = self.parts[i]
-            rows.append(part[local:local + span] if local + span <= len(part) else self._read(s, s + span))
+        for s, i, lo, whole in zip(starts.tolist(), shard.tolist(), local.tolist(), inside.tolist()):
+            rows.append(self.parts[i][lo:lo + span] if whole else self._read(s, s + span))
         return np.stack(rows).astype(np.int64)
 
 

@@ -81,6 +81,15 @@ def test_shakespeare_bench_compares_recipes_on_one_clock(corpus, tmp_path):
     assert (tmp_path / "out" / "shakespeare_speed.png").stat().st_size > 10_000
 
 
+@pytest.mark.extended
+def test_corpus_bench_prints_every_figure(corpus, tmp_path):
+    out = bench("corpus.py", "--source", corpus, "--work", str(tmp_path / "work"), "--sizes_mb", "1,1,2",
+                "--file_mb", "1", "--shard_tokens", "100000", "--steps", "3")
+    assert re.search(r"speed-up [\d.]+x", out) and out.count("peak RSS summed over") == 2, out
+    assert re.search(r"difference [+-][\d.]+ s", out) and out.count("M tokens/s") == 4, out
+    assert not (tmp_path / "work").exists()
+
+
 def test_shakespeare_bench_names_a_missing_corpus(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "shakespeare.py"), "--data_path",
                              str(tmp_path / "nope.txt")], capture_output=True, text=True)
