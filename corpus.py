@@ -689,6 +689,7 @@ class _Meter:
         eta = (self.total - self.bytes) / rate if rate > 0 else float("nan")
         eta_text = format_duration(eta) if math.isfinite(eta) else "?"
         return (f"prepare: {min(self.bytes / self.total, 1):.0%} · {self.bytes / 1e6:,.0f}/{self.total / 1e6:,.0f} MB · "
+                f"{self.units_done}/{self.units} units · "
                 f"{self.documents:,} documents · {self.tokens:,} tokens · {rate / 1e6:.1f} MB/s · ETA {eta_text}")
 
     def show(self) -> None:
@@ -858,7 +859,7 @@ def ensure_prepared(source: Source, folder: str, fingerprint: str, tokenizer: st
                 finally:
                     claim.release()
         else:
-            holder = "the first process of this node"
+            holder = "the process of this node that may build"
         if time.monotonic() - said_at > 15:
             said_at = time.monotonic()
             progress = (_read_json(os.path.join(folder, "progress.json")) or {}).get("line", "starting")
@@ -962,18 +963,18 @@ def _prepared_set(folder: str, flag: str) -> TokenSet:
 
 def _shard_set(source: Source) -> TokenSet:
     """Token shards read in place (nanoGPT's, llm.c's, or tinylab shards outside a prepared folder)."""
-    splits, kinds = {}, set()
+    splits, kinds, first = {}, set(), None
     for split, files in (("train", source.files), ("val", source.val_files)):
         if not files:
             continue
         headers = [read_header(f) for f in files]
+        first = first or headers[0]
         kinds.update(h.get("tokenizer") or "" for h in headers)
         splits[split] = TokenStream([open_tokens(f, h) for f, h in zip(files, headers)])
     if len(kinds) > 1:
         raise ConfigError(f"--{source.flag}: the shards under {source.path} were made by different tokenizers "
                           f"({', '.join(sorted(k or 'unrecorded' for k in kinds))}); use one set")
     tokenizer = kinds.pop() or None
-    first = read_header(source.files[0])
     names = f"{len(source.files)} train + {len(source.val_files)} val shards" if source.val_files \
         else f"{len(source.files)} shard{'s' if len(source.files) > 1 else ''}"
     return TokenSet(splits, tokenizer, first.get("vocab"), first.get("eot_token") is not None,
