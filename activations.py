@@ -40,6 +40,7 @@ from checkpoints import CheckpointError, find_checkpoint, load_checkpoint
 from distributed import Dist, broadcast_object, gather_objects, setup_distributed, teardown_distributed
 from hardware import autocast, pick_device, pick_dtype
 from session import run_command
+from utils import write_json
 
 POSITIONS = ("answer", "all")
 SPLITS = ("train", "val")
@@ -219,13 +220,6 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def dump(settings: DumpSettings, log=print) -> str:
     """Writes (or completes) a dump; returns its directory. Every rank of a torchrun job calls it."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -281,7 +275,7 @@ def dump(settings: DumpSettings, log=print) -> str:
     finished = gather_objects(True)  # every rank is done writing
     if dist_info.is_main and all(finished):
         counts = [len(np.load(os.path.join(out, f"rows-{k:05d}.npy"), mmap_mode="r")) for k in range(num_shards)]
-        _write_json(os.path.join(out, "manifest.json"), {**what, "complete": True, "rows_per_shard": counts,
+        write_json(os.path.join(out, "manifest.json"), {**what, "complete": True, "rows_per_shard": counts,
                                                          "num_rows": sum(counts)})
         say(f"done: {sum(counts):,} rows of width {width} in {out}")
     teardown_distributed(barrier=True)
@@ -317,7 +311,7 @@ def _prepare(out: str, what: dict, sequences: Sequences, overwrite: bool) -> str
     if not os.path.isfile(manifest_path):
         _save_npy(os.path.join(out, "tokens.npy"), sequences.tokens.numpy())
         _save_npy(os.path.join(out, "targets.npy"), sequences.targets.numpy())
-        _write_json(manifest_path, {**what, "complete": False})
+        write_json(manifest_path, {**what, "complete": False})
     return None
 
 

@@ -56,7 +56,7 @@ import numpy as np
 
 from config import ConfigError
 from rundirs import Claim, process_start_time
-from utils import format_duration
+from utils import format_duration, write_json
 
 log = logging.getLogger("tinylab")
 
@@ -162,8 +162,7 @@ class Source:
     def fingerprint(self, **settings) -> str:
         """Paths, sizes and modification times of every file and the settings that shape the
         tokens: what decides whether a cache is this source's (no hash of gigabytes)."""
-        digest = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "unit_bytes": settings.pop("unit_bytes"),
-                                            **settings}, sort_keys=True).encode())
+        digest = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True).encode())
         for path in self.files:
             stat = os.stat(path)
             digest.update(json.dumps([os.path.abspath(path), stat.st_size, stat.st_mtime_ns]).encode())
@@ -698,19 +697,11 @@ class _Meter:
             print("\r" + line, end="", flush=True)
         else:
             log.info(line)
-        _write_json(os.path.join(self.folder, "progress.json"), {"line": line, "time": time.time()})
+        write_json(os.path.join(self.folder, "progress.json"), {"line": line, "time": time.time()})
 
     def finish(self) -> None:
         if self.live:
             print("\r" + self.line(), flush=True)
-
-
-def _write_json(path: str, value) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _read_json(path: str):
@@ -761,7 +752,7 @@ def prepare(source: Source, folder: str, fingerprint: str, tokenizer: str, holdo
             meter = _Meter(folder, total_bytes, len(units), live)
             found = _run_units({**base, "op": "chars"}, list(enumerate(units)), workers, meter)
             vocab = "".join(sorted(set().union(*(r["chars"] for r in found.values()))))
-            _write_json(os.path.join(folder, "vocab.json"), {"vocab": vocab})
+            write_json(os.path.join(folder, "vocab.json"), {"vocab": vocab})
     spec = {**base, "op": "tokens", "vocab": vocab}
     done = [i for i in range(len(units)) if _unit_done(folder, i, holdout, fingerprint)]
     todo = [(i, u) for i, u in enumerate(units) if i not in set(done)]
@@ -792,7 +783,7 @@ def prepare(source: Source, folder: str, fingerprint: str, tokenizer: str, holdo
         "prepare_seconds": round(time.monotonic() - started, 2), "workers": workers,
         "peak_rss_bytes": meter.peak_rss,
     }
-    _write_json(os.path.join(folder, MANIFEST), manifest)
+    write_json(os.path.join(folder, MANIFEST), manifest)
     seconds = time.monotonic() - started
     log.info(f"prepare: done in {format_duration(seconds)}: {sum(manifest['tokens'].values()):,} tokens, "
              f"{sum(manifest['documents'].values()):,} documents, {len(shards)} shards, "
@@ -853,7 +844,7 @@ def ensure_prepared(source: Source, folder: str, fingerprint: str, tokenizer: st
                     return prepare(source, folder, fingerprint, tokenizer, holdout, text_field, workers, vocab,
                                    unit_bytes, live)
                 except ConfigError as e:
-                    _write_json(os.path.join(folder, "failed.json"), {"message": str(e), "time": time.time(),
+                    write_json(os.path.join(folder, "failed.json"), {"message": str(e), "time": time.time(),
                                                                      "host": socket.gethostname(), "pid": os.getpid()})
                     raise
                 finally:
