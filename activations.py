@@ -84,6 +84,19 @@ def load_run(path: str, device: str = "auto", prefer: str = "best") -> Run:
     return Run(model, cfg, data, torch_device, path, checkpoint["step"])
 
 
+def encode_exactly(run: Run, text: str, flag: str) -> list[int]:
+    """The run's token ids for `text`; a ConfigError naming the flag when its tokenizer cannot write
+    the text (a character tokenizer would drop unknown characters without a word)."""
+    encoded = run.data.encode(text)
+    if run.data.decode(encoded) != text:
+        missing = sorted(set(text) - set(run.data.decode(encoded)))
+        raise ConfigError(f"--{flag}: the run's tokenizer cannot write {text!r}"
+                          + (f" (no token for {''.join(missing)!r})" if missing else "")
+                          + "; use text from its vocabulary")
+    return encoded
+
+
+
 # ---------------------------------------------------------------- which tokens, which positions
 
 

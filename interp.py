@@ -28,7 +28,7 @@ from data import IGNORE
 from fourier import (fourier_basis, fourier_measures, frequency_norms, frequency_rows, gini,  # noqa: F401
                      key_frequencies, logit_frequency_norms, restrict_to_frequencies, restricted_and_excluded,
                      sum_directions)  # (re-exported)
-from model import Transformer
+from model import Transformer, mlp_width
 from checkpoints import CheckpointError
 
 
@@ -52,7 +52,10 @@ def residual_stack(model, cache: dict, accumulated: bool = True) -> tuple[torch.
     if accumulated:
         labels = [f"blocks.{i}.hook_resid_pre" for i in layers] + ["hook_resid_final"]
         return torch.stack([cache[n] for n in labels]), labels
-    parts, labels = [cache["hook_embed"], cache["hook_pos_embed"]], ["embed", "pos_embed"]
+    parts, labels = [cache["hook_embed"]], ["embed"]
+    if "hook_pos_embed" in cache:  # rotary models have none
+        parts.append(cache["hook_pos_embed"].expand_as(cache["hook_embed"]))
+        labels.append("pos_embed")
     for i in layers:
         result = cache[f"blocks.{i}.attn.hook_result"]  # [B, T, H, D]
         for h in range(result.shape[2]):
@@ -89,12 +92,11 @@ def _final_norm(model: Transformer, stack: torch.Tensor, resid_final: torch.Tens
 @torch.no_grad()
 def logit_lens(model, cache: dict) -> tuple[torch.Tensor, list[str]]:
     """Logits read off the residual stream before each block and at the end
-    [components, batch, pos, vocab]; the last entry is the model's own logits."""
+    [components, batch, pos, vocab] (final norm, unembedding and any soft cap); the last entry is
+    the model's own logits."""
     model = _model(model)
     stack, labels = residual_stack(model, cache, accumulated=True)
-    if isinstance(model.ln_final, torch.nn.Identity):
-        return model.unembed(stack), labels
-    return model.unembed(model.ln_final(stack)), labels
+    return model.head(stack), labels
 
 
 @torch.no_grad()
@@ -103,7 +105,8 @@ def direct_logit_attribution(model, cache: dict, targets: torch.Tensor, position
     """How much each component of the residual stream (residual_stack(accumulated=False)) adds
     directly to the logit of `targets` [batch] at `position`: [components, batch]. With no final
     norm the components sum to the logit exactly; with one, its scale is frozen at the real
-    stream's (and a LayerNorm's bias is left out), as in TransformerLens."""
+    stream's (and a LayerNorm's bias is left out), as in TransformerLens. A soft cap
+    (--logit_softcap) is not linear, so these are contributions to the logit before the cap."""
     model = _model(model)
     stack, labels = residual_stack(model, cache, accumulated=False)
     stack = stack[:, :, position]  # [C, B, D]
@@ -508,7 +511,9 @@ def to_transformer_lens(model, device=None):
     """A TransformerLens `HookedTransformer` with this model's weights: the same logits, and the same
     activations under the same hook names. TransformerLens is an optional extra
     (`pip install "transformer_lens<4"`; version 4 replaced HookedTransformer with TransformerBridge).
-    Models with an attention sink have no TransformerLens counterpart."""
+    Every piece maps (rotary positions, QK-norm, ReLU², SwiGLU, grouped-query attention, soft-capped
+    logits, parameter-free norms) except two TransformerLens lacks: an attention sink, and biases
+    inside a SwiGLU (its gated MLP adds one bias after the product); those raise ValueError."""
     try:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError as error:
@@ -518,47 +523,71 @@ def to_transformer_lens(model, device=None):
     cfg = model.cfg
     if cfg.attention_sink:
         raise ValueError("this model has an attention sink (--attention_sink), which TransformerLens does not have")
+    gated = cfg.activation == "swiglu"
+    if gated and cfg.bias:
+        raise ValueError("this model's SwiGLU MLPs have biases on the gate and its partner (--bias true); "
+                         "TransformerLens's gated MLP has none there (one bias after the product). Train with --bias false")
     D, H = cfg.embedding_dim, cfg.num_heads
-    Dh = D // H
-    mlp = cfg.mlp_dim or 4 * D
-    eps = 1e-5 if cfg.norm == "layernorm" else torch.finfo(torch.float32).eps  # nn.RMSNorm's default
+    Dh, Hkv = D // H, cfg.num_kv_heads or H
+    mlp = model.blocks[0].mlp.fc_in.out_features if model.blocks[0].mlp is not None else mlp_width(cfg)
+    dtype = next(model.parameters()).dtype
+    eps = 1e-5 if cfg.norm == "layernorm" else torch.finfo(dtype).eps  # nn.RMSNorm's default: its input's eps
+    normalization = {"none": None, "layernorm": "LN", "rmsnorm": "RMS"}[cfg.norm]
+    if normalization and not cfg.norm_weights:
+        normalization += "Pre"  # LNPre / RMSPre: TransformerLens's norms without weights
+    rotary = cfg.positional == "rope"
+    extra = dict(rotary_dim=Dh, rotary_base=cfg.rope_base, rotary_adjacent_pairs=False) if rotary else {}
+    if Hkv != H:
+        extra["n_key_value_heads"] = Hkv
+    if cfg.logit_softcap:
+        extra["output_logits_soft_cap"] = cfg.logit_softcap
     tl_cfg = HookedTransformerConfig(
         n_layers=cfg.num_blocks, d_model=D, n_ctx=cfg.context_len, d_head=Dh, n_heads=H, d_mlp=mlp,
-        d_vocab=model.vocab_size, act_fn=cfg.activation, attn_only=cfg.attention_only, eps=eps,
-        normalization_type={"none": None, "layernorm": "LN", "rmsnorm": "RMS"}[cfg.norm],
-        positional_embedding_type="standard", default_prepend_bos=False,
-        device=str(device or next(model.parameters()).device), dtype=next(model.parameters()).dtype)
+        d_vocab=model.vocab_size, act_fn="silu" if gated else cfg.activation, gated_mlp=gated,
+        attn_only=cfg.attention_only, eps=eps, normalization_type=normalization, use_qk_norm=cfg.qk_norm,
+        positional_embedding_type="rotary" if rotary else "standard", default_prepend_bos=False,
+        device=str(device or next(model.parameters()).device), dtype=dtype, **extra)
     with warnings.catch_warnings():  # 3.x warns that 4.0 drops the class this function is about
         warnings.filterwarnings("ignore", "HookedTransformer is deprecated", DeprecationWarning)
         tl = HookedTransformer(tl_cfg)
     params = dict(model.named_parameters(remove_duplicate=False))
 
-    def get(name, shape=None):
+    def get(name, shape=None, fill=0.0):
         if name in params:
             return params[name].detach()
-        return torch.zeros(shape)  # bias=False: TransformerLens always has biases
+        return torch.full(shape, fill)  # bias=False: TransformerLens always has biases; no weight: ones
 
-    def norm(ours: str, theirs: str, state: dict):
-        if cfg.norm == "none":
+    def norm(ours: str, theirs: str, state: dict, width: int = D, always_weighted: bool = False):
+        if cfg.norm == "none" and not always_weighted:
             return
-        state[f"{theirs}.w"] = get(f"{ours}.norm.weight")
-        if cfg.norm == "layernorm":
-            state[f"{theirs}.b"] = get(f"{ours}.norm.bias", (D,))
+        if cfg.norm_weights or always_weighted:  # TransformerLens's QK-norm always has a weight
+            state[f"{theirs}.w"] = get(f"{ours}.norm.weight", (width,), 1.0)
+        if cfg.norm == "layernorm" and cfg.norm_weights and not always_weighted:
+            state[f"{theirs}.b"] = get(f"{ours}.norm.bias", (width,))
 
-    state = {"embed.W_E": get("embed.weight"), "pos_embed.W_pos": get("pos_embed.weight"),
-             "unembed.W_U": get("unembed.weight").T, "unembed.b_U": torch.zeros(model.vocab_size)}
+    state = {"embed.W_E": get("embed.weight"), "unembed.W_U": get("unembed.weight").T,
+             "unembed.b_U": torch.zeros(model.vocab_size)}
+    if not rotary:
+        state["pos_embed.W_pos"] = get("pos_embed.weight")
+    kv = "_" if Hkv != H else ""  # grouped-query attention keeps its Hkv heads in _W_K, _W_V
     for i in range(cfg.num_blocks):
         ours, theirs = f"blocks.{i}", f"blocks.{i}"
-        qkv_w = get(f"{ours}.attn.qkv.weight").view(3, H, Dh, D)
-        qkv_b = get(f"{ours}.attn.qkv.bias", (3 * D,)).view(3, H, Dh)
-        for j, letter in enumerate("QKV"):
-            state[f"{theirs}.attn.W_{letter}"] = qkv_w[j].transpose(1, 2)  # [H, D, Dh]
-            state[f"{theirs}.attn.b_{letter}"] = qkv_b[j]  # [H, Dh]
+        w = get(f"{ours}.attn.qkv.weight").split([H * Dh, Hkv * Dh, Hkv * Dh])
+        b = get(f"{ours}.attn.qkv.bias", ((H + 2 * Hkv) * Dh,)).split([H * Dh, Hkv * Dh, Hkv * Dh])
+        for letter, weight, bias, heads in zip("QKV", w, b, (H, Hkv, Hkv)):
+            prefix = kv if letter != "Q" else ""
+            state[f"{theirs}.attn.{prefix}W_{letter}"] = weight.view(heads, Dh, D).transpose(1, 2)  # [heads, D, Dh]
+            state[f"{theirs}.attn.{prefix}b_{letter}"] = bias.view(heads, Dh)  # [heads, Dh]
         state[f"{theirs}.attn.W_O"] = get(f"{ours}.attn.out.weight").view(D, H, Dh).permute(1, 2, 0)  # [H, Dh, D]
         state[f"{theirs}.attn.b_O"] = get(f"{ours}.attn.out.bias", (D,))
+        if cfg.qk_norm:
+            norm(f"{ours}.attn.q_norm", f"{theirs}.attn.q_norm", state, Dh, always_weighted=True)
+            norm(f"{ours}.attn.k_norm", f"{theirs}.attn.k_norm", state, Dh, always_weighted=True)
         norm(f"{ours}.ln1", f"{theirs}.ln1", state)
         if not cfg.attention_only:
             norm(f"{ours}.ln2", f"{theirs}.ln2", state)
+            if gated:
+                state[f"{theirs}.mlp.W_gate"] = get(f"{ours}.mlp.fc_gate.weight").T
             state[f"{theirs}.mlp.W_in"] = get(f"{ours}.mlp.fc_in.weight").T
             state[f"{theirs}.mlp.b_in"] = get(f"{ours}.mlp.fc_in.bias", (mlp,))
             state[f"{theirs}.mlp.W_out"] = get(f"{ours}.mlp.fc_out.weight").T
@@ -566,7 +595,7 @@ def to_transformer_lens(model, device=None):
     norm("ln_final", "ln_final", state)
     expected = tl.state_dict()
     missing = [k for k in expected if k not in state and expected[k].is_floating_point()
-               and not k.endswith(("IGNORE", "mask"))]
+               and not k.endswith(("IGNORE", "mask", "rotary_sin", "rotary_cos"))]  # buffers TL computes
     if missing:
         raise RuntimeError(f"this TransformerLens expects weights this conversion does "
                            f"not fill: {missing[:5]}")

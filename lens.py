@@ -53,7 +53,8 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from activations import POSITIONS, DumpSource, Run, TokenSource, default_dump_dir, load_run, split_sequences
+from activations import (POSITIONS, DumpSource, Run, TokenSource, default_dump_dir, encode_exactly, load_run,
+                         split_sequences)
 from checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
 from config import (DEVICES, DTYPES, ConfigError, OptimSettings, config_from_dict, need, need_name, need_one_of,
                     override, parse_flags, resumed_config, section)
@@ -231,7 +232,7 @@ def run_blocks(model: Transformer, x: torch.Tensor, blocks: range, slot: int | N
     the model: the fast attention path (no hooks). With slot_value [B, D], position `slot` of the
     residual stream is set to it before every block after the first. With caches (one dict per
     block, {} at first), x holds positions start.. and attends to the cached ones before them."""
-    if blocks.start == 0:
+    if blocks.start == 0 and model.pos_embed is not None:  # rotary models place positions in attention
         x = x + model.pos_embed.weight[start:start + x.shape[1]]
     for i in blocks:
         if slot_value is not None and i > 0:
@@ -241,8 +242,8 @@ def run_blocks(model: Transformer, x: torch.Tensor, blocks: range, slot: int | N
 
 
 def logits_at(model: Transformer, x: torch.Tensor) -> torch.Tensor:
-    """The model's logits from residual-stream rows x [..., D], in float32."""
-    return model.unembed(model.ln_final(x)).float()
+    """The model's logits from residual-stream rows x [..., D] (final norm, unembedding, any soft cap), in float32."""
+    return model.head(x).float()
 
 
 def gumbel_straight_through(logits: torch.Tensor, tau: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -349,18 +350,6 @@ class ConsistencyLens(nn.Module):
     def forward(self, acts: torch.Tensor, tau: float, generator: torch.Generator | None = None):
         tokens, logits = self.explain(acts, tau, generator)
         return self.reconstruct(tokens), tokens, logits
-
-
-def encode_exactly(run: Run, text: str, flag: str) -> list[int]:
-    """The run's token ids for `text`; a ConfigError naming the flag when its tokenizer cannot write
-    the text (a character tokenizer would drop unknown characters without a word)."""
-    encoded = run.data.encode(text)
-    if run.data.decode(encoded) != text:
-        missing = sorted(set(text) - set(run.data.decode(encoded)))
-        raise ConfigError(f"--{flag}: the run's tokenizer cannot write {text!r}"
-                          + (f" (no token for {''.join(missing)!r})" if missing else "")
-                          + "; use text from its vocabulary")
-    return encoded
 
 
 def prompt_ids(run: Run, text: str, marker: str, flag: str) -> tuple[list[int], list[int]]:

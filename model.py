@@ -6,7 +6,13 @@ module. With the dict empty the forward pass is the fast one: fused scaled_dot_p
 materialises scores and pattern) only for a block where a hook asks for `attn.hook_attn_scores`,
 `attn.hook_pattern` or `attn.hook_result`. Both paths give the same logits.
 
-Shapes beside each hook point: batch B, position T, head H, d_model D, d_head Dh, d_mlp M.
+Shapes beside each hook point: batch B, position T, head H, key/value head Hkv (= H unless
+grouped-query), d_model D, d_head Dh, d_mlp M.
+
+The pieces of a 2026 small LM are flags, each off by default, so that the GPT-2-shaped presets and
+every older checkpoint stay as they were: rotary positions (`--positional rope`), QK-norm,
+ReLU² and SwiGLU MLPs, grouped-query attention (`--num_kv_heads`), soft-capped logits,
+parameter-free norms and zero-initialised output projections.
 """
 
 from __future__ import annotations
@@ -46,12 +52,13 @@ def _run_hooks(table: dict, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm with a `hook_normalized` point, or nothing at all."""
+    """LayerNorm or RMSNorm with a `hook_normalized` point; affine=False: parameter-free."""
 
-    def __init__(self, kind: str, dim: int, bias: bool, hooks: dict, name: str):
+    def __init__(self, kind: str, dim: int, bias: bool, hooks: dict, name: str, affine: bool = True):
         super().__init__()
         self.hooks, self.name = hooks, name
-        self.norm = (nn.LayerNorm(dim, bias=bias) if kind == "layernorm" else nn.RMSNorm(dim))
+        self.norm = (nn.LayerNorm(dim, elementwise_affine=affine, bias=bias) if kind == "layernorm"
+                     else nn.RMSNorm(dim, elementwise_affine=affine))
 
     def forward(self, x):
         if not self.hooks:
@@ -70,7 +77,38 @@ class Norm(nn.Module):
 
 
 def _maybe_norm(cfg: Config, hooks: dict, name: str) -> nn.Module:
-    return nn.Identity() if cfg.norm == "none" else Norm(cfg.norm, cfg.embedding_dim, cfg.bias, hooks, name)
+    return nn.Identity() if cfg.norm == "none" else Norm(cfg.norm, cfg.embedding_dim, cfg.bias, hooks, name,
+                                                         cfg.norm_weights)
+
+
+def rotary_tables(head_dim: int, positions: int, base: float, dtype=torch.float32,
+                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary tables [positions, head_dim] for `rotate`: cos(a) and sin(a) of the angles
+    a = position · base^(-2i / head_dim) of pair i, each twice (the sin negated the first time),
+    computed in float64 and rounded once to `dtype`."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # [positions, head_dim / 2]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], -1).to(device, dtype), torch.cat([-sin, sin], -1).to(device, dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary positions on x [B, T, heads, Dh] with rotary_tables rows [T, Dh]. Pair i is (x[i],
+    x[i + Dh/2]), the two halves of the head (GPT-NeoX and Llama's layout, TransformerLens's
+    default; not GPT-J's adjacent pairs), so Hugging Face checkpoints map without permuting:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), here as x·cos + roll(x)·sin in four operators."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [T, 1, Dh]; under autocast x may be bf16
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def mlp_width(cfg: Config) -> int:
+    """d_mlp: --mlp_dim, or by default 4 x d_model (8/3 x d_model for SwiGLU, which has a third matrix,
+    rounded up to a multiple of 32: about the same parameters)."""
+    if cfg.mlp_dim:
+        return cfg.mlp_dim
+    if cfg.activation == "swiglu":
+        return -(-8 * cfg.embedding_dim // 3 // 32) * 32
+    return 4 * cfg.embedding_dim
 
 
 class Attention(nn.Module):
@@ -78,16 +116,88 @@ class Attention(nn.Module):
         super().__init__()
         self.hooks, self.prefix = hooks, prefix  # prefix: "blocks.{i}.attn."
         self.num_heads = cfg.num_heads
-        self.head_dim = cfg.embedding_dim // cfg.num_heads
-        self.qkv = nn.Linear(cfg.embedding_dim, 3 * cfg.embedding_dim, bias=cfg.bias)
+        self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
+        self.head_dim = Dh = cfg.embedding_dim // cfg.num_heads
+        # One matrix for queries (H heads), then keys and values (Hkv heads each): with Hkv = H it is
+        # the [3D, D] matrix of every checkpoint written before grouped-query attention.
+        self.split = (self.num_heads * Dh, self.num_kv_heads * Dh, self.num_kv_heads * Dh)
+        self.qkv = nn.Linear(cfg.embedding_dim, sum(self.split), bias=cfg.bias)
         self.out = nn.Linear(cfg.embedding_dim, cfg.embedding_dim, bias=cfg.bias)
         self.dropout = cfg.dropout
+        # QK-norm: RMSNorm over each head's query and key (weights shared across heads, as in Qwen3).
+        self.q_norm = Norm("rmsnorm", Dh, False, hooks, prefix + "q_norm", cfg.norm_weights) if cfg.qk_norm else None
+        self.k_norm = Norm("rmsnorm", Dh, False, hooks, prefix + "k_norm", cfg.norm_weights) if cfg.qk_norm else None
+        self.rotary = cfg.positional == "rope"
+        if self.rotary:  # not saved in checkpoints: a function of the config
+            self._rope_shape = (Dh, cfg.context_len, cfg.rope_base)
+            cos, sin = rotary_tables(*self._rope_shape)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         # A learnable logit per head for an extra "attend nowhere" slot with a zero value.
         self.sink = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attention_sink else None
         self._explicit_names = tuple(f"{prefix}{n}" for n in ("hook_attn_scores", "hook_pattern", "hook_result"))
 
+    def _apply(self, fn, *args, **kwargs):
+        # After .to(), .double(), .cuda(): the rotary tables afresh in their new dtype and device,
+        # rather than float32 values cast (a float64 model gets float64-exact angles).
+        super()._apply(fn, *args, **kwargs)
+        if self.rotary:
+            self.rope_cos, self.rope_sin = rotary_tables(*self._rope_shape, self.rope_cos.dtype, self.rope_cos.device)
+        return self
+
     def _hook(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return _run_hooks(self.hooks, self.prefix + name, x) if self.hooks else x
+
+    def _project(self, x, start: int = 0, queries: int | None = None):
+        """q [B, n, H, Dh] for the last n = `queries` (default all T) positions of x [B, T, D], and k, v
+        [B, T, Hkv, Dh]: projected, QK-normed and rotated (x holds positions start, start + 1, ...)."""
+        B, T, _ = x.shape
+        n = queries or T
+        H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        if n == T:
+            qkv = self.qkv(x)
+            if not self.hooks and (self.q_norm is not None or self.rotary):
+                return self._joint(qkv, start)
+            q, k, v = qkv.split(self.split, dim=-1)
+        else:  # the answer-only path: queries of the last positions only
+            w, b = self.qkv.weight, self.qkv.bias
+            q_rows = self.split[0]
+            q = F.linear(x[:, -n:], w[:q_rows], None if b is None else b[:q_rows])
+            k, v = F.linear(x, w[q_rows:], None if b is None else b[q_rows:]).split(self.split[1:], dim=-1)
+        q = self._hook("hook_q", q.view(B, n, H, Dh))  # [B, T, H, Dh]
+        k = self._hook("hook_k", k.view(B, T, Hkv, Dh))  # [B, T, Hkv, Dh]
+        v = self._hook("hook_v", v.view(B, T, Hkv, Dh))  # [B, T, Hkv, Dh]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # hook_normalized inside: [B, T, H or Hkv, Dh]
+        if self.rotary:
+            end = start + T
+            q = self._hook("hook_rot_q", rotate(q, self.rope_cos[end - n:end], self.rope_sin[end - n:end]))  # [B, T, H, Dh]
+            k = self._hook("hook_rot_k", rotate(k, self.rope_cos[start:end], self.rope_sin[start:end]))  # [B, T, Hkv, Dh]
+        return q, k, v
+
+    def _joint(self, qkv, start: int):
+        """_project with no hooks attached, for a model with QK-norm or rotary positions: queries and
+        keys (adjacent in qkv [B, T, (H + 2 Hkv) Dh]) normalised and rotated as one tensor of H + Hkv
+        heads, so that each operator runs once rather than twice (a small model's CPU step is
+        mostly operator calls). The same arithmetic as the separate path."""
+        B, T, _ = qkv.shape
+        H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = qkv.split([(H + Hkv) * Dh, Hkv * Dh], dim=-1)
+        qk = qk.view(B, T, H + Hkv, Dh)
+        if self.q_norm is not None:
+            qk = F.rms_norm(qk, (Dh,), None, self.q_norm.norm.eps)
+            if self.q_norm.norm.weight is not None:
+                qk = qk * torch.cat([self.q_norm.norm.weight.expand(H, Dh), self.k_norm.norm.weight.expand(Hkv, Dh)])
+        if self.rotary:
+            qk = rotate(qk, self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        q, k = qk.split([H, Hkv], dim=2)
+        return q, k, v.view(B, T, Hkv, Dh)
+
+    def _repeat_kv(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Keys or values of Hkv heads -> H heads along `dim` (key head j serves query heads
+        j·H/Hkv .. (j+1)·H/Hkv - 1, TransformerLens's and Hugging Face's grouping)."""
+        groups = self.num_heads // self.num_kv_heads
+        return t if groups == 1 else t.repeat_interleave(groups, dim=dim)
 
     def forward(self, x, last_positions: int | None = None, cache: dict | None = None):
         B, T, _ = x.shape
@@ -96,13 +206,10 @@ class Attention(nn.Module):
             return self._last_queries(x, last_positions)
         if cache is not None:
             return self._cached(x, cache)
-        q, k, v = self.qkv(x).view(B, T, 3, H, Dh).unbind(dim=2)
-        q = self._hook("hook_q", q)  # [B, T, H, Dh]
-        k = self._hook("hook_k", k)  # [B, T, H, Dh]
-        v = self._hook("hook_v", v)  # [B, T, H, Dh]
+        q, k, v = self._project(x)
         explicit = bool(self.hooks) and any(n in self.hooks for n in self._explicit_names)
         if explicit:
-            return self._explicit(q, k, v)
+            return self._explicit(q, self._repeat_kv(k, 2), self._repeat_kv(v, 2))
         z = self._fused(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.dropout if self.training else 0.0)
         z = self._hook("hook_z", z.transpose(1, 2))  # [B, T, H, Dh]
         return self.out(z.reshape(B, T, H * Dh))
@@ -118,18 +225,20 @@ class Attention(nn.Module):
 
     def _fused(self, q, k, v, dropout: float = 0.0):
         """scaled_dot_product_attention for queries q [B, H, n, Dh] at the last n of the T positions of
-        k, v [B, H, T, Dh]: its causal kernel (flash on GPU) when it can, else an explicit mask, with
-        the sink as one more key of logit sink[h] and a zero value."""
+        k, v [B, Hkv, T, Dh]: its causal kernel (flash on GPU) when it can, else an explicit mask, with
+        the sink as one more key of logit sink[h] and a zero value. Grouped-query attention goes
+        through the kernel's own support (enable_gqa), never a copy of the keys per query head."""
         n, T = q.shape[2], k.shape[2]
-        if self.sink is None and n == T:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        gqa = {"enable_gqa": True} if self.num_kv_heads != self.num_heads else {}
+        if self.sink is None and n in (1, T):  # one query at the end (a cached token) sees every key: no mask
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=n > 1, **gqa)
         H = q.shape[1]
         mask = self._causal_bias(T, q, n).expand(H, n, T)
         if self.sink is not None:
-            zeros = q.new_zeros(q.shape[0], H, 1, q.shape[3])
+            zeros = k.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3])
             k, v = torch.cat([k, zeros], 2), torch.cat([v, zeros], 2)
             mask = torch.cat([mask, self.sink.to(q.dtype).view(H, 1, 1).expand(H, n, 1)], -1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, **gqa)
 
     def _softmax(self, scores: torch.Tensor, key_dim: int, head_dim: int) -> torch.Tensor:
         """The attention pattern from masked scores (keys along `key_dim`, heads along `head_dim`):
@@ -146,11 +255,12 @@ class Attention(nn.Module):
 
     def _cached(self, x, cache: dict):
         """Attention for new positions x [B, n, D] that follow the positions whose keys and values
-        `cache` holds ({} at the start); appends theirs to it. Gradients flow through the cache. The
-        fast path only: hooks see nothing here (callers use it with none attached)."""
+        `cache` holds ({} at the start); appends theirs to it (keys rotated, Hkv heads). Gradients flow
+        through the cache. The fast path only: hooks see nothing here (callers use it with none attached)."""
         B, n, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
-        q, k, v = self.qkv(x).view(B, n, 3, H, Dh).transpose(1, 3).unbind(dim=2)  # [B, H, n, Dh] each
+        start = cache["k"].shape[2] if cache else 0
+        q, k, v = (t.transpose(1, 2) for t in self._project(x, start))  # [B, H or Hkv, n, Dh]
         if cache:
             k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
         cache["k"], cache["v"] = k, v
@@ -166,11 +276,9 @@ class Attention(nn.Module):
         T = 3. Hooks never see this path (the model uses it only with no hooks attached).
         """
         B, T, D = x.shape
-        H, Dh = self.num_heads, self.head_dim
-        w, b = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, -n:], w[:D], None if b is None else b[:D]).view(B, n, 1, H, Dh)
-        k, v = F.linear(x, w[D:], None if b is None else b[D:]).view(B, 1, T, 2, H, Dh).unbind(dim=3)
-        scores = (q * k).sum(-1) / math.sqrt(Dh)  # [B, n, T, H]
+        q, k, v = self._project(x, queries=n)
+        k, v = self._repeat_kv(k, 2)[:, None], self._repeat_kv(v, 2)[:, None]  # [B, 1, T, H, Dh]
+        scores = (q[:, :, None] * k).sum(-1) / math.sqrt(self.head_dim)  # [B, n, T, H]
         if n > 1:
             scores = scores + self._causal_bias(T, q, n)[None, :, :, None]
         pattern = self._softmax(scores, key_dim=2, head_dim=3)
@@ -204,22 +312,37 @@ class Attention(nn.Module):
         return out if self.out.bias is None else out + self.out.bias
 
 
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "relu2": relu_squared, "swiglu": F.silu}
+
+
 class MLP(nn.Module):
+    """fc_out(act(fc_in(x))), or under SwiGLU fc_out(silu(fc_gate(x)) * fc_in(x)): `hook_pre` is the
+    gate's input and `hook_pre_linear` its partner's, as in TransformerLens's gated MLP."""
+
     def __init__(self, cfg: Config, hooks: dict, prefix: str):
         super().__init__()
         self.hooks, self.prefix = hooks, prefix  # "blocks.{i}.mlp."
-        hidden = cfg.mlp_dim or 4 * cfg.embedding_dim
+        hidden = mlp_width(cfg)
+        self.fc_gate = nn.Linear(cfg.embedding_dim, hidden, bias=cfg.bias) if cfg.activation == "swiglu" else None
         self.fc_in = nn.Linear(cfg.embedding_dim, hidden, bias=cfg.bias)
         self.fc_out = nn.Linear(hidden, cfg.embedding_dim, bias=cfg.bias)
-        self.act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
+        self.act = ACTIVATION_FUNCTIONS[cfg.activation]
+
+    def _hook(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return _run_hooks(self.hooks, self.prefix + name, x) if self.hooks else x
 
     def forward(self, x):
-        pre = self.fc_in(x)
-        if self.hooks:
-            pre = _run_hooks(self.hooks, self.prefix + "hook_pre", pre)  # [B, T, M]
-        post = self.act(pre)
-        if self.hooks:
-            post = _run_hooks(self.hooks, self.prefix + "hook_post", post)  # [B, T, M]
+        if self.fc_gate is None:
+            pre = self._hook("hook_pre", self.fc_in(x))  # [B, T, M]
+            post = self._hook("hook_post", self.act(pre))  # [B, T, M]
+        else:
+            pre = self._hook("hook_pre", self.fc_gate(x))  # [B, T, M], the gate
+            linear = self._hook("hook_pre_linear", self.fc_in(x))  # [B, T, M]
+            post = self._hook("hook_post", self.act(pre) * linear)  # [B, T, M]
         return self.fc_out(post)
 
 
@@ -279,7 +402,8 @@ class Transformer(nn.Module):
         self.vocab_size = vocab_size
         self._hooks: dict[str, list[HookFn]] = {}
         self.embed = nn.Embedding(vocab_size, cfg.embedding_dim)
-        self.pos_embed = nn.Embedding(cfg.context_len, cfg.embedding_dim)
+        # Rotary models have no position table: their attention rotates queries and keys instead.
+        self.pos_embed = nn.Embedding(cfg.context_len, cfg.embedding_dim) if cfg.positional == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, self._hooks, i) for i in range(cfg.num_blocks))
         self.ln_final = _maybe_norm(cfg, self._hooks, "ln_final")
@@ -293,11 +417,17 @@ class Transformer(nn.Module):
         # GPT-2 style: N(0, init_std) for matrices, zero biases, and (scale_residual_init) residual-
         # branch outputs scaled by 1/sqrt(2 · blocks) so the residual stream's variance does not grow
         # with depth. TransformerLens, and so the `nanda` preset, leaves them unscaled.
+        # zero_init_outputs starts every matrix that writes into the residual stream (and an untied
+        # unembedding) at zero, as nanochat and modded-nanogpt do: each block begins as the identity
+        # and the logits as uniform.
         std = self.cfg.init_std
+        zeroed = ("attn.out.weight", "mlp.fc_out.weight") + (() if self.cfg.tie_embeddings else ("unembed.weight",))
         for name, p in self.named_parameters():
             if name.endswith("sink") or "norm" in name:
                 continue
-            if p.dim() >= 2:
+            if self.cfg.zero_init_outputs and name.endswith(zeroed):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
                 scaled = self.cfg.scale_residual_init and name.endswith(("out.weight", "fc_out.weight"))
                 scale = 1 / math.sqrt(2 * self.cfg.num_blocks) if scaled else 1
                 nn.init.normal_(p, mean=0.0, std=std * scale)
@@ -306,19 +436,25 @@ class Transformer(nn.Module):
 
     def _list_hook_names(self) -> list[str]:
         cfg = self.cfg
-        names = ["hook_embed", "hook_pos_embed"]
+        names = ["hook_embed"] + (["hook_pos_embed"] if self.pos_embed is not None else [])
         for i, block in enumerate(self.blocks):
             b = f"blocks.{i}."
             names.append(b + "hook_resid_pre")
             if cfg.norm != "none":
                 names.append(b + "ln1.hook_normalized")
-            names += [b + "attn.hook_" + n for n in ("q", "k", "v", "attn_scores", "pattern", "z", "result")]
+            names += [b + "attn.hook_" + n for n in ("q", "k", "v")]
+            if cfg.qk_norm:
+                names += [b + "attn.q_norm.hook_normalized", b + "attn.k_norm.hook_normalized"]
+            if cfg.positional == "rope":
+                names += [b + "attn.hook_rot_q", b + "attn.hook_rot_k"]
+            names += [b + "attn.hook_" + n for n in ("attn_scores", "pattern", "z", "result")]
             names.append(b + "hook_attn_out")
             if block.mlp is not None:
                 names.append(b + "hook_resid_mid")
                 if cfg.norm != "none":
                     names.append(b + "ln2.hook_normalized")
-                names += [b + "mlp.hook_pre", b + "mlp.hook_post", b + "hook_mlp_out"]
+                names += [b + "mlp.hook_pre"] + ([b + "mlp.hook_pre_linear"] if block.mlp.fc_gate is not None else [])
+                names += [b + "mlp.hook_post", b + "hook_mlp_out"]
             names.append(b + "hook_resid_post")
         names.append("hook_resid_final")
         if cfg.norm != "none":
@@ -331,7 +467,7 @@ class Transformer(nn.Module):
         params = {id(p): p for p in self.parameters()}
         total = sum(p.numel() for p in params.values())
         if exclude_embeddings:
-            total -= self.pos_embed.weight.numel()
+            total -= 0 if self.pos_embed is None else self.pos_embed.weight.numel()
             if self.unembed.weight is not self.embed.weight:
                 total -= self.embed.weight.numel()
         return total
@@ -351,11 +487,14 @@ class Transformer(nn.Module):
         if last_positions is not None and last_positions >= T:
             last_positions = None  # every position is wanted
         embed = self.embed(tokens)
-        pos_embed = self.pos_embed(torch.arange(T, device=tokens.device))  # [T, D], broadcast over the batch
         if hooked:
             embed = _run_hooks(self._hooks, "hook_embed", embed)  # [B, T, D]
-            pos_embed = _run_hooks(self._hooks, "hook_pos_embed", pos_embed.expand_as(embed))  # [B, T, D]
-        x = self.drop(embed + pos_embed)
+        if self.pos_embed is not None:
+            pos_embed = self.pos_embed(torch.arange(T, device=tokens.device))  # [T, D], broadcast over the batch
+            if hooked:
+                pos_embed = _run_hooks(self._hooks, "hook_pos_embed", pos_embed.expand_as(embed))  # [B, T, D]
+            embed = embed + pos_embed
+        x = self.drop(embed)
         last_block = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             x = block(x, last_positions if i == last_block and not hooked else None)
@@ -363,7 +502,28 @@ class Transformer(nn.Module):
             x = _run_hooks(self._hooks, "hook_resid_final", x)  # [B, T, D], the residual stream at the end
             if last_positions:
                 x = x[:, -last_positions:]
-        return self.unembed(self.ln_final(x))
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the residual stream x [..., D]: the final norm, the unembedding and, with
+        --logit_softcap, cap · tanh(logits / cap)."""
+        logits = self.unembed(self.ln_final(x))
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def forward_cached(self, tokens: torch.Tensor, caches: list[dict]) -> torch.Tensor:
+        """Logits [B, n, vocab] for tokens [B, n] that follow the positions whose keys and values
+        `caches` (one dict per block, each {} at the start) hold, appending theirs: what `self(all
+        tokens)[:, -n:]` gives, reading each earlier position once. The fast path, for use with no
+        hooks attached (generate falls back to the full forward when there are). Positions must stay
+        below context_len."""
+        start = caches[0]["k"].shape[2] if caches[0] else 0
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.weight[start:start + tokens.shape[1]]
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cache=cache)
+        return self.head(x)
 
     # ------------------------------------------------------------ hooks
 
@@ -423,13 +583,28 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------ sampling
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Appends max_new_tokens sampled tokens to tokens [B, T] (temperature 0: greedy)."""
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Appends max_new_tokens sampled tokens to tokens [B, T] (temperature 0: greedy).
+
+        With use_cache, each new token reads the keys and values of the positions before it from a
+        cache instead of re-running them: the same tokens as the uncached loop, for one position's
+        work per token. Once prompt and sample outgrow context_len, the window slides as nanoGPT's
+        does: each further token is predicted from the last context_len tokens, run afresh (a
+        cache cannot slide: every position's keys depend on the positions before it, and the
+        first of those has just left the window). So those tokens cost what the uncached loop's do.
+        """
+        C = self.cfg.context_len
+        caches: list[dict] = [{} for _ in self.blocks]
+        cached = 0  # positions whose keys and values the caches hold
         for _ in range(max_new_tokens):
-            context = tokens[:, -self.cfg.context_len :]
-            logits = self(context)[:, -1, :].float()
+            if use_cache and not self._hooks and tokens.shape[1] <= C:
+                logits = self.forward_cached(tokens[:, cached:], caches)[:, -1, :].float()
+                cached = tokens.shape[1]
+            else:
+                logits = self(tokens[:, -C:])[:, -1, :].float()
             if temperature == 0:
                 next_token = logits.argmax(-1, keepdim=True)
             else:

@@ -200,8 +200,12 @@ def trained_runs(tmp_path_factory):
     runs = {
         "modular": ["--modulus", "17", "--max_steps", "60", "--eval_every", "60", "--target_val_acc", "0"],
         # Documents, not one file: the analysis tests then run on a model trained from prepared shards.
-        "text": ["--preset", "shakespeare_char", "--data_path", write_documents(root), "--context_len", "16",
-                 "--batch_size", "16", "--max_steps", "30", "--eval_every", "30", "--use_muon", "false"],
+        # The 2026 architecture (rotary, QK-norm, ReLU², untied, soft cap) with multi-query attention
+        # and SwiGLU: the SAE, lens and dump tests on text are tests of those pieces too. Outputs start
+        # random, not at zero: 30 steps would leave the MLPs' too small for the SAE tests to measure.
+        "text": ["--preset", "shakespeare_char_modern", "--data_path", write_documents(root), "--context_len", "16",
+                 "--batch_size", "16", "--max_steps", "30", "--eval_every", "30", "--use_muon", "false",
+                 "--num_kv_heads", "1", "--activation", "swiglu", "--zero_init_outputs", "false"],
         "dyck": ["--preset", "dyck", "--dyck_num_train", "300", "--dyck_num_val", "60", "--dyck_max_len", "10",
                  "--context_len", "11", "--batch_size", "32", "--max_steps", "30", "--eval_every", "30"],
     }

@@ -29,11 +29,15 @@ def _run_both(ns_dtype, shapes=((64, 32), (32, 96), (48, 48)), steps=4, **hyper)
                                     ((64, 32), (32, 64), (64, 32), (48, 48), (48, 48), (32, 96))])
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_muon_matches_torch_optim_muon_in_bf16(nesterov, shapes):
-    # torch.optim.Muon runs Newton–Schulz in bf16; in the same dtype ours gives the same update.
+    # torch.optim.Muon runs Newton–Schulz in bf16; in the same dtype ours gives the same update, up
+    # to bf16's rounding (8 bits: a batched matmul may sum in another order than torch's one matrix
+    # at a time, and CPUs differ in how they round). A wrong shape factor, momentum or decay would
+    # be off by tens of percent; 2 % of the update is a few bf16 roundings.
     hyper = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=0.1)
     ours, theirs = _run_both(torch.bfloat16, shapes=shapes, **hyper)
-    for p, q in zip(ours, theirs):
-        assert torch.allclose(p, q, atol=1e-6, rtol=0)
+    start = _run_both(torch.bfloat16, shapes=shapes, steps=0, **hyper)[0]
+    for p, q, p0 in zip(ours, theirs, start):
+        assert (p - q).abs().max() <= 0.02 * (q - p0).abs().max()
 
 
 def test_muon_fp32_is_the_same_update_more_precisely():
