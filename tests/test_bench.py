@@ -107,3 +107,22 @@ def test_ddp_bench_shows_per_rank_throughput_and_all_reduce_during_backward():
     assert re.search(r"rebuilt after it: [2-9] buckets", out), out
     overlap = float(re.search(r"overlap +([\d.]+) ms +of that span while backward still computes", out).group(1))
     assert overlap > 0, out
+
+
+@pytest.mark.extended
+def test_small_lm_bench_judges_the_modern_recipe_and_times_each_piece(corpus, tmp_path):
+    out = bench("small_lm.py", "--data_path", str(corpus), "--seeds", "0", "--max_steps", "20", "--eval_every", "10",
+                "--eval_windows", "8", "--target", "9", "--piece_steps", "5", "--out", str(tmp_path / "out"))
+    assert re.search(r"^ +20( +[\d.]+ +[\d.]+){3}$", out, re.M), out  # the three recipes side by side at step 20
+    for recipe in ("shakespeare_char_adamw", "shakespeare_char", "shakespeare_char_modern"):
+        assert re.search(rf"^  {recipe} +median: target at step 10, [\d.]+ s", out, re.M), out
+    assert "target in 10 steps (a quarter of 20 is 5: NO)" in out and re.search(r"ends at [\d.]+, shakespeare_char", out)
+    for piece in ("rope", "qk_norm", "swiglu", "all (shakespeare_char_modern)"):
+        assert re.search(rf"^  {re.escape(piece)} +[\d.]+ ms/step +[+-][\d.]+ %$", out, re.M), out
+    assert (tmp_path / "out" / "small_lm_speed.png").stat().st_size > 10_000
+
+
+@pytest.mark.extended
+def test_sampling_bench_times_both_loops_and_checks_their_tokens():
+    out = bench("sampling.py", "--presets", "shakespeare_char", "--tokens", "8")
+    assert re.search(r"^shakespeare_char +10,745,088 +256 +[\d.]+ +[\d.]+ +[\d.]+x +yes$", out, re.M), out
