@@ -37,22 +37,26 @@ def first_at_or_below(evals: list[dict], target: float) -> dict | None:
     return next((r for r in evals if r["val_loss"] <= target), None)
 
 
-def plot(results: dict[str, list[dict]], target: float, path: str) -> None:
+def plot(results: dict[str, list[dict]], target: float, path: str, seconds: str = "elapsed_seconds",
+         seconds_label: str = "wall seconds since the start (compile included)", y_label: str = "val loss",
+         title: str = "tiny-shakespeare, char level: validation loss") -> None:
+    """Val loss against steps and against `seconds` (a key of each eval), one line per recipe
+    (bench/small_lm.py draws its plot with this too)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(11, 4), layout="constrained")
     by_step, by_time = figure.subplots(1, 2)
     for name, evals in results.items():
         by_step.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker=".", label=name)
-        by_time.plot([r["elapsed_seconds"] for r in evals], [r["val_loss"] for r in evals], marker=".", label=name)
-    for axis, label in ((by_step, "optimizer step"), (by_time, "wall seconds since the start (compile included)")):
-        axis.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}")
+        by_time.plot([r[seconds] for r in evals], [r["val_loss"] for r in evals], marker=".", label=name)
+    for axis, label in ((by_step, "optimizer step"), (by_time, seconds_label)):
+        axis.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.4g}")
         axis.set_xlabel(label)
-        axis.set_ylabel("val loss")
+        axis.set_ylabel(y_label)
         axis.set_ylim(top=2.6)
         axis.grid(alpha=0.3)
         axis.legend()
-    figure.suptitle("tiny-shakespeare, char level: validation loss")
+    figure.suptitle(title)
     figure.savefig(path, dpi=120)
 
 

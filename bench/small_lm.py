@@ -39,6 +39,9 @@ sys.path.insert(0, ROOT)
 from config import PRESETS  # noqa: E402
 from tracking import read_metrics  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shakespeare import first_at_or_below, plot  # noqa: E402
+
 YARDSTICK, MUON, MODERN = "shakespeare_char_adamw", "shakespeare_char", "shakespeare_char_modern"
 LAPTOP = dict(num_blocks=4, num_heads=4, embedding_dim=128, context_len=64, batch_size=12, max_steps=2000,
               dropout=0.0)  # nanoGPT's README, "I only have a macbook"
@@ -80,10 +83,6 @@ def run_recipe(recipe: str, seed: int, args, out: str) -> list[dict]:
     seconds = train_seconds(records)
     return [{"step": r["step"], "val_loss": r["val_loss"], "seconds": seconds[r["step"]]}
             for r in records if "val_loss" in r]
-
-
-def first_at_or_below(evals: list[dict], target: float) -> dict | None:
-    return next((r for r in evals if r["val_loss"] <= target), None)
 
 
 def median_curve(runs: list[list[dict]]) -> list[dict]:
@@ -132,25 +131,6 @@ def piece_costs(args) -> list[tuple[str, float]]:
         for row, setup in enumerate(setups):
             times[row] += [step(*setup) for _ in range(turn)]
     return [(label, float(np.median(t))) for (label, _), t in zip(rows, times)]
-
-
-def plot(curves: dict[str, list[dict]], target: float, path: str) -> None:
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(11, 4), layout="constrained")
-    by_step, by_time = figure.subplots(1, 2)
-    for name, evals in curves.items():
-        by_step.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker=".", label=name)
-        by_time.plot([r["seconds"] for r in evals], [r["val_loss"] for r in evals], marker=".", label=name)
-    for axis, label in ((by_step, "optimizer step"), (by_time, "training seconds (evaluations left out)")):
-        axis.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.4f}")
-        axis.set_xlabel(label)
-        axis.set_ylabel("val loss (median of seeds)")
-        axis.set_ylim(top=2.6)
-        axis.grid(alpha=0.3)
-        axis.legend()
-    figure.suptitle("tiny-shakespeare, char level, nanoGPT's laptop shape (4 x 4 x 128, context 64, batch 12), CPU")
-    figure.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -213,7 +193,9 @@ def main() -> None:
             print(f"{MODERN} ends at {m['end']:.4f}, {MUON} at {summary[MUON]['end']:.4f}: "
                   f"{'lower' if m['end'] < summary[MUON]['end'] else 'NOT lower'}")
     path = os.path.join(out, "small_lm_speed.png")
-    plot(curves, target, path)
+    plot(curves, target, path, seconds="seconds", seconds_label="training seconds (evaluations left out)",
+         y_label="val loss (median of seeds)",
+         title="tiny-shakespeare, char level, nanoGPT's laptop shape (4 x 4 x 128, context 64, batch 12), CPU")
     print(f"plot: {path}")
     if args.piece_steps:
         print(f"\nstep time of each piece alone on {MUON} at the laptop shape (median of {args.piece_steps} steps "
