@@ -237,7 +237,10 @@ def build_model(cfg: Config, data, session: Session, resume: Resume):
     if cfg.torch_compile:
         model = torch.compile(model)
     if session.dist.enabled:
-        model = DDP(model, device_ids=[session.dist.local_rank] if session.device.type == "cuda" else None)
+        # The only buffers are rotary tables, a function of the config on every rank: DDP's default
+        # would broadcast them from rank 0 before every forward.
+        model = DDP(model, device_ids=[session.dist.local_rank] if session.device.type == "cuda" else None,
+                    broadcast_buffers=False)
     return raw_model, model.train()
 
 
