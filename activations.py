@@ -96,7 +96,6 @@ def encode_exactly(run: Run, text: str, flag: str) -> list[int]:
     return encoded
 
 
-
 # ---------------------------------------------------------------- which tokens, which positions
 
 

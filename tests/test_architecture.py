@@ -4,19 +4,22 @@ claims to compute, on every attention path, and old checkpoints still load and t
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
+import subprocess
+import sys
+import tarfile
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from config import Config, ConfigError, config_from_dict, parse_config
+from conftest import ROOT
 from model import Transformer, rotary_tables, rotate
 
 B, T, V = 3, 9, 23
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 PIECES = {
     "rope": dict(positional="rope"),
@@ -201,30 +204,74 @@ def test_bad_architecture_flags_name_the_flag(argv, fragment):
 
 # ---------------------------------------------------------------- checkpoints from before these pieces
 
+# The last commit before these pieces. Its code, checked out from the history, writes the
+# checkpoints today's code must load; a clone without that history skips these tests.
+BEFORE = "bf8742deb52a5babceec126691df455aee81b00c"
+OLD_LOGITS = """
+import json, sys, torch
+from checkpoints import load_checkpoint
+from config import config_from_dict
+from model import Transformer
+saved = load_checkpoint(sys.argv[1])
+model = Transformer(config_from_dict(saved["config"], {}), saved["model"]["embed.weight"].shape[0]).eval()
+model.load_state_dict(saved["model"])
+tokens = torch.arange(16).view(2, 8) % model.vocab_size
+print(json.dumps(model(tokens).double().tolist()))
+"""
 
-def test_a_checkpoint_from_before_the_new_pieces_gives_the_same_logits():
-    # Written by the model before this change (layernorm, sink, untied, no biases, GELU): its
-    # weights load into today's model under the same names and give the logits it gave then.
-    saved = torch.load(os.path.join(FIXTURES, "before_rope_text.pt"), weights_only=True)
+
+@pytest.fixture(scope="module")
+def old_code(tmp_path_factory):
+    archive = subprocess.run(["git", "-C", ROOT, "archive", BEFORE], capture_output=True)
+    if archive.returncode:
+        pytest.skip(f"needs the git history of commit {BEFORE[:7]} (a shallow clone has none)")
+    root = tmp_path_factory.mktemp("before")
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python 3.11.4+ has extraction filters
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(root, **safe)
+    return root
+
+
+def run_old(old_code, *args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=old_code, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_before_the_new_pieces_gives_the_same_logits(old_code, tmp_path):
+    # A text model of the old code (layernorm, a sink, untied embeddings, no biases, GELU): its
+    # weights load into today's model under the same names (strictly) and give the logits they gave.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("ROMEO:\nBut soft, what light through yonder window breaks?\n" * 50)
+    run_old(old_code, "train.py", "--task", "text", "--data_path", str(corpus), "--num_blocks", "2",
+            "--embedding_dim", "16", "--num_heads", "2", "--mlp_dim", "32", "--context_len", "8", "--norm", "layernorm",
+            "--activation", "gelu", "--attention_sink", "--tie_embeddings", "false", "--bias", "false",
+            "--batch_size", "4", "--max_steps", "3", "--eval_every", "3", "--save_model_dir", str(tmp_path), "--run", "old")
+    checkpoint = str(tmp_path / "old" / "last.pt")
+    expected = torch.tensor(json.loads(run_old(old_code, "-c", OLD_LOGITS, checkpoint)), dtype=torch.float64)
+    saved = torch.load(checkpoint, weights_only=True)
     cfg = config_from_dict(saved["config"], {})
     assert (cfg.positional, cfg.num_kv_heads, cfg.qk_norm, cfg.activation) == ("learned", 0, False, "gelu")
     model = Transformer(cfg, saved["model"]["embed.weight"].shape[0]).eval()
     model.load_state_dict(saved["model"])  # strict: no key missing or left over
     with torch.no_grad():
-        logits = model(saved["expected"]["tokens"])
-    torch.testing.assert_close(logits.double(), saved["expected"]["logits"], rtol=0, atol=1e-5)
+        logits = model(torch.arange(16).view(2, 8) % model.vocab_size)
+    torch.testing.assert_close(logits.double(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_a_run_from_before_the_new_pieces_resumes_as_it_did(tmp_path):
-    # A grokking run of 3 steps written before this change, resumed to step 6: the code of that time
-    # logged train_loss 2.0718897501627604 and val_loss 2.084569145651425 at step 6.
+def test_a_run_from_before_the_new_pieces_resumes_as_it_did(old_code, tmp_path):
+    # A grokking run of the old code stopped at step 3, resumed to step 6 by the old code and by
+    # today's: the same losses.
     import train
 
-    run = tmp_path / "resumed"
-    train.main(["--run", "resumed", "--save_model_dir", str(tmp_path), "--max_steps", "6", "--eval_every", "3",
-                "--resume", os.path.join(FIXTURES, "before_rope_grokking.pt")])
-    last = [json.loads(line) for line in open(run / "metrics.jsonl")][-1]
-    assert last["step"] == 6
-    assert last["train_loss"] == pytest.approx(2.0718897501627604, rel=1e-5)
-    assert last["val_loss"] == pytest.approx(2.084569145651425, rel=1e-5)
+    common = ["--modulus", "7", "--embedding_dim", "16", "--num_heads", "2", "--mlp_dim", "32", "--eval_every", "3",
+              "--save_model_dir", str(tmp_path)]
+    run_old(old_code, "train.py", *common, "--max_steps", "3", "--run", "first")
+    checkpoint = str(tmp_path / "first" / "last.pt")
+    run_old(old_code, "train.py", *common, "--max_steps", "6", "--run", "old", "--resume", checkpoint)
+    train.main(common + ["--max_steps", "6", "--run", "new", "--resume", checkpoint])
+    old, new = ([json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")][-1] for run in ("old", "new"))
+    assert old["step"] == new["step"] == 6
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        assert new[key] == pytest.approx(old[key], rel=1e-5), key
