@@ -60,6 +60,19 @@ def plot(results: dict[str, list[dict]], target: float, path: str, seconds: str 
     figure.savefig(path, dpi=120)
 
 
+def recipes_and_corpus(parser: argparse.ArgumentParser, args) -> list[str]:
+    """--recipes as a list of presets, and --data_path checked (bench/small_lm.py shares this);
+    a bad one is the parser's error, exit status 2."""
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    for name in recipes:
+        if name not in PRESETS:
+            parser.error(f"--recipes: {name!r} is not a preset ({', '.join(PRESETS)})")
+    if not os.path.isfile(args.data_path):
+        parser.error(f"--data_path: {args.data_path} does not exist (train.py would download it; this benchmark "
+                     f"wants the real corpus in place)")
+    return recipes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", default="shakespeare_char,shakespeare_char_adamw", help="presets, in order")
@@ -70,13 +83,7 @@ def main() -> None:
     parser.add_argument("--out", default="", help="directory for the runs and the plot (default runs/bench-shakespeare-<time>)")
     parser.add_argument("--extra", default="", help="more train.py flags for every run, e.g. '--max_steps 200'")
     args = parser.parse_args()
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    for name in recipes:
-        if name not in PRESETS:
-            parser.error(f"--recipes: {name!r} is not a preset ({', '.join(PRESETS)})")
-    if not os.path.isfile(args.data_path):
-        parser.error(f"--data_path: {args.data_path} does not exist (train.py would download it; this benchmark "
-                     f"wants the real corpus in place)")
+    recipes = recipes_and_corpus(parser, args)
     out = args.out or os.path.join("runs", time.strftime("bench-shakespeare-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "PYTHONUNBUFFERED": "1"}

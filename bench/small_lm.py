@@ -40,7 +40,7 @@ from config import PRESETS  # noqa: E402
 from tracking import read_metrics  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from shakespeare import first_at_or_below, plot  # noqa: E402
+from shakespeare import first_at_or_below, plot, recipes_and_corpus  # noqa: E402
 
 YARDSTICK, MUON, MODERN = "shakespeare_char_adamw", "shakespeare_char", "shakespeare_char_modern"
 LAPTOP = dict(num_blocks=4, num_heads=4, embedding_dim=128, context_len=64, batch_size=12, max_steps=2000,
@@ -146,14 +146,8 @@ def main() -> None:
     parser.add_argument("--out", default="", help="directory for the runs and the plot (default runs/bench-small-lm-<time>)")
     parser.add_argument("--extra", default="", help="more train.py flags for every run")
     args = parser.parse_args()
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    recipes = recipes_and_corpus(parser, args)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    for name in recipes:
-        if name not in PRESETS:
-            parser.error(f"--recipes: {name!r} is not a preset ({', '.join(PRESETS)})")
-    if not os.path.isfile(args.data_path):
-        parser.error(f"--data_path: {args.data_path} does not exist (train.py would download it; this benchmark "
-                     f"wants the real corpus in place)")
     out = args.out or os.path.join("runs", time.strftime("bench-small-lm-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
 
