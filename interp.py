@@ -557,13 +557,12 @@ def to_transformer_lens(model, device=None):
             return params[name].detach()
         return torch.full(shape, fill)  # bias=False: TransformerLens always has biases; no weight: ones
 
-    def norm(ours: str, theirs: str, state: dict, width: int = D, always_weighted: bool = False):
-        if cfg.norm == "none" and not always_weighted:
+    def norm(ours: str, theirs: str, state: dict):
+        if cfg.norm == "none" or not cfg.norm_weights:  # no norm, or LNPre / RMSPre: nothing to fill
             return
-        if cfg.norm_weights or always_weighted:  # TransformerLens's QK-norm always has a weight
-            state[f"{theirs}.w"] = get(f"{ours}.norm.weight", (width,), 1.0)
-        if cfg.norm == "layernorm" and cfg.norm_weights and not always_weighted:
-            state[f"{theirs}.b"] = get(f"{ours}.norm.bias", (width,))
+        state[f"{theirs}.w"] = get(f"{ours}.norm.weight")
+        if cfg.norm == "layernorm":
+            state[f"{theirs}.b"] = get(f"{ours}.norm.bias", (D,))
 
     state = {"embed.W_E": get("embed.weight"), "unembed.W_U": get("unembed.weight").T,
              "unembed.b_U": torch.zeros(model.vocab_size)}
@@ -580,9 +579,9 @@ def to_transformer_lens(model, device=None):
             state[f"{theirs}.attn.{prefix}b_{letter}"] = bias.view(heads, Dh)  # [heads, Dh]
         state[f"{theirs}.attn.W_O"] = get(f"{ours}.attn.out.weight").view(D, H, Dh).permute(1, 2, 0)  # [H, Dh, D]
         state[f"{theirs}.attn.b_O"] = get(f"{ours}.attn.out.bias", (D,))
-        if cfg.qk_norm:
-            norm(f"{ours}.attn.q_norm", f"{theirs}.attn.q_norm", state, Dh, always_weighted=True)
-            norm(f"{ours}.attn.k_norm", f"{theirs}.attn.k_norm", state, Dh, always_weighted=True)
+        if cfg.qk_norm:  # TransformerLens's QK-norm always has a weight: ones for a parameter-free one
+            for which in ("q_norm", "k_norm"):
+                state[f"{theirs}.attn.{which}.w"] = get(f"{ours}.attn.{which}.norm.weight", (Dh,), 1.0)
         norm(f"{ours}.ln1", f"{theirs}.ln1", state)
         if not cfg.attention_only:
             norm(f"{ours}.ln2", f"{theirs}.ln2", state)

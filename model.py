@@ -256,7 +256,8 @@ class Attention(nn.Module):
     def _cached(self, x, cache: dict):
         """Attention for new positions x [B, n, D] that follow the positions whose keys and values
         `cache` holds ({} at the start); appends theirs to it (keys rotated, Hkv heads). Gradients flow
-        through the cache. The fast path only: hooks see nothing here (callers use it with none attached)."""
+        through the cache. Never the explicit path: attached hooks on q, k, v and the rotation see
+        only these n positions (generate runs it with none attached)."""
         B, n, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
         start = cache["k"].shape[2] if cache else 0

@@ -98,6 +98,7 @@ def piece_costs(args) -> list[tuple[str, float]]:
     import torch
 
     from config import Config
+    from data import IGNORE
     from model import ModelWithLoss, Transformer
     from optimizer import build_optimizers
 
@@ -107,7 +108,7 @@ def piece_costs(args) -> list[tuple[str, float]]:
         values = {**PRESETS[MODERN], **LAPTOP} if extra is None else {**PRESETS[MUON], **LAPTOP, **extra}
         cfg = Config(**values).validate()
         torch.manual_seed(0)
-        model = ModelWithLoss(Transformer(cfg, 65), None, -100).train()
+        model = ModelWithLoss(Transformer(cfg, 65), None, IGNORE).train()
         setups.append((model, build_optimizers(model.model, cfg)))
     generator = torch.Generator().manual_seed(0)
     x, y = (torch.randint(65, (LAPTOP["batch_size"], LAPTOP["context_len"]), generator=generator) for _ in range(2))
