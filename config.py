@@ -41,7 +41,8 @@ _runtime = section("runtime")
 TASKS = ("modular", "dyck", "text")
 OPERATIONS = ("add", "subtract", "multiply", "divide")
 NORMS = ("none", "layernorm", "rmsnorm")
-ACTIVATIONS = ("relu", "gelu", "relu2", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "relu2", "swiglu")
+ROPE_SCALINGS = ("linear", "llama3")  # rope_type values of a Hugging Face rope_scaling dict we apply
 POSITIONALS = ("learned", "rope")
 SCHEDULES = ("cosine", "linear", "constant", "plateau")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -102,7 +103,8 @@ class CorpusSettings:
     val_path: str = _text("", "the validation split, in any form --data_path takes (empty: val.bin or *_val_* "
                               "shards beside the data, else a held-out share, see --val_frac)")
     text_field: str = _text("text", "the field of .jsonl lines, or the column of .parquet files, that holds the text")
-    tokenizer: str = _text("char", "char, or a tiktoken encoding (gpt2, cl100k_base, o200k_base, ...)")
+    tokenizer: str = _text("char", "char, a tiktoken encoding (gpt2, cl100k_base, o200k_base, ...), or a Hugging Face "
+                                   "tokenizer.json (the file, or the folder that holds it; needs the tokenizers package)")
     val_frac: float = _text(0.1, "held out for validation when nothing names a split: the tail of one text "
                                  "file's tokens, or one document in every 1/val_frac")
     cache_dir: str = _text(os.environ.get("TINYLAB_CACHE_DIR") or "data/cache",
@@ -163,6 +165,9 @@ class Config(OptimSettings, CorpusSettings):
     dyck_num_val: int = _dyck(2000, "distinct validation sequences (never in training)")
 
     # ---- model ----
+    init_from: str = _model("", "start from a pretrained checkpoint: a Hugging Face hub id (gpt2, Qwen/Qwen2.5-0.5B) "
+                                "or a folder in its layout (config.json + *.safetensors); sets the task, tokenizer "
+                                "and every shape flag (--context_len may crop)")
     num_blocks: int = _model(1, "transformer blocks")
     num_heads: int = _model(4, "attention heads per block")
     embedding_dim: int = _model(128, "d_model, the residual stream width")
@@ -170,10 +175,17 @@ class Config(OptimSettings, CorpusSettings):
     context_len: int = _model(3, "maximum sequence length (positional embeddings)")
     norm: str = _model("none", "none | layernorm | rmsnorm (pre-norm blocks and a final norm)")
     norm_weights: bool = _model(True, "norms (and QK-norm) carry a learned weight; false: parameter-free, as nanochat's")
-    activation: str = _model("relu", "relu | gelu | relu2 (ReLU squared) | swiglu (SiLU-gated, a third matrix; "
+    head_dim: int = _model(0, "width of each attention head (0: embedding_dim / num_heads; Qwen3 sets its own)")
+    norm_eps: float = _model(0.0, "epsilon of the norms (0: PyTorch's defaults, 1e-5 for layernorm and the dtype's "
+                                  "machine epsilon for rmsnorm)")
+    activation: str = _model("relu", "relu | gelu | gelu_tanh (GPT-2's tanh approximation) | relu2 (ReLU squared) | swiglu (SiLU-gated, a third matrix; "
                                      "mlp_dim 0: 8/3 x embedding_dim, rounded up to a multiple of 32)")
     positional: str = _model("learned", "learned (absolute position embeddings) | rope (rotary, on queries and keys)")
     rope_base: float = _model(10000.0, "RoPE: base of the rotation frequencies")
+    rope_scaling: str = _model("", "RoPE frequency scaling as Hugging Face's rope_scaling JSON: "
+                                   "{\"rope_type\": \"llama3\", \"factor\": 32, \"low_freq_factor\": 1, "
+                                   "\"high_freq_factor\": 4, \"original_max_position_embeddings\": 8192}, or "
+                                   "linear with a factor (empty: none)")
     qk_norm: bool = _model(False, "RMSNorm each query and key head before the rotation (Qwen3, OLMo 2, nanochat)")
     num_kv_heads: int = _model(0, "key/value heads: fewer than num_heads is grouped-query attention, 1 multi-query "
                                   "(0: num_heads)")
@@ -182,6 +194,8 @@ class Config(OptimSettings, CorpusSettings):
     tie_embeddings: bool = _model(True, "share the embedding and unembedding matrices")
     attention_only: bool = _model(False, "blocks without MLPs")
     bias: bool = _model(True, "biases in linear layers and norms")
+    qkv_bias: bool = _model(False, "biases on the query, key and value projections even with --bias false (Qwen2)")
+    vocab_size: int = _model(0, "embedding rows (0: the tokenizer's vocabulary, padded to a multiple of 64 above 256)")
     dropout: float = _model(0.0, "dropout on attention weights and residual branches")
     attention_sink: bool = _model(False, "learnable per-head sink logit (attention may go nowhere)")
     init_std: float = _model(0.05, "std of the normal initialisation of weight matrices")
@@ -249,16 +263,20 @@ class Config(OptimSettings, CorpusSettings):
                      "grokfast_lamb", "claim_timeout", "logit_softcap"):
             need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
         need_name(self.run_name, "run_name")
-        need(self.embedding_dim % self.num_heads == 0, "num_heads",
+        need(self.head_dim >= 0, "head_dim", f"must be 0 or more, got {self.head_dim}")
+        need(self.head_dim > 0 or self.embedding_dim % self.num_heads == 0, "num_heads",
              f"embedding_dim {self.embedding_dim} is not divisible by num_heads {self.num_heads}; "
-             f"pick a head count that divides it")
+             f"pick a head count that divides it (or set --head_dim)")
+        need(self.norm_eps >= 0, "norm_eps", f"must not be negative, got {self.norm_eps}")
+        need(self.vocab_size >= 0, "vocab_size", f"must be 0 or more, got {self.vocab_size}")
+        rope_scaling(self)  # raises naming --rope_scaling
         need(self.num_kv_heads == 0 or self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
              f"{self.num_kv_heads} does not divide num_heads {self.num_heads}: each key/value head serves an equal "
              f"group of query heads; pick a divisor of {self.num_heads}")
-        head_dim = self.embedding_dim // self.num_heads
+        head_dim = self.head_dim or self.embedding_dim // self.num_heads
         need(self.positional != "rope" or head_dim % 2 == 0, "positional",
-             f"rope rotates pairs of dimensions, but the head size embedding_dim / num_heads = {head_dim} is odd; "
-             f"change --embedding_dim or --num_heads")
+             f"rope rotates pairs of dimensions, but the head size is {head_dim}, odd; "
+             f"change --embedding_dim, --num_heads or --head_dim")
         need(self.rope_base > 1, "rope_base", f"must be above 1, got {self.rope_base}")
         need(0 < self.frac_train < 1, "frac_train", f"must be strictly between 0 and 1, got {self.frac_train}")
         self.validate_corpus()
@@ -295,6 +313,31 @@ class Config(OptimSettings, CorpusSettings):
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
             f.write("\n")
+
+
+def rope_scaling(cfg) -> dict | None:
+    """--rope_scaling parsed: None, or a dict with "rope_type" linear (with "factor") or llama3 (with
+    factor, low_freq_factor, high_freq_factor, original_max_position_embeddings), as Hugging Face
+    writes it in config.json. Raises ConfigError naming the flag."""
+    if not cfg.rope_scaling:
+        return None
+    try:
+        spec = json.loads(cfg.rope_scaling)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--rope_scaling: not JSON ({e}); write e.g. '{{\"rope_type\": \"linear\", "
+                          f"\"factor\": 2}}'") from None
+    need(isinstance(spec, dict), "rope_scaling", "must be a JSON object")
+    kind = spec.get("rope_type", spec.get("type"))
+    need(kind in ROPE_SCALINGS, "rope_scaling", f"rope_type {kind!r} is not one of {', '.join(ROPE_SCALINGS)}")
+    keys = ("factor",) + (("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                          if kind == "llama3" else ())
+    for key in keys:
+        need(isinstance(spec.get(key), (int, float)) and spec[key] > 0, "rope_scaling",
+             f"{kind} needs a positive number for {key!r}")
+    if kind == "llama3":
+        need(spec["high_freq_factor"] > spec["low_freq_factor"], "rope_scaling",
+             "high_freq_factor must be above low_freq_factor")
+    return {"rope_type": kind, **{key: spec[key] for key in keys}}
 
 
 def need(ok: bool, flag: str, message: str) -> None:
@@ -387,6 +430,14 @@ PRESETS: dict[str, dict] = {
         max_steps=2000, eval_every=250, eval_max_batches=20, log_every=10, target_val_acc=0.0,
         save_every=1000, sample_tokens=200, init_std=0.02,
     ),
+    # Fine-tuning a pretrained checkpoint (--init_from, which picks this preset unless --preset is given
+    # and sets every shape flag from the checkpoint): nanoGPT's finetune_shakespeare (AdamW 3e-5,
+    # constant, 32 sequences a step), evaluated and saved more often, for 200 steps.
+    "finetune": dict(
+        task="text", tokenizer="gpt2", dropout=0.0, batch_size=32, lr=3e-5, weight_decay=0.1, beta2=0.95,
+        use_muon=False, warmup_steps=0, lr_schedule="constant", grad_clip=1.0, max_steps=200, eval_every=20,
+        eval_max_batches=20, log_every=5, target_val_acc=0.0, save_every=100,
+    ),
 }
 
 # Fields that shape the model, the data or the optimizer state: a resumed run keeps the checkpoint's.
@@ -397,6 +448,7 @@ Config.FIXED_ON_RESUME = (
     "num_blocks", "num_heads", "embedding_dim", "mlp_dim", "context_len", "norm", "activation",
     "tie_embeddings", "attention_only", "bias", "attention_sink", "use_muon", "decay_all_params",
     "norm_weights", "positional", "rope_base", "qk_norm", "num_kv_heads", "logit_softcap",
+    "init_from", "head_dim", "norm_eps", "rope_scaling", "qkv_bias", "vocab_size",
 )
 
 # --help and the log list the sections in this order (the text task's are inherited, so would come last).
@@ -443,10 +495,11 @@ def ordered_fields(cls) -> list[dataclasses.Field]:
 
 
 def build_parser(cls=None, prog: str = "train.py", description: str = "",
-                 positional: str = "") -> argparse.ArgumentParser:
+                 positional: str | tuple[str, ...] = "") -> argparse.ArgumentParser:
     """The flags of a dataclass whose fields carry `section` metadata: Config (train.py) by
-    default, or another tool's settings (sae.py). `positional` names a field filled by the first
-    bare argument instead of a flag."""
+    default, or another tool's settings (sae.py). `positional` names a field (or a tuple of fields,
+    in order) filled by bare arguments instead of flags."""
+    positionals = (positional,) if isinstance(positional, str) else tuple(positional)
     cls = cls or Config
     parser = _Parser(
         prog=prog,
@@ -460,7 +513,7 @@ def build_parser(cls=None, prog: str = "train.py", description: str = "",
     groups: dict[str, argparse._ArgumentGroup] = {}
     types = _field_types(cls)
     for f in ordered_fields(cls):
-        if f.name == positional:
+        if f.name in positionals:
             parser.add_argument(f.name, metavar=f.name.upper(), help=f.metadata["help"])
             continue
         if f.metadata["group"] not in groups:
@@ -546,7 +599,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     explicit -= {"config"}
 
     values = Config().to_dict()
-    preset = args.preset if "preset" in explicit else Config.preset
+    # --init_from fine-tunes a pretrained model: its own preset unless one is named
+    preset = args.preset if "preset" in explicit else ("finetune" if "init_from" in explicit else Config.preset)
     if preset not in PRESETS:
         raise ConfigError(f"--preset: {preset!r} is not one of {', '.join(PRESETS)}")
     values.update(_coerce(PRESETS[preset], f"preset {preset!r}"))

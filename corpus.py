@@ -133,8 +133,80 @@ class TiktokenTokenizer:
         return self._encoding.decode([int(i) for i in ids if 0 <= int(i) < self.n_vocab])
 
 
+def is_tokenizer_file(name: str) -> bool:
+    """Whether --tokenizer names a Hugging Face tokenizer.json (the file or its folder) rather than
+    char or a tiktoken encoding."""
+    return name.endswith(".json") or os.sep in name or os.path.isfile(os.path.join(name, "tokenizer.json"))
+
+
+def tokenizer_file(name: str) -> str:
+    """The tokenizer.json that --tokenizer names (a file, or a folder that holds one)."""
+    path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+    if not os.path.isfile(path):
+        raise ConfigError(f"--tokenizer: no tokenizer.json at {path}; name a Hugging Face tokenizer.json, the folder "
+                          f"that holds one, char, or a tiktoken encoding")
+    return os.path.abspath(path)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (Llama 3, Qwen, SmolLM, ... ship one), read by the `tokenizers`
+    package alone. Encodes without special tokens (no BOS): text in, the text's tokens out. The
+    end-of-text token is the one tokenizer_config.json (or config.json) beside it names as EOS."""
+
+    def __init__(self, name: str):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ConfigError(f"--tokenizer: {name} is a Hugging Face tokenizer, which needs the tokenizers "
+                              f"package: pip install tokenizers") from None
+        self.path = tokenizer_file(name)
+        try:
+            self._tokenizer = Tokenizer.from_file(self.path)
+        except Exception as e:
+            raise ConfigError(f"--tokenizer: {self.path} is not a tokenizer.json the tokenizers package can read "
+                              f"({str(e).splitlines()[0][:200]})") from None
+        self.n_vocab = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.eot_token = self._end_of_text()
+
+    def _end_of_text(self) -> int | None:
+        folder = os.path.dirname(self.path)
+        settings = _read_json(os.path.join(folder, "tokenizer_config.json")) or {}
+        eos = settings.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if isinstance(eos, str) and self._tokenizer.token_to_id(eos) is not None:
+            return self._tokenizer.token_to_id(eos)
+        eos_id = (_read_json(os.path.join(folder, "config.json")) or {}).get("eos_token_id")
+        eos_id = eos_id[0] if isinstance(eos_id, list) and eos_id else eos_id
+        if isinstance(eos_id, int) and 0 <= eos_id < self.n_vocab:
+            return eos_id
+        for text in (EOT_TEXT, "</s>", "<|end_of_text|>", "<eos>"):
+            if self._tokenizer.token_to_id(text) is not None:
+                return self._tokenizer.token_to_id(text)
+        return None
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.array(self.encode(text), dtype=np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids if 0 <= int(i) < self.n_vocab], skip_special_tokens=False)
+
+
+def tokenizer_label(name: str) -> str:
+    """What names a tokenizer in cache folders, fingerprints and shard headers: char or the tiktoken
+    encoding, or for a tokenizer.json hf- and a digest of its contents (wherever the file lives)."""
+    if not is_tokenizer_file(name):
+        return name
+    with open(tokenizer_file(name), "rb") as f:
+        return "hf-" + hashlib.sha256(f.read()).hexdigest()[:12]
+
+
 def make_tokenizer(name: str, vocab: str | None = None, eot: bool = False):
-    return CharTokenizer(vocab or "", eot) if name == "char" else TiktokenTokenizer(name)
+    if name == "char":
+        return CharTokenizer(vocab or "", eot)
+    return HFTokenizer(name) if is_tokenizer_file(name) else TiktokenTokenizer(name)
 
 
 def token_dtype(n_vocab: int) -> str:
@@ -522,7 +594,7 @@ class _Job:
                 chars.update(text)
             return {"chars": "".join(sorted(chars))}
         spec, tokenizer = self.spec, self.tokenizer
-        header = {"format": "tinylab-tokens", "version": FORMAT_VERSION, "tokenizer": spec["tokenizer"],
+        header = {"format": "tinylab-tokens", "version": FORMAT_VERSION, "tokenizer": tokenizer_label(spec["tokenizer"]),
                   "dtype": token_dtype(tokenizer.n_vocab), "n_vocab": tokenizer.n_vocab,
                   "eot_token": tokenizer.eot_token if spec["eot"] else None, "source": spec["fingerprint"],
                   "unit": index, "vocab": spec.get("vocab")}
@@ -772,7 +844,7 @@ def prepare(source: Source, folder: str, fingerprint: str, tokenizer: str, holdo
                            "num_tokens": header["num_tokens"], "documents": header["documents"]})
     tokenizer_object = make_tokenizer(tokenizer, vocab, eot)
     manifest = {
-        "format": "tinylab-tokens", "version": FORMAT_VERSION, "tokenizer": tokenizer,
+        "format": "tinylab-tokens", "version": FORMAT_VERSION, "tokenizer": tokenizer_label(tokenizer),
         "dtype": token_dtype(tokenizer_object.n_vocab), "n_vocab": tokenizer_object.n_vocab,
         "eot_token": tokenizer_object.eot_token if eot else None, "vocab": vocab, "fingerprint": fingerprint,
         "source": {"path": source.path, "kind": source.kind, "files": len(source.files), "bytes": source.size()},
@@ -1027,9 +1099,12 @@ def _token_set(source: Source, settings, holdout: float, vocab: str | None, may_
     if source.kind == "prepared":
         return _prepared_set(source.path, source.flag)
     name = settings.tokenizer
-    make_tokenizer(name)  # an unknown tokenizer fails here, before any work
+    made = make_tokenizer(name)  # an unknown tokenizer fails here, before any work
+    if source.kind == "documents" and name != "char" and made.eot_token is None:
+        raise ConfigError(f"--tokenizer: {name} has no end-of-text token to put between the documents of "
+                          f"{source.path}; use a tokenizer with one, or one text file")
     text_field = settings.text_field if source.kind == "documents" else None
-    folder, fingerprint = cache_folder(source, name, settings.cache_dir, holdout=holdout, text_field=text_field,
+    folder, fingerprint = cache_folder(source, tokenizer_label(name), settings.cache_dir, holdout=holdout, text_field=text_field,
                                        vocab=hashlib.sha256(vocab.encode()).hexdigest() if vocab else None,
                                        unit_bytes=unit_bytes)
     ensure_prepared(source, folder, fingerprint, name, holdout, settings.text_field, settings.prepare_workers, vocab,
@@ -1055,7 +1130,8 @@ def _check_tokenizer(tokens: TokenSet, asked: str, source: Source):
                 raise ConfigError(f"--tokenizer: {source.path} has token id {top:,}, beyond {asked}'s "
                                   f"{tokenizer.n_vocab:,}; name the tokenizer that made them")
         return tokenizer
-    if tokens.tokenizer != asked:
+    if tokens.tokenizer != tokenizer_label(asked):
         raise ConfigError(f"--tokenizer: {tokens.where} holds {tokens.tokenizer} tokens, not {asked}; pass "
-                          f"--tokenizer {tokens.tokenizer}")
-    return make_tokenizer(tokens.tokenizer, tokens.vocab, tokens.eot)
+                          f"--tokenizer {tokens.tokenizer}" + (" (a tokenizer.json of that digest)"
+                                                             if tokens.tokenizer.startswith("hf-") else ""))
+    return make_tokenizer(asked if is_tokenizer_file(asked) else tokens.tokenizer, tokens.vocab, tokens.eot)

@@ -375,7 +375,10 @@ class TextData(TaskData):
         # Embedding rows are padded to a multiple of 64 for large vocabularies (faster matmuls);
         # the padded rows are never targets.
         n = self.tokenizer.n_vocab
-        self.vocab_size = n if n <= 256 else (n + 63) // 64 * 64
+        self.vocab_size = cfg.vocab_size or (n if n <= 256 else (n + 63) // 64 * 64)
+        if self.vocab_size < n:
+            raise ConfigError(f"--vocab_size: {cfg.vocab_size} rows cannot embed the {n:,} tokens of the "
+                              f"tokenizer {cfg.tokenizer}; raise it to at least {n} (or 0)")
         self.train_size = len(self.train_tokens) // self.seq_len
         self._pin = device.type == "cuda"
 

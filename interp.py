@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from activations import Run, load_run  # noqa: F401 (re-exported: `from interp import load_run`)
-from config import ConfigError
+from config import ConfigError, rope_scaling
 from data import IGNORE
 from fourier import (fourier_basis, fourier_measures, frequency_norms, frequency_rows, gini,  # noqa: F401
                      key_frequencies, logit_frequency_norms, restrict_to_frequencies, restricted_and_excluded,
                      sum_directions)  # (re-exported)
-from model import Transformer, mlp_width
+from model import Transformer, head_width, mlp_width
 from checkpoints import CheckpointError
 
 
@@ -528,22 +528,31 @@ def to_transformer_lens(model, device=None):
         raise ValueError("this model's SwiGLU MLPs have biases on the gate and its partner (--bias true); "
                          "TransformerLens's gated MLP has none there (one bias after the product). Train with --bias false")
     D, H = cfg.embedding_dim, cfg.num_heads
-    Dh, Hkv = D // H, cfg.num_kv_heads or H
+    Dh, Hkv = head_width(cfg), cfg.num_kv_heads or H
     mlp = model.blocks[0].mlp.fc_in.out_features if model.blocks[0].mlp is not None else mlp_width(cfg)
     dtype = next(model.parameters()).dtype
-    eps = 1e-5 if cfg.norm == "layernorm" else torch.finfo(dtype).eps  # nn.RMSNorm's default: its input's eps
+    # nn.RMSNorm's default eps is its input's machine epsilon
+    eps = cfg.norm_eps or (1e-5 if cfg.norm == "layernorm" else torch.finfo(dtype).eps)
     normalization = {"none": None, "layernorm": "LN", "rmsnorm": "RMS"}[cfg.norm]
     if normalization and not cfg.norm_weights:
         normalization += "Pre"  # LNPre / RMSPre: TransformerLens's norms without weights
     rotary = cfg.positional == "rope"
     extra = dict(rotary_dim=Dh, rotary_base=cfg.rope_base, rotary_adjacent_pairs=False) if rotary else {}
+    scaling = rope_scaling(cfg)
+    if scaling and scaling["rope_type"] != "llama3":
+        raise ValueError(f"this model's rope_scaling is {scaling['rope_type']}; TransformerLens has only llama3's")
+    if scaling:  # TransformerLens calls Llama 3's scaling NTK-by-parts
+        extra.update(use_NTK_by_parts_rope=True, NTK_by_parts_factor=scaling["factor"],
+                     NTK_by_parts_low_freq_factor=scaling["low_freq_factor"],
+                     NTK_by_parts_high_freq_factor=scaling["high_freq_factor"],
+                     NTK_original_ctx_len=scaling["original_max_position_embeddings"])
     if Hkv != H:
         extra["n_key_value_heads"] = Hkv
     if cfg.logit_softcap:
         extra["output_logits_soft_cap"] = cfg.logit_softcap
     tl_cfg = HookedTransformerConfig(
         n_layers=cfg.num_blocks, d_model=D, n_ctx=cfg.context_len, d_head=Dh, n_heads=H, d_mlp=mlp,
-        d_vocab=model.vocab_size, act_fn="silu" if gated else cfg.activation, gated_mlp=gated,
+        d_vocab=model.vocab_size, act_fn="silu" if gated else {"gelu_tanh": "gelu_new"}.get(cfg.activation, cfg.activation), gated_mlp=gated,
         attn_only=cfg.attention_only, eps=eps, normalization_type=normalization, use_qk_norm=cfg.qk_norm,
         positional_embedding_type="rotary" if rotary else "standard", default_prepend_bos=False,
         device=str(device or next(model.parameters()).device), dtype=dtype, **extra)

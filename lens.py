@@ -237,7 +237,7 @@ def run_blocks(model: Transformer, x: torch.Tensor, blocks: range, slot: int | N
     for i in blocks:
         if slot_value is not None and i > 0:
             x = torch.cat([x[:, :slot], slot_value[:, None].to(x.dtype), x[:, slot + 1:]], 1)
-        x = model.blocks[i](x, cache=None if caches is None else caches[i])
+        x = model.blocks[i](x, model.rope, cache=None if caches is None else caches[i])
     return x
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import Config
+from config import Config, rope_scaling
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], "torch.Tensor | None"]
 
@@ -54,11 +54,14 @@ def _run_hooks(table: dict, name: str, x: torch.Tensor) -> torch.Tensor:
 class Norm(nn.Module):
     """LayerNorm or RMSNorm with a `hook_normalized` point; affine=False: parameter-free."""
 
-    def __init__(self, kind: str, dim: int, bias: bool, hooks: dict, name: str, affine: bool = True):
+    def __init__(self, kind: str, dim: int, bias: bool, hooks: dict, name: str, affine: bool = True,
+                 eps: float = 0.0):
         super().__init__()
         self.hooks, self.name = hooks, name
-        self.norm = (nn.LayerNorm(dim, elementwise_affine=affine, bias=bias) if kind == "layernorm"
-                     else nn.RMSNorm(dim, elementwise_affine=affine))
+        # eps 0: PyTorch's defaults (1e-5; RMSNorm: the dtype's machine epsilon), what every run used
+        # before --norm_eps; a pretrained checkpoint sets its own.
+        self.norm = (nn.LayerNorm(dim, eps=eps or 1e-5, elementwise_affine=affine, bias=bias) if kind == "layernorm"
+                     else nn.RMSNorm(dim, eps=eps or None, elementwise_affine=affine))
 
     def forward(self, x):
         if not self.hooks:
@@ -78,15 +81,33 @@ class Norm(nn.Module):
 
 def _maybe_norm(cfg: Config, hooks: dict, name: str) -> nn.Module:
     return nn.Identity() if cfg.norm == "none" else Norm(cfg.norm, cfg.embedding_dim, cfg.bias, hooks, name,
-                                                         cfg.norm_weights)
+                                                         cfg.norm_weights, cfg.norm_eps)
+
+
+def rotary_frequencies(head_dim: int, base: float, scaling: dict | None = None) -> torch.Tensor:
+    """[head_dim / 2] float64: base^(-2i / head_dim) for pair i, with a Hugging Face rope_scaling
+    applied: linear divides every frequency by the factor; llama3 divides those whose wavelength is
+    beyond original_max_position_embeddings / low_freq_factor, keeps those below
+    original / high_freq_factor, and blends the two in between."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    original, low, high = (scaling[k] for k in ("original_max_position_embeddings", "low_freq_factor",
+                                                "high_freq_factor"))
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((original / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long wavelengths, 1: short
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 def rotary_tables(head_dim: int, positions: int, base: float, dtype=torch.float32,
-                  device=None) -> tuple[torch.Tensor, torch.Tensor]:
+                  device=None, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotary tables [positions, head_dim] for `rotate`: cos(a) and sin(a) of the angles
-    a = position · base^(-2i / head_dim) of pair i, each twice (the sin negated the first time),
-    computed in float64 and rounded once to `dtype`."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    a = position · frequency of pair i (`rotary_frequencies`), each twice (the sin negated the
+    first time), computed in float64 and rounded once to `dtype`."""
+    inv_freq = rotary_frequencies(head_dim, base, scaling)
     angles = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq  # [positions, head_dim / 2]
     cos, sin = angles.cos(), angles.sin()
     return torch.cat([cos, cos], -1).to(device, dtype), torch.cat([-sin, sin], -1).to(device, dtype)
@@ -99,6 +120,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), here as x·cos + roll(x)·sin in four operators."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # [T, 1, Dh]; under autocast x may be bf16
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def head_width(cfg: Config) -> int:
+    """d_head: --head_dim, or by default d_model / heads."""
+    return cfg.head_dim or cfg.embedding_dim // cfg.num_heads
 
 
 def mlp_width(cfg: Config) -> int:
@@ -117,47 +143,38 @@ class Attention(nn.Module):
         self.hooks, self.prefix = hooks, prefix  # prefix: "blocks.{i}.attn."
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
-        self.head_dim = Dh = cfg.embedding_dim // cfg.num_heads
+        self.head_dim = Dh = head_width(cfg)
         # One matrix for queries (H heads), then keys and values (Hkv heads each): with Hkv = H it is
         # the [3D, D] matrix of every checkpoint written before grouped-query attention.
         self.split = (self.num_heads * Dh, self.num_kv_heads * Dh, self.num_kv_heads * Dh)
-        self.qkv = nn.Linear(cfg.embedding_dim, sum(self.split), bias=cfg.bias)
-        self.out = nn.Linear(cfg.embedding_dim, cfg.embedding_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.embedding_dim, sum(self.split), bias=cfg.bias or cfg.qkv_bias)
+        self.out = nn.Linear(self.num_heads * Dh, cfg.embedding_dim, bias=cfg.bias)
         self.dropout = cfg.dropout
         # QK-norm: RMSNorm over each head's query and key (weights shared across heads, as in Qwen3).
-        self.q_norm = Norm("rmsnorm", Dh, False, hooks, prefix + "q_norm", cfg.norm_weights) if cfg.qk_norm else None
-        self.k_norm = Norm("rmsnorm", Dh, False, hooks, prefix + "k_norm", cfg.norm_weights) if cfg.qk_norm else None
+        qk_norm = (lambda name: Norm("rmsnorm", Dh, False, hooks, prefix + name, cfg.norm_weights, cfg.norm_eps))
+        self.q_norm = qk_norm("q_norm") if cfg.qk_norm else None
+        self.k_norm = qk_norm("k_norm") if cfg.qk_norm else None
+        # Rotary positions: the tables are the model's (Transformer.rope_cos / rope_sin, one copy for
+        # every block), passed to forward as `rope`.
         self.rotary = cfg.positional == "rope"
-        if self.rotary:  # not saved in checkpoints: a function of the config
-            self._rope_shape = (Dh, cfg.context_len, cfg.rope_base)
-            cos, sin = rotary_tables(*self._rope_shape)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
         # A learnable logit per head for an extra "attend nowhere" slot with a zero value.
         self.sink = nn.Parameter(torch.zeros(cfg.num_heads)) if cfg.attention_sink else None
         self._explicit_names = tuple(f"{prefix}{n}" for n in ("hook_attn_scores", "hook_pattern", "hook_result"))
 
-    def _apply(self, fn, *args, **kwargs):
-        # After .to(), .double(), .cuda(): the rotary tables afresh in their new dtype and device,
-        # rather than float32 values cast (a float64 model gets float64-exact angles).
-        super()._apply(fn, *args, **kwargs)
-        if self.rotary:
-            self.rope_cos, self.rope_sin = rotary_tables(*self._rope_shape, self.rope_cos.dtype, self.rope_cos.device)
-        return self
-
     def _hook(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return _run_hooks(self.hooks, self.prefix + name, x) if self.hooks else x
 
-    def _project(self, x, start: int = 0, queries: int | None = None):
+    def _project(self, x, rope, start: int = 0, queries: int | None = None):
         """q [B, n, H, Dh] for the last n = `queries` (default all T) positions of x [B, T, D], and k, v
-        [B, T, Hkv, Dh]: projected, QK-normed and rotated (x holds positions start, start + 1, ...)."""
+        [B, T, Hkv, Dh]: projected, QK-normed and rotated by the tables rope = (cos, sin) (x holds
+        positions start, start + 1, ...)."""
         B, T, _ = x.shape
         n = queries or T
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         if n == T:
             qkv = self.qkv(x)
             if not self.hooks and (self.q_norm is not None or self.rotary):
-                return self._joint(qkv, start)
+                return self._joint(qkv, rope, start)
             q, k, v = qkv.split(self.split, dim=-1)
         else:  # the answer-only path: queries of the last positions only
             w, b = self.qkv.weight, self.qkv.bias
@@ -170,12 +187,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # hook_normalized inside: [B, T, H or Hkv, Dh]
         if self.rotary:
-            end = start + T
-            q = self._hook("hook_rot_q", rotate(q, self.rope_cos[end - n:end], self.rope_sin[end - n:end]))  # [B, T, H, Dh]
-            k = self._hook("hook_rot_k", rotate(k, self.rope_cos[start:end], self.rope_sin[start:end]))  # [B, T, Hkv, Dh]
+            end, (cos, sin) = start + T, rope
+            q = self._hook("hook_rot_q", rotate(q, cos[end - n:end], sin[end - n:end]))  # [B, T, H, Dh]
+            k = self._hook("hook_rot_k", rotate(k, cos[start:end], sin[start:end]))  # [B, T, Hkv, Dh]
         return q, k, v
 
-    def _joint(self, qkv, start: int):
+    def _joint(self, qkv, rope, start: int):
         """_project with no hooks attached, for a model with QK-norm or rotary positions: queries and
         keys (adjacent in qkv [B, T, (H + 2 Hkv) Dh]) normalised and rotated as one tensor of H + Hkv
         heads, so that each operator runs once rather than twice (a small model's CPU step is
@@ -189,7 +206,7 @@ class Attention(nn.Module):
             if self.q_norm.norm.weight is not None:
                 qk = qk * torch.cat([self.q_norm.norm.weight.expand(H, Dh), self.k_norm.norm.weight.expand(Hkv, Dh)])
         if self.rotary:
-            qk = rotate(qk, self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            qk = rotate(qk, rope[0][start:start + T], rope[1][start:start + T])
         q, k = qk.split([H, Hkv], dim=2)
         return q, k, v.view(B, T, Hkv, Dh)
 
@@ -199,14 +216,15 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         return t if groups == 1 else t.repeat_interleave(groups, dim=dim)
 
-    def forward(self, x, last_positions: int | None = None, cache: dict | None = None):
+    def forward(self, x, rope=None, last_positions: int | None = None, cache: dict | None = None):
+        """rope: the model's rotary tables (cos, sin), None without rotary positions."""
         B, T, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
         if last_positions:
-            return self._last_queries(x, last_positions)
+            return self._last_queries(x, rope, last_positions)
         if cache is not None:
-            return self._cached(x, cache)
-        q, k, v = self._project(x)
+            return self._cached(x, rope, cache)
+        q, k, v = self._project(x, rope)
         explicit = bool(self.hooks) and any(n in self.hooks for n in self._explicit_names)
         if explicit:
             return self._explicit(q, self._repeat_kv(k, 2), self._repeat_kv(v, 2))
@@ -253,7 +271,7 @@ class Attention(nn.Module):
         T = scores.shape[key_dim]
         return torch.cat([scores, sink], key_dim).softmax(key_dim).narrow(key_dim, 0, T)
 
-    def _cached(self, x, cache: dict):
+    def _cached(self, x, rope, cache: dict):
         """Attention for new positions x [B, n, D] that follow the positions whose keys and values
         `cache` holds ({} at the start); appends theirs to it (keys rotated, Hkv heads). Gradients flow
         through the cache. Never the explicit path: attached hooks on q, k, v and the rotation see
@@ -261,14 +279,14 @@ class Attention(nn.Module):
         B, n, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
         start = cache["k"].shape[2] if cache else 0
-        q, k, v = (t.transpose(1, 2) for t in self._project(x, start))  # [B, H or Hkv, n, Dh]
+        q, k, v = (t.transpose(1, 2) for t in self._project(x, rope, start))  # [B, H or Hkv, n, Dh]
         if cache:
             k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
         cache["k"], cache["v"] = k, v
         z = self._fused(q, k, v)
         return self.out(z.transpose(1, 2).reshape(B, n, H * Dh))
 
-    def _last_queries(self, x, n: int):
+    def _last_queries(self, x, rope, n: int):
         """Attention output for the last n positions only (keys and values from all positions).
 
         The training path of answer-only tasks, whose sequences are a few tokens long. There a
@@ -276,8 +294,8 @@ class Attention(nn.Module):
         is broadcast-and-sum attention over [B, n, T, H, Dh]: 2x faster than einsum on a CPU at
         T = 3. Hooks never see this path (the model uses it only with no hooks attached).
         """
-        B, T, D = x.shape
-        q, k, v = self._project(x, queries=n)
+        B, T, _ = x.shape
+        q, k, v = self._project(x, rope, queries=n)
         k, v = self._repeat_kv(k, 2)[:, None], self._repeat_kv(v, 2)[:, None]  # [B, 1, T, H, Dh]
         scores = (q[:, :, None] * k).sum(-1) / math.sqrt(self.head_dim)  # [B, n, T, H]
         if n > 1:
@@ -286,7 +304,7 @@ class Attention(nn.Module):
         if self.training and self.dropout > 0:
             pattern = F.dropout(pattern, self.dropout)
         z = (pattern.unsqueeze(-1) * v).sum(2)  # [B, n, H, Dh]
-        return self.out(z.reshape(B, n, D))
+        return self.out(z.reshape(B, n, -1))
 
     def _explicit(self, q, k, v):
         # Batched matmuls over B * H rather than einsums: the same arithmetic in fewer operator
@@ -317,7 +335,12 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x).square()
 
 
-ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "relu2": relu_squared, "swiglu": F.silu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATION_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": gelu_tanh, "relu2": relu_squared,
+                        "swiglu": F.silu}
 
 
 class MLP(nn.Module):
@@ -360,10 +383,11 @@ class Block(nn.Module):
     def _hook(self, name, x):
         return _run_hooks(self.hooks, self.prefix + name, x) if self.hooks else x
 
-    def forward(self, x, last_positions: int | None = None, cache: dict | None = None):
-        """cache: this block's keys and values of the positions before x (see Attention._cached)."""
+    def forward(self, x, rope=None, last_positions: int | None = None, cache: dict | None = None):
+        """rope: the model's rotary tables; cache: this block's keys and values of the positions
+        before x (see Attention._cached)."""
         x = self._hook("hook_resid_pre", x)  # [B, T, D]
-        attn_out = self._hook("hook_attn_out", self.dropout(self.attn(self.ln1(x), last_positions, cache)))  # [B, T, D]
+        attn_out = self._hook("hook_attn_out", self.dropout(self.attn(self.ln1(x), rope, last_positions, cache)))  # [B, T, D]
         if last_positions:
             x = x[:, -last_positions:]
         if self.mlp is None:
@@ -406,6 +430,11 @@ class Transformer(nn.Module):
         # Rotary models have no position table: their attention rotates queries and keys instead.
         self.pos_embed = nn.Embedding(cfg.context_len, cfg.embedding_dim) if cfg.positional == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.positional == "rope":  # one table for every block; not saved in checkpoints (a function of the config)
+            self._rope_shape = (head_width(cfg), cfg.context_len, cfg.rope_base)
+            cos, sin = rotary_tables(*self._rope_shape, scaling=rope_scaling(cfg))
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.blocks = nn.ModuleList(Block(cfg, self._hooks, i) for i in range(cfg.num_blocks))
         self.ln_final = _maybe_norm(cfg, self._hooks, "ln_final")
         self.unembed = nn.Linear(cfg.embedding_dim, vocab_size, bias=False)
@@ -413,6 +442,20 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self.hook_names = self._list_hook_names()
+
+    def _apply(self, fn, *args, **kwargs):
+        # After .to(), .double(), .cuda(): the rotary tables afresh in their new dtype and device,
+        # rather than float32 values cast (a float64 model gets float64-exact angles).
+        super()._apply(fn, *args, **kwargs)
+        if self.cfg.positional == "rope":
+            self.rope_cos, self.rope_sin = rotary_tables(*self._rope_shape, self.rope_cos.dtype, self.rope_cos.device,
+                                                         rope_scaling(self.cfg))
+        return self
+
+    @property
+    def rope(self):
+        """The rotary tables (cos, sin) [context_len, d_head] every block's attention uses, or None."""
+        return (self.rope_cos, self.rope_sin) if self.cfg.positional == "rope" else None
 
     def _init_weights(self):
         # GPT-2 style: N(0, init_std) for matrices, zero biases, and (scale_residual_init) residual-
@@ -496,9 +539,9 @@ class Transformer(nn.Module):
                 pos_embed = _run_hooks(self._hooks, "hook_pos_embed", pos_embed.expand_as(embed))  # [B, T, D]
             embed = embed + pos_embed
         x = self.drop(embed)
-        last_block = len(self.blocks) - 1
+        last_block, rope = len(self.blocks) - 1, self.rope
         for i, block in enumerate(self.blocks):
-            x = block(x, last_positions if i == last_block and not hooked else None)
+            x = block(x, rope, last_positions if i == last_block and not hooked else None)
         if hooked:
             x = _run_hooks(self._hooks, "hook_resid_final", x)  # [B, T, D], the residual stream at the end
             if last_positions:
@@ -522,8 +565,9 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + self.pos_embed.weight[start:start + tokens.shape[1]]
+        rope = self.rope
         for block, cache in zip(self.blocks, caches):
-            x = block(x, cache=cache)
+            x = block(x, rope, cache=cache)
         return self.head(x)
 
     # ------------------------------------------------------------ hooks

@@ -7,6 +7,7 @@ log / eval / save } -> final checkpoint -> plot.
     python train.py                                  # groks modular addition on a CPU
     python train.py --preset shakespeare_char --data_path data/tiny_shakespeare.txt
     torchrun --nproc_per_node=8 train.py --preset shakespeare_char
+    python train.py --init_from gpt2 --data_path data/tiny_shakespeare.txt   # fine-tune a pretrained model
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from data import IGNORE, build_data
 from distributed import all_reduce_sum, broadcast_object, elastic_restart_count, gather_objects
 from fourier import progress_measures
 from hardware import autocast, describe_environment, flops_per_token, no_mfu_reason, peak_flops
-from model import ModelWithLoss, Transformer
+from model import ModelWithLoss, Transformer, head_width
 from optimizer import EarlyStopping, GrokfastEMA, LRSchedule, apply_lr, build_optimizers, load_optimizer_states
+from pretrained import apply_init_from, load_weights, resolve
 from rundirs import forget_launch, launched_run, remember_launch, unique_run_name
 from session import Session, StepClock, run_command
 from tracking import plot_training_curves, wandb_settings, wandb_sweep_run
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
         log, dist, device, dtype = session.log, session.dist, session.device, session.dtype
         cfg, explicit, sweep = join_wandb_sweep(cfg, explicit)
         resume = resolve_resume(cfg, explicit)
+        if cfg.init_from and resume.checkpoint is None:  # a pretrained start: its task, tokenizer and shape
+            resume.cfg = apply_init_from(resume.cfg, explicit)
         cfg = resume.cfg
         data = build_data(cfg, dist, device)  # before the run directory: a missing file leaves nothing behind
         max_steps = plan_steps(cfg, data, dist.world_size)
@@ -232,6 +236,8 @@ def build_model(cfg: Config, data, session: Session, resume: Resume):
             raw_model.load_state_dict(resume.checkpoint["model"])
         except RuntimeError as e:
             raise CheckpointError(f"{resume.path} does not fit this model ({str(e).splitlines()[0]})") from None
+    elif cfg.init_from:
+        load_weights(raw_model, resolve(cfg.init_from, "init_from"), "init_from", cfg.init_from)
     # Forward and loss in one module, so that compile fuses the loss too.
     model = ModelWithLoss(raw_model, data.loss_positions, IGNORE)
     if cfg.torch_compile:
@@ -358,7 +364,7 @@ def describe_run(cfg: Config, raw_model: Transformer, data, session: Session, re
     global_batch = data.global_batch_size()
     tokens_per_step = global_batch * data.seq_len
     flops_token = flops_per_token(raw_model.num_params(exclude_embeddings=True), cfg.num_blocks,
-                                  cfg.num_heads, cfg.embedding_dim // cfg.num_heads, data.seq_len)
+                                  cfg.num_heads, head_width(cfg), data.seq_len)
     peak = peak_flops(device)
     log.info(f"model {raw_model.num_params():,} parameters · vocab {data.vocab_size} · "
              f"dtype {str(session.dtype).replace('torch.', '')} · compile {cfg.torch_compile}")

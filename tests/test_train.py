@@ -27,7 +27,7 @@ def test_modular_run_writes_its_run_directory(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "done: 20 steps in" in out
     head = out.splitlines()[:20]  # the run describes itself: config, then versions and hardware
-    assert any(line.startswith("  model: num_blocks=") for line in head)
+    assert any(line.startswith("  model: init_from=") for line in head)
     assert any(line.startswith("python ") and " torch " in line for line in head)
     log = (run_dir / "train.log").read_text()
     assert "optimization: max_steps=20" in log and "done: 20 steps" in log
