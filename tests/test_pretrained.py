@@ -1,0 +1,196 @@
+"""Hugging Face checkpoints in (pretrained.py, train.py --init_from) and out (export.py), against
+transformers' own implementations of small random models saved locally."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TIKTOKEN_CACHE, run_metrics
+from config import ConfigError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
+transformers.logging.set_verbosity_error()
+
+import export  # noqa: E402
+import pretrained  # noqa: E402
+import train  # noqa: E402
+
+VOCAB = 97
+SMALL = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
+             max_position_embeddings=64)
+FAMILIES = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB)),
+    "gpt2-untied-gelu": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=4, n_positions=64,
+                                                               vocab_size=VOCAB, tie_word_embeddings=False,
+                                                               activation_function="gelu")),
+    "llama3-gqa-bias": ("LlamaConfig", "LlamaForCausalLM", dict(SMALL, num_key_value_heads=2, attention_bias=True,
+                                                                rope_theta=500000.0, rope_scaling={
+                                                                    "rope_type": "llama3", "factor": 8.0,
+                                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                                    "original_max_position_embeddings": 16})),
+    "llama-tied-mqa": ("LlamaConfig", "LlamaForCausalLM", dict(SMALL, num_key_value_heads=1, tie_word_embeddings=True,
+                                                               mlp_bias=True)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(SMALL, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3-head-dim": ("Qwen3Config", "Qwen3ForCausalLM", dict(SMALL, num_key_value_heads=2, head_dim=16)),
+}
+
+
+def save_reference(kind: str, folder: str, seed: int = 0):
+    """A random transformers model of family `kind`, weights scaled so that logits are O(1) and every
+    bias and norm weight differs from its default, saved with a character tokenizer.json."""
+    config_class, model_class, settings = FAMILIES[kind]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**settings)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name or "ln" in name and "bias" not in name else 0))
+            else:
+                p.mul_(8)
+    model.save_pretrained(folder)
+    pretrained.write_char_tokenizer(os.path.join(folder, "tokenizer.json"), "".join(chr(32 + i) for i in range(VOCAB - 1)),
+                                    VOCAB - 1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {kind: (save_reference(kind, str(root / kind)), str(root / kind)) for kind in FAMILIES}
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_a_checkpoint_opens_with_transformers_logits_hooks_and_greedy_tokens(references, kind):
+    reference, folder = references[kind]
+    ours, cfg = pretrained.load_pretrained(folder)
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = reference(tokens, output_hidden_states=True)
+        theirs = out.logits
+        scale = theirs.abs().max().item()
+        assert scale > 1  # logits big enough that a wrong piece shows
+        assert (ours(tokens) - theirs).abs().max().item() < 1e-4 * scale  # the fused fast path
+        logits, cache = ours.run_with_cache(tokens)  # every hook: the explicit path
+    assert (logits - theirs).abs().max().item() < 1e-4 * scale
+    for i in range(cfg.num_blocks):  # transformers' hidden states are our residual stream before each block
+        assert (cache[f"blocks.{i}.hook_resid_pre"] - out.hidden_states[i]).abs().max() < 1e-4 * out.hidden_states[i].abs().max()
+    Dh = reference.config.to_dict().get("head_dim") or 8
+    Hkv = getattr(reference.config, "num_key_value_heads", 4)
+    assert cache["blocks.1.attn.hook_q"].shape == (2, 40, 4, Dh)
+    assert cache["blocks.1.attn.hook_k"].shape == (2, 40, Hkv, Dh)
+    prompt = tokens[:1, :8]
+    greedy = reference.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert ours.generate(prompt, 12, temperature=0).tolist() == greedy.tolist()
+
+
+def test_refusals_name_what_is_unsupported(tmp_path, references):
+    _, folder = references["qwen2"]
+    config = json.load(open(os.path.join(folder, "config.json")))
+
+    def variant(name, **changes):
+        path = tmp_path / name
+        path.mkdir()
+        for f in os.listdir(folder):
+            os.symlink(os.path.join(folder, f), path / f) if f != "config.json" else None
+        json.dump({**config, **changes}, open(path / "config.json", "w"))
+        return str(path)
+
+    with pytest.raises(ConfigError, match="sliding-window attention"):
+        pretrained.load_pretrained(variant("sliding", use_sliding_window=True, layer_types=["sliding_attention"] * 2))
+    with pytest.raises(ConfigError, match="'gpt_neox' model; tinylab opens gpt2, llama"):
+        pretrained.load_pretrained(variant("neox", model_type="gpt_neox"))
+    with pytest.raises(ConfigError, match=r"rope scaling 'yarn'"):
+        pretrained.load_pretrained(variant("yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}))
+    with pytest.raises(ConfigError, match=r"embed.weight is \[97, 32\] but its config.json makes it \[97, 48\]"):
+        pretrained.load_pretrained(variant("shapes", hidden_size=48))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    json.dump(config, open(empty / "config.json", "w"))
+    os.symlink(os.path.join(folder, "tokenizer.json"), empty / "tokenizer.json")
+    with pytest.raises(ConfigError, match="has config.json but no weights"):
+        pretrained.load_pretrained(str(empty))
+    with pytest.raises(ConfigError, match="--model: no folder ./nowhere"):
+        pretrained.load_pretrained("./nowhere")
+
+
+def test_a_hub_id_comes_from_the_hf_cache_offline_and_an_unknown_one_says_what_to_do(tmp_path, monkeypatch, references):
+    pytest.importorskip("huggingface_hub")
+    _, folder = references["llama-tied-mqa"]
+    repo = tmp_path / "hf" / "hub" / "models--tinylab-test--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in os.listdir(folder):
+        os.symlink(os.path.join(folder, f), snapshot / f)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants  # read once at import: point them at this cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    model, cfg = pretrained.load_pretrained("tinylab-test/tiny-llama")
+    assert cfg.num_kv_heads == 1 and cfg.tokenizer.endswith("tokenizer.json")
+    with pytest.raises(ConfigError, match=r"could not download tinylab-test/absent .* `hf download tinylab-test/absent`"):
+        pretrained.load_pretrained("tinylab-test/absent")
+
+
+@pytest.mark.slow
+def test_init_from_fine_tunes_from_the_checkpoint_and_refuses_a_different_shape(tmp_path, references, corpus):
+    _, folder = references["qwen3-head-dim"]
+    base = ["--init_from", folder, "--data_path", corpus, "--save_model_dir", str(tmp_path / "runs"),
+            "--context_len", "32", "--batch_size", "4", "--eval_max_batches", "2"]
+    with pytest.raises(ConfigError, match="--embedding_dim: .* keeps the checkpoint's shape"):
+        train.main(base + ["--embedding_dim", "64"])
+    with pytest.raises(ConfigError, match="--context_len: .* at most 64 positions"):
+        train.main(base[:-6] + ["--context_len", "65"])
+    with pytest.raises(ConfigError, match="--tokenizer: .* was trained with"):
+        train.main(base + ["--tokenizer", "char"])
+    # lr 0: the run's weights are the checkpoint's, and its loss is transformers' loss on them
+    train.main(base + ["--run_name", "still", "--lr", "0", "--max_steps", "1", "--eval_every", "1"])
+    saved = torch.load(tmp_path / "runs" / "still" / "last.pt", weights_only=True)
+    assert saved["config"]["preset"] == "finetune" and saved["config"]["head_dim"] == 16
+    reference_state = pretrained.state_from_hf(pretrained.read_weights(folder, "x"), pretrained.load_pretrained(folder)[1], "qwen3")
+    for key, value in reference_state.items():
+        assert torch.equal(saved["model"][key], value), key
+    train.main(base + ["--run_name", "tuned", "--lr", "3e-3", "--max_steps", "8", "--eval_every", "4"])
+    losses = [m["val_loss"] for m in run_metrics(tmp_path / "runs" / "tuned") if "val_loss" in m]
+    assert losses[-1] < losses[0] and len(losses) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE), reason="no tiktoken BPE cache beside the checkout")
+def test_export_round_trips_through_transformers_and_the_pretrained_path(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+    runs = tmp_path / "runs"
+    common = ["--save_model_dir", str(runs), "--data_path", corpus, "--num_blocks", "2", "--num_heads", "4",
+              "--embedding_dim", "32", "--context_len", "32", "--batch_size", "4", "--max_steps", "2",
+              "--eval_every", "2", "--eval_max_batches", "1", "--sample_tokens", "0"]
+    train.main(common + ["--preset", "shakespeare_char", "--tokenizer", "gpt2", "--use_muon", "false", "--run_name",
+                         "gpt2", "--activation", "gelu_tanh", "--bias", "true", "--num_kv_heads", "2"])
+    train.main(common + ["--preset", "shakespeare_char_modern", "--activation", "swiglu", "--logit_softcap", "0",
+                         "--norm_weights", "true", "--run_name", "qwen3"])
+    train.main(common + ["--preset", "shakespeare_char_modern", "--run_name", "capped"])
+    from activations import load_run
+    for name, family in (("gpt2", "gpt2"), ("qwen3", "qwen3")):
+        out = export.main([str(runs / name), "--to", "hf", str(tmp_path / f"hf-{name}")])  # --check compares logits
+        assert json.load(open(os.path.join(out, "config.json")))["model_type"] == family
+        run = load_run(str(runs / name), "cpu")
+        reopened, cfg = pretrained.load_pretrained(out)
+        text = open(corpus).read()[:2000]
+        tokens = torch.tensor([run.data.encode(text)[:30]])
+        with torch.no_grad():
+            assert torch.equal(reopened(tokens), run.model(tokens))
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+        assert hf_tokenizer(text)["input_ids"] == run.data.encode(text)
+    with pytest.raises(ConfigError, match="soft-caps its logits"):
+        export.main([str(runs / "capped"), "--to", "hf", str(tmp_path / "hf-capped")])
+    assert not (tmp_path / "hf-capped").exists()
+    with pytest.raises(ConfigError, match="--out: .* exists and is not an empty folder"):
+        export.main([str(runs / "gpt2"), "--to", "hf", str(tmp_path / "hf-gpt2")])
