@@ -33,10 +33,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from config import DEVICES, DTYPES, ConfigError, config_from_dict, need, need_one_of, parse_flags, section
+from config import (DEVICES, DTYPES, PRETRAINED_FILE, ConfigError, ModelSource, config_from_dict, need, need_one_of,
+                    parse_flags, section)
 from data import IGNORE, _step_seed, build_data
 from model import Transformer
-from checkpoints import CheckpointError, find_checkpoint, load_checkpoint
+from pretrained import DEFAULT_TRAIN_CONTEXT, load_pretrained, resolve
+from checkpoints import CheckpointError, find_checkpoint, load_checkpoint, newest_checkpoint
+from corpus import make_tokenizer
 from distributed import Dist, broadcast_object, gather_objects, setup_distributed, teardown_distributed
 from hardware import autocast, pick_device, pick_dtype
 from session import run_command
@@ -67,9 +70,21 @@ class Run:
     step: int
 
 
-def load_run(path: str, device: str = "auto", prefer: str = "best") -> Run:
+def load_run(path: str, device: str = "auto", prefer: str = "best", source=None) -> Run:
     """A run directory (its best.pt, else last.pt; prefer="last" for the other order) or a
-    checkpoint file -> the model in eval mode, its config and its data, on the best device."""
+    checkpoint file -> the model in eval mode, its config and its data, on the best device.
+
+    A pretrained model reads like a run: `source` is a program's settings (config.ModelSource) and,
+    with --model, `path` is the folder that stands for the model (<runs_dir>/<model name>/), where
+    rank 0 records pretrained.json; that folder, or its pretrained.json, opens the same model
+    and text again later (an SAE's report, say)."""
+    spec = source.pretrained_spec() if source is not None else None
+    if spec is None:
+        recorded = path if path.endswith(PRETRAINED_FILE) else os.path.join(path, PRETRAINED_FILE)
+        if os.path.isfile(recorded) and not (os.path.isdir(path) and newest_checkpoint(path)):
+            return open_pretrained(_read_spec(recorded), device, recorded)
+    else:
+        return open_pretrained(spec, device, os.path.join(path, PRETRAINED_FILE))
     if os.path.isdir(path):
         names = ("best.pt", "last.pt") if prefer == "best" else ("last.pt", "best.pt")
         found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
@@ -82,6 +97,66 @@ def load_run(path: str, device: str = "auto", prefer: str = "best") -> Run:
     model.load_state_dict(checkpoint["model"])
     model.eval()
     return Run(model, cfg, data, torch_device, path, checkpoint["step"])
+
+
+def run_folder(path: str) -> str:
+    """The folder a run's outputs go under (interp/, sae/, lens/, activations/): the run directory
+    itself (or a pretrained model's folder, which may not exist yet), or a checkpoint file's folder."""
+    return os.path.dirname(path) if os.path.isfile(path) else path
+
+
+def _read_spec(path: str) -> dict:
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+        assert isinstance(spec, dict) and spec.get("model")
+    except (OSError, ValueError, AssertionError):
+        raise ConfigError(f"{path} is not a pretrained model's record (JSON with its model, data_path and "
+                          f"context_len); open the model again with --model") from None
+    return spec
+
+
+class TokenizerOnly:
+    """The data of a pretrained model opened with no text to read (sample.py): its tokenizer."""
+
+    def __init__(self, cfg):
+        self.tokenizer = make_tokenizer(cfg.tokenizer)
+        self.seq_len = cfg.context_len
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def open_pretrained(spec: dict, device: str = "auto", record: str | None = None) -> Run:
+    """A pretrained checkpoint as a Run: its model, the text spec["data_path"] tokenized with its
+    own tokenizer in windows of spec["context_len"] (0: its context, at most 1024). With `record`,
+    rank 0 writes the spec there once the model and text opened; a record of other settings
+    already there is refused (the SAEs and lenses under that folder read it)."""
+    torch_device = pick_device(device)
+    model, cfg = load_pretrained(spec["model"], "model", torch_device)
+    limit = cfg.context_len
+    context = spec.get("context_len") or min(limit, DEFAULT_TRAIN_CONTEXT)
+    if context > limit:
+        raise ConfigError(f"--context_len: {spec['model']} reads at most {limit} positions; pass {limit} or fewer")
+    data_path = spec.get("data_path") or ""
+    cfg = config_from_dict({**cfg.to_dict(), "context_len": context, "data_path": data_path or cfg.data_path})
+    if record is not None and os.path.isfile(record):
+        before = _read_spec(record)
+        for key in ("model", "data_path", "context_len"):
+            if before.get(key) != spec.get(key):
+                raise ConfigError(f"--{key}: {os.path.dirname(record)} stands for {before['model']} reading "
+                                  f"{before.get('data_path')!r} in windows of {before.get('context_len') or 'its context'}"
+                                  f", and what is under it was made so; give the same --{key} {before.get(key)!r}, "
+                                  f"or --runs_dir another folder")
+    data = build_data(cfg, Dist(), torch_device) if data_path else TokenizerOnly(cfg)
+    if record is not None and int(os.environ.get("RANK", "0")) == 0 and not os.path.isfile(record):
+        os.makedirs(os.path.dirname(record) or ".", exist_ok=True)
+        write_json(record, {"model": spec["model"], "data_path": data_path, "context_len": spec.get("context_len", 0),
+                            "checkpoint_folder": os.path.abspath(resolve(spec["model"], "model"))})
+    return Run(model, cfg, data, torch_device, record or spec["model"], 0)
 
 
 def encode_exactly(run: Run, text: str, flag: str) -> list[int]:
@@ -196,8 +271,8 @@ _how = section("how")
 
 
 @dataclass
-class DumpSettings:
-    run_dir: str = _what("", "a run directory (runs/<run>) or a checkpoint file")
+class DumpSettings(ModelSource):
+    run_dir: str = _what("", "a run directory (runs/<run>) or a checkpoint file (or --model)")
     hook: str = _what("", "hook point, e.g. blocks.0.mlp.hook_post or blocks.0.hook_resid_post")
     positions: str = _what("answer", "answer (the positions the loss reads) | all (every token)")
     split: str = _what("train", "train | val")
@@ -218,12 +293,12 @@ class DumpSettings:
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         need(self.max_tokens >= 0, "max_tokens", f"must be 0 or more, got {self.max_tokens}")
         need(bool(self.hook), "hook", "name the hook point to dump, e.g. --hook blocks.0.mlp.hook_post")
+        self.validate_source()
         return self
 
 
 def default_dump_dir(run_dir: str, hook: str, split: str, positions: str) -> str:
-    base = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
-    return os.path.join(base, "activations", hook, f"{split}-{positions}")
+    return os.path.join(run_folder(run_dir), "activations", hook, f"{split}-{positions}")
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
@@ -239,7 +314,7 @@ def dump(settings: DumpSettings, log=print) -> str:
     dist_info = setup_distributed(device.type)
     say = log if dist_info.is_main else (lambda *a: None)
     try:
-        run = load_run(settings.run_dir, device=str(device))
+        run = load_run(settings.run_dir, device=str(device), source=settings)
         width = hook_width(run, settings.hook)
         dtype = pick_dtype(settings.dtype, device)
         sequences = split_sequences(run, settings.split, settings.positions, settings.max_tokens)

@@ -124,6 +124,50 @@ class CorpusSettings:
         need(self.shard_mb > 0, "shard_mb", f"must be above 0, got {self.shard_mb}")
 
 
+_pretrained = section("a pretrained model instead of a run")
+PRETRAINED_FILE = "pretrained.json"  # what makes <runs_dir>/<model name>/ stand for a pretrained model
+
+
+def pretrained_folder(model: str, runs_dir: str) -> str:
+    """Where a pretrained model stands as a run directory does: <runs_dir>/<its last name part>/
+    (gpt2 -> runs/gpt2, Qwen/Qwen2.5-0.5B -> runs/Qwen2.5-0.5B, /models/my-llama/ -> runs/my-llama)."""
+    return os.path.join(runs_dir, os.path.basename(os.path.normpath(os.path.expanduser(model))))
+
+
+@dataclass
+class ModelSource:
+    """What the analysis programs (activations.py, sae.py, lens.py, interp.py, sample.py) read: a run
+    (each program's own run_dir field) or, with --model, a pretrained checkpoint and the text it
+    reads. `validate_source` points run_dir at the model's folder, so that everything a program
+    writes under a run goes under <runs_dir>/<model name>/ instead."""
+
+    model: str = _pretrained("", "a pretrained model instead of a run: a Hugging Face hub id (gpt2, "
+                                 "Qwen/Qwen2.5-0.5B) or a folder in its layout (config.json + *.safetensors); "
+                                 "what a run would hold goes under <runs_dir>/<model name>/")
+    data_path: str = _pretrained("data/tiny_shakespeare.txt", "with --model: the text it reads, anything train.py's "
+                                                              "--data_path takes (the default is downloaded when missing)")
+    context_len: int = _pretrained(0, "with --model: tokens per window (0: the model's context, at most 1024)")
+    runs_dir: str = _pretrained("runs", "with --model: the folder that holds <model name>/ (train.py's --save_model_dir)")
+
+    def validate_source(self, run_flag: str = "run_dir") -> None:
+        need(self.context_len >= 0, "context_len", f"must be 0 or more, got {self.context_len}")
+        if not self.model:
+            need(bool(self.run_dir), run_flag, "name a run directory or checkpoint (runs/<run>), or a pretrained "
+                                               "model with --model (a hub id such as gpt2, or a folder)")
+            return
+        need(bool(self.data_path), "data_path", "is empty; name the text the model should read")
+        folder = pretrained_folder(self.model, self.runs_dir)
+        need(not self.run_dir or os.path.normpath(self.run_dir) == os.path.normpath(folder), "model",
+             f"name a run ({self.run_dir}) or --model ({self.model}), not both")
+        self.run_dir = folder
+
+    def pretrained_spec(self) -> dict | None:
+        """--model's settings as pretrained.json records them (None without --model)."""
+        if not self.model:
+            return None
+        return {"model": self.model, "data_path": self.data_path, "context_len": self.context_len}
+
+
 @dataclass
 class Config(OptimSettings, CorpusSettings):
     # The defaults are the `grokking` preset: `python train.py` memorises the training pairs by
@@ -514,7 +558,8 @@ def build_parser(cls=None, prog: str = "train.py", description: str = "",
     types = _field_types(cls)
     for f in ordered_fields(cls):
         if f.name in positionals:
-            parser.add_argument(f.name, metavar=f.name.upper(), help=f.metadata["help"])
+            # optional here: validate() says what is missing (a run, or --model instead)
+            parser.add_argument(f.name, metavar=f.name.upper(), nargs="?", default=f.default, help=f.metadata["help"])
             continue
         if f.metadata["group"] not in groups:
             groups[f.metadata["group"]] = parser.add_argument_group(f.metadata["group"])

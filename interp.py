@@ -9,27 +9,29 @@ Everything takes a loaded model (or a Run) and returns tensors or small dataclas
 function returns a matplotlib figure (pass `path=` to also save it).
 
     python interp.py runs/<run>        # writes runs/<run>/interp/: plots and report.md
+    python interp.py --model gpt2 --data_path my.txt   # a pretrained model: runs/gpt2/interp/
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from activations import Run, load_run  # noqa: F401 (re-exported: `from interp import load_run`)
-from config import ConfigError, rope_scaling
+from activations import Run, load_run, run_folder, split_sequences  # noqa: F401 (re-exported: `from interp import load_run`)
+from config import ConfigError, ModelSource, parse_flags, rope_scaling, section
 from data import IGNORE
 from fourier import (fourier_basis, fourier_measures, frequency_norms, frequency_rows, gini,  # noqa: F401
                      key_frequencies, logit_frequency_norms, restrict_to_frequencies, restricted_and_excluded,
                      sum_directions)  # (re-exported)
 from model import Transformer, head_width, mlp_width
 from checkpoints import CheckpointError
+from session import run_command
+
+TEXT_WINDOWS, TEXT_POSITIONS = 16, 128  # a text model's report reads this much of its validation split
 
 
 def _model(model_or_run) -> Transformer:
@@ -747,42 +749,55 @@ def plot_probes(accuracies: dict[str, dict[str, Probe]], title: str = "", path: 
 # ---------------------------------------------------------------- the report
 
 
-def write_report(run_dir: str, out_dir: str | None = None, device: str = "auto") -> str:
-    """Writes <run>/interp/: plots and report.md with the findings in numbers; returns its path."""
+def write_report(run_dir: str, out_dir: str | None = None, device: str = "auto", source=None) -> str:
+    """Writes <run>/interp/: plots and report.md with the findings in numbers; returns its path.
+    `source` (a config.ModelSource) opens a pretrained model instead (load_run)."""
     import matplotlib.pyplot as plt
 
     open_before = set(plt.get_fignums())
     try:
-        return _write_report(run_dir, out_dir, device)
+        return _write_report(run_dir, out_dir, device, source)
     finally:  # the report's figures are on disk; close them, and only them
         for number in set(plt.get_fignums()) - open_before:
             plt.close(number)
 
 
-def _write_report(run_dir: str, out_dir: str | None, device: str) -> str:
-    run = load_run(run_dir, device)
-    out_dir = out_dir or os.path.join(run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir), "interp")
+def _write_report(run_dir: str, out_dir: str | None, device: str, source) -> str:
+    run = load_run(run_dir, device, source=source)
+    out_dir = out_dir or os.path.join(run_folder(run_dir), "interp")
     os.makedirs(out_dir, exist_ok=True)
     cfg, data = run.cfg, run.data
-    rows = torch.randperm(len(data.val_x), generator=torch.Generator().manual_seed(0))[:2048].to(data.val_x.device)
-    tokens, targets = data.val_x[rows], data.val_y[rows]  # a random sample: the split is sorted by a
+    if cfg.task == "text":  # the first TEXT_WINDOWS windows of the val split, cut to TEXT_POSITIONS tokens
+        sequences = split_sequences(run, "val", "all", TEXT_WINDOWS * cfg.context_len)
+        tokens = sequences.tokens[:TEXT_WINDOWS, :TEXT_POSITIONS].to(run.device)
+        targets = sequences.targets[:TEXT_WINDOWS, :TEXT_POSITIONS].to(run.device)
+    else:
+        rows = torch.randperm(len(data.val_x), generator=torch.Generator().manual_seed(0))[:2048].to(data.val_x.device)
+        tokens, targets = data.val_x[rows], data.val_y[rows]  # a random sample: the split is sorted by a
     header = [f"# {os.path.basename(os.path.normpath(run_dir))}: interpretability report", "",
               f"Checkpoint `{run.checkpoint_path}` (step {run.step}), task `{cfg.task}`, "
-              f"{cfg.num_blocks} block(s) x {cfg.num_heads} heads x {cfg.embedding_dim}.", ""]
+              f"{cfg.num_blocks} block(s) x {cfg.num_heads} heads x {cfg.embedding_dim}."
+              + (f" {len(tokens)} windows of {tokens.shape[1]} tokens from the start of the validation split."
+                 if cfg.task == "text" else ""), ""]
     lines = []  # the sections; `summary` collects the findings that head them
 
     with torch.no_grad():
         _, cache = run.model.run_with_cache(tokens, lambda n: n.endswith(("hook_pattern", "hook_resid_pre",
                                                                            "hook_resid_final")))
-    labels = None
+    labels, shown = None, slice(None)
     if cfg.task == "modular":
         labels = ["a", "b", "="]
+    if cfg.task == "text":  # a few positions' norms, the first positions' attention
+        picked = [t for t in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256) if t < tokens.shape[1]]
+        labels, shown = [f"position {t}" for t in picked], slice(0, 32)
+        cache.update({k: v[:, picked] for k, v in cache.items() if not k.endswith("hook_pattern")})
     plot_residual_norms(run.model, cache, labels, path=os.path.join(out_dir, "residual_norms.png"))
     lines += ["![residual stream norm by layer](residual_norms.png)", ""]
     for i in range(cfg.num_blocks):
         name = f"attention_L{i}.png"
-        plot_attention(cache[f"blocks.{i}.attn.hook_pattern"], labels, title=f"block {i}, mean over "
-                       f"{len(tokens)} validation examples", path=os.path.join(out_dir, name))
+        what = "validation examples" if cfg.task != "text" else "windows, their first 32 positions"
+        plot_attention(cache[f"blocks.{i}.attn.hook_pattern"][..., shown, shown], labels if cfg.task != "text" else None,
+                       title=f"block {i}, mean over {len(tokens)} {what}", path=os.path.join(out_dir, name))
         lines.append(f"![attention, block {i}]({name})")
     lines.append("")
 
@@ -885,20 +900,27 @@ def _write_report(run_dir: str, out_dir: str | None, device: str) -> str:
     return path
 
 
+_report = section("report")
+
+
+@dataclass
+class ReportSettings(ModelSource):
+    run_dir: str = _report("", "a run directory (runs/<run>) or a checkpoint file (or --model)")
+    out: str = _report("", "output directory (default <run>/interp)")
+    device: str = _report("auto", "auto | cpu | cuda | mps")
+
+    def validate(self) -> "ReportSettings":
+        self.validate_source()
+        return self
+
+
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description="Write an interpretability report for a run.")
-    parser.add_argument("run", help="a run directory (runs/<run>) or a checkpoint file")
-    parser.add_argument("--out", default=None, help="output directory (default: <run>/interp)")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    path = write_report(args.run, args.out, args.device)
+    cfg, _ = parse_flags(ReportSettings, argv, "interp.py", "Write an interpretability report for a run or a "
+                         "pretrained model.", positional="run_dir")
+    path = write_report(cfg.run_dir, cfg.out or None, cfg.device, source=cfg)
     print(f"wrote {path}")
     return path
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

@@ -54,10 +54,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from activations import (POSITIONS, DumpSource, Run, TokenSource, default_dump_dir, encode_exactly, load_run,
-                         split_sequences)
+                         run_folder, split_sequences)
 from checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
-from config import (DEVICES, DTYPES, ConfigError, OptimSettings, config_from_dict, need, need_name, need_one_of,
-                    override, parse_flags, resumed_config, section)
+from config import (DEVICES, DTYPES, ConfigError, ModelSource, OptimSettings, config_from_dict, need, need_name,
+                    need_one_of, override, parse_flags, resumed_config, section)
 from data import _step_seed
 from distributed import all_reduce_sum, gather_objects
 from hardware import autocast, pick_dtype
@@ -80,8 +80,8 @@ _runtime = section("runtime")
 
 
 @dataclass
-class LensConfig(OptimSettings):
-    run_dir: str = _what("", "the text model's run directory (runs/<run>) or checkpoint")
+class LensConfig(OptimSettings, ModelSource):
+    run_dir: str = _what("", "the text model's run directory (runs/<run>) or checkpoint (or --model)")
     layer: int = _what(-1, "explain the residual stream after this block (-1: the middle block, num_blocks // 2)")
     source: str = _what("live", "live (computed from the train split as needed) | dump (activations.py dump)")
     dump: str = _what("", "with --source dump: the dump (default <run>/activations/blocks.L.hook_resid_post/train-all)")
@@ -171,6 +171,7 @@ class LensConfig(OptimSettings):
             need(schedule.start >= 0 and schedule.end >= 0, name, f"{getattr(self, name)!r}: must not go below 0")
         need(Schedule.parse(self.tau, "tau", self.max_steps).end > 0 and
              Schedule.parse(self.tau, "tau", self.max_steps).start > 0, "tau", "the temperature must stay above 0")
+        self.validate_source()
         return self
 
     def to_dict(self) -> dict:
@@ -477,8 +478,7 @@ def show_context(run: Run, tokens: torch.Tensor, position: int, width: int = 40)
 
 
 def lens_dir(cfg: LensConfig, layer: int) -> str:
-    base = cfg.run_dir if os.path.isdir(cfg.run_dir) else os.path.dirname(cfg.run_dir)
-    return os.path.join(cfg.save_model_dir or os.path.join(base, "lens"), cfg.run_name or f"layer{layer}-t{cfg.t_text}")
+    return os.path.join(cfg.save_model_dir or os.path.join(run_folder(cfg.run_dir), "lens"), cfg.run_name or f"layer{layer}-t{cfg.t_text}")
 
 
 def resolve_layers(cfg: LensConfig, run: Run) -> tuple[int, int]:
@@ -661,7 +661,7 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
     where the lens lives. Bad input raises ConfigError / CheckpointError before anything is written."""
     with Session(cfg.device, cfg.dtype) as session:
         log, dist, device, dtype = session.log, session.dist, session.device, session.dtype
-        run = load_run(cfg.run_dir, device=str(device))
+        run = load_run(cfg.run_dir, device=str(device), source=cfg)
         for p in run.model.parameters():
             p.requires_grad_(False)  # the original model is only read
         layer, _ = resolve_layers(cfg, run)

@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from activations import (POSITIONS, DumpSource, LiveSource, Sequences, capture, default_dump_dir,
-                         hook_width, rows_of, split_sequences)
+                         hook_width, rows_of, run_folder, split_sequences)
 from checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
-from config import (DEVICES, DTYPES, ConfigError, OptimSettings, config_from_dict, need, need_name, need_one_of,
-                    override, parse_flags, resumed_config, section)
+from config import (DEVICES, DTYPES, ConfigError, ModelSource, OptimSettings, config_from_dict, need, need_name,
+                    need_one_of, override, parse_flags, resumed_config, section)
 from data import IGNORE
 from distributed import all_reduce_sum, gather_to_main
 from interp import fourier_losses, load_run, neuron_frequencies
@@ -62,8 +62,8 @@ _runtime = section("runtime")
 
 
 @dataclass
-class SAEConfig(OptimSettings):
-    run_dir: str = _what("", "the model's run directory (runs/<run>) or checkpoint")
+class SAEConfig(OptimSettings, ModelSource):
+    run_dir: str = _what("", "the model's run directory (runs/<run>) or checkpoint (or --model)")
     hook: str = _what("", "hook point whose activations to reconstruct, e.g. blocks.0.mlp.hook_post")
     positions: str = _what("answer", "answer (the positions the loss reads) | all (every token)")
     source: str = _what("live", "live (from the model, through a shuffling buffer) | dump (activations.py dump)")
@@ -129,6 +129,7 @@ class SAEConfig(OptimSettings):
             need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
         need_name(self.run_name, "run_name")
         need(self.resume in ("", "auto"), "resume", f"{self.resume!r}: the only value is auto")
+        self.validate_source()
         return self
 
     def to_dict(self) -> dict:
@@ -307,7 +308,7 @@ def ce_recovered(model, sequences: Sequences, hook: str, replace, loss_positions
 
 def sae_dir(cfg: SAEConfig, d: int) -> tuple[str, str]:
     """(where the SAE lives, its name): <save_model_dir>/<run_name>, by default <run>/sae/<hook>-<arch>-<size>."""
-    base = cfg.run_dir if os.path.isdir(cfg.run_dir) else os.path.dirname(cfg.run_dir)
+    base = run_folder(cfg.run_dir)
     name = cfg.run_name or f"{cfg.hook}-{cfg.arch}-{cfg.dict_size or int(cfg.expansion * d)}"
     return os.path.join(cfg.save_model_dir or os.path.join(base, "sae"), name), name
 
@@ -317,7 +318,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
     where the SAE lives. Bad input raises ConfigError / CheckpointError before anything is written."""
     with Session(cfg.device, cfg.dtype) as session:
         log, dist, device, dtype = session.log, session.dist, session.device, session.dtype
-        run = load_run(cfg.run_dir, device=str(device))
+        run = load_run(cfg.run_dir, device=str(device), source=cfg)
         for p in run.model.parameters():
             p.requires_grad_(False)  # the model is only read
         d = hook_width(run, cfg.hook)

@@ -4,6 +4,7 @@
     python sample.py runs/shakespeare --start "ROMEO:" --num_samples 5 --max_new_tokens 200
     python sample.py runs/shakespeare --start FILE:prompt.txt --temperature 0.7 --top_k 50
     python sample.py runs/shakespeare/last.pt --seed 7 --device cpu     # a named checkpoint
+    python sample.py --model gpt2 --start "Hello, I'm a language model,"  # a pretrained model (hub id or folder)
 
 Generation keeps a key/value cache, so each new token costs one position's forward pass, and gives
 the tokens the uncached loop gives (--kv_cache false runs that loop). Once prompt and sample outgrow
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from activations import encode_exactly, load_run
+from activations import encode_exactly, load_run, open_pretrained
 from config import DEVICES, DTYPES, ConfigError, need, need_one_of, parse_flags, section
 from hardware import autocast, pick_dtype
 from session import run_command
@@ -33,6 +34,8 @@ _how = section("how")
 @dataclass
 class SampleSettings:
     run_dir: str = _what("", "a run directory (runs/<run>) or a checkpoint file in one")
+    model: str = _what("", "a pretrained model instead of a run: a Hugging Face hub id (gpt2) or a folder in its "
+                           "layout (config.json + *.safetensors)")
     checkpoint: str = _what("best", "best | last: which checkpoint of a run directory (the other when it is missing)")
     start: str = _what("\n", "the prompt, or FILE:path to read it from a file")
     num_samples: int = _how(3, "samples to draw, one after another")
@@ -46,8 +49,9 @@ class SampleSettings:
                                 "every token, the slow loop, for comparison)")
 
     def validate(self) -> "SampleSettings":
-        need(bool(self.run_dir), "run_dir", "name a run directory or checkpoint: python sample.py runs/<run>")
-        need(os.path.exists(self.run_dir), "run_dir", f"{self.run_dir} does not exist")
+        need(bool(self.run_dir) != bool(self.model), "run_dir", "name a run directory or checkpoint (python sample.py "
+             "runs/<run>), or a pretrained model (--model gpt2), one of the two")
+        need(not self.run_dir or os.path.exists(self.run_dir), "run_dir", f"{self.run_dir} does not exist")
         for name, choices in (("checkpoint", ("best", "last")), ("device", DEVICES), ("dtype", DTYPES)):
             need_one_of(self, name, choices)
         for name in ("num_samples", "max_new_tokens"):
@@ -71,7 +75,11 @@ def read_prompt(start: str) -> str:
 def main(argv: list[str] | None = None) -> list[str]:
     cfg, _ = parse_flags(SampleSettings, argv, "sample.py", __doc__.split("\n\n")[0], positional="run_dir")
     prompt = read_prompt(cfg.start)
-    run = load_run(cfg.run_dir, cfg.device, prefer=cfg.checkpoint)
+    if cfg.model:  # its own tokenizer and whole context; no text to read
+        run = open_pretrained({"model": cfg.model, "data_path": "", "context_len": 0}, cfg.device)
+        run.cfg.context_len = run.model.cfg.context_len
+    else:
+        run = load_run(cfg.run_dir, cfg.device, prefer=cfg.checkpoint)
     if run.cfg.task != "text":
         raise ConfigError(f"--run_dir: {run.checkpoint_path} is a {run.cfg.task} run; sample.py samples text "
                           f"models (--task text). For its predictions, open it with interp.py")

@@ -22,6 +22,7 @@ import pretrained  # noqa: E402
 import train  # noqa: E402
 
 VOCAB = 97
+CHARS = "\n" + "".join(chr(c) for c in range(32, 127))  # the references' tokenizer: these, then <|endoftext|>
 SMALL = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=VOCAB,
              max_position_embeddings=64)
 FAMILIES = {
@@ -54,8 +55,7 @@ def save_reference(kind: str, folder: str, seed: int = 0):
             else:
                 p.mul_(8)
     model.save_pretrained(folder)
-    pretrained.write_char_tokenizer(os.path.join(folder, "tokenizer.json"), "".join(chr(32 + i) for i in range(VOCAB - 1)),
-                                    VOCAB - 1)
+    pretrained.write_char_tokenizer(os.path.join(folder, "tokenizer.json"), CHARS, VOCAB - 1)
     return model
 
 
@@ -194,3 +194,58 @@ def test_export_round_trips_through_transformers_and_the_pretrained_path(tmp_pat
     assert not (tmp_path / "hf-capped").exists()
     with pytest.raises(ConfigError, match="--out: .* exists and is not an empty folder"):
         export.main([str(runs / "gpt2"), "--to", "hf", str(tmp_path / "hf-gpt2")])
+
+
+@pytest.mark.slow
+def test_the_analysis_programs_open_a_pretrained_model_where_they_open_a_run(tmp_path, references, corpus, monkeypatch):
+    import activations
+    import interp
+    import lens
+    import sae
+    import sample
+
+    _, folder = references["gpt2"]
+    monkeypatch.chdir(tmp_path)  # --runs_dir's default, runs/, is here
+    model = ["--model", folder, "--data_path", corpus]
+    home = tmp_path / "runs" / "gpt2"  # <runs_dir>/<model name>/ stands for the model as a run directory does
+
+    out = activations.main(["dump", *model, "--hook", "blocks.1.hook_resid_pre", "--max_tokens", "640"])
+    assert out == os.path.join("runs", "gpt2", "activations", "blocks.1.hook_resid_pre", "train-answer")
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["checkpoint"] == str(home / "pretrained.json") and manifest["step"] == 0
+    recorded = json.load(open(home / "pretrained.json"))
+    assert recorded["model"] == folder and recorded["data_path"] == corpus
+    ours, cfg = pretrained.load_pretrained(folder)
+    text = open(corpus).read()
+    tokens = torch.tensor([[CHARS.index(c) for c in text[:64]]])  # the first window of the train split
+    first = torch.from_numpy(activations.np.load(os.path.join(out, "acts-00000.npy"))[:64])
+    assert torch.allclose(first, activations.capture(ours, tokens, "blocks.1.hook_resid_pre")[0], atol=1e-5)
+
+    result = sae.main([*model, "--hook", "blocks.1.hook_resid_pre", "--positions", "all", "--max_steps", "20",
+                       "--batch_size", "128", "--eval_every", "20", "--eval_tokens", "1024", "--device", "cpu"])
+    assert result["sae_dir"].startswith(os.path.join("runs", "gpt2", "sae"))
+    sae_report = open(sae.report(result["sae_dir"])).read()  # reopens the model from pretrained.json
+    assert "ce_recovered" in sae_report and f"`{os.path.join('runs', 'gpt2')}`" in sae_report
+
+    summary = lens.main([*model, "--t_text", "2", "--max_steps", "4", "--eval_every", "4", "--eval_rows", "8",
+                         "--batch_size", "8", "--device", "cpu", "--run_name", "quick"])
+    assert os.path.isfile(home / "lens" / "quick" / "last.pt") and "val_fve" in summary
+
+    report = open(interp.main(model)).read()
+    assert "windows of 64 tokens from the start of the validation split" in report and "| L1 MLP |" in report
+
+    drawn = sample.main(["--model", folder, "--start", "To be", "--num_samples", "1", "--max_new_tokens", "10",
+                         "--temperature", "0"])
+    assert drawn[0] == "To be" + "".join(CHARS[t] for t in ours.generate(torch.tensor([[CHARS.index(c) for c in "To be"]]),
+                                                                      10, temperature=0)[0, 5:].tolist())
+
+    # The folder stands for the model reading this text: another corpus is refused, nothing changes
+    other = tmp_path / "other.txt"
+    other.write_text(text[::-1])
+    with pytest.raises(ConfigError, match=r"--data_path: runs/gpt2 stands for .* give the same --data_path"):
+        interp.main(["--model", folder, "--data_path", str(other)])
+    assert json.load(open(home / "pretrained.json")) == recorded
+    with pytest.raises(ConfigError, match="--model: name a run .* or --model .*, not both"):
+        sae.main(["runs/elsewhere", *model, "--hook", "blocks.1.hook_resid_pre"])
+    with pytest.raises(ConfigError, match="--run_dir: name a run directory or checkpoint .* or a pretrained model"):
+        sae.main(["--hook", "blocks.1.hook_resid_pre"])
