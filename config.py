@@ -558,8 +558,10 @@ def build_parser(cls=None, prog: str = "train.py", description: str = "",
     types = _field_types(cls)
     for f in ordered_fields(cls):
         if f.name in positionals:
-            # optional here: validate() says what is missing (a run, or --model instead)
-            parser.add_argument(f.name, metavar=f.name.upper(), nargs="?", default=f.default, help=f.metadata["help"])
+            # One positional is optional here (validate() says what is missing: a run, or --model instead);
+            # of several, argparse would hand the later ones nothing at the first flag, so they are required.
+            optional = dict(nargs="?", default=f.default) if len(positionals) == 1 else {}
+            parser.add_argument(f.name, metavar=f.name.upper(), help=f.metadata["help"], **optional)
             continue
         if f.metadata["group"] not in groups:
             groups[f.metadata["group"]] = parser.add_argument_group(f.metadata["group"])
