@@ -326,8 +326,10 @@ class Attention(nn.Module):
         # Each head's share of the output projection: one [B*T, Dh] x [Dh, D] product per head.
         w_o = self.out.weight.view(-1, H, Dh).permute(1, 2, 0)  # [H, Dh, D]
         by_head = torch.bmm(z.reshape(B * T, H, Dh).transpose(0, 1), w_o)  # [H, B*T, D]
-        result = self._hook("hook_result", by_head.view(H, B, T, -1).permute(1, 2, 0, 3))  # [B, T, H, D]
-        out = result.sum(2)
+        heads_last = by_head.view(H, B, T, -1).permute(1, 2, 0, 3)
+        result = self._hook("hook_result", heads_last)  # [B, T, H, D]
+        # the sum over heads along by_head's contiguous first dimension, unless a hook replaced it
+        out = by_head.sum(0).view(B, T, -1) if result is heads_last else result.sum(2)
         return out if self.out.bias is None else out + self.out.bias
 
 

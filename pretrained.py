@@ -365,8 +365,14 @@ def load_weights(model: Transformer, folder: str, flag: str, name: str) -> None:
         if tuple(state[key].shape) != tuple(target.shape):
             raise ConfigError(f"--{flag}: {name}'s {key} is {list(state[key].shape)} but its config.json makes it "
                               f"{list(target.shape)}; the weights and config.json are of different models")
+        # The tensors become the parameters (assign=True): no second copy. safetensors maps the file
+        # privately (copy on write), so training them never writes to it; a transposed (GPT-2) or
+        # converted tensor is copied once here.
+        state[key] = state[key].to(device=target.device, dtype=target.dtype).contiguous()
     with torch.no_grad():
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
+    if model.cfg.tie_embeddings:
+        model.unembed.weight = model.embed.weight  # assign made two parameters of the one tensor
 
 
 def load_pretrained(name: str, flag: str = "model", device: str | torch.device = "cpu",
@@ -379,8 +385,6 @@ def load_pretrained(name: str, flag: str = "model", device: str | torch.device =
     with torch.device("meta"):
         model = Transformer(cfg, cfg.vocab_size)
     model = model.to_empty(device=device).to(dtype)  # recomputes the rotary tables
-    if cfg.tie_embeddings:
-        model.unembed.weight = model.embed.weight
     load_weights(model, folder, flag, name)
     return model.eval(), cfg
 

@@ -126,3 +126,17 @@ def test_small_lm_bench_judges_the_modern_recipe_and_times_each_piece(corpus, tm
 def test_sampling_bench_times_both_loops_and_checks_their_tokens():
     out = bench("sampling.py", "--presets", "shakespeare_char", "--tokens", "8")
     assert re.search(r"^shakespeare_char +10,745,088 +256 +[\d.]+ +[\d.]+ +[\d.]+x +yes$", out, re.M), out
+
+
+@pytest.mark.extended
+def test_pretrained_bench_times_load_forward_and_cache_against_transformers_and_transformer_lens(tmp_path):
+    pytest.importorskip("transformer_lens.model_bridge", reason="the bench compares with TransformerLens 4")
+    out = bench("pretrained.py", "--layers", "1", "--width", "64", "--heads", "4", "--seq", "16", "--repeats", "1",
+                "--work", str(tmp_path))
+    for row in ("load", "load + forward", "forward"):
+        assert re.search(rf"^{re.escape(row)} +[\d.]+s +[\d.]+s +[\d.]+s +[\d.]+x HF · [\d.]+x TL", out, re.M), out
+    for row in ("run_with_cache", "+ hook_result"):
+        assert re.search(rf"^{re.escape(row)} +[\d.]+s +- +[\d.]+s +[\d.]+x TL", out, re.M), out
+    differences = re.search(r"transformers ([\d.e+-]+), TL4 bridge ([\d.e+-]+), our run_with_cache ([\d.e+-]+)", out)
+    assert differences and all(float(d) < 1e-4 for d in differences.groups()), out  # one function, three ways
+    assert not os.listdir(tmp_path)  # the checkpoint it wrote is gone
