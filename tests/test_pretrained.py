@@ -249,3 +249,31 @@ def test_the_analysis_programs_open_a_pretrained_model_where_they_open_a_run(tmp
         sae.main(["runs/elsewhere", *model, "--hook", "blocks.1.hook_resid_pre"])
     with pytest.raises(ConfigError, match="--run_dir: name a run directory or checkpoint .* or a pretrained model"):
         sae.main(["--hook", "blocks.1.hook_resid_pre"])
+
+
+@pytest.mark.slow
+def test_a_fine_tune_runs_on_two_ranks_as_on_one_and_resumes_exactly(tmp_path, references, corpus):
+    from conftest import model_weights, run_torchrun
+
+    _, folder = references["llama3-gqa-bias"]
+    common = ["--init_from", folder, "--data_path", corpus, "--save_model_dir", str(tmp_path), "--context_len", "32",
+              "--batch_size", "8", "--lr", "1e-3", "--eval_every", "3", "--eval_max_batches", "2", "--log_every", "1"]
+    train.main(common + ["--run_name", "one", "--max_steps", "6"])
+    result = run_torchrun(common + ["--run_name", "two", "--max_steps", "6"], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (run_metrics(tmp_path / name) for name in ("one", "two"))
+    assert [m["step"] for m in one] == [m["step"] for m in two] and one[-1]["step"] == 6
+    for a, b in zip(one, two):  # the same global batch: only the order of float sums differs
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
+    assert "weights identical on all 2 ranks" in (tmp_path / "two" / "train.log").read_text()
+
+    # stopped after step 3 and resumed: the uninterrupted run's losses and weights exactly, the
+    # pretrained weights not read again (the checkpoint's are the run's)
+    train.main(common + ["--run_name", "stopped", "--max_steps", "3"])
+    train.main(common + ["--run_name", "stopped", "--max_steps", "6", "--resume", "auto"])
+    assert [(m["step"], m.get("train_loss")) for m in run_metrics(tmp_path / "stopped")] == \
+        [(m["step"], m.get("train_loss")) for m in one]
+    a, b = model_weights(tmp_path / "one" / "last.pt"), model_weights(tmp_path / "stopped" / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
