@@ -143,6 +143,9 @@ def open_pretrained(spec: dict, device: str = "auto", record: str | None = None)
         raise ConfigError(f"--context_len: {spec['model']} reads at most {limit} positions; pass {limit} or fewer")
     data_path = spec.get("data_path") or ""
     cfg = config_from_dict({**cfg.to_dict(), "context_len": context, "data_path": data_path or cfg.data_path})
+    if record is not None and newest_checkpoint(os.path.dirname(record) or "."):
+        raise ConfigError(f"--model: {os.path.dirname(record)} is a run's directory, and {spec['model']} would stand "
+                          f"there too; pass --runs_dir another folder (or open the run itself)")
     if record is not None and os.path.isfile(record):
         before = _read_spec(record)
         for key in ("model", "data_path", "context_len"):

@@ -102,6 +102,15 @@ def _weight_files(folder: str) -> list[str]:
     return []
 
 
+def weight_files(folder: str, flag: str) -> list[str]:
+    """_weight_files, or a ConfigError naming what to put there."""
+    files = _weight_files(folder)
+    if not files:
+        raise ConfigError(f"--{flag}: {folder} has config.json but no weights: put model.safetensors there (or "
+                          f"its shards and model.safetensors.index.json, or pytorch_model.bin)")
+    return files
+
+
 def read_hf_config(folder: str, flag: str) -> dict:
     path = os.path.join(folder, "config.json")
     try:
@@ -196,8 +205,8 @@ def checkpoint_tokenizer(folder: str, hf: dict, name: str, flag: str) -> str:
         return os.path.abspath(path)
     spm = " (it has tokenizer.model, sentencepiece's: `AutoTokenizer.from_pretrained(folder).save_pretrained(folder)` " \
           "writes the tokenizer.json beside it)" if os.path.isfile(os.path.join(folder, "tokenizer.model")) else ""
-    raise ConfigError(f"--{flag}: {name} has no tokenizer.json{spm}; place the model's tokenizer.json in {folder}, "
-                      f"or pass --tokenizer")
+    raise ConfigError(f"--{flag}: {name} has no tokenizer.json{spm}; place the model's tokenizer.json in {folder}"
+                      + (", or pass --tokenizer" if flag == "init_from" else ""))
 
 
 def pretrained_settings(name: str, flag: str, tokenizer: str = "") -> tuple[str, dict]:
@@ -206,6 +215,7 @@ def pretrained_settings(name: str, flag: str, tokenizer: str = "") -> tuple[str,
     folder = resolve(name, flag)
     hf = read_hf_config(folder, flag)
     fields = model_fields(hf, name, flag)
+    weight_files(folder, flag)  # before anything reads the tokenizer: a folder without weights says so
     if tokenizer:
         from corpus import tokenizer_label  # the model-and-data floor: corpus.py reads tokenizers
         own = None
@@ -247,10 +257,7 @@ def apply_init_from(cfg: Config, explicit: set[str]) -> Config:
 
 def read_weights(folder: str, flag: str) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint's weight files, by its Hugging Face name."""
-    files = _weight_files(folder)
-    if not files:
-        raise ConfigError(f"--{flag}: {folder} has config.json but no weights: put model.safetensors there (or "
-                          f"its shards and model.safetensors.index.json, or pytorch_model.bin)")
+    files = weight_files(folder, flag)
     tensors = {}
     for path in files:
         if not os.path.isfile(path):

@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TIKTOKEN_CACHE
 
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 
 
-@pytest.mark.parametrize("name", ["modular_interp.ipynb", "training.ipynb", "consistency_lens.ipynb"])
+@pytest.mark.parametrize("name", ["modular_interp.ipynb", "training.ipynb", "consistency_lens.ipynb", "pretrained.ipynb"])
 def test_committed_without_outputs(name):
     with open(os.path.join(NOTEBOOKS, name)) as f:
         cells = json.load(f)["cells"]
@@ -82,3 +82,26 @@ def test_consistency_lens_notebook_trains_a_lens_and_reads_it(tmp_path, monkeypa
     assert images(notebook) >= 1
     lens_dir = tmp_path / "runs"
     assert list(lens_dir.glob("*/lens/notebook/eval/report.md"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE), reason="no tiktoken BPE cache beside the checkout (GPT-2's tokenizer)")
+def test_pretrained_notebook_exports_a_model_and_explains_it_through_the_pretrained_path(tmp_path, monkeypatch):
+    pytest.importorskip("safetensors", reason="pip install -r requirements-dev.txt")
+    text = tmp_path / "corpus.txt"
+    text.write_text("ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n" * 200)
+    notebook = execute("pretrained.ipynb", {
+        "TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE, "TINYLAB_RUNS": str(tmp_path / "runs"), "TINYLAB_DATA": str(text),
+        "TINYLAB_TEXT_ARGS": "--max_steps 4 --eval_every 4",
+        "TINYLAB_LENS_ARGS": "--t_text 2 --max_steps 4 --eval_every 4 --eval_rows 8 --batch_size 8",
+        "TINYLAB_SAE_ARGS": "--max_steps 10 --eval_every 10 --batch_size 256 --eval_tokens 1024",
+    }, monkeypatch)
+    out = printed(notebook)
+    assert "4 blocks x 4 heads x 128, vocab 50304, context 64, tokenizer 'gpt2'" in out, out  # rows padded to 64s
+    difference = float(out.split("max |logit difference| from transformers: ")[1].split()[0])
+    assert difference < 1e-4
+    assert "ROMEO:" in out and "val FVE" in out and "val KL" in out
+    assert "topk " in out and "relu " in out and "CE-loss score" in out
+    home = tmp_path / "runs" / "tiny-gpt2"  # the exported folder's name: where the model's outputs go
+    assert (home / "pretrained.json").is_file() and (home / "lens" / "notebook" / "last.pt").is_file()
+    assert len(list((home / "sae").glob("blocks.2.hook_resid_pre-*"))) == 2
