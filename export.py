@@ -61,35 +61,35 @@ class ExportSettings:
         return self
 
 
-def check_with_transformers(folder: str, model, vocab: int) -> float | None:
-    """Max |logit difference| between transformers' model of `folder` and ours on a fixed batch,
-    or None when transformers is not installed."""
+def _logit_difference(theirs, model) -> float:
+    """Max |logit difference| between `theirs` (tokens -> logits) and our model on a fixed batch,
+    relative to our largest logit (at least 1)."""
+    T = min(model.cfg.context_len, 64)
+    tokens = torch.randint(0, model.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.float().cpu()(tokens)
+        return (theirs(tokens)[..., : ours.shape[-1]].float() - ours).abs().max().item() / max(1.0, ours.abs().max().item())
+
+
+def check_with_transformers(folder: str, model) -> float | None:
+    """_logit_difference for transformers' model of `folder`, or None when it is not installed."""
     try:
         import transformers
     except ImportError:
         return None
     transformers.logging.set_verbosity_error()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    T = min(model.cfg.context_len, 64)
-    tokens = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = model.float().cpu()(tokens)
-        return (theirs(tokens).logits[..., : ours.shape[-1]] - ours).abs().max().item()
+    return _logit_difference(lambda tokens: theirs(tokens).logits, model)
 
 
-def check_with_transformer_lens(folder: str, model, vocab: int) -> float:
-    """Max |logit difference| between the TransformerLens model of `folder` and ours on a fixed batch,
-    relative to the largest logit (at least 1)."""
-    theirs = load_transformer_lens(folder, "cpu")
-    T = min(model.cfg.context_len, 64)
-    tokens = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = model.float().cpu()(tokens)
-        return (theirs(tokens).float() - ours).abs().max().item() / max(1.0, ours.abs().max().item())
+def check_with_transformer_lens(folder: str, model) -> float:
+    """_logit_difference for the TransformerLens model of `folder`."""
+    return _logit_difference(load_transformer_lens(folder, "cpu"), model)
 
 
 def main(argv: list[str] | None = None) -> str:
     cfg, _ = parse_flags(ExportSettings, argv, "export.py", __doc__.split("\n\n")[0], positional=("run_dir", "out"))
+    version = None
     if cfg.to == "transformer_lens":
         try:
             version = transformer_lens_version()
@@ -97,71 +97,46 @@ def main(argv: list[str] | None = None) -> str:
             raise ConfigError("--to transformer_lens: TransformerLens is not installed: pip install transformer_lens "
                               "(version 4), or 'transformer_lens<4' for a HookedTransformer") from None
     run = load_run(cfg.run_dir, "cpu", prefer=cfg.checkpoint)
-    if cfg.to == "transformer_lens":
-        return export_to_transformer_lens(cfg, run, version)
-    if run.cfg.task != "text":
+    if cfg.to == "hf" and run.cfg.task != "text":
         raise ConfigError(f"--run_dir: {run.checkpoint_path} is a {run.cfg.task} run; Hugging Face's causal-LM "
-                          f"classes are language models, so export.py exports text runs (--task text)")
-    tokenizer = run.data.tokenizer
-    out, staging = _staging(cfg.out)
+                          f"classes are language models, so --to hf exports text runs (--task text); "
+                          f"--to transformer_lens takes any run")
+    if cfg.to == "hf":  # (what the folder holds, for the log), its check, the bound on the check
+        def write(folder):
+            family, written = export_hf(run.model, run.data.tokenizer, folder)
+            return f"{family} · {run.model.num_params():,} parameters · {written}"
+        check, other, bound = check_with_transformers, "transformers", 1e-4
+    else:
+        def write(folder):
+            record = export_transformer_lens(run.model, folder)
+            return (f"TransformerLens {version} {record['class']} · {run.model.num_params():,} parameters · "
+                    f"interp.load_transformer_lens({cfg.out!r}) opens it")
+        # version 4 takes norms and rotary tables in float32 whatever the model's dtype
+        check, other, bound = check_with_transformer_lens, f"TransformerLens {version}", 1e-5
+    out = os.path.abspath(cfg.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))  # renamed once whole
     try:
         try:
-            family, written = export_hf(run.model, tokenizer, staging)
+            described = write(staging)
         except ValueError as e:
-            raise ConfigError(f"--to hf: {run.checkpoint_path}: {e}") from None
-        difference = check_with_transformers(staging, run.model, run.model.vocab_size) if cfg.check else None
-        if difference is not None:
-            scale = 1e-4 * max(1.0, run.model.cfg.num_blocks / 4)
-            if difference > scale:
-                raise RuntimeError(f"transformers' {family} model of the export gives logits {difference:.2e} "
-                                   f"away from ours; nothing was written (please report this)")
-        _finish(staging, out)
+            raise ConfigError(f"--to {cfg.to}: {run.checkpoint_path}: {e}") from None
+        difference = check(staging, run.model) if cfg.check else None
+        if difference is not None and difference > bound * max(1.0, run.model.cfg.num_blocks / 4):
+            raise RuntimeError(f"{other}'s model of the export gives logits {difference:.2e} (relative) away from "
+                               f"ours; nothing was written (please report this)")
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked by validate
+        os.replace(staging, out)
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
-    print(f"{run.checkpoint_path} (step {run.step}) -> {out}: {family} · {run.model.num_params():,} parameters · "
-          f"{written}", file=sys.stderr)
+    print(f"{run.checkpoint_path} (step {run.step}) -> {out}: {described}", file=sys.stderr)
     if difference is not None:
-        print(f"checked: transformers' {family} model gives our logits to {difference:.1e}", file=sys.stderr)
+        print(f"checked: {other} gives our logits to {difference:.1e} of the largest", file=sys.stderr)
     elif cfg.check:
         print("not checked: transformers is not installed", file=sys.stderr)
     return out
-
-
-def export_to_transformer_lens(cfg: ExportSettings, run, version: int) -> str:
-    out, staging = _staging(cfg.out)
-    try:
-        try:
-            record = export_transformer_lens(run.model, staging)
-        except ValueError as e:
-            raise ConfigError(f"--to transformer_lens: {run.checkpoint_path}: {e}") from None
-        difference = check_with_transformer_lens(staging, run.model, run.model.vocab_size) if cfg.check else None
-        if difference is not None and difference > 1e-5 * max(1.0, run.model.cfg.num_blocks / 4):  # float32 rounding
-            raise RuntimeError(f"TransformerLens {version}'s model of the export gives logits {difference:.2e} "
-                               f"(relative) away from ours; nothing was written (please report this)")
-        _finish(staging, out)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging)
-    print(f"{run.checkpoint_path} (step {run.step}) -> {out}: TransformerLens {version} {record['class']} · "
-          f"{run.model.num_params():,} parameters · interp.load_transformer_lens({cfg.out!r}) opens it", file=sys.stderr)
-    if difference is not None:
-        print(f"checked: TransformerLens gives our logits to {difference:.1e} of the largest", file=sys.stderr)
-    return out
-
-
-def _staging(out: str) -> tuple[str, str]:
-    """(the folder to write, a temporary folder beside it that takes its name once whole)."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    return out, tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-
-
-def _finish(staging: str, out: str) -> None:
-    if os.path.isdir(out):
-        os.rmdir(out)  # empty, checked by validate
-    os.replace(staging, out)
 
 
 if __name__ == "__main__":

@@ -245,6 +245,12 @@ def test_the_analysis_programs_open_a_pretrained_model_where_they_open_a_run(tmp
     with pytest.raises(ConfigError, match=r"--data_path: runs/gpt2 stands for .* give the same --data_path"):
         interp.main(["--model", folder, "--data_path", str(other)])
     assert json.load(open(home / "pretrained.json")) == recorded
+    run = tmp_path / "elsewhere" / "gpt2"  # a run's directory where the model would stand
+    run.mkdir(parents=True)
+    (run / "last.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="--model: .*elsewhere/gpt2 is a run's directory"):
+        interp.main([*model, "--runs_dir", str(tmp_path / "elsewhere")])
+    assert os.listdir(run) == ["last.pt"]
     with pytest.raises(ConfigError, match="--model: name a run .* or --model .*, not both"):
         sae.main(["runs/elsewhere", *model, "--hook", "blocks.1.hook_resid_pre"])
     with pytest.raises(ConfigError, match="--run_dir: name a run directory or checkpoint .* or a pretrained model"):
