@@ -92,12 +92,12 @@ def test_pretrained_notebook_exports_a_model_and_explains_it_through_the_pretrai
     text.write_text("ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n" * 200)
     notebook = execute("pretrained.ipynb", {
         "TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE, "TINYLAB_RUNS": str(tmp_path / "runs"), "TINYLAB_DATA": str(text),
-        "TINYLAB_TEXT_ARGS": "--max_steps 4 --eval_every 4",
+        "TINYLAB_TEXT_ARGS": "--max_steps 4 --eval_every 4 --embedding_dim 32 --num_heads 2 --context_len 32",
         "TINYLAB_LENS_ARGS": "--t_text 2 --max_steps 4 --eval_every 4 --eval_rows 8 --batch_size 8",
         "TINYLAB_SAE_ARGS": "--max_steps 10 --eval_every 10 --batch_size 256 --eval_tokens 1024",
     }, monkeypatch)
     out = printed(notebook)
-    assert "4 blocks x 4 heads x 128, vocab 50304, context 64, tokenizer 'gpt2'" in out, out  # rows padded to 64s
+    assert "4 blocks x 2 heads x 32, vocab 50304, context 32, tokenizer 'gpt2'" in out, out  # rows padded to 64s
     difference = float(out.split("max |logit difference| from transformers: ")[1].split()[0])
     assert difference < 1e-4
     assert "ROMEO:" in out and "val FVE" in out and "val KL" in out
