@@ -79,12 +79,11 @@ def load_run(path: str, device: str = "auto", prefer: str = "best", source=None)
     rank 0 records pretrained.json; that folder, or its pretrained.json, opens the same model
     and text again later (an SAE's report, say)."""
     spec = source.pretrained_spec() if source is not None else None
-    if spec is None:
-        recorded = path if path.endswith(PRETRAINED_FILE) else os.path.join(path, PRETRAINED_FILE)
-        if os.path.isfile(recorded) and not (os.path.isdir(path) and newest_checkpoint(path)):
-            return open_pretrained(_read_spec(recorded), device, recorded)
-    else:
+    if spec is not None:
         return open_pretrained(spec, device, os.path.join(path, PRETRAINED_FILE))
+    recorded = path if path.endswith(PRETRAINED_FILE) else os.path.join(path, PRETRAINED_FILE)
+    if os.path.isfile(recorded) and not (os.path.isdir(path) and newest_checkpoint(path)):
+        return open_pretrained(_read_spec(recorded), device, recorded)
     if os.path.isdir(path):
         names = ("best.pt", "last.pt") if prefer == "best" else ("last.pt", "best.pt")
         found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
@@ -109,10 +108,11 @@ def _read_spec(path: str) -> dict:
     try:
         with open(path) as f:
             spec = json.load(f)
-        assert isinstance(spec, dict) and spec.get("model")
-    except (OSError, ValueError, AssertionError):
+    except (OSError, ValueError):
+        spec = None
+    if not isinstance(spec, dict) or not spec.get("model"):
         raise ConfigError(f"{path} is not a pretrained model's record (JSON with its model, data_path and "
-                          f"context_len); open the model again with --model") from None
+                          f"context_len); open the model again with --model")
     return spec
 
 

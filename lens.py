@@ -478,7 +478,8 @@ def show_context(run: Run, tokens: torch.Tensor, position: int, width: int = 40)
 
 
 def lens_dir(cfg: LensConfig, layer: int) -> str:
-    return os.path.join(cfg.save_model_dir or os.path.join(run_folder(cfg.run_dir), "lens"), cfg.run_name or f"layer{layer}-t{cfg.t_text}")
+    return os.path.join(cfg.save_model_dir or os.path.join(run_folder(cfg.run_dir), "lens"),
+                        cfg.run_name or f"layer{layer}-t{cfg.t_text}")
 
 
 def resolve_layers(cfg: LensConfig, run: Run) -> tuple[int, int]:

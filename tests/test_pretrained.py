@@ -283,3 +283,95 @@ def test_a_fine_tune_runs_on_two_ranks_as_on_one_and_resumes_exactly(tmp_path, r
         [(m["step"], m.get("train_loss")) for m in one]
     a, b = model_weights(tmp_path / "one" / "last.pt"), model_weights(tmp_path / "stopped" / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def serve_a_hub(models: dict[str, str]):
+    """A local stand-in for the Hugging Face hub (HF_ENDPOINT): each repo id in `models` serves the
+    files of its folder; "<org>/gated" answers as a gated repository does, anything else as a
+    repository that does not exist. Returns (server, base URL, requests seen)."""
+    import hashlib
+    import http.server
+    import threading
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    seen = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def refuse(self, status: int, code: str):
+            self.send_response(status)
+            self.send_header("X-Error-Code", code)
+            self.send_header("X-Error-Message", code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def answer(self, body: bytes, content_type: str, etag: str = ""):
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Repo-Commit", commit)
+            self.send_header("ETag", f'"{etag or hashlib.sha256(body).hexdigest()}"')
+            self.end_headers()
+            if self.command == "GET":
+                self.wfile.write(body)
+
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            parts = self.path.split("?")[0].strip("/").split("/")
+            if parts[:2] == ["api", "models"]:
+                repo = "/".join(parts[2:4])
+                if repo.endswith("/gated"):
+                    return self.refuse(403, "GatedRepo")
+                if repo not in models:
+                    return self.refuse(401, "RepoNotFound")
+                names = sorted(os.listdir(models[repo]))
+                if parts[4:5] == ["tree"]:  # the file listing
+                    tree = [{"type": "file", "path": n, "size": os.path.getsize(os.path.join(models[repo], n)),
+                             "oid": hashlib.sha1(n.encode()).hexdigest()} for n in names]
+                    return self.answer(json.dumps(tree).encode(), "application/json")
+                files = [{"rfilename": n} for n in names]
+                return self.answer(json.dumps({"id": repo, "sha": commit, "siblings": files}).encode(), "application/json")
+            repo, filename = "/".join(parts[:2]), "/".join(parts[4:])  # <org>/<name>/resolve/<revision>/<file>
+            if repo not in models or not os.path.isfile(os.path.join(models[repo], filename)):
+                return self.refuse(404, "EntryNotFound")
+            with open(os.path.join(models[repo], filename), "rb") as f:
+                self.answer(f.read(), "application/octet-stream")
+
+        do_HEAD = do_GET
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}", seen
+
+
+@pytest.mark.slow
+def test_a_hub_id_downloads_through_hf_endpoint_and_gated_or_unknown_ones_say_what_to_do(tmp_path, monkeypatch,
+                                                                                          references):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants as constants  # read once at import: point them at this server and cache
+
+    reference, folder = references["qwen2"]
+    server, url, seen = serve_a_hub({"tinylab-test/tiny-qwen": folder})
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.setenv("HF_TOKEN", "hf_tinylab_test")  # sent with every request
+        model, cfg = pretrained.load_pretrained("tinylab-test/tiny-qwen")
+        tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert (model(tokens) - reference(tokens).logits).abs().max() < 1e-4 * reference(tokens).logits.abs().max()
+        assert any("model.safetensors" in path for path, _ in seen)  # it came over HTTP, into that cache
+        assert {token for path, token in seen if "tinylab-test" in path} == {"Bearer hf_tinylab_test"}, seen
+        assert list((tmp_path / "hub").glob("models--tinylab-test--tiny-qwen/snapshots/*/model.safetensors"))
+        with pytest.raises(ConfigError, match=r"tinylab-test/gated is gated .* set HF_TOKEN"):
+            pretrained.load_pretrained("tinylab-test/gated")
+        with pytest.raises(ConfigError, match=r"the Hugging Face hub has no model 'tinylab-test/nothing'"):
+            pretrained.load_pretrained("tinylab-test/nothing")
+    finally:
+        server.shutdown()
+        server.server_close()
