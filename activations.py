@@ -37,7 +37,7 @@ from config import (DEVICES, DTYPES, PRETRAINED_FILE, ConfigError, ModelSource, 
                     parse_flags, section)
 from data import IGNORE, _step_seed, build_data
 from model import Transformer
-from pretrained import DEFAULT_TRAIN_CONTEXT, load_pretrained, resolve
+from pretrained import DEFAULT_TRAIN_CONTEXT, load_pretrained
 from checkpoints import CheckpointError, find_checkpoint, load_checkpoint, newest_checkpoint
 from corpus import make_tokenizer
 from distributed import Dist, broadcast_object, gather_objects, setup_distributed, teardown_distributed
@@ -132,17 +132,10 @@ class TokenizerOnly:
 
 def open_pretrained(spec: dict, device: str = "auto", record: str | None = None) -> Run:
     """A pretrained checkpoint as a Run: its model, the text spec["data_path"] tokenized with its
-    own tokenizer in windows of spec["context_len"] (0: its context, at most 1024). With `record`,
-    rank 0 writes the spec there once the model and text opened; a record of other settings
-    already there is refused (the SAEs and lenses under that folder read it)."""
-    torch_device = pick_device(device)
-    model, cfg = load_pretrained(spec["model"], "model", torch_device)
-    limit = cfg.context_len
-    context = spec.get("context_len") or min(limit, DEFAULT_TRAIN_CONTEXT)
-    if context > limit:
-        raise ConfigError(f"--context_len: {spec['model']} reads at most {limit} positions; pass {limit} or fewer")
-    data_path = spec.get("data_path") or ""
-    cfg = config_from_dict({**cfg.to_dict(), "context_len": context, "data_path": data_path or cfg.data_path})
+    own tokenizer in windows of spec["context_len"] (0: its context, at most 1024); with no text
+    (sample.py), its tokenizer and whole context. With `record`, rank 0 writes the spec there once
+    the model and text opened; a record of other settings already there is refused before anything
+    is loaded (the SAEs and lenses under that folder read it)."""
     if record is not None and newest_checkpoint(os.path.dirname(record) or "."):
         raise ConfigError(f"--model: {os.path.dirname(record)} is a run's directory, and {spec['model']} would stand "
                           f"there too; pass --runs_dir another folder (or open the run itself)")
@@ -154,11 +147,18 @@ def open_pretrained(spec: dict, device: str = "auto", record: str | None = None)
                                   f"{before.get('data_path')!r} in windows of {before.get('context_len') or 'its context'}"
                                   f", and what is under it was made so; give the same --{key} {before.get(key)!r}, "
                                   f"or --runs_dir another folder")
+    torch_device = pick_device(device)
+    model, cfg = load_pretrained(spec["model"], "model", torch_device)
+    limit = cfg.context_len
+    data_path = spec.get("data_path") or ""
+    context = spec.get("context_len") or (min(limit, DEFAULT_TRAIN_CONTEXT) if data_path else limit)
+    if context > limit:
+        raise ConfigError(f"--context_len: {spec['model']} reads at most {limit} positions; pass {limit} or fewer")
+    cfg = config_from_dict({**cfg.to_dict(), "context_len": context, "data_path": data_path or cfg.data_path})
     data = build_data(cfg, Dist(), torch_device) if data_path else TokenizerOnly(cfg)
     if record is not None and int(os.environ.get("RANK", "0")) == 0 and not os.path.isfile(record):
         os.makedirs(os.path.dirname(record) or ".", exist_ok=True)
-        write_json(record, {"model": spec["model"], "data_path": data_path, "context_len": spec.get("context_len", 0),
-                            "checkpoint_folder": os.path.abspath(resolve(spec["model"], "model"))})
+        write_json(record, {"model": spec["model"], "data_path": data_path, "context_len": spec.get("context_len", 0)})
     return Run(model, cfg, data, torch_device, record or spec["model"], 0)
 
 

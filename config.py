@@ -138,8 +138,9 @@ def pretrained_folder(model: str, runs_dir: str) -> str:
 class ModelSource:
     """What the analysis programs (activations.py, sae.py, lens.py, interp.py) read: a run (each
     program's own run_dir field) or, with --model, a pretrained checkpoint and the text it reads
-    (sample.py, which reads no text, has --model alone). `validate_source` points run_dir at the model's folder, so that everything a program
-    writes under a run goes under <runs_dir>/<model name>/ instead."""
+    (sample.py, which reads no text, has --model alone). `validate_source` points run_dir at the
+    model's folder, so that everything a program writes under a run goes under
+    <runs_dir>/<model name>/ instead."""
 
     model: str = _pretrained("", "a pretrained model instead of a run: a Hugging Face hub id (gpt2, "
                                  "Qwen/Qwen2.5-0.5B) or a folder in its layout (config.json + *.safetensors); "

@@ -532,8 +532,14 @@ def to_transformer_lens(model, device=None):
     does), so its hook_q and hook_k hold ours with each head's dimensions reordered
     (`rotary_order`). Neither has an attention sink or biases inside a SwiGLU (their gated MLP has
     none there). What has no counterpart raises ValueError naming it."""
-    major = transformer_lens_version()
     model = _model(model)
+    _, settings, state, build = _transformer_lens_parts(model, transformer_lens_version())
+    return build(settings, state, device or next(model.parameters()).device)
+
+
+def _transformer_lens_parts(model, major: int):
+    """(class name, the config's arguments as JSON values, our weights under its names, the function
+    that builds it from those) for TransformerLens `major`; ValueError naming a piece it lacks."""
     cfg = model.cfg
     if cfg.attention_sink:
         raise ValueError("this model has an attention sink (--attention_sink), which TransformerLens does not have")
@@ -541,8 +547,8 @@ def to_transformer_lens(model, device=None):
         raise ValueError("this model's SwiGLU MLPs have biases on the gate and its partner (--bias true); "
                          "TransformerLens's gated MLP has none there (one bias after the product). Train with --bias false")
     if major >= 4:
-        return _transformer_bridge(model, device)
-    return _hooked_transformer(model, device)
+        return "TransformerBridge (native)", _bridge_settings(model), _bridge_state(model), bridge_from_settings
+    return "HookedTransformer", _hooked_settings(model), _hooked_state(model), hooked_from_settings
 
 
 TL_FILE = "transformer_lens.json"  # export.py --to transformer_lens: the settings beside model.safetensors
@@ -551,18 +557,13 @@ TL_FILE = "transformer_lens.json"  # export.py --to transformer_lens: the settin
 def export_transformer_lens(model, out: str) -> dict:
     """Writes `out` for the installed TransformerLens: transformer_lens.json (its major version, the
     class, the config's arguments) and model.safetensors (the weights under its names), which
-    load_transformer_lens (or the README's few lines, without tinylab) opens. Returns the JSON."""
+    load_transformer_lens (or the README's few lines, without tinylab) opens. Returns the JSON.
+    A model with a piece TransformerLens lacks raises ValueError before anything is written."""
     from safetensors.torch import save_file
 
     major = transformer_lens_version()
-    to_transformer_lens(model.cpu())  # refuses what has no counterpart before anything is written
-    model = _model(model)
-    if major >= 4:
-        record = {"transformer_lens": major, "class": "TransformerBridge (native)", "settings": _bridge_settings(model)}
-        state = _bridge_state(model)
-    else:
-        record = {"transformer_lens": major, "class": "HookedTransformer", "settings": _hooked_settings(model)}
-        state = _hooked_state(model)
+    name, settings, state, _ = _transformer_lens_parts(_model(model), major)
+    record = {"transformer_lens": major, "class": name, "settings": settings}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, TL_FILE), "w") as f:
         json.dump(record, f, indent=1)
@@ -694,16 +695,6 @@ def bridge_from_settings(settings: dict, state: dict[str, torch.Tensor], device=
     native.load_state_dict(state, strict=True)
     native = native.to(device=device, dtype=dtype)
     return build_bridge_from_module(native, "TransformerLensNative", tl_config=tl_cfg).eval()
-
-
-def _transformer_bridge(model, device=None):
-    return bridge_from_settings(_bridge_settings(model), _bridge_state(model),
-                                device or next(model.parameters()).device)
-
-
-def _hooked_transformer(model, device=None):
-    """TransformerLens 2 and 3: a HookedTransformer (to_transformer_lens)."""
-    return hooked_from_settings(_hooked_settings(model), _hooked_state(model), device or next(model.parameters()).device)
 
 
 def _hooked_settings(model) -> dict:

@@ -75,9 +75,8 @@ def read_prompt(start: str) -> str:
 def main(argv: list[str] | None = None) -> list[str]:
     cfg, _ = parse_flags(SampleSettings, argv, "sample.py", __doc__.split("\n\n")[0], positional="run_dir")
     prompt = read_prompt(cfg.start)
-    if cfg.model:  # its own tokenizer and whole context; no text to read
+    if cfg.model:  # no text to read: its own tokenizer and whole context
         run = open_pretrained({"model": cfg.model, "data_path": "", "context_len": 0}, cfg.device)
-        run.cfg.context_len = run.model.cfg.context_len
     else:
         run = load_run(cfg.run_dir, cfg.device, prefer=cfg.checkpoint)
     if run.cfg.task != "text":
