@@ -1,9 +1,20 @@
-"""A private, single-node Slurm cluster for tests: munged, slurmctld and slurmd as child processes.
+"""A private Slurm cluster for tests: munged, slurmctld and slurmd as child processes, on this host
+or on two virtual hosts.
 
     reason = slurm_missing_reason()          # None when this machine can run one
     with SlurmCluster(tmp_dir) as cluster:   # writes a key and slurm.conf, starts the daemons
         job = cluster.sbatch(["/path/train.slurm", "--max_steps", "40"], cwd=work_dir)
         assert cluster.wait(job, timeout=120) == "COMPLETED"
+
+    with SlurmCluster(tmp_dir, nodes=2) as cluster:   # two hosts, node1 and node2 (tests/virtual_hosts.py)
+        job = cluster.sbatch(["--nodes=2", "/path/train.slurm", ...], cwd=work_dir)
+        cluster.hosts.pids("node2")                    # every process running on node2
+
+With nodes=2 each node is a host of its own made of Linux namespaces (its own address on a bridge,
+10.77.0.1 and .2, host name, /etc/hosts, ports and /run-like folder): a munged on each with the same
+key, a slurmd on each, slurmctld on node1, and the client commands run on node1 as on a login node.
+The file system is shared, as a cluster's is. Run that way, a job crosses a real network boundary:
+its rendezvous, gloo's connections and the stop signal all go over TCP between two addresses.
 
 Everything the cluster owns lives in `tmp_dir`: the munge key and socket, slurm.conf, the state and
 spool directories, the daemons' logs. Nothing in /etc, /run or /var is read or written, the ports are
@@ -13,7 +24,8 @@ no accounting database: job states come from `scontrol show job`, which keeps a 
 MinJobAge (300 s here). Client commands need `SLURM_CONF`: run them with `cluster.env`.
 
 Needs Debian's `slurm-wlm` (or slurmctld + slurmd + slurm-client) and `munge`, and root: slurmd
-starts jobs as their user. No pytest in here; tests/test_slurm.py wraps it in a fixture.
+starts jobs as their user. No pytest in here; tests/test_slurm.py and tests/test_two_nodes.py wrap
+it in fixtures.
 """
 from __future__ import annotations
 
@@ -27,6 +39,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from virtual_hosts import VirtualHosts
 
 # States after which a job record no longer changes (a requeued job goes back to PENDING instead).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
@@ -101,17 +115,23 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 
 class SlurmCluster:
-    """One node, one partition, started by start() (or `with`), torn down by stop().
+    """One partition of `nodes` nodes (this host, or virtual hosts node1, node2, ...), started by
+    start() (or `with`), torn down by stop().
 
     `env` is the environment for Slurm client commands (and what sbatch hands to jobs): this
     process's environment without any SLURM_*/SBATCH_* variables of an outer Slurm job, plus SLURM_CONF.
     """
 
-    def __init__(self, directory, start_timeout: float = 60.0, min_job_age: int = 300):
+    def __init__(self, directory, start_timeout: float = 60.0, min_job_age: int = 300, nodes: int = 1):
         self.dir = Path(directory).absolute()
         self.start_timeout = start_timeout
         self.min_job_age = min_job_age
-        self.node = short_hostname()
+        self.hosts: VirtualHosts | None = None
+        if nodes > 1:  # the run folder is private to each host, as /run/munge is
+            self.hosts = VirtualHosts(self.dir / "hosts", [f"node{i + 1}" for i in range(nodes)],
+                                      private=(str(self.dir / "run"),))
+        self.nodes = self.hosts.names if self.hosts else [short_hostname()]
+        self.node = self.nodes[0]  # where slurmctld runs, and the client commands
         self.conf = self.dir / "slurm.conf"
         self.env: dict[str, str] = {}
         self._processes: dict[str, subprocess.Popen] = {}
@@ -136,11 +156,15 @@ class SlurmCluster:
 
     def _start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.hosts is not None:
+            self.hosts.start()
         munge_dir = self.dir / "munge"
         munge_dir.mkdir(exist_ok=True)
         munge_dir.chmod(0o755)  # the socket's directory must be searchable by all, whatever the umask
-        socket_path = munge_dir / "munge.socket"
-        if len(str(socket_path)) > 100:  # AF_UNIX paths stop at 108 bytes
+        # Each virtual host has a munged of its own (the same key), its socket in the host's own run/.
+        run_dir = munge_dir if self.hosts is None else self.dir / "run"
+        socket_path = run_dir / "munge.socket"
+        if len(str(socket_path)) > 100 and self.hosts is None:  # AF_UNIX paths stop at 108 bytes
             self._socket_dir = Path(tempfile.mkdtemp(prefix="tinylab-munge-"))
             self._socket_dir.chmod(0o755)
             socket_path = self._socket_dir / "munge.socket"
@@ -148,8 +172,8 @@ class SlurmCluster:
         if not key.exists():  # munged insists: owned by its user, readable by nobody else
             key.write_bytes(os.urandom(1024))
             key.chmod(0o400)
-        for name in ("state", "spool"):
-            (self.dir / name).mkdir(exist_ok=True)
+        for name in ("state", *(f"spool/{node}" for node in self.nodes)):
+            (self.dir / name).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(self._slurm_conf(socket_path))
 
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_"))}
@@ -158,24 +182,39 @@ class SlurmCluster:
 
         # --force: munged refuses a socket whose parent directories are not world-searchable, which
         # pytest's 0700 temporary directories are not. Only root (us, and the daemons) talks to it.
-        self._spawn("munged", [find_program("munged"), "--foreground", "--force",
-                               f"--key-file={key}", f"--socket={socket_path}",
-                               f"--pid-file={munge_dir / 'munged.pid'}", f"--log-file={munge_dir / 'munged.log'}",
-                               f"--seed-file={munge_dir / 'munged.seed'}"])
-        self._wait_for(lambda: socket_path.exists(), "munged to create its socket")
-        self._spawn("slurmctld", [find_program("slurmctld"), "-D", "-f", str(self.conf)])
-        self._spawn("slurmd", [find_program("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
-        self._wait_for(lambda: self.node_state() == "IDLE", f"node {self.node} to become IDLE")
+        for node in self.nodes:
+            self._spawn("munged", node, [
+                find_program("munged"), "--foreground", "--force", f"--key-file={key}", f"--socket={socket_path}",
+                f"--pid-file={run_dir / 'munged.pid'}", f"--log-file={run_dir / 'munged.log'}",
+                f"--seed-file={run_dir / 'munged.seed'}"])
+            self._wait_for(lambda: self._on(node, ["test", "-S", str(socket_path)]), f"munged on {node} to start")
+        self._spawn("slurmctld", self.node, [find_program("slurmctld"), "-D", "-f", str(self.conf)])
+        for node in self.nodes:
+            self._spawn("slurmd", node, [find_program("slurmd"), "-D", "-f", str(self.conf), "-N", node])
+        for node in self.nodes:
+            self._wait_for(lambda: self.node_state(node) == "IDLE", f"node {node} to become IDLE")
+
+    def _on(self, node: str, argv: list[str]) -> bool:
+        """True when `argv` succeeds on `node`."""
+        command = argv if self.hosts is None else self.hosts.command(node, argv)
+        return subprocess.run(command, capture_output=True).returncode == 0
 
     def _slurm_conf(self, socket_path: Path) -> str:
         d = self.dir
         cpus = os.cpu_count() or 1
+        if self.hosts is None:
+            nodes = [f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN"]
+            controller, ports = self.node, (free_port(), free_port())
+        else:  # every host has its own ports: Slurm's usual ones
+            nodes = [f"NodeName={name} NodeAddr={address} CPUs={cpus} RealMemory=1000 State=UNKNOWN"
+                     for name, address in self.hosts.addresses.items()]
+            controller, ports = f"{self.node}({self.hosts.addresses[self.node]})", (6817, 6818)
         return "\n".join([
-            "# written by tests/slurm_cluster.py: a private one-node cluster",
+            f"# written by tests/slurm_cluster.py: a private cluster of {len(self.nodes)} node(s)",
             "ClusterName=tinylab-test",
-            f"SlurmctldHost={self.node}",
-            f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
+            f"SlurmctldHost={controller}",
+            f"SlurmctldPort={ports[0]}",
+            f"SlurmdPort={ports[1]}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
@@ -184,11 +223,11 @@ class SlurmCluster:
             # 120 s); 5 is the smallest value Slurm accepts.
             f"AuthInfo=socket={socket_path},cred_expire=5",
             f"StateSaveLocation={d / 'state'}",
-            f"SlurmdSpoolDir={d / 'spool'}",
+            f"SlurmdSpoolDir={d / 'spool' / '%n'}",  # %n: the node's name
             f"SlurmctldPidFile={d / 'slurmctld.pid'}",
-            f"SlurmdPidFile={d / 'slurmd.pid'}",
+            f"SlurmdPidFile={d / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={d / 'slurmctld.log'}",
-            f"SlurmdLogFile={d / 'slurmd.log'}",  # slurmstepd (job launch errors) logs here too
+            f"SlurmdLogFile={d / 'slurmd-%n.log'}",  # slurmstepd (job launch errors) logs here too
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
@@ -209,15 +248,17 @@ class SlurmCluster:
             # The main scheduler otherwise runs every 60 s: a requeued job would idle that long.
             "SchedulerType=sched/backfill",
             "SchedulerParameters=sched_interval=1,bf_interval=1",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN",
+            *nodes,
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             "",
         ])
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, daemon: str, node: str, argv: list[str]) -> None:
+        name = daemon if daemon == "slurmctld" else f"{daemon}-{node}"
         out = open(self.dir / f"{name}.stderr", "ab")
         try:
-            self._processes[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            command = argv if self.hosts is None else self.hosts.command(node, argv, self.dir)
+            self._processes[name] = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                                      cwd=self.dir, env=self.env, preexec_fn=_die_with_parent)
         finally:
             out.close()
@@ -241,16 +282,19 @@ class SlurmCluster:
                 self._cancel_all_jobs()
             except Exception:  # a half-started cluster: nothing to cancel
                 pass
-        for name in reversed(DAEMONS):
-            process = self._processes.pop(name, None)
-            if process is None or process.poll() is not None:
-                continue
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        for daemon in reversed(DAEMONS):
+            for name in [n for n in self._processes if n.split("-")[0] == daemon]:
+                process = self._processes.pop(name)
+                if process.poll() is not None:
+                    continue
+                process.terminate()
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        if self.hosts is not None:
+            self.hosts.stop()  # and whatever still ran on them
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
@@ -271,8 +315,10 @@ class SlurmCluster:
     def run(self, argv: list[str], cwd=None, check: bool = True, timeout: float = 60,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Runs a Slurm client command against this cluster; SlurmError (with its output) on failure."""
-        program = find_program(argv[0]) or argv[0]
-        result = subprocess.run([program, *argv[1:]], cwd=cwd, env={**self.env, **(env or {})},
+        command = [find_program(argv[0]) or argv[0], *argv[1:]]
+        if self.hosts is not None:  # on node1, as on a cluster's login node
+            command = self.hosts.command(self.node, command, cwd)
+        result = subprocess.run(command, cwd=cwd, env={**self.env, **(env or {})},
                                 capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise SlurmError(f"{' '.join(argv)} failed with status {result.returncode}:\n"
@@ -342,10 +388,14 @@ class SlurmCluster:
     def cancel(self, job_id: str) -> None:
         self.run(["scancel", str(job_id)])
 
-    def node_state(self) -> str | None:
-        result = self.run(["scontrol", "--oneliner", "show", "node", self.node], check=False, timeout=20)
+    def node_state(self, node: str | None = None) -> str | None:
+        result = self.run(["scontrol", "--oneliner", "show", "node", node or self.node], check=False, timeout=20)
         match = re.search(r"\bState=(\S+)", result.stdout)
         return match.group(1) if result.returncode == 0 and match else None
+
+    def _names(self) -> list[str]:
+        """The daemons' file names: slurmctld, and munged-NODE and slurmd-NODE per node."""
+        return ["slurmctld", *[f"{daemon}-{node}" for node in self.nodes for daemon in ("munged", "slurmd")]]
 
     def logs(self, job_id: str | None = None) -> str:
         """The tails of the daemons' logs (and of the job's output file), for error messages."""
@@ -357,7 +407,7 @@ class SlurmCluster:
                     parts.append(_tail(Path(stdout), 60))
             except Exception:
                 pass
-        for name in DAEMONS:  # the log file where there is one; munged (in the foreground) writes stderr
+        for name in self._names():  # the log file where there is one; munged (in the foreground) writes stderr
             log_file = self.dir / f"{name}.log"
             parts.append(_tail(log_file if log_file.is_file() and log_file.stat().st_size else
                                self.dir / f"{name}.stderr"))
