@@ -337,7 +337,7 @@ def dump(settings: DumpSettings, log=print) -> str:
         if problem:
             raise ConfigError(problem)
     except (ConfigError, CheckpointError):
-        teardown_distributed()
+        teardown_distributed(info=dist_info)
         raise
 
     model = run.model
@@ -368,7 +368,7 @@ def dump(settings: DumpSettings, log=print) -> str:
         write_json(os.path.join(out, "manifest.json"), {**what, "complete": True, "rows_per_shard": counts,
                                                          "num_rows": sum(counts)})
         say(f"done: {sum(counts):,} rows of width {width} in {out}")
-    teardown_distributed(barrier=True)
+    teardown_distributed(barrier=True, info=dist_info)
     return out
 
 

@@ -5,6 +5,7 @@ every helper here is the identity."""
 from __future__ import annotations
 
 import gc
+import math
 import os
 import signal
 import threading
@@ -20,8 +21,8 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    # A CPU (gloo) group for small control messages such as "stop after this step": agreeing on
-    # them every step then never waits for the GPU. None means the default group (already gloo).
+    # A gloo group of its own for small control messages such as "stop after this step": they never
+    # wait for the GPU, and never queue behind (or hold up) DDP's gradients on the default group.
     control_group: object = None
 
     @property
@@ -68,13 +69,12 @@ def setup_distributed(device_kind: str) -> Dist:
                                     rank=info.rank, world_size=info.world_size)
         else:
             dist.init_process_group(backend=backend)
-    if dist.get_backend() != "gloo":
-        info.control_group = dist.new_group(backend="gloo")
+    info.control_group = dist.new_group(backend="gloo")
     return info
 
 
-def teardown_distributed(barrier: bool = False) -> None:
-    """Destroys the process group, and with it gloo's threads.
+def teardown_distributed(barrier: bool = False, info: Dist | None = None) -> None:
+    """Destroys the process group, and with it gloo's threads (`info`: its control group too).
 
     barrier=True (every rank at the normal end of a run) first waits for all ranks, so none tears
     its group down while a peer still works on its end (rank 0 plotting, say).
@@ -87,6 +87,8 @@ def teardown_distributed(barrier: bool = False) -> None:
     which ends the thread with pthread_exit, unwinding through C++ that must not be unwound:
     `terminate called without an active exception`, SIGABRT, after a run that had finished.
     """
+    if info is not None:
+        info.control_group = None  # held here, the control group's threads would outlive the rest
     if dist.is_initialized():
         if barrier and dist.get_world_size() > 1:
             dist.barrier()
@@ -133,6 +135,81 @@ def _reduce_int(value: int, info: Dist, op) -> int:
     packed = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(packed, op=op, group=info.control_group)
     return int(packed.item())
+
+
+def regroup_ddp_buckets(model, loss, device: torch.device) -> None:
+    """Call on a DDP model resumed from a checkpoint, before its first step. DDP all-reduces every
+    gradient in one bucket on its first step, and from the second on in buckets regrouped in the
+    order that first backward pass produced them. With more than two ranks the grouping decides
+    which ranks' values are added first, so it changes the rounding: a resumed run, taking its first
+    step with the one bucket where the uninterrupted run had the regrouped ones, drifts from it by
+    about 1e-7 (two ranks hide this: a sum of two is the same in either order). One backward pass of
+    `loss()` times zero (its gradients thrown away, its random numbers given back) regroups the
+    buckets as the uninterrupted run's were, so resuming stays bit-exact on any number of ranks.
+    `loss()` runs the model's forward (under autocast if the steps use it) on any batch."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        (loss() * 0).backward()
+    model.zero_grad(set_to_none=True)
+
+
+class StopAgreement:
+    """Makes every rank stop after the same step without a round trip between hosts every step.
+
+    Call it once per step on every rank with this rank's stop request (a signal number, 0 for none;
+    a request must stand until it takes effect, as a received signal does). It returns the largest
+    request any rank made, or 0, and it returns the same on every rank at the same call, so every
+    rank leaves its loop after the same step. In a single process it returns the request at once.
+
+    How: the requests travel in an asynchronous all-reduce (MAX) on the CPU control group, posted at
+    one call and read `interval` calls later, so the network's round trip overlaps the steps in
+    between instead of stalling one. All ranks post and read at the same calls, so they read the
+    same values. The interval adapts: each reduction also carries every rank's proposal for the next
+    interval (the steps that span ROUND_SECONDS, or twice the round trip when a read had to wait),
+    and the largest proposal wins on every rank alike. A request therefore takes effect within two
+    rounds, about 0.2 s of steps (two steps, when steps are slower than that). A round costs one
+    launch of a tiny all-reduce, about 0.2 ms on a small CPU: bench/stop_check.py measures it.
+    finish() waits for the reduction in flight, before the process group goes."""
+
+    ROUND_SECONDS = 0.1
+    MAX_INTERVAL = 10_000
+
+    def __init__(self, info: Dist):
+        self.info = info
+        self.interval = 1  # calls from one read to the next, the same on every rank
+        self.countdown = 1
+        self.work = None  # the reduction in flight
+        self.posted = self.last_round = time.perf_counter()
+        self.packed = torch.zeros(2, dtype=torch.int64)  # [request, proposal]; one reduction in flight at a time
+        self.values = self.packed.numpy()  # the same memory, written and read without torch's dispatcher
+
+    def __call__(self, request: int) -> int:
+        if not self.info.enabled:
+            return request
+        self.countdown -= 1
+        if self.countdown > 0:
+            return 0
+        now = time.perf_counter()
+        agreed, proposal = 0, 1
+        if self.work is not None:
+            self.work.wait()
+            waited = time.perf_counter() - now
+            agreed, next_interval = int(self.values[0]), int(self.values[1])
+            step_seconds = max((now - self.last_round) / self.interval, 1e-6)
+            round_trip = (now - self.posted) + waited if waited > 1e-4 else 0.0
+            wanted = max(self.ROUND_SECONDS, 2 * round_trip)
+            proposal = min(max(math.ceil(wanted / step_seconds), 1), self.MAX_INTERVAL)
+            self.interval = next_interval
+        self.values[0], self.values[1] = request, proposal
+        self.work = dist.all_reduce(self.packed, op=dist.ReduceOp.MAX, group=self.info.control_group, async_op=True)
+        self.posted = self.last_round = now
+        self.countdown = self.interval
+        return agreed
+
+    def finish(self) -> None:
+        """Waits for the reduction in flight, if any (every rank has the same one in flight)."""
+        if self.work is not None:
+            work, self.work = self.work, None
+            work.wait()
 
 
 def same_on_all_ranks(tensors) -> bool:

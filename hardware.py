@@ -56,13 +56,29 @@ def fast_math(device: torch.device) -> None:
     torch.set_flush_denormal(True)
 
 
-def describe_environment(device: torch.device, world_size: int) -> str:
-    """Versions and hardware, so that a log describes the machine it came from."""
+def describe_hosts(hosts: list[str]) -> str:
+    """'on 2 hosts: node1 (ranks 0-1), node2 (ranks 2-3)' from each rank's host name, in rank order;
+    '' on one host."""
+    if len(set(hosts)) < 2:
+        return ""
+    spans: list[tuple[str, int, int]] = []
+    for rank, host in enumerate(hosts):
+        if spans and spans[-1][0] == host:
+            spans[-1] = (host, spans[-1][1], rank)
+        else:
+            spans.append((host, rank, rank))
+    parts = [f"{host} (rank{'s' if b > a else ''} {a}{f'-{b}' if b > a else ''})" for host, a, b in spans]
+    return f" on {len(set(hosts))} hosts: " + ", ".join(parts)
+
+
+def describe_environment(device: torch.device, world_size: int, hosts: list[str] | None = None) -> str:
+    """Versions and hardware, so that a log describes the machine it came from (and, given every
+    rank's host name, which ranks ran where)."""
     lines = [
         f"python {platform.python_version()} · torch {torch.__version__} · numpy {np.__version__}",
         f"host {platform.node()} · {platform.platform()} · {os.cpu_count()} CPUs · "
         f"torch threads {torch.get_num_threads()}",
-        f"device {device} · world size {world_size}",
+        f"device {device} · world size {world_size}{describe_hosts(hosts or [])}",
     ]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

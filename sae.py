@@ -26,6 +26,7 @@ model at the hook: (CE_zero_ablation - CE_sae) / (CE_zero_ablation - CE_clean).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -44,7 +45,7 @@ from checkpoints import CheckpointError, load_checkpoint, seed_everything, set_r
 from config import (DEVICES, DTYPES, ConfigError, ModelSource, OptimSettings, config_from_dict, need, need_name,
                     need_one_of, override, parse_flags, resumed_config, section)
 from data import IGNORE
-from distributed import all_reduce_sum, gather_to_main
+from distributed import all_reduce_sum, gather_to_main, regroup_ddp_buckets
 from interp import fourier_losses, load_run, neuron_frequencies
 from optimizer import LRSchedule, apply_lr, load_optimizer_states
 from session import Session, StepClock, run_command
@@ -198,6 +199,11 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+def zero_input_loss(model, d: int, device: torch.device) -> torch.Tensor:
+    """A loss that every parameter of the SAE takes part in, from one row of zeros."""
+    return sum(out.sum() for out in model(torch.zeros(1, d, device=device)))
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -380,6 +386,8 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             elif cfg.source == "live":
                 log.warning("warning: resumed on a different number of ranks; the live buffers start afresh")
         model = DDP(sae, device_ids=[dist.local_rank] if device.type == "cuda" else None) if dist.enabled else sae
+        if dist.enabled and checkpoint is not None:  # bit-exact resume on 3+ ranks (see there)
+            regroup_ddp_buckets(model, functools.partial(zero_input_loss, model, d, device), device)
 
         log.info(f"SAE {name} on {cfg.hook} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) "
                  f"-> {out_dir}")

@@ -36,7 +36,7 @@ import torch
 
 from checkpoints import CheckpointError, rng_state, save_checkpoint
 from config import ConfigError
-from distributed import (broadcast_object, gather_objects, gloo_threads, max_over_ranks, min_over_ranks,
+from distributed import (StopAgreement, broadcast_object, gather_objects, gloo_threads, min_over_ranks,
                          same_on_all_ranks, setup_distributed, stop_with_launcher, teardown_distributed)
 from hardware import fast_math, pick_device, pick_dtype
 from rundirs import Claim, create_run_dir
@@ -98,6 +98,7 @@ class Session:
         self.claim: Claim | None = None
         self._tracker: Tracker | None = None
         self._signals: StopSignals | None = None
+        self._stop_agreement: StopAgreement | None = None
 
     def __enter__(self) -> "Session":
         load_env_files()  # WANDB_API_KEY, WANDB_MODE, RCLONE_DEST, ... from .env files
@@ -117,7 +118,9 @@ class Session:
         if self.claim is not None:
             self.claim.release()
         close_logging(self.log)
-        teardown_distributed(barrier=kind is None)
+        if self._stop_agreement is not None and kind is None:
+            self._stop_agreement.finish()
+        teardown_distributed(barrier=kind is None, info=self.dist)
         left = gloo_threads() if self.dist.enabled else []
         if left and kind is None:  # something still holds the process group: say so, it may abort at exit
             print(f"warning: rank {self.dist.rank}: gloo threads outlived the process group ({', '.join(left)}); "
@@ -183,13 +186,17 @@ class Session:
 
     def agreed_stop_signal(self) -> int:
         """The stop signal any rank has received (0: none). Signals reach ranks at different moments;
-        asking after every step makes them all stop after the same one. A claim that another launch
-        took over (we were silent past its timeout) stops the run the same way, as SIGTERM."""
+        asking after every step makes them all stop after the same one (distributed.StopAgreement: the
+        ranks' answers travel between steps, so a request takes effect a few steps, about 0.1 s, after
+        it is made). A claim that another launch took over (we were silent past its timeout) stops
+        the run the same way, as SIGTERM."""
         received = self._signals.received if self._signals is not None else 0
         if self.claim is not None and self.claim.lost and not received:
             self.log.warning(f"warning: {self.claim.path} now names another writer; stopping")
             received = signal.SIGTERM
-        return max_over_ranks(received, self.dist)
+        if self._stop_agreement is None:
+            self._stop_agreement = StopAgreement(self.dist)
+        return self._stop_agreement(received)
 
     def report_replicas(self, params, what: str = "weights") -> None:
         """DDP keeps replicas identical; say so, or say loudly that they drifted apart."""

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import math
 import os
+import platform
 import signal
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoints import CheckpointError, find_checkpoint, load_checkpoint, newest_checkpoint, seed_everything, set_rng_state
 from config import Config, ConfigError, format_config, parse_config, resumed_config
 from data import IGNORE, build_data
-from distributed import all_reduce_sum, broadcast_object, elastic_restart_count, gather_objects
+from distributed import (all_reduce_sum, broadcast_object, elastic_restart_count, gather_objects,
+                         regroup_ddp_buckets)
 from fourier import progress_measures
 from hardware import autocast, describe_environment, flops_per_token, no_mfu_reason, peak_flops
 from model import ModelWithLoss, Transformer, head_width
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
         max_steps = plan_steps(cfg, data, dist.world_size)
         raw_model, model = build_model(cfg, data, session, resume)
         t = Training.build(cfg, raw_model, session, resume, max_steps)
+        if dist.enabled and resume.checkpoint is not None:  # bit-exact resume on 3+ ranks (see there)
+            regroup_ddp_buckets(model, functools.partial(first_loss, model, data, t.step, device, dtype), device)
         run_dir = claim_run_dir(cfg, explicit, session, resume)
         speed = describe_run(cfg, raw_model, data, session, resume, t.step, max_steps)
         tracker, checkpointer, clock = open_run(cfg, session, run_dir, resume, t, max_steps)
@@ -244,10 +250,20 @@ def build_model(cfg: Config, data, session: Session, resume: Resume):
         model = torch.compile(model)
     if session.dist.enabled:
         # The only buffers are rotary tables, a function of the config on every rank: DDP's default
-        # would broadcast them from rank 0 before every forward.
-        model = DDP(model, device_ids=[session.dist.local_rank] if session.device.type == "cuda" else None,
-                    broadcast_buffers=False)
+        # would broadcast them from rank 0 before every forward. (torch 2.13 renames the flag
+        # forward_sync_buffers, which older releases lack; its warning, once per rank, is noise.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            model = DDP(model, device_ids=[session.dist.local_rank] if session.device.type == "cuda" else None,
+                        broadcast_buffers=False)
     return raw_model, model.train()
+
+
+def first_loss(model, data, step: int, device, dtype) -> torch.Tensor:
+    """The loss of this rank's first micro-batch of `step`, as the loop computes it."""
+    x, y = data.train_batches(step)[0][0]
+    with autocast(device, dtype):
+        return model(x, y)[0]
 
 
 @dataclass
@@ -360,7 +376,7 @@ def describe_run(cfg: Config, raw_model: Transformer, data, session: Session, re
                                                        else f"started from {resume.path} at step {step}")
     log.info(f"tinylab run {cfg.run_name} ({origin}) -> {os.path.join(cfg.save_model_dir, cfg.run_name)}")
     log.info(format_config(cfg))
-    log.info(describe_environment(device, session.dist.world_size))
+    log.info(describe_environment(device, session.dist.world_size, gather_objects(platform.node())))
     global_batch = data.global_batch_size()
     tokens_per_step = global_batch * data.seq_len
     flops_token = flops_per_token(raw_model.num_params(exclude_embeddings=True), cfg.num_blocks,

@@ -172,7 +172,8 @@ def build_training(cfg: Config, device: torch.device, batch: int, data_seed: int
     return model, optimizers, x, y
 
 
-def train_step(model, raw_model, optimizers, x, y, cfg, device, dtype, info: distributed.Dist) -> torch.Tensor:
+def train_step(model, raw_model, optimizers, x, y, cfg, device, dtype, info: distributed.Dist,
+               agree_to_stop=None) -> torch.Tensor:
     """train.py's step with one micro-batch. `model` is raw_model or its DDP wrapper. The dtype is
     train.py's 'auto' choice, which is never fp16, so the GradScaler (fp16 only) is left out."""
     with hardware.autocast(device, dtype):
@@ -186,9 +187,10 @@ def train_step(model, raw_model, optimizers, x, y, cfg, device, dtype, info: dis
         optimizer.step()
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    # train.py makes the ranks agree on stop signals after every step: one small all-reduce on the
-    # CPU (nothing at all in a single process).
-    distributed.max_over_ranks(0, info)
+    # train.py makes the ranks agree on stop signals after every step (distributed.StopAgreement: an
+    # all-reduce on the CPU now and then, read some steps later; nothing at all in a single process).
+    if agree_to_stop is not None:
+        agree_to_stop(0)
     return correct
 
 
@@ -291,8 +293,10 @@ def run_worker(args) -> None:
             }
 
     # ---- throughput: train.py's step under DDP
+    agree_to_stop = distributed.StopAgreement(info)
+
     def step():
-        train_step(model, raw_model, optimizers, x, y, cfg, device, dtype, info)
+        train_step(model, raw_model, optimizers, x, y, cfg, device, dtype, info, agree_to_stop)
 
     say_here(f"[DDP, {info.world_size} ranks x {args.threads} thread(s), batch {args.batch_size} per rank]")
     seconds = timed_steps(step, args.warmup, args.steps, device, progress=say_here, after_step=read_ddp_counters)
@@ -372,11 +376,12 @@ def run_worker(args) -> None:
         "gradient_bytes": sum(p.numel() * p.element_size() for p in params),
         "parameter_tensors": len(params),
     }
+    agree_to_stop.finish()
     results = distributed.gather_objects(result)
     if info.is_main:
         with open(args.result_file, "w") as f:
             json.dump(results, f)
-    distributed.teardown_distributed(barrier=True)
+    distributed.teardown_distributed(barrier=True, info=info)
 
 
 # ---------------------------------------------------------------- launching and reporting

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -112,3 +113,51 @@ def test_max_restarts_resumes_after_a_worker_dies(tmp_path, straight_run):
     assert "(new)" in log and "(resumed at step " in log
     assert_same_run(run_dir(), straight_run)
     assert [n for n in os.listdir(tmp_path) if n.startswith(".torchrun-")] == []  # cleaned up at the end
+
+
+@pytest.mark.slow
+def test_every_rank_stops_after_the_same_step_whoever_asks_and_however_uneven_the_steps(tmp_path):
+    """distributed.StopAgreement, which train.py, sae.py and lens.py ask after every step: three
+    ranks whose steps take random, different times; rank 2 asks to stop at step 60 with SIGUSR1 and
+    rank 1 at step 90 with SIGTERM. Every rank leaves after the same step, with the same answer, a
+    bounded number of steps after the first request (the rounds adapt to steps of about 1-6 ms)."""
+    env = {**os.environ, "OUT": str(tmp_path), "REQUESTS": f"2:60:{int(signal.SIGUSR1)},1:90:{int(signal.SIGTERM)}",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(torchrun_command([], nproc=3, script="tests/stop_program.py"), env=env, cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    assert len({r["stopped_after"] for r in ranks}) == 1, ranks
+    stopped = ranks[0]["stopped_after"]
+    # Before step 90 only rank 2 has asked; after it, rank 1's request may have made the same round
+    # (then the larger signal wins) or not.
+    assert len({r["agreed"] for r in ranks}) == 1
+    assert ranks[0]["agreed"] in ((signal.SIGUSR1,) if stopped < 90 else (signal.SIGUSR1, signal.SIGTERM)), ranks
+    # Not before the first request; within two rounds of it (a round spans about 50 ms of steps).
+    assert 60 <= stopped <= 60 + 2 * max(r["largest_interval"] for r in ranks), ranks
+    assert max(r["largest_interval"] for r in ranks) > 1  # the rounds did widen past one step
+
+
+@pytest.mark.slow
+def test_three_ranks_stopped_and_resumed_end_bit_identical(tmp_path):
+    """With three or more ranks, how DDP groups the gradients into buckets changes the rounding of
+    their sums (with two it cannot: a + b = b + a). DDP regroups them after its first step, so a
+    resumed run needs the uninterrupted run's grouping from its first step on
+    (distributed.regroup_ddp_buckets); without it this run drifted from the straight one by 1e-7
+    in the loss right after the resume."""
+    flags = [*LONG, "--batch_size", "48", "--max_steps", "60"]
+    straight = run_torchrun(["--save_model_dir", str(tmp_path), "--run_name", "straight", *flags], cwd=str(tmp_path),
+                            nproc=3)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    args = ["--save_model_dir", str(tmp_path), "--run_name", "cut", *flags]
+    process = subprocess.Popen(torchrun_command(args, nproc=3), cwd=str(tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_until(lambda: logged_steps(tmp_path / "cut"), 120, "the first logged step", process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    stopped = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"]
+    assert 1 <= stopped < 60, output[-3000:]
+    resumed = run_torchrun(args + ["--resume", "auto"], cwd=str(tmp_path), nproc=3)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {stopped}" in resumed.stdout and "weights identical on all 3 ranks" in resumed.stdout
+    assert_same_run(tmp_path / "cut", tmp_path / "straight")

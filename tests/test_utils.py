@@ -14,7 +14,7 @@ import torch
 
 from checkpoints import load_checkpoint, save_checkpoint
 from conftest import ROOT, wait_until
-from hardware import PEAK_FLOPS, flops_per_token, peak_flops, peak_flops_of
+from hardware import PEAK_FLOPS, describe_hosts, flops_per_token, peak_flops, peak_flops_of
 from session import StopSignals
 
 
@@ -92,3 +92,9 @@ def test_no_mfu_on_cpu():
 def test_flops_per_token_is_palms_formula():
     # GPT-2 small: 85M non-embedding parameters, 12 layers x 12 heads x 64, context 1024.
     assert flops_per_token(85_000_000, 12, 12, 64, 1024) == 6 * 85_000_000 + 12 * 12 * 12 * 64 * 1024
+
+
+def test_the_log_says_which_ranks_ran_on_which_host():
+    assert describe_hosts(["node1", "node1", "node2", "node2"]) == " on 2 hosts: node1 (ranks 0-1), node2 (ranks 2-3)"
+    assert describe_hosts(["a", "b", "a"]) == " on 2 hosts: a (rank 0), b (rank 1), a (rank 2)"
+    assert describe_hosts(["gpu7"] * 8) == describe_hosts([]) == ""
