@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -34,8 +35,9 @@ def slurm(tmp_path_factory):
 
 
 def submit(cluster: SlurmCluster, work_dir, job_name: str, train_args: list[str], processes: int = 1,
-           program: str = "train.py", extra_env: dict | None = None) -> str:
-    """`sbatch train.slurm ARGS` from work_dir, the way a user would, on CPU with this venv's python."""
+           program: str = "train.py", extra_env: dict | None = None, sbatch: tuple[str, ...] = ()) -> str:
+    """`sbatch [SBATCH] train.slurm ARGS` from work_dir, the way a user would, on CPU with this venv's
+    python."""
     (work_dir / "logs").mkdir(exist_ok=True)  # Slurm does not create the --output directory
     env = {
         "TINYLAB_PYTHON": sys.executable,  # python -m torch.distributed.run, not whatever torchrun is on PATH
@@ -48,7 +50,8 @@ def submit(cluster: SlurmCluster, work_dir, job_name: str, train_args: list[str]
         "RDZV_PORT": str(free_port()),
         **(extra_env or {}),
     }
-    return cluster.sbatch(["--job-name", job_name, "--gpus-per-node=0", "--cpus-per-task=1", "--time=30", SCRIPT, *train_args],
+    return cluster.sbatch(["--job-name", job_name, "--gpus-per-node=0", "--cpus-per-task=1", "--time=30", *sbatch, SCRIPT,
+                           *train_args],
                           cwd=work_dir, env=env)
 
 
@@ -123,6 +126,35 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, tmp_path
     reference_evals = {r["step"]: r["val_loss"] for r in run_metrics(reference_run) if "val_loss" in r}
     evals = {r["step"]: r["val_loss"] for r in run_metrics(run_dir) if "val_loss" in r}
     assert evals == reference_evals
+
+
+@pytest.mark.slow
+@requires_slurm
+def test_a_killed_launcher_is_started_again_in_the_same_job_and_resumes(slurm, tmp_path):
+    """kill -9 of torchrun (what the OOM killer does): srun exits 137, and train.slurm starts the
+    step again in the same allocation, which resumes the run from its newest checkpoint. (Two nodes,
+    one of them losing all its processes: tests/test_two_nodes.py, extended.)"""
+    job = submit(slurm, tmp_path, "killed", [*TINY, "--max_steps", "400", "--save_every", "10"], processes=1)
+    run_dir = tmp_path / "runs" / f"killed-{job}"
+    slurm.wait_until(lambda: (run_dir / "last.pt").exists(), timeout=180, what="the first checkpoint", job_id=job)
+    launchers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))  # python -m torch.distributed.run
+                 if f"--run_name\0killed-{job}" in _cmdline(pid)
+                 and _cmdline(pid).split("\0")[1:3] == ["-m", "torch.distributed.run"]]
+    assert len(launchers) == 1, launchers
+    os.kill(launchers[0], signal.SIGKILL)
+    assert slurm.wait(job, timeout=240) == "COMPLETED", job_log(tmp_path, "killed", job) + slurm.logs(job)
+    log = job_log(tmp_path, "killed", job)
+    assert slurm.restart_count(job) == 0 and "a task was killed (srun status 137, signal 9)" in log, log
+    assert len(re.findall(r"resumed at step \d+", log)) == 1 and "training finished (restart 0)" in log, log
+    assert checkpoint(run_dir / "last.pt")["step"] == 400
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 @pytest.mark.slow
