@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from virtual_hosts import VirtualHosts
+from virtual_hosts import Started, VirtualHosts
 
 # States after which a job record no longer changes (a requeued job goes back to PENDING instead).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
@@ -114,7 +114,7 @@ def _tail(path: Path, lines: int = 25) -> str:
     return f"--- {path.name} (last {min(lines, len(text))} lines):\n" + "\n".join(text[-lines:])
 
 
-class SlurmCluster:
+class SlurmCluster(Started):
     """One partition of `nodes` nodes (this host, or virtual hosts node1, node2, ...), started by
     start() (or `with`), torn down by stop().
 
@@ -137,22 +137,7 @@ class SlurmCluster:
         self._processes: dict[str, subprocess.Popen] = {}
         self._socket_dir: Path | None = None  # a short directory of our own when self.dir is too deep
 
-    # ---------------------------------------------------------------- lifecycle
-
-    def __enter__(self) -> "SlurmCluster":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def start(self) -> "SlurmCluster":
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    # ---------------------------------------------------------------- lifecycle (start(), stop(), `with`)
 
     def _start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

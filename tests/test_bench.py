@@ -18,6 +18,9 @@ from model import Transformer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from plain_gpt import PlainGPT, check_same_function, plain_copy  # noqa: E402
+from virtual_hosts import hosts_missing_reason  # noqa: E402
+
+NO_HOSTS = hosts_missing_reason()
 
 
 def bench(script: str, *args: str, timeout: int = 300) -> str:
@@ -140,3 +143,17 @@ def test_pretrained_bench_times_load_forward_and_cache_against_transformers_and_
     differences = re.search(r"transformers ([\d.e+-]+), TL4 bridge ([\d.e+-]+), our run_with_cache ([\d.e+-]+)", out)
     assert differences and all(float(d) < 1e-4 for d in differences.groups()), out  # one function, three ways
     assert not os.listdir(tmp_path)  # the checkpoint it wrote is gone
+
+
+@pytest.mark.extended
+@pytest.mark.skipif(NO_HOSTS is not None, reason=f"no virtual hosts here: {NO_HOSTS}")
+def test_stop_check_bench_costs_the_agreement_with_and_without_latency():
+    """The acceptance figure of the two-node issue: with 5 ms added each way, StopAgreement costs at
+    most 1 % of a 10 ms step (a blocking all-reduce every step costs about two steps)."""
+    out = bench("stop_check.py", "--steps", "150", "--repeats", "1")
+    rows = {float(m.group(1)): m for m in re.finditer(
+        r"^ +([\d.]+) ms \| +[\d.]+ \| +([\d.]+) ms +([\d.]+)% +[\d.]+ +\| +([\d.]+) ms +([\d.]+)% +[\d.]+ +(\d+) st",
+        out, re.M)}
+    assert sorted(rows) == [0.0, 5.0], out
+    assert float(rows[5.0].group(5)) <= 1.0, out          # the agreement: at most 1 % of the step
+    assert float(rows[5.0].group(3)) > 100.0, out         # the blocking check: more than the step itself

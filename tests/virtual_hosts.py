@@ -73,7 +73,32 @@ def hosts_missing_reason() -> str | None:
     return None
 
 
-class VirtualHosts:
+class Started:
+    """A thing with start() and stop(): start() runs _start() and, if that fails, stop() (so a half
+    start leaves nothing behind) before raising; `with` starts it and stops it."""
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self):
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+
+class VirtualHosts(Started):
     """Hosts `names` on subnet `subnet`.0/24 (addresses .1, .2, ... in order), started by start() or
     `with`, torn down by stop(). `private`: folders (absolute paths) that each host sees as a folder
     of its own, <directory>/<host>/<basename> bind-mounted over the path."""
@@ -89,12 +114,6 @@ class VirtualHosts:
             raise ValueError("a delayed link joins exactly two hosts")
         self._holders: dict[str, subprocess.Popen] = {}
         self._others: list[subprocess.Popen] = []
-
-    def __enter__(self) -> "VirtualHosts":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # ---------------------------------------------------------------- running things on a host
 
@@ -134,14 +153,6 @@ class VirtualHosts:
         return found
 
     # ---------------------------------------------------------------- lifecycle
-
-    def start(self) -> "VirtualHosts":
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
