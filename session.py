@@ -99,6 +99,7 @@ class Session:
         self._tracker: Tracker | None = None
         self._signals: StopSignals | None = None
         self._stop_agreement: StopAgreement | None = None
+        self._claim_lost_said = False
 
     def __enter__(self) -> "Session":
         load_env_files()  # WANDB_API_KEY, WANDB_MODE, RCLONE_DEST, ... from .env files
@@ -187,12 +188,14 @@ class Session:
     def agreed_stop_signal(self) -> int:
         """The stop signal any rank has received (0: none). Signals reach ranks at different moments;
         asking after every step makes them all stop after the same one (distributed.StopAgreement: the
-        ranks' answers travel between steps, so a request takes effect a few steps, about 0.1 s, after
-        it is made). A claim that another launch took over (we were silent past its timeout) stops
-        the run the same way, as SIGTERM."""
+        question travels between steps, so a request takes effect within about 0.2 s of steps, or
+        two steps when steps are slower). A claim that another launch took over (we were silent past
+        its timeout) stops the run the same way, as SIGTERM."""
         received = self._signals.received if self._signals is not None else 0
         if self.claim is not None and self.claim.lost and not received:
-            self.log.warning(f"warning: {self.claim.path} now names another writer; stopping")
+            if not self._claim_lost_said:
+                self.log.warning(f"warning: {self.claim.path} now names another writer; stopping")
+                self._claim_lost_said = True
             received = signal.SIGTERM
         if self._stop_agreement is None:
             self._stop_agreement = StopAgreement(self.dist)

@@ -250,8 +250,9 @@ def build_model(cfg: Config, data, session: Session, resume: Resume):
         model = torch.compile(model)
     if session.dist.enabled:
         # The only buffers are rotary tables, a function of the config on every rank: DDP's default
-        # would broadcast them from rank 0 before every forward. (torch 2.13 renames the flag
-        # forward_sync_buffers, which older releases lack; its warning, once per rank, is noise.)
+        # would broadcast them from rank 0 before every forward. (torch 2.13 deprecates the flag in
+        # favour of forward_sync_buffers; we keep the one every torch we admit has, and silence the
+        # warning, which every rank printed.)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             model = DDP(model, device_ids=[session.dist.local_rank] if session.device.type == "cuda" else None,
