@@ -166,9 +166,10 @@ class StopAgreement:
     same values. The interval adapts: each reduction also carries every rank's proposal for the next
     interval (the steps that span ROUND_SECONDS, or twice the round trip when a read had to wait),
     and the largest proposal wins on every rank alike. A request therefore takes effect within two
-    rounds, about 0.2 s of steps (two steps, when steps are slower than that). A round costs one
-    launch of a tiny all-reduce, about 0.2 ms on a small CPU: bench/stop_check.py measures it.
-    finish() waits for the reduction in flight, before the process group goes."""
+    rounds, about 0.2 s of steps (two steps, when steps are slower than that; steps that suddenly
+    slow down k-fold stretch the round in flight k-fold, once). A round costs one launch of a tiny
+    all-reduce, 0.2 to 0.3 ms on a small CPU: bench/stop_check.py measures it. Call it exactly once
+    per step on every rank. finish() waits for the reduction in flight, before the process group goes."""
 
     ROUND_SECONDS = 0.1
     MAX_INTERVAL = 10_000

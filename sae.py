@@ -201,9 +201,10 @@ class SparseAutoencoder(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
-def zero_input_loss(model, d: int, device: torch.device) -> torch.Tensor:
-    """A loss that every parameter of the SAE takes part in, from one row of zeros."""
-    return sum(out.sum() for out in model(torch.zeros(1, d, device=device)))
+def first_step_loss(sae: "SparseAutoencoder", model, x: torch.Tensor, cfg: "SAEConfig") -> torch.Tensor:
+    """The loss of a first step (no feature dead yet, so no AuxK) on rows x through `model`: the
+    graph whose backward pass set the uninterrupted run's DDP buckets."""
+    return sae_loss(sae, x, cfg, cfg.l1_coefficient, None, model)[0]
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -387,7 +388,8 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                 log.warning("warning: resumed on a different number of ranks; the live buffers start afresh")
         model = DDP(sae, device_ids=[dist.local_rank] if device.type == "cuda" else None) if dist.enabled else sae
         if dist.enabled and checkpoint is not None:  # bit-exact resume on 3+ ranks (see there)
-            regroup_ddp_buckets(model, functools.partial(zero_input_loss, model, d, device), device)
+            rows = eval_rows[:cfg.batch_size].to(device)
+            regroup_ddp_buckets(model, functools.partial(first_step_loss, sae, model, rows, cfg), device)
 
         log.info(f"SAE {name} on {cfg.hook} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) "
                  f"-> {out_dir}")

@@ -50,7 +50,8 @@ class TrainingDiverged(Exception):
 
 
 class StopSignals:
-    """SIGTERM and SIGUSR1 ask the loop to stop after the current step instead of killing it.
+    """SIGTERM and SIGUSR1 ask the loop to stop after a step instead of killing it (the current one
+    in a single process; under torchrun the one the ranks agree on, see Session.agreed_stop_signal).
 
     Slurm sends one of them before preemption or at the time limit (`--signal`), torchrun forwards
     SIGTERM (and whatever TORCHELASTIC_SIGNALS_TO_HANDLE lists) to its workers, and `kill` sends
@@ -119,8 +120,10 @@ class Session:
         if self.claim is not None:
             self.claim.release()
         close_logging(self.log)
-        if self._stop_agreement is not None and kind is None:
-            self._stop_agreement.finish()
+        if self._stop_agreement is not None:
+            if kind is None:
+                self._stop_agreement.finish()
+            self._stop_agreement = None  # its reduction in flight holds the control group
         teardown_distributed(barrier=kind is None, info=self.dist)
         left = gloo_threads() if self.dist.enabled else []
         if left and kind is None:  # something still holds the process group: say so, it may abort at exit

@@ -43,7 +43,7 @@ from utils import format_duration
 
 def main(argv: list[str] | None = None) -> dict:
     """One training run; returns its summary. Bad input: ConfigError / CheckpointError before anything is
-    written (exit 2). SIGTERM / SIGUSR1: a checkpoint after the current step (summary["interrupted"];
+    written (exit 2). SIGTERM / SIGUSR1: a checkpoint after the step the ranks agree on (summary["interrupted"];
     exit 128 + the signal). A run that diverges raises TrainingDiverged (exit 1)."""
     cfg, explicit = parse_config(argv)
     with Session(cfg.device, cfg.dtype) as session:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         speed = describe_run(cfg, raw_model, data, session, resume, t.step, max_steps)
         tracker, checkpointer, clock = open_run(cfg, session, run_dir, resume, t, max_steps)
 
-        # ---- the loop; SIGTERM / SIGUSR1 (preemption) end it after the current step, with a checkpoint
+        # ---- the loop; SIGTERM / SIGUSR1 (preemption) end it after a step all ranks agree on, with a checkpoint
         step, start_step, stop, preempted, last = t.step, t.step, False, 0, {}
         with session.stop_signals():
             while step < max_steps and not stop:

@@ -133,7 +133,7 @@ def test_every_rank_stops_after_the_same_step_whoever_asks_and_however_uneven_th
     # (then the larger signal wins) or not.
     assert len({r["agreed"] for r in ranks}) == 1
     assert ranks[0]["agreed"] in ((signal.SIGUSR1,) if stopped < 90 else (signal.SIGUSR1, signal.SIGTERM)), ranks
-    # Not before the first request; within two rounds of it (a round spans about 50 ms of steps).
+    # Not before the first request; within two rounds of it (a round spans about 0.1 s of steps).
     assert 60 <= stopped <= 60 + 2 * max(r["largest_interval"] for r in ranks), ranks
     assert max(r["largest_interval"] for r in ranks) > 1  # the rounds did widen past one step
 
@@ -145,7 +145,7 @@ def test_three_ranks_stopped_and_resumed_end_bit_identical(tmp_path):
     resumed run needs the uninterrupted run's grouping from its first step on
     (distributed.regroup_ddp_buckets); without it this run drifted from the straight one by 1e-7
     in the loss right after the resume."""
-    flags = [*LONG, "--batch_size", "48", "--max_steps", "60"]
+    flags = [*LONG, "--batch_size", "48"]
     straight = run_torchrun(["--save_model_dir", str(tmp_path), "--run_name", "straight", *flags], cwd=str(tmp_path),
                             nproc=3)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -156,7 +156,7 @@ def test_three_ranks_stopped_and_resumed_end_bit_identical(tmp_path):
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     stopped = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["step"]
-    assert 1 <= stopped < 60, output[-3000:]
+    assert 1 <= stopped < 150, output[-3000:]
     resumed = run_torchrun(args + ["--resume", "auto"], cwd=str(tmp_path), nproc=3)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed at step {stopped}" in resumed.stdout and "weights identical on all 3 ranks" in resumed.stdout

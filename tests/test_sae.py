@@ -296,3 +296,27 @@ def test_two_ranks_on_the_live_source_with_resampling_keep_one_sae(tmp_path, tra
     result = run_torchrun(args + ["--max_steps", "16", "--resume", "auto"], cwd=str(tmp_path), script="sae.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed at step 12" in result.stdout + result.stderr
+
+
+@pytest.mark.extended  # three ranks on two cores, three launches: about 40 s
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_three_ranks_stopped_and_resumed_train_the_same_sae_bit_for_bit(tmp_path, trained_runs, arch):
+    """With three ranks the grouping of DDP's gradient buckets changes the rounding of their sums;
+    a resumed SAE regroups them as the uninterrupted run's first step did (distributed.regroup_ddp_buckets)."""
+    run_dir = trained_runs["modular"]
+    dump(DumpSettings(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
+    common = [run_dir, *QUICK, "--source", "dump", "--dump", str(tmp_path / "dump"), "--resample_every", "0",
+              "--log_every", "1", "--batch_size", "48", "--arch", arch, "--k", "8", "--dead_rows", "48"]
+    straight = run_torchrun([*common, "--max_steps", "16", "--name", f"three-{arch}"], cwd=str(tmp_path),
+                            script="sae.py", nproc=3)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cut = [*common, "--name", f"three-{arch}-cut"]
+    for steps, extra in (("8", []), ("16", ["--resume", "auto"])):
+        result = run_torchrun([*cut, "--max_steps", steps, *extra], cwd=str(tmp_path), script="sae.py", nproc=3)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", f"three-{arch}", "metrics.jsonl"))}
+    b = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", f"three-{arch}-cut", "metrics.jsonl"))}
+    assert [a[s]["train_mse"] for s in range(1, 17)] == [b[s]["train_mse"] for s in range(1, 17)]
+    x = torch.load(os.path.join(run_dir, "sae", f"three-{arch}", "last.pt"), weights_only=True)["model"]
+    y = torch.load(os.path.join(run_dir, "sae", f"three-{arch}-cut", "last.pt"), weights_only=True)["model"]
+    assert all(torch.equal(x[k], y[k]) for k in x)

@@ -33,7 +33,9 @@ def round_trip(hosts: VirtualHosts) -> tuple[str, str, float]:
             time.sleep(0.05)
         raise AssertionError(result.stderr)
     finally:
-        server.wait(timeout=10)
+        if server.poll() is None:
+            server.kill()
+        server.wait()
 
 
 @pytest.mark.parametrize("delay_ms", [0, 5])

@@ -19,7 +19,9 @@ Only namespaces made here are touched: the root namespace gets no interface, rou
 nothing in /etc is written (each host bind-mounts its own hosts file over /etc/hosts in its private
 mount namespace). Each host can also have private folders (`private=`): a path that is the same on
 every host but a different folder on each, as /run/munge is on real machines. Every process started
-here gets SIGTERM when the process that started it dies, so nothing outlives a test.
+here gets SIGTERM when the process that started it dies, and stop() kills whatever else runs on
+the hosts; only a test process killed outright (SIGKILL) can leave behind what other programs
+started there (a Slurm job's processes, which slurmstepd started), and with them the namespaces.
 
 Needs root and util-linux's unshare/nsenter, iproute2's ip. No pytest in here.
 """
@@ -172,10 +174,10 @@ class VirtualHosts(Started):
             ready = self.dir / f"{name}.ready"
             ready.unlink(missing_ok=True)
             script = f"hostname {name} && {' && '.join(mounts)} && touch {ready} && exec sleep infinity"
-            self._holders[name] = subprocess.Popen(
-                [_find("unshare"), "--net", "--uts", "--mount", "--propagation", "private", "sh", "-c", script],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.dir / f"{name}.err", "wb"),
-                preexec_fn=_die_with_parent)
+            with open(self.dir / f"{name}.err", "wb") as err:
+                self._holders[name] = subprocess.Popen(
+                    [_find("unshare"), "--net", "--uts", "--mount", "--propagation", "private", "sh", "-c", script],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=_die_with_parent)
             self._wait(lambda: ready.exists(), name)
             self.run(name, ["ip", "link", "set", "lo", "up"])
         if self.delay_ms:
@@ -228,13 +230,23 @@ class VirtualHosts(Started):
             time.sleep(0.02)
 
     def stop(self) -> None:
-        """Ends every process on the hosts, then the hosts (their namespaces go with them)."""
-        for name in list(self._holders):
-            for pid in self.pids(name):
+        """Ends every process on the hosts, then the hosts (their namespaces go with them). Safe on a
+        half-started set and on holders that already died."""
+        for _ in range(5):  # again while something is left: a process may fork between listing and killing
+            left = []
+            for name, holder in self._holders.items():
+                try:
+                    left += [] if holder.poll() is not None else self.pids(name)
+                except OSError:  # the holder went in the meantime
+                    continue
+            for pid in left:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            if not left:
+                break
+            time.sleep(0.05)
         for process in [*self._others, *self._holders.values()]:
             if process.poll() is None:
                 process.kill()
