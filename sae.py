@@ -9,8 +9,11 @@ An SAE lives in `<run>/sae/<name>/` (name: `<hook>-<arch>-<dict_size>` unless --
 otherwise) and is laid out like a run: config.json, train.log, metrics.jsonl, last.pt, curves.
 
 The dictionary: x̂ = W_dec f + b_dec with f = ReLU(W_enc (x - b_dec) + b_enc) (`relu`, trained with an
-L1 penalty on f weighted by each feature's decoder norm, warmed up linearly) or f = the k largest
-of those pre-activations, ReLU'd (`topk`, no penalty). Inputs are divided by one scalar so that
+L1 penalty on f weighted by each feature's decoder norm, warmed up linearly), f = the k largest
+of those pre-activations, ReLU'd (`topk`, no penalty), the k x rows largest of the whole batch
+(`batchtopk`; in use, those above a threshold learned in training), those above a threshold per
+feature (`jumprelu`, an L0 penalty through a straight-through estimator), or batchtopk whose
+nested prefixes each reconstruct (`matryoshka`). SparseAutoencoder's docstring has the details. Inputs are divided by one scalar so that
 E‖x‖² = d (estimated on the first rows of the train split), so --l1_coefficient means the same at
 every width and layer. Each feature's decoder vector is kept at unit norm: the gradient's component
 along it is removed before each step and the vector renormalised after it. Features that have not
@@ -51,7 +54,9 @@ from optimizer import LRSchedule, apply_lr, load_optimizer_states
 from session import Session, StepClock, run_command
 from tracking import read_metrics, wandb_settings
 
-ARCHS = ("relu", "topk")
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+BATCH_ARCHS = ("batchtopk", "matryoshka")  # k x rows largest across the global batch; a threshold in use
+K_ARCHS = ("topk", "batchtopk", "matryoshka")  # sparsity set by k, dead features trained by AuxK
 DIVERGED_ADVICE = "Lower --lr or set --grad_clip, then start again"
 SOURCES = ("live", "dump")
 
@@ -78,10 +83,22 @@ class SAEConfig(OptimSettings, ModelSource):
                                         "this many seconds may be taken over")
     seed: int = _what(0, "seed for initialisation and batch order")
 
-    arch: str = _dictionary("relu", "relu (L1 penalty) | topk (k active features, AuxK for dead ones)")
+    arch: str = _dictionary("relu", "relu (L1 penalty) | topk (k active features per row) | batchtopk (k x rows "
+                                     "across the batch; a learned threshold in use) | jumprelu (per-feature "
+                                     "thresholds, L0 penalty) | matryoshka (batchtopk whose nested prefixes "
+                                     "each reconstruct)")
     dict_size: int = _dictionary(0, "features (0: expansion x the activation width)")
     expansion: float = _dictionary(4.0, "features per activation dimension, when --dict_size is 0")
-    k: int = _dictionary(32, "topk: active features per row")
+    k: int = _dictionary(32, "topk: active features per row; batchtopk, matryoshka: on average over the batch")
+    threshold_lr: float = _dictionary(0.01, "batchtopk, matryoshka: the threshold used outside training is an "
+                                            "average of each step's smallest kept activation, with this weight")
+    l0_coefficient: float = _dictionary(1.0, "jumprelu: weight of the L0 penalty (features active per row)")
+    jumprelu_init_threshold: float = _dictionary(0.01, "jumprelu: every feature's threshold at the start")
+    jumprelu_bandwidth: float = _dictionary(0.05, "jumprelu: width of the straight-through estimator's window")
+    pre_act_coefficient: float = _dictionary(3e-6, "jumprelu: weight of the loss that pulls dead features' "
+                                                   "pre-activations up to their thresholds")
+    matryoshka_sizes: str = _dictionary("", "matryoshka: the nested prefixes that each reconstruct, e.g. 64,256,1024 "
+                                            "(the whole dictionary is the last level; empty: 1/16, 1/4 of it)")
     l1_coefficient: float = _dictionary(5.0, "relu: weight of the decoder-norm-weighted L1 penalty")
     l1_warmup_steps: int = _dictionary(500, "relu: the L1 weight rises linearly from 0 over these steps")
     dead_rows: int = _dictionary(1_000_000, "a feature that fired on none of the last N training rows is dead")
@@ -110,7 +127,7 @@ class SAEConfig(OptimSettings, ModelSource):
 
     # Fields that shape the SAE, its data or its live buffer (in the checkpoint): a resumed SAE keeps them.
     FIXED_ON_RESUME = ("hook", "positions", "arch", "dict_size", "expansion", "k", "normalize", "source", "seed",
-                       "buffer_rows", "max_tokens")
+                       "buffer_rows", "max_tokens", "matryoshka_sizes")
     RENAMED = {"name": "run_name"}  # the keys of SAE checkpoints written before the rename
 
     def validate(self) -> "SAEConfig":
@@ -126,8 +143,24 @@ class SAEConfig(OptimSettings, ModelSource):
             need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
         for name in ("expansion", "lr"):
             need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
-        for name in ("l1_coefficient", "aux_coefficient", "claim_timeout"):
+        for name in ("l1_coefficient", "aux_coefficient", "claim_timeout", "l0_coefficient", "pre_act_coefficient"):
             need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
+        for name in ("jumprelu_init_threshold", "jumprelu_bandwidth"):
+            need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        need(0 < self.threshold_lr <= 1, "threshold_lr", f"must be in (0, 1], got {self.threshold_lr}")
+        if self.dict_size:
+            need(self.arch not in K_ARCHS or self.k <= self.dict_size, "k",
+                 f"{self.k} is more than the dictionary's {self.dict_size} features; pick k below --dict_size")
+        need(not self.matryoshka_sizes or self.arch == "matryoshka", "matryoshka_sizes",
+             f"only --arch matryoshka has nested prefixes (this SAE is {self.arch})")
+        if self.matryoshka_sizes:
+            try:
+                sizes = [int(s) for s in self.matryoshka_sizes.split(",")]
+            except ValueError:
+                raise ConfigError(f"--matryoshka_sizes: {self.matryoshka_sizes!r} is not a comma-separated list of "
+                                  f"feature counts, e.g. 64,256") from None
+            need(sizes[0] >= 1 and all(a < b for a, b in zip(sizes, sizes[1:])), "matryoshka_sizes",
+                 f"{self.matryoshka_sizes}: the prefixes must grow, each at least 1")
         need_name(self.run_name, "run_name")
         need(self.resume in ("", "auto"), "resume", f"{self.resume!r}: the only value is auto")
         self.validate_source()
@@ -142,11 +175,19 @@ class SAEConfig(OptimSettings, ModelSource):
 
 class SparseAutoencoder(nn.Module):
     """f = act(W_enc (x/scale - b_dec) + b_enc); x̂ = (W_dec f + b_dec) * scale. Shapes: W_enc [d, n],
-    W_dec [n, d] (row i is feature i's direction), b_enc [n], b_dec [d]."""
+    W_dec [n, d] (row i is feature i's direction), b_enc [n], b_dec [d].
 
-    def __init__(self, d: int, dict_size: int, arch: str = "relu", k: int = 32):
+    act by arch: relu; topk (the k largest of each row); batchtopk and matryoshka (in training, the
+    k x rows largest of the whole batch, over every rank: forward(x, batch=True); in use, those above
+    `threshold`, a running average of the smallest value training kept, so that an SAE in use does
+    not depend on its batch); jumprelu (pre where pre > threshold, one threshold per feature,
+    trained through a straight-through estimator, Rajamanoharan et al. 2024)."""
+
+    def __init__(self, d: int, dict_size: int, arch: str = "relu", k: int = 32, jumprelu_init_threshold: float = 0.01,
+                 jumprelu_bandwidth: float = 0.05):
         super().__init__()
         self.d, self.dict_size, self.arch, self.k = d, dict_size, arch, k
+        self.bandwidth = jumprelu_bandwidth
         W_dec = torch.randn(dict_size, d)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
@@ -154,14 +195,24 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.b_dec = nn.Parameter(torch.zeros(d))
         self.register_buffer("scale", torch.ones(()))
+        if arch in BATCH_ARCHS:  # float64: an average over thousands of steps (SAELens keeps it so too)
+            self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+        if arch == "jumprelu":  # kept at 0 or more after each step (normalize_decoder)
+            self.threshold = nn.Parameter(torch.full((dict_size,), float(jumprelu_init_threshold)))
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         return (x / self.scale - self.b_dec) @ self.W_enc + self.b_enc
 
-    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+    def activate(self, pre: torch.Tensor, batch: bool = False) -> torch.Tensor:
         if self.arch == "topk":
             top = pre.topk(min(self.k, self.dict_size), dim=-1)
             return torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
+        if self.arch in BATCH_ARCHS:
+            positive = F.relu(pre)
+            cut = batch_topk_cut(positive, self.k * len(pre)) if batch else self.threshold.to(pre.dtype)
+            return positive * ((positive >= cut) if batch else (positive > cut))
+        if self.arch == "jumprelu":
+            return JumpReLU.apply(pre, self.threshold, self.bandwidth)
         return F.relu(pre)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,16 +222,38 @@ class SparseAutoencoder(nn.Module):
         """Features -> the reconstruction in the model's units."""
         return (f @ self.W_dec + self.b_dec) * self.scale
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, d] -> (x̂ [B, d] in the model's units, f [B, n], pre-activations [B, n])."""
+    def forward(self, x: torch.Tensor, batch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, d] -> (x̂ [B, d] in the model's units, f [B, n], pre-activations [B, n]). batch=True:
+        batchtopk and matryoshka choose their active features across the batch (training); every rank
+        must call it together then."""
         pre = self.pre_activations(x)
         if self.arch == "topk":  # decode only the k active rows of W_dec: k/n of a dense matmul's work
             top = pre.topk(min(self.k, self.dict_size), dim=-1)
             values = F.relu(top.values)
             f = torch.zeros_like(pre).scatter(-1, top.indices, values)
             return (sparse_decode(top.indices, values, self.W_dec) + self.b_dec) * self.scale, f, pre
-        f = F.relu(pre)
+        f = self.activate(pre, batch)
         return self.decode(f), f, pre
+
+    @torch.no_grad()
+    def update_threshold(self, f: torch.Tensor, rate: float) -> None:
+        """batchtopk, matryoshka: after a training step, move the threshold in use towards the smallest
+        activation the step kept (the same on every rank: the cut is global)."""
+        kept = f[f > 0]
+        smallest = kept.min().double() if len(kept) else torch.tensor(math.inf, dtype=torch.float64, device=f.device)
+        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            torch_dist.all_reduce(smallest, op=torch_dist.ReduceOp.MIN)  # every rank, kept or not
+        if math.isfinite(float(smallest)):
+            self.threshold.mul_(1 - rate).add_(rate * smallest)
+
+    def matryoshka_reconstructions(self, f: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        """The reconstructions (model units) from the first `size` features, for each nested prefix."""
+        out, decoded, start = [], self.b_dec, 0
+        for size in sizes:
+            decoded = decoded + f[:, start:size] @ self.W_dec[start:size]
+            out.append(decoded * self.scale)
+            start = size
+        return out
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, normalize: bool) -> None:
@@ -198,13 +271,69 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
+        """After each step: unit decoder rows (and jumprelu's thresholds kept at 0 or more)."""
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        if self.arch == "jumprelu":
+            self.threshold.clamp_(min=0)
 
 
 def first_step_loss(sae: "SparseAutoencoder", model, x: torch.Tensor, cfg: "SAEConfig") -> torch.Tensor:
     """The loss of a first step (no feature dead yet, so no AuxK) on rows x through `model`: the
     graph whose backward pass set the uninterrupted run's DDP buckets."""
     return sae_loss(sae, x, cfg, cfg.l1_coefficient, None, model)[0]
+
+
+def batch_topk_cut(positive: torch.Tensor, keep: int) -> torch.Tensor:
+    """The keep-th largest value of `positive` [B, n] over the whole batch, every rank's rows together:
+    each rank's keep largest values are gathered and the cut found among them, so that N ranks choose
+    exactly what one process would from the same rows. Ties at the cut keep them all."""
+    world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+    keep *= world  # k x the global batch's rows (each rank has an equal share)
+    with torch.no_grad():
+        flat = positive.detach().flatten()
+        local = flat.topk(min(keep, len(flat))).values  # one rank may hold all of the global top
+        if world > 1:
+            padded = torch.full((keep,), -math.inf, dtype=local.dtype, device=local.device)
+            padded[:len(local)] = local
+            gathered = [torch.empty_like(padded) for _ in range(world)]
+            torch_dist.all_gather(gathered, padded)
+            local = torch.cat(gathered)
+        return local.topk(min(keep, len(local))).values[-1]
+
+
+class JumpReLU(torch.autograd.Function):
+    """pre where pre > threshold, else 0. Backward: to pre where it passed, and to the threshold a
+    straight-through estimate of the jump, -(threshold / bandwidth) * rect((pre - threshold) /
+    bandwidth) per row (Rajamanoharan et al. 2024; SAELens's JumpReLU)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype) / ctx.bandwidth
+        return (pre > threshold) * grad, (-threshold * window * grad).sum(0), None
+
+
+class Step(torch.autograd.Function):
+    """1 where pre > threshold, else 0 (an L0 count). Backward: only to the threshold,
+    -(1 / bandwidth) * rect((pre - threshold) / bandwidth) (DeepMind's L0 estimator)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype) / ctx.bandwidth
+        return None, (-window * grad).sum(0), None
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -216,17 +345,31 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tens
 def sae_loss(sae: SparseAutoencoder, x: torch.Tensor, cfg: SAEConfig, l1_weight: float,
              dead: torch.Tensor | None, forward=None) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """(loss, its parts summed over rows, f). MSE is ‖x - x̂‖² in normalised units (summed over d,
-    averaged over rows); relu adds l1_weight · Σ f_i ‖W_dec,i‖; topk adds AuxK on the dead features.
-    `forward` is the module to call (the DDP wrapper under torchrun, so gradients are all-reduced)."""
-    x_hat, f, pre = (forward or sae)(x)
+    averaged over rows); relu adds l1_weight · Σ f_i ‖W_dec,i‖; jumprelu adds l0_coefficient times
+    the features active per row (its gradient through the thresholds' estimator) and, for dead
+    features, pre_act_coefficient · Σ relu(threshold - pre) ‖W_dec,i‖ (Anthropic's, as SAELens has
+    it); matryoshka adds the MSE of each nested prefix's reconstruction; the k kinds add AuxK on the
+    dead features. `forward` is the module to call (the DDP wrapper under torchrun, so gradients
+    are all-reduced)."""
+    x_hat, f, pre = (forward or sae)(x, batch=sae.arch in BATCH_ARCHS)
     error = (x - x_hat) / sae.scale
     squared = error.pow(2).sum(-1)
     loss = squared.mean()
     parts = {"mse_sum": squared.sum().detach(), "l0_sum": (f > 0).sum().detach().float()}
+    if sae.arch == "matryoshka":
+        for inner in sae.matryoshka_reconstructions(f, matryoshka_levels(cfg, sae.dict_size)[:-1]):
+            loss = loss + ((x - inner) / sae.scale).pow(2).sum(-1).mean()
     if sae.arch == "relu":
         l1 = (f * sae.W_dec.norm(dim=1)).sum(-1)
         loss = loss + l1_weight * l1.mean()
         parts["l1_sum"] = l1.sum().detach()
+    elif sae.arch == "jumprelu":
+        threshold = sae.threshold
+        loss = loss + cfg.l0_coefficient * Step.apply(pre, threshold, sae.bandwidth).sum(-1).mean()
+        if dead is not None and bool(dead.any()) and cfg.pre_act_coefficient:
+            pull = (F.relu(threshold - pre) * sae.W_dec.norm(dim=1))[:, dead].sum(-1)
+            loss = loss + cfg.pre_act_coefficient * pull.mean()
+            parts["pre_act_sum"] = pull.sum().detach()
     elif dead is not None and bool(dead.any()) and cfg.aux_coefficient:
         k_aux = min(cfg.aux_k or sae.d // 2, int(dead.sum()))
         top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1)
@@ -250,7 +393,18 @@ def update(sae: SparseAutoencoder, optimizer, x: torch.Tensor, cfg: SAEConfig, l
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     sae.normalize_decoder()
+    if sae.arch in BATCH_ARCHS:
+        sae.update_threshold(f, cfg.threshold_lr)
     return parts, f.detach()
+
+
+def matryoshka_levels(cfg: SAEConfig, dict_size: int) -> list[int]:
+    """The nested prefixes' sizes, the whole dictionary last (default: 1/16 and 1/4 of it)."""
+    if cfg.matryoshka_sizes:
+        sizes = [int(s) for s in cfg.matryoshka_sizes.split(",")]
+    else:
+        sizes = [max(1, dict_size // 16), max(2, dict_size // 4)]
+    return [s for s in sizes if s < dict_size] + [dict_size]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -339,6 +493,15 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             cfg = resumed_config(cfg, checkpoint["config"], explicit, "SAE")
         if cfg.batch_size % dist.world_size:
             raise ConfigError(f"--batch_size: {cfg.batch_size} rows do not split into {dist.world_size} ranks")
+        dict_size = cfg.dict_size or int(cfg.expansion * d)
+        if cfg.arch in K_ARCHS and cfg.k > dict_size:
+            raise ConfigError(f"--k: {cfg.k} is more than the dictionary's {dict_size} features "
+                              f"({'--dict_size' if cfg.dict_size else f'--expansion {cfg.expansion:g} x width {d}'}); "
+                              f"pick a smaller k or a larger dictionary")
+        if cfg.arch == "matryoshka" and cfg.matryoshka_sizes and matryoshka_levels(cfg, dict_size)[:-1] != [
+                int(s) for s in cfg.matryoshka_sizes.split(",")]:
+            raise ConfigError(f"--matryoshka_sizes: {cfg.matryoshka_sizes} must stay below the dictionary's "
+                              f"{dict_size} features (the whole dictionary is the last level)")
         local_batch = cfg.batch_size // dist.world_size
         if cfg.source == "dump":
             directory = cfg.dump or default_dump_dir(cfg.run_dir, cfg.hook, "train", cfg.positions)
@@ -364,9 +527,9 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                               for s in range(0, len(seqs.tokens), 1024)])
 
         eval_rows = all_rows(held_out)
-        dict_size = cfg.dict_size or int(cfg.expansion * d)
         seed_everything(cfg.seed)  # the same initialisation on every rank
-        sae = SparseAutoencoder(d, dict_size, cfg.arch, cfg.k).to(device)
+        sae = SparseAutoencoder(d, dict_size, cfg.arch, cfg.k, cfg.jumprelu_init_threshold,
+                                cfg.jumprelu_bandwidth).to(device)
         sae.calibrate(all_rows(calibration), cfg.normalize)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         for group in optimizer.param_groups:
@@ -394,7 +557,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         log.info(f"SAE {name} on {cfg.hook} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) "
                  f"-> {out_dir}")
         log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
-        log.info(f"d={d} -> {dict_size} features ({cfg.arch}{f', k={cfg.k}' if cfg.arch == 'topk' else ''}) | "
+        log.info(f"d={d} -> {dict_size} features ({cfg.arch}{f', k={cfg.k}' if cfg.arch in K_ARCHS else ''}) | "
                  f"{cfg.source} source | {cfg.batch_size} rows/step on {dist.world_size} rank(s) | "
                  f"eval on {len(eval_rows):,} val rows | input scale {float(sae.scale):.4g}"
                  + (f" | resumed at step {step}" if checkpoint is not None else ""))

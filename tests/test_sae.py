@@ -18,7 +18,7 @@ from config import ConfigError
 from conftest import ROOT, logged_steps, run_torchrun, wait_until
 from interp import load_run
 from optimizer import apply_lr, lr_multiplier
-from sae import SAEConfig, SparseAutoencoder, ce_recovered, resample_dead, sae_loss, update
+from sae import ARCHS, K_ARCHS, SAEConfig, SparseAutoencoder, ce_recovered, resample_dead, sae_loss, update
 from tracking import read_metrics
 
 HOOK = "blocks.0.mlp.hook_post"
@@ -40,14 +40,17 @@ def synthetic(n: int, d: int = 32, features: int = 64, p: float = 0.05, seed: in
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["relu", "topk"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_the_sae_recovers_a_known_sparse_dictionary(arch):
     x, true, true_l0 = synthetic(50_000)
     steps = 400
+    # JumpReLU's estimator sees only pre-activations within a bandwidth of a threshold: here features
+    # are ~3 in normalised units, so a window of 0.5 (SAELens's 0.05 is for its LLM activations).
     cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=3, l1_warmup_steps=100, max_steps=steps, batch_size=512,
-                    lr=3e-3, warmup_steps=50, dead_rows=20_000).validate()
+                    lr=3e-3, warmup_steps=50, dead_rows=20_000, jumprelu_bandwidth=0.5,
+                    jumprelu_init_threshold=0.1).validate()
     torch.manual_seed(0)
-    sae = SparseAutoencoder(32, 128, arch, cfg.k)
+    sae = SparseAutoencoder(32, 128, arch, cfg.k, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth)
     sae.calibrate(x[:8192], normalize=True)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     optimizer.param_groups[0]["initial_lr"] = cfg.lr
@@ -70,7 +73,7 @@ def test_the_sae_recovers_a_known_sparse_dictionary(arch):
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)  # unit decoder rows
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_every_sae_parameter_receives_a_gradient_and_moves(arch):
     """An SAE whose decoder (or any part) never learns must fail here (SplatNLP's trained its
     decoder under no_grad). TopK with dead features also exercises the AuxK path."""
@@ -84,8 +87,10 @@ def test_every_sae_parameter_receives_a_gradient_and_moves(arch):
     loss.backward()
     for name, param in sae.named_parameters():
         assert param.grad is not None and float(param.grad.abs().sum()) > 0, f"{name} receives no gradient"
-    if arch == "topk":
+    if arch in K_ARCHS:
         assert parts["aux_sum"] > 0
+    if arch == "jumprelu":
+        assert parts["pre_act_sum"] > 0
     sae.zero_grad()
     before = {name: p.detach().clone() for name, p in sae.named_parameters()}
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
@@ -176,24 +181,49 @@ def test_sae_training_writes_its_directory_and_resumes_exactly(tmp_path, trained
 
 
 @pytest.mark.slow
-def test_two_ranks_train_the_sae_one_process_trains(tmp_path, trained_runs):
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "matryoshka"])
+def test_the_new_kinds_resume_exactly_with_their_thresholds(tmp_path, trained_runs, arch):
+    """Stopped at step 10 and resumed, an SAE ends where an unbroken run ends, its thresholds (the
+    batch kinds' running threshold, jumprelu's per-feature ones) included."""
+    run_dir = trained_runs["modular"]
+    dump(DumpSettings(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
+    common = [run_dir, *QUICK, "--source", "dump", "--dump", str(tmp_path / "dump"), "--resample_every", "0",
+              "--log_every", "1", "--arch", arch, "--k", "8"]
+    straight = sae_module.main(common + ["--name", f"straight-{arch}"])
+    sae_module.main(common + ["--name", f"cut-{arch}", "--max_steps", "10"])
+    resumed = sae_module.main(common + ["--name", f"cut-{arch}", "--resume", "auto"])
+    a = {r["step"]: r for r in read_metrics(os.path.join(straight["sae_dir"], "metrics.jsonl"))}
+    b = {r["step"]: r for r in read_metrics(os.path.join(resumed["sae_dir"], "metrics.jsonl"))}
+    assert [a[s]["train_mse"] for s in range(1, 21)] == [b[s]["train_mse"] for s in range(1, 21)]
+    x = torch.load(os.path.join(straight["sae_dir"], "last.pt"), weights_only=True)["model"]
+    y = torch.load(os.path.join(resumed["sae_dir"], "last.pt"), weights_only=True)["model"]
+    assert "threshold" in x and x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert float(x["threshold"].min()) > 0  # it moved from where it started (0 for the batch kinds)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["relu", "batchtopk"])
+def test_two_ranks_train_the_sae_one_process_trains(tmp_path, trained_runs, arch):
+    """batchtopk keeps the k x rows largest pre-activations of the global batch: the ranks gather
+    their candidates and agree on the cut, so two ranks choose what one process chooses."""
     run_dir = trained_runs["modular"]
     dump(DumpSettings(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
     # Resampling draws new directions from rank 0's share of the batch, so it is off here.
-    common = [*QUICK, "--source", "dump", "--dump", str(tmp_path / "dump"), "--resample_every", "0", "--log_every", "1"]
-    one = sae_module.main([run_dir, *common, "--name", "one"])
-    result = run_torchrun([run_dir, *common, "--name", "two"], cwd=str(tmp_path), script="sae.py")
+    common = [*QUICK, "--source", "dump", "--dump", str(tmp_path / "dump"), "--resample_every", "0", "--log_every", "1",
+              "--arch", arch, "--k", "8"]
+    one = sae_module.main([run_dir, *common, "--name", f"one-{arch}"])
+    result = run_torchrun([run_dir, *common, "--name", f"two-{arch}"], cwd=str(tmp_path), script="sae.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gloo threads outlived" not in result.stderr  # the DDP wrapper went before the process group
     a = {r["step"]: r for r in read_metrics(os.path.join(one["sae_dir"], "metrics.jsonl"))}
-    b = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", "two", "metrics.jsonl"))}
+    b = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", f"two-{arch}", "metrics.jsonl"))}
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in a:
         assert b[step]["train_mse"] == pytest.approx(a[step]["train_mse"], rel=1e-4), step
         assert b[step]["train_l0"] == pytest.approx(a[step]["train_l0"], abs=0.05), step
     x = torch.load(os.path.join(one["sae_dir"], "last.pt"), weights_only=True)["model"]
-    y = torch.load(os.path.join(run_dir, "sae", "two", "last.pt"), weights_only=True)["model"]
-    assert all(torch.allclose(x[k], y[k], atol=1e-4) for k in x)
+    y = torch.load(os.path.join(run_dir, "sae", f"two-{arch}", "last.pt"), weights_only=True)["model"]
+    assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=1e-4) for k in x)
 
 
 @pytest.mark.parametrize("task,picture,text", [
@@ -216,7 +246,19 @@ def test_report_writes_feature_views_for_each_task(trained_runs, task, picture, 
 
 @pytest.mark.parametrize("args,message", [
     (["--hook", "blocks.0.mlp.hook_pots"], "--hook: this model has no hook point"),
-    (["--hook", HOOK, "--arch", "gated"], "--arch: 'gated' is not one of relu, topk"),
+    (["--hook", HOOK, "--arch", "gated"], "--arch: 'gated' is not one of relu, topk, batchtopk, jumprelu, matryoshka"),
+    (["--hook", HOOK, "--arch", "batchtopk", "--dict_size", "96", "--k", "100"],
+     "--k: 100 is more than the dictionary's 96 features"),
+    (["--hook", HOOK, "--arch", "topk", "--k", "1000"], "--k: 1000 is more than the dictionary's 256 features "
+                                                        "(--expansion 4 x width 64)"),
+    (["--hook", HOOK, "--arch", "jumprelu", "--l0_coefficient", "-1"], "--l0_coefficient: must not be negative"),
+    (["--hook", HOOK, "--arch", "jumprelu", "--jumprelu_bandwidth", "0"], "--jumprelu_bandwidth: must be positive"),
+    (["--hook", HOOK, "--arch", "matryoshka", "--matryoshka_sizes", "64,32"], "--matryoshka_sizes: 64,32: the "
+                                                                                 "prefixes must grow"),
+    (["--hook", HOOK, "--arch", "matryoshka", "--matryoshka_sizes", "16,x"], "--matryoshka_sizes: '16,x' is not"),
+    (["--hook", HOOK, "--arch", "topk", "--matryoshka_sizes", "16"], "--matryoshka_sizes: only --arch matryoshka"),
+    (["--hook", HOOK, "--arch", "matryoshka", "--dict_size", "96", "--matryoshka_sizes", "32,128"],
+     "--matryoshka_sizes: 32,128 must stay below the dictionary's 96 features"),
     (["--hook", HOOK, "--l1_coef", "3"], "unknown flag --l1_coef; did you mean --l1_coefficient?"),
     (["--hook", HOOK, "--source", "dump", "--dump", "/nonexistent"], "--dump: /nonexistent has no manifest.json"),
 ])
@@ -298,8 +340,8 @@ def test_two_ranks_on_the_live_source_with_resampling_keep_one_sae(tmp_path, tra
     assert "resumed at step 12" in result.stdout + result.stderr
 
 
-@pytest.mark.extended  # three ranks on two cores, three launches: about 40 s
-@pytest.mark.parametrize("arch", ["relu", "topk"])
+@pytest.mark.extended  # three ranks on two cores, three launches: about 25 s each
+@pytest.mark.parametrize("arch", ARCHS)
 def test_three_ranks_stopped_and_resumed_train_the_same_sae_bit_for_bit(tmp_path, trained_runs, arch):
     """With three ranks the grouping of DDP's gradient buckets changes the rounding of their sums;
     a resumed SAE regroups them as the uninterrupted run's first step did (distributed.regroup_ddp_buckets)."""
