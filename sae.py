@@ -22,9 +22,10 @@ first half of training (new directions from the inputs it reconstructs worst, An
 a TopK SAE trains them with the AuxK loss (the dead features' k_aux largest pre-activations
 reconstruct what the live ones miss, Gao et al. 2024).
 
-Evaluation uses the val split of the run, which neither the SAE nor the model trained on: MSE,
-explained variance, L0, dead fraction, and CE loss recovered, the reconstruction spliced into the
-model at the hook: (CE_zero_ablation - CE_sae) / (CE_zero_ablation - CE_clean).
+Evaluation uses the val split of the run, which neither the SAE nor the model trained on, under the
+names SAELens's evals use: mse, explained_variance, l0, the dead and never-fired fractions, and with
+the reconstruction spliced into the model at the hook, ce_loss_score = (CE_ablation - CE_sae) /
+(CE_ablation - CE_clean) and kl_div_score = (KL_ablation - KL_sae) / KL_ablation (spliced_metrics).
 """
 
 from __future__ import annotations
@@ -429,21 +430,38 @@ def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, chunk: int =
             "feature_density": (fired.float() / len(x)).cpu()}
 
 
+# Metric names as SAELens's evals write them (sae_lens/evals.py), which SAEBench and Neuronpedia read;
+# SAE folders written before issue 22 used the keys on the left, and readers map them (modern_metrics).
+OLD_METRIC_NAMES = {"ce_clean": "ce_loss_without_sae", "ce_sae": "ce_loss_with_sae", "ce_zero": "ce_loss_with_ablation",
+                    "ce_recovered": "ce_loss_score"}
+
+
+def modern_metrics(record: dict) -> dict:
+    """A metrics.jsonl record with any old metric names under today's (SAELens's) names."""
+    return {OLD_METRIC_NAMES.get(key, key): value for key, value in record.items()}
+
+
 @torch.no_grad()
-def ce_recovered(model, sequences: Sequences, hook: str, replace, loss_positions: int | None,
-                 batch: int = 512) -> dict:
-    """Cross-entropy of the model on `sequences` with the activation at `hook` left alone (clean),
-    replaced at the taken positions by `replace(rows)` (e.g. an SAE's reconstruction), and set to
-    zero there; recovered = (CE_zero - CE_replaced) / (CE_zero - CE_clean): 1 for a perfect
-    reconstruction, 0 for one no better than zeros."""
+def spliced_metrics(model, sequences: Sequences, hook: str, replace, loss_positions: int | None,
+                    batch: int = 512) -> dict:
+    """The model on `sequences` with the activation at `hook` left alone (clean), replaced at the taken
+    positions by `replace(rows)` (an SAE's reconstruction) and set to zero there (ablation), at the
+    positions the loss reads, under SAELens's names and definitions (sae_lens/evals.py):
+    ce_loss_score = (CE_ablation - CE_sae) / (CE_ablation - CE_clean): 1 for a perfect reconstruction,
+    0 for one no better than zeros; kl_div_score = (KL_ablation - KL_sae) / KL_ablation, with KL the
+    divergence of the clean next-token distribution from the spliced one, KL(clean || spliced),
+    summed over the vocabulary and averaged over positions."""
+    sums = dict.fromkeys(("clean", "sae", "ablation", "kl_sae", "kl_ablation"), 0.0)
+    count = 0
+    device = next(model.parameters()).device
+    for start in range(0, len(sequences.tokens), batch):
+        tokens = sequences.tokens[start:start + batch].to(device)
+        mask = sequences.mask[start:start + batch].to(device)
+        targets = sequences.targets[start:start + batch].to(device)
+        keep = targets != IGNORE
 
-    def ce_with(fn) -> float:
-        total, count = 0.0, 0
-        for start in range(0, len(sequences.tokens), batch):
-            tokens = sequences.tokens[start:start + batch].to(next(model.parameters()).device)
-            mask = sequences.mask[start:start + batch].to(tokens.device)
-            targets = sequences.targets[start:start + batch].to(tokens.device)
-
+        def log_probs(fn) -> torch.Tensor:
+            """Log-probabilities [kept positions, vocab] with `fn` applied to the taken rows."""
             def splice(x, hook_point):
                 flat = x.reshape(*x.shape[:2], -1).clone()
                 flat[mask] = fn(flat[mask].float()).to(flat.dtype)
@@ -452,16 +470,24 @@ def ce_recovered(model, sequences: Sequences, hook: str, replace, loss_positions
             logits = model.run_with_hooks(tokens, [(hook, splice)]).float()
             if loss_positions:
                 logits = logits[:, -loss_positions:]
-            keep = targets != IGNORE
-            total += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
-            count += int(keep.sum())
-        return total / max(count, 1)
+            return logits[keep].log_softmax(-1)
 
-    clean = ce_with(lambda rows: rows)  # the same hooked forward, so a perfect replacement gives exactly 1
-    replaced = ce_with(replace)
-    zero = ce_with(torch.zeros_like)
-    return {"ce_clean": clean, "ce_sae": replaced, "ce_zero": zero,
-            "ce_recovered": (zero - replaced) / (zero - clean) if zero != clean else float("nan")}
+        clean = log_probs(lambda rows: rows)  # the same hooked forward, so a perfect replacement scores exactly 1
+        wanted = targets[keep].unsqueeze(-1)
+        sums["clean"] += float(-clean.gather(-1, wanted).sum())
+        for name, fn in (("sae", replace), ("ablation", torch.zeros_like)):
+            other = log_probs(fn)
+            sums[name] += float(-other.gather(-1, wanted).sum())
+            sums[f"kl_{name}"] += float((clean.exp() * (clean - other)).sum())
+        count += int(keep.sum())
+    mean = {key: value / max(count, 1) for key, value in sums.items()}
+    return {"ce_loss_without_sae": mean["clean"], "ce_loss_with_sae": mean["sae"],
+            "ce_loss_with_ablation": mean["ablation"],
+            "ce_loss_score": ((mean["ablation"] - mean["sae"]) / (mean["ablation"] - mean["clean"])
+                              if mean["ablation"] != mean["clean"] else float("nan")),
+            "kl_div_with_sae": mean["kl_sae"], "kl_div_with_ablation": mean["kl_ablation"],
+            "kl_div_score": ((mean["kl_ablation"] - mean["kl_sae"]) / mean["kl_ablation"]
+                             if mean["kl_ablation"] > 0 else float("nan"))}
 
 
 # ---------------------------------------------------------------- training
@@ -574,8 +600,8 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             sae.eval()
             metrics = reconstruction_metrics(sae, eval_rows)
             density = metrics.pop("feature_density")
-            metrics.update(ce_recovered(run.model, held_out, cfg.hook, lambda rows: sae(rows)[0],
-                                        run.data.loss_positions))
+            metrics.update(spliced_metrics(run.model, held_out, cfg.hook, lambda rows: sae(rows)[0],
+                                           run.data.loss_positions))
             sae.train()
             return metrics
 
@@ -668,7 +694,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             log.info(f"interrupted at step {step}; last.pt saved. Continue with the same command and --resume auto")
         else:
             log.info(f"done: {step} steps in {seconds:.1f}s | " + " | ".join(
-                f"{k} {last_eval[k]:.4f}" for k in ("explained_variance", "l0", "ce_recovered") if k in last_eval)
+                f"{k} {last_eval[k]:.4f}" for k in ("explained_variance", "l0", "ce_loss_score", "kl_div_score") if k in last_eval)
                 + f" | report: python sae.py report {out_dir}")
         session.finish_tracking(128 + interrupted if interrupted else 0, preempted=bool(interrupted))
     return summary
@@ -713,10 +739,10 @@ def resample_dead(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torc
 def plot_sae_curves(metrics_path: str, out_path: str, title: str = "") -> str:
     from matplotlib.figure import Figure
 
-    records = read_metrics(metrics_path)
+    records = [modern_metrics(r) for r in read_metrics(metrics_path)]
     panels = [("train_mse", "mse (normalised)", "log"), ("explained_variance", "explained variance (val)", "linear"),
               ("train_l0", "L0", "log"), ("dead_frac", "dead fraction", "linear"),
-              ("ce_recovered", "CE loss recovered (val)", "linear")]
+              ("ce_loss_score", "CE-loss score (val)", "linear")]
     fig = Figure(figsize=(4 * len(panels), 3.4))
     axes = fig.subplots(1, len(panels))
     for ax, (key, label, yscale) in zip(axes, panels):
@@ -795,7 +821,7 @@ def report(sae_path: str, top: int = 12) -> str:
     rows, acts = model_acts[mask], sae.encode(model_acts)
     metrics = reconstruction_metrics(sae, rows)
     density = metrics.pop("feature_density")
-    metrics.update(ce_recovered(run.model, held_out, cfg.hook, lambda r: sae(r)[0], run.data.loss_positions))
+    metrics.update(spliced_metrics(run.model, held_out, cfg.hook, lambda r: sae(r)[0], run.data.loss_positions))
     taken = acts[mask]  # [rows, n]
     ranked = torch.argsort(taken.sum(0), descending=True)[:top].tolist()
 

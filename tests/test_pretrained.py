@@ -225,7 +225,7 @@ def test_the_analysis_programs_open_a_pretrained_model_where_they_open_a_run(tmp
                        "--batch_size", "128", "--eval_every", "20", "--eval_tokens", "1024", "--device", "cpu"])
     assert result["sae_dir"].startswith(os.path.join("runs", "gpt2", "sae"))
     sae_report = open(sae.report(result["sae_dir"])).read()  # reopens the model from pretrained.json
-    assert "ce_recovered" in sae_report and f"`{os.path.join('runs', 'gpt2')}`" in sae_report
+    assert "ce_loss_score" in sae_report and f"`{os.path.join('runs', 'gpt2')}`" in sae_report
 
     summary = lens.main([*model, "--t_text", "2", "--max_steps", "4", "--eval_every", "4", "--eval_rows", "8",
                          "--batch_size", "8", "--device", "cpu", "--run_name", "quick"])

@@ -18,7 +18,8 @@ from config import ConfigError
 from conftest import ROOT, logged_steps, run_torchrun, wait_until
 from interp import load_run
 from optimizer import apply_lr, lr_multiplier
-from sae import ARCHS, K_ARCHS, SAEConfig, SparseAutoencoder, ce_recovered, resample_dead, sae_loss, update
+from sae import (ARCHS, K_ARCHS, SAEConfig, SparseAutoencoder, modern_metrics, resample_dead, sae_loss, spliced_metrics,
+                 update)
 from tracking import read_metrics
 
 HOOK = "blocks.0.mlp.hook_post"
@@ -134,15 +135,24 @@ def test_resampling_gives_dead_features_the_worst_reconstructed_inputs():
                 assert (moments[dead] == 0).all() and (moments[~dead] != 0).any(), (name, key)
 
 
-def test_ce_recovered_is_one_for_a_perfect_reconstruction_and_zero_for_zeros(trained_runs):
+def test_the_ce_loss_and_kl_scores_are_one_for_a_perfect_reconstruction_and_zero_for_zeros(trained_runs):
     run = load_run(trained_runs["text"], device="cpu")
     held_out = split_sequences(run, "val", "all", 400)
-    perfect = ce_recovered(run.model, held_out, HOOK, lambda rows: rows, run.data.loss_positions)
-    zero = ce_recovered(run.model, held_out, HOOK, torch.zeros_like, run.data.loss_positions)
-    assert perfect["ce_recovered"] == 1.0 and zero["ce_recovered"] == 0.0
-    assert perfect["ce_zero"] > perfect["ce_clean"]  # zeroing the MLP hurts this model
-    half = ce_recovered(run.model, held_out, HOOK, lambda rows: rows * 0.5, run.data.loss_positions)
-    assert 0 < half["ce_recovered"] < 1
+    perfect = spliced_metrics(run.model, held_out, HOOK, lambda rows: rows, run.data.loss_positions)
+    zero = spliced_metrics(run.model, held_out, HOOK, torch.zeros_like, run.data.loss_positions)
+    assert perfect["ce_loss_score"] == 1.0 and zero["ce_loss_score"] == 0.0
+    assert perfect["kl_div_score"] == 1.0 and perfect["kl_div_with_sae"] == 0.0 and zero["kl_div_score"] == 0.0
+    assert perfect["ce_loss_with_ablation"] > perfect["ce_loss_without_sae"]  # zeroing the MLP hurts this model
+    half = spliced_metrics(run.model, held_out, HOOK, lambda rows: rows * 0.5, run.data.loss_positions)
+    assert 0 < half["ce_loss_score"] < 1 and 0 < half["kl_div_score"] < 1
+    # KL(clean || spliced), as SAELens's _kl computes it: against torch's kl_div on one position's logits.
+    p, q = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    ours = float((p.log_softmax(-1).exp() * (p.log_softmax(-1) - q.log_softmax(-1))).sum())
+    theirs = float(torch.nn.functional.kl_div(q.log_softmax(-1), p.softmax(-1), reduction="sum"))
+    assert ours == pytest.approx(theirs, rel=1e-12)
+    # SAE folders written before the names changed still read under today's names.
+    assert modern_metrics({"step": 5, "ce_recovered": 0.9, "ce_zero": 2.0, "l0": 3}) == {
+        "step": 5, "ce_loss_score": 0.9, "ce_loss_with_ablation": 2.0, "l0": 3}
 
 
 @pytest.mark.slow
@@ -162,7 +172,8 @@ def test_sae_training_writes_its_directory_and_resumes_exactly(tmp_path, trained
     records = read_metrics(os.path.join(directory, "metrics.jsonl"))
     final = records[-1]
     for key in ("train_mse", "train_l0", "train_l1", "dead_frac", "mse", "explained_variance", "l0",
-                "never_fired_frac", "ce_clean", "ce_sae", "ce_zero", "ce_recovered", "rows_per_sec"):
+                "never_fired_frac", "ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation",
+                "ce_loss_score", "kl_div_with_sae", "kl_div_with_ablation", "kl_div_score", "rows_per_sec"):
         assert key in final, key
     assert final["step"] == 20 and final["explained_variance"] > 0 and 0 <= final["never_fired_frac"] <= 1
 
@@ -172,7 +183,7 @@ def test_sae_training_writes_its_directory_and_resumes_exactly(tmp_path, trained
     cut = {r["step"]: r for r in read_metrics(os.path.join(resumed["sae_dir"], "metrics.jsonl"))}
     assert sorted(cut) == [r["step"] for r in records]
     for record in records:
-        for key in ("train_mse", "train_l0", "mse", "ce_sae"):
+        for key in ("train_mse", "train_l0", "mse", "ce_loss_with_sae", "kl_div_with_sae"):
             if key in record:
                 assert cut[record["step"]][key] == record[key], (record["step"], key)
     a = torch.load(os.path.join(directory, "last.pt"), weights_only=True)["model"]
@@ -238,7 +249,7 @@ def test_report_writes_feature_views_for_each_task(trained_runs, task, picture, 
                                "--name", f"report-{task}"])
     path = sae_module.main(["report", trained["sae_dir"]])
     report = open(path).read()
-    assert "| ce_recovered |" in report and "| explained_variance |" in report
+    assert "| ce_loss_score |" in report and "| kl_div_score |" in report and "| explained_variance |" in report
     assert text in report
     files = os.listdir(os.path.dirname(path))
     assert "feature_density.png" in files and (picture is None or picture in files)
