@@ -5,6 +5,7 @@ bad input fails cleanly."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -253,6 +254,18 @@ def test_report_writes_feature_views_for_each_task(trained_runs, task, picture, 
     assert text in report
     files = os.listdir(os.path.dirname(path))
     assert "feature_density.png" in files and (picture is None or picture in files)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "matryoshka"])
+def test_the_report_and_the_fourier_views_work_for_the_new_kinds(trained_runs, arch):
+    """In use (the report), the batch kinds choose features by their learned threshold, not the batch."""
+    trained = sae_module.main([trained_runs["modular"], *QUICK, "--arch", arch, "--k", "4", "--name", f"report-{arch}"])
+    path = sae_module.main(["report", trained["sae_dir"]])
+    report = open(path).read()
+    assert f"{arch} SAE with" in report and "best frequency" in report and "| kl_div_score |" in report
+    l0 = float(re.search(r"\| l0 \| ([\d.]+) \|", report).group(1))
+    assert 0 < l0 < 96  # some features fire on each row, not all of them
 
 
 @pytest.mark.parametrize("args,message", [
