@@ -31,6 +31,7 @@ the reconstruction spliced into the model at the hook, ce_loss_score = (CE_ablat
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import signal
@@ -926,6 +927,63 @@ def report(sae_path: str, top: int = 12) -> str:
 # ---------------------------------------------------------------- command line
 
 
+# ---------------------------------------------------------------- SAELens's format
+
+SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
+                        "matryoshka": "jumprelu"}  # the batch kinds are JumpReLU SAEs in use, as SAELens saves them
+
+
+def saelens_folder(sae: SparseAutoencoder, cfg: SAEConfig, model_name: str) -> tuple[dict, dict]:
+    """(cfg.json, the weights) of `sae` as SAELens saves an SAE (SAE.save_model: cfg.json and
+    sae_weights.safetensors), for SAE.load_from_disk. Our input scale is folded into the weights
+    (SAELens computes (x - b_dec) W_enc + b_enc; ours (x / scale - b_dec) W_enc + b_enc, then times
+    scale out), so `normalize_activations` is none and the pre-activations, thresholds and
+    features are ours exactly; only the decoder rows then have norm `scale` instead of 1."""
+    scale = float(sae.scale)
+    weights = {"W_enc": sae.W_enc.detach() / scale, "W_dec": sae.W_dec.detach() * scale,
+               "b_enc": sae.b_enc.detach().clone(), "b_dec": sae.b_dec.detach() * scale}
+    architecture = SAELENS_ARCHITECTURE[sae.arch]
+    if sae.arch == "jumprelu":
+        weights["threshold"] = sae.threshold.detach().clone()
+    elif sae.arch in BATCH_ARCHS:
+        weights["threshold"] = torch.full((sae.dict_size,), float(sae.threshold))
+    config = {"architecture": architecture, "d_in": sae.d, "d_sae": sae.dict_size, "dtype": "float32",
+              "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+              "reshape_activations": "none",
+              # sae_lens_version: the format's (SAELens converts configs without one, or older, from pre-6 layouts)
+              "metadata": {"sae_lens_version": "6.0.0", "sae_lens_training_version": None,
+                           "hook_name": cfg.hook, "model_name": model_name, "hook_head_index": None,
+                           "prepend_bos": False, "context_size": None, "dataset_path": None,
+                           "model_from_pretrained_kwargs": {}, "exported_by": "tinylab sae.py export",
+                           "tinylab_arch": sae.arch}}
+    if architecture == "topk":
+        config.update(k=sae.k, rescale_acts_by_decoder_norm=False)
+    return config, {name: value.float().contiguous() for name, value in weights.items()}
+
+
+def export(sae_path: str, out: str) -> str:
+    """`python sae.py export <sae dir> --to saelens OUT`: a folder SAELens opens with SAE.load_from_disk."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ConfigError("--to saelens writes safetensors: pip install safetensors") from None
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConfigError(f"--to: {out} already exists and is not an empty folder; name a new one")
+    if not os.path.isdir(sae_path) and not os.path.isfile(sae_path):
+        raise ConfigError(f"{sae_path} does not exist; pass an SAE folder (<run>/sae/<name>)")
+    sae, cfg, run = load_sae(sae_path, device="cpu")  # refuses an SAE whose model checkpoint moved on
+    config, weights = saelens_folder(sae, cfg, os.path.abspath(run.checkpoint_path))
+    staging = out.rstrip("/") + ".partial"
+    os.makedirs(staging, exist_ok=True)
+    save_file(weights, os.path.join(staging, "sae_weights.safetensors"))
+    with open(os.path.join(staging, "cfg.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if os.path.isdir(out):
+        os.rmdir(out)
+    os.replace(staging, out)
+    return out
+
+
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
@@ -934,8 +992,18 @@ def main(argv: list[str] | None = None):
         path = report(argv[1])
         print(f"wrote {path}")
         return path
+    if argv and argv[0] == "export":
+        usage = "usage: python sae.py export <run>/sae/<name> --to saelens OUT"
+        if len(argv) != 5 or argv[2] != "--to":
+            raise ConfigError(usage)
+        if argv[3] != "saelens":
+            raise ConfigError(f"--to: {argv[3]!r} is not a format sae.py exports; the one is saelens ({usage})")
+        path = export(argv[1], argv[4])
+        print(f"wrote {path}: SAELens opens it with SAE.load_from_disk({path!r})")
+        return path
     cfg, explicit = parse_flags(SAEConfig, argv, "sae.py", "Train a sparse autoencoder on a run's activations "
-                                "(`python sae.py report DIR` writes feature views).", positional="run_dir")
+                                "(`python sae.py report DIR` writes feature views; `python sae.py export DIR --to "
+                                "saelens OUT` a folder SAELens opens).", positional="run_dir")
     return train(cfg, explicit)
 
 

@@ -9,31 +9,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import sysconfig
 
 import pytest
 
+import overlay_venv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV = os.path.join(ROOT, ".venv-tl3")
 PACKAGES = ["transformer_lens>=3,<4", "better-abc>=0.0.3"]  # what 3 needs beyond what 4 needs
 
 
 def overlay_python() -> str:
-    """The second virtualenv's python, built if it is not there yet."""
-    python = os.path.join(VENV, "bin", "python")
-    if os.path.isfile(os.path.join(VENV, "ready")):
-        return python
-    subprocess.run([sys.executable, "-m", "venv", "--clear", VENV], check=True)
-    own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         check=True, capture_output=True, text=True).stdout.strip()
-    with open(os.path.join(own, "tinylab-main-environment.pth"), "w") as f:
-        f.write(sysconfig.get_paths()["purelib"] + "\n")
-    installed = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", *PACKAGES],
-                               capture_output=True, text=True)
-    if installed.returncode:
-        pytest.skip(f"could not install {' '.join(PACKAGES)} into {VENV}: {installed.stderr.strip()[-300:]}")
-    open(os.path.join(VENV, "ready"), "w").close()
+    """The second virtualenv's python, built if it is not there yet (tests/overlay_venv.py)."""
+    python, why_not = overlay_venv.overlay_python(".venv-tl3", PACKAGES)
+    if python is None:
+        pytest.skip(why_not)
     return python
 
 

@@ -1,0 +1,94 @@
+"""SAELens interchange: `python sae.py export <sae dir> --to saelens OUT` writes what SAELens opens with
+its own loader (`SAE.load_from_disk`), and it gives our features and reconstruction of the same rows.
+SAELens requires TransformerLens < 4, which cannot share the main environment (TransformerLens 4), so
+it runs in a second virtualenv, `.venv-saelens/`, built on first use (tests/overlay_venv.py); SAELens
+is never needed to train."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+import overlay_venv
+import sae as sae_module
+from checkpoints import CheckpointError
+from config import ConfigError
+from test_sae import QUICK
+
+# What SAELens needs beyond the main environment (its release on PyPI today, 6.x).
+PACKAGES = ["sae-lens>=6,<7", "transformer_lens>=3,<4", "better-abc>=0.0.3", "plotly", "plotly-express", "babe",
+            "nltk", "simple-parsing", "docstring-parser", "tenacity"]
+CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saelens_check.py")
+
+
+@pytest.fixture(scope="module")
+def saelens_python():
+    python, why_not = overlay_venv.overlay_python(".venv-saelens", PACKAGES)
+    if python is None:
+        pytest.skip(why_not)
+    return python
+
+
+# Every SAELens class we write: batchtopk (and matryoshka, the same in use) become JumpReLU SAEs with
+# one threshold for all features, as SAELens saves its own.
+KINDS = {"relu": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE", "batchtopk": "JumpReLUSAE"}
+
+
+@pytest.mark.slow
+def test_exported_saes_give_our_features_in_saelens(tmp_path, trained_runs, saelens_python):
+    hooks = {}
+    for arch in KINDS:
+        trained = sae_module.main([trained_runs["modular"], *QUICK, "--arch", arch, "--k", "4",
+                                   "--name", f"export-{arch}"])
+        folder = tmp_path / arch
+        out = str(folder / "saelens")
+        assert sae_module.main(["export", trained["sae_dir"], "--to", "saelens", out]) == out
+        assert sorted(os.listdir(out)) == ["cfg.json", "sae_weights.safetensors"]
+        sae, cfg, _ = sae_module.load_sae(trained["sae_dir"], device="cpu")
+        hooks[str(folder)] = cfg.hook
+        x = torch.randn(256, sae.d) * 2 + 0.5  # any rows: both sides compute the same function of them
+        with torch.no_grad():
+            x_hat, f, _ = sae(x)
+        for name, value in (("x", x), ("f", f), ("x_hat", x_hat)):
+            np.save(folder / f"{name}.npy", value.numpy())
+    result = subprocess.run([saelens_python, CHECK, *hooks], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["class"] for r in found] == list(KINDS.values())
+    for theirs in found:
+        assert theirs["hook_name"] == hooks[theirs["folder"]], theirs
+        assert theirs["same_active"], theirs  # the same features fire on every row
+        assert theirs["features"] < 1e-5 and theirs["reconstruction"] < 1e-5, theirs
+
+
+def test_export_refuses_a_folder_that_holds_files_and_a_format_it_does_not_write(tmp_path, trained_runs):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists and is not an empty folder"):
+        sae_module.main(["export", str(tmp_path / "whatever"), "--to", "saelens", str(taken)])
+    assert (taken / "keep.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match="'dictionary_learning' is not a format"):
+        sae_module.main(["export", str(tmp_path), "--to", "dictionary_learning", str(tmp_path / "out")])
+    with pytest.raises(ConfigError, match="usage: python sae.py export"):
+        sae_module.main(["export", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_export_refuses_an_sae_whose_model_has_moved_on(tmp_path, trained_runs):
+    """An SAE trained on the model at one step says nothing about the model at another: its export is
+    refused, by name, and nothing is written."""
+    trained = sae_module.main([trained_runs["modular"], *QUICK, "--max_steps", "2", "--name", "export-stale"])
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    checkpoint = torch.load(os.path.join(trained["sae_dir"], "last.pt"), weights_only=False)
+    checkpoint["model_step"] += 100  # as if the run trained on after the SAE was made
+    torch.save(checkpoint, stale / "last.pt")
+    with pytest.raises(CheckpointError, match="trained on the model at step"):
+        sae_module.main(["export", str(stale), "--to", "saelens", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out")
+
