@@ -802,14 +802,21 @@ def load_sae(path: str, device: str = "auto"):
 
 
 @torch.no_grad()
-def report(sae_path: str, top: int = 12) -> str:
+def report(sae_path: str, top: int = 12, model: str = "") -> str:
     """Writes <sae>/report/: a summary with the held-out metrics, the feature-density histogram, and
     views of the top features (by total activation on held-out rows): for modular runs each one's
     activation over the (a, b) grid and its share of variance per frequency; for text runs the
-    contexts that activate it most; for Dyck runs its mean activation by nesting depth."""
+    contexts that activate it most; for Dyck runs its mean activation by nesting depth. A folder that
+    SAELens saved opens too, with `model` naming what it reads (load_saelens)."""
     from matplotlib.figure import Figure
 
-    sae, cfg, run = load_sae(sae_path)
+    if os.path.isdir(sae_path) and is_saelens_folder(sae_path):
+        sae, cfg, run = load_saelens(sae_path, model)
+    elif os.path.isdir(sae_path) and not os.path.isfile(os.path.join(sae_path, "last.pt")):
+        raise ConfigError(f"{sae_path} holds no SAE: neither last.pt (an SAE of sae.py) nor cfg.json and "
+                          f"sae_weights.safetensors (one of SAELens); pass <run>/sae/<name>")
+    else:
+        sae, cfg, run = load_sae(sae_path)
     directory = sae_path if os.path.isdir(sae_path) else os.path.dirname(sae_path)
     out = os.path.join(directory, "report")
     os.makedirs(out, exist_ok=True)
@@ -961,6 +968,52 @@ def saelens_folder(sae: SparseAutoencoder, cfg: SAEConfig, model_name: str) -> t
     return config, {name: value.float().contiguous() for name, value in weights.items()}
 
 
+def is_saelens_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "cfg.json")) and os.path.isfile(os.path.join(path, "sae_weights.safetensors"))
+
+
+def load_saelens(folder: str, model: str, device: str = "auto"):
+    """A folder SAELens saved (SAE.save_model: cfg.json, sae_weights.safetensors) for a hook of `model`
+    (a run directory or checkpoint, or a pretrained model as --model takes it) -> (SparseAutoencoder in
+    eval mode, SAEConfig, run), as load_sae gives ours. Standard, TopK and JumpReLU SAEs open (SAELens
+    saves its BatchTopK and Matryoshka SAEs as JumpReLU ones)."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ConfigError("opening a SAELens folder reads safetensors: pip install safetensors") from None
+    if not model:
+        raise ConfigError(f"--model: {folder} is a SAELens SAE, which does not record the model it reads; name it, "
+                          f"e.g. python sae.py report {folder} --model runs/<run>")
+    with open(os.path.join(folder, "cfg.json")) as f:
+        config = json.load(f)
+    ours = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+    architecture = config.get("architecture", "standard")
+    if architecture not in ours:
+        raise ConfigError(f"{folder}: a SAELens {architecture!r} SAE; sae.py opens {', '.join(ours)} ones")
+    for key in ("normalize_activations", "reshape_activations"):
+        if config.get(key, "none") != "none":
+            raise ConfigError(f"{folder}: {key} is {config[key]!r}; sae.py opens SAEs that read the hook as it is "
+                              f"({key} none; SAELens's fold_activation_norm_scaling_factor folds a scale in)")
+    hook = (config.get("metadata") or {}).get("hook_name") or config.get("hook_name")
+    if not hook:
+        raise ConfigError(f"{folder}/cfg.json names no hook (metadata.hook_name)")
+    source = {"run_dir": model} if os.path.exists(model) else {"model": model}
+    cfg = SAEConfig(hook=hook, arch=ours[architecture], k=int(config.get("k", 32)), positions="all",
+                    **source).validate()
+    run = load_run(cfg.run_dir, device=device, source=cfg)
+    d = hook_width(run, hook)  # names the hook if the model has no such point
+    weights = load_file(os.path.join(folder, "sae_weights.safetensors"))
+    if tuple(weights["W_enc"].shape) != (d, config["d_sae"]):
+        raise ConfigError(f"{folder}: its W_enc is {list(weights['W_enc'].shape)}, but {hook} of {model} is {d} wide")
+    sae = SparseAutoencoder(d, config["d_sae"], cfg.arch, cfg.k)
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec") + (("threshold",) if cfg.arch == "jumprelu" else ()):
+            getattr(sae, name).copy_(weights[name].float())
+        if not config.get("apply_b_dec_to_input", True):  # theirs: x W_enc + b_enc; ours subtracts b_dec first
+            sae.b_enc += sae.b_dec @ sae.W_enc
+    return sae.to(run.device).eval(), cfg, run
+
+
 def export(sae_path: str, out: str) -> str:
     """`python sae.py export <sae dir> --to saelens OUT`: a folder SAELens opens with SAE.load_from_disk."""
     try:
@@ -987,9 +1040,10 @@ def export(sae_path: str, out: str) -> str:
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
-        if len(argv) != 2 or argv[1].startswith("-"):
-            raise ConfigError("usage: python sae.py report <run>/sae/<name>")
-        path = report(argv[1])
+        usage = "usage: python sae.py report <run>/sae/<name>, or report <SAELens folder> --model <run or model>"
+        if len(argv) not in (2, 4) or argv[1].startswith("-") or len(argv) == 4 and argv[2] != "--model":
+            raise ConfigError(usage)
+        path = report(argv[1], model=argv[3] if len(argv) == 4 else "")
         print(f"wrote {path}")
         return path
     if argv and argv[0] == "export":

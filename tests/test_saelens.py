@@ -64,6 +64,21 @@ def test_exported_saes_give_our_features_in_saelens(tmp_path, trained_runs, sael
         assert theirs["same_active"], theirs  # the same features fire on every row
         assert theirs["features"] < 1e-5 and theirs["reconstruction"] < 1e-5, theirs
 
+    # And back: what SAELens saved (its save_model) opens in sae.py for the run's hook, computing our
+    # features again, and its report runs on the model (`sae.py report FOLDER --model RUN`).
+    for arch in KINDS:
+        folder = tmp_path / arch
+        theirs, cfg, run = sae_module.load_saelens(str(folder / "resaved"), trained_runs["modular"], device="cpu")
+        x, f = (torch.from_numpy(np.load(folder / f"{name}.npy")) for name in ("x", "f"))
+        with torch.no_grad():
+            assert torch.equal(theirs.encode(x) > 0, f > 0)
+            assert float((theirs.encode(x) - f).abs().max()) <= 1e-5 * float(f.abs().max())
+        assert cfg.hook == hooks[str(folder)] and theirs.arch == (arch if arch != "batchtopk" else "jumprelu")
+    path = sae_module.main(["report", str(tmp_path / "relu" / "resaved"), "--model", trained_runs["modular"]])
+    assert "relu SAE with" in open(path).read() and "| ce_loss_score |" in open(path).read()
+    with pytest.raises(ConfigError, match="--model: .* is a SAELens SAE, which does not record the model"):
+        sae_module.main(["report", str(tmp_path / "relu" / "resaved")])
+
 
 def test_export_refuses_a_folder_that_holds_files_and_a_format_it_does_not_write(tmp_path, trained_runs):
     taken = tmp_path / "taken"
@@ -76,6 +91,15 @@ def test_export_refuses_a_folder_that_holds_files_and_a_format_it_does_not_write
         sae_module.main(["export", str(tmp_path), "--to", "dictionary_learning", str(tmp_path / "out")])
     with pytest.raises(ConfigError, match="usage: python sae.py export"):
         sae_module.main(["export", str(tmp_path)])
+    # A report on a folder that holds no SAE of either kind; a SAELens kind sae.py does not open.
+    with pytest.raises(ConfigError, match="holds no SAE: neither last.pt .* nor cfg.json"):
+        sae_module.main(["report", str(taken)])
+    gated = tmp_path / "gated"
+    gated.mkdir()
+    (gated / "cfg.json").write_text(json.dumps({"architecture": "gated", "d_in": 64, "d_sae": 256}))
+    (gated / "sae_weights.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="a SAELens 'gated' SAE; sae.py opens standard, topk, jumprelu"):
+        sae_module.main(["report", str(gated), "--model", trained_runs["modular"]])
 
 
 @pytest.mark.slow
