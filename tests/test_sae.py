@@ -41,17 +41,25 @@ def synthetic(n: int, d: int = 32, features: int = 64, p: float = 0.05, seed: in
     return (active * magnitude) @ true, true, float(active.sum(1).float().mean())
 
 
+NOT_YET = "from a start independent of the planted dictionary, 400 steps find 89 % (batchtopk) and 64 % " \
+          "(matryoshka) of its directions, 1,200 steps 86 % and 67 %: under investigation (issue 22)"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [pytest.param(arch, marks=pytest.mark.xfail(strict=True, reason=NOT_YET))
+                                  if arch in ("batchtopk", "matryoshka") else arch for arch in ARCHS])
 def test_the_sae_recovers_a_known_sparse_dictionary(arch):
     x, true, true_l0 = synthetic(50_000)
     steps = 400
     # JumpReLU's estimator sees only pre-activations within a bandwidth of a threshold: here features
     # are ~3 in normalised units, so a window of 0.5 (SAELens's 0.05 is for its LLM activations).
     cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=3, l1_warmup_steps=100, max_steps=steps, batch_size=512,
-                    lr=3e-3, warmup_steps=50, dead_rows=20_000, jumprelu_bandwidth=0.5,
+                    lr=1e-2, warmup_steps=50, dead_rows=20_000, jumprelu_bandwidth=0.5,
                     jumprelu_init_threshold=0.1).validate()
-    torch.manual_seed(0)
+    # Not seed 0: the SAE's first random draws would then be the planted dictionary's own (synthetic()
+    # draws it from a generator seeded 0), and every kind would start at the answer. Until issue 22
+    # this test did that.
+    torch.manual_seed(12345)
     sae = SparseAutoencoder(32, 128, arch, cfg.k, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth)
     sae.calibrate(x[:8192], normalize=True)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
