@@ -41,19 +41,22 @@ def synthetic(n: int, d: int = 32, features: int = 64, p: float = 0.05, seed: in
     return (active * magnitude) @ true, true, float(active.sum(1).float().mean())
 
 
-NOT_YET = "from a start independent of the planted dictionary, 400 steps find 89 % (batchtopk) and 64 % " \
-          "(matryoshka) of its directions, 1,200 steps 86 % and 67 %: under investigation (issue 22)"
+NOT_YET = ("matryoshka finds 56 % of the directions here (at k = 3, 1,200 steps found 67 %): its first 8 and 32 features "
+           "must each reconstruct alone, which with 64 equally common features makes them blends; on features of "
+           "unequal frequency it does what it is for (the next test). Under investigation (issue 22)")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [pytest.param(arch, marks=pytest.mark.xfail(strict=True, reason=NOT_YET))
-                                  if arch in ("batchtopk", "matryoshka") else arch for arch in ARCHS])
+                                  if arch == "matryoshka" else arch for arch in ARCHS])
 def test_the_sae_recovers_a_known_sparse_dictionary(arch):
     x, true, true_l0 = synthetic(50_000)
     steps = 400
     # JumpReLU's estimator sees only pre-activations within a bandwidth of a threshold: here features
     # are ~3 in normalised units, so a window of 0.5 (SAELens's 0.05 is for its LLM activations).
-    cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=3, l1_warmup_steps=100, max_steps=steps, batch_size=512,
+    # k = 4, at or above the true L0 (3.2): with k = 3 batchtopk must drop true activations across the
+    # batch and found 89 % (topk 100 %).
+    cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=4, l1_warmup_steps=100, max_steps=steps, batch_size=512,
                     lr=1e-2, warmup_steps=50, dead_rows=20_000, jumprelu_bandwidth=0.5,
                     jumprelu_init_threshold=0.1).validate()
     # Not seed 0: the SAE's first random draws would then be the planted dictionary's own (synthetic()
@@ -81,6 +84,40 @@ def test_the_sae_recovers_a_known_sparse_dictionary(arch):
     assert (best_cosine > 0.9).float().mean() >= 0.9, best_cosine.sort().values[:10]
     assert abs(l0 - true_l0) < 0.35 * true_l0, (l0, true_l0)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)  # unit decoder rows
+
+
+@pytest.mark.slow
+def test_a_matryoshka_sae_puts_the_common_features_first():
+    """64 planted features of Zipf-like frequencies (the first fires on 30 % of rows, the last on 1 %):
+    a matryoshka SAE, whose first 8 features must reconstruct alone, gives them to the common ones
+    (measured: they fire on 24 % of rows against 0.6 % for features 32 on), where a batchtopk SAE
+    spreads them anywhere (3.3 % against 2.7 %)."""
+    generator = torch.Generator().manual_seed(0)
+    true = torch.randn(64, 32, generator=generator)
+    true /= true.norm(dim=1, keepdim=True)
+    active = torch.rand(50_000, 64, generator=generator) < 0.3 / torch.arange(1, 65).float() ** 0.8
+    x = (active * (torch.rand(50_000, 64, generator=generator) + 0.5)) @ true
+    first_over_rest = {}
+    for arch in ("batchtopk", "matryoshka"):
+        cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=4, max_steps=400, batch_size=512, lr=1e-2, warmup_steps=50,
+                        dead_rows=20_000, matryoshka_sizes="8,32" if arch == "matryoshka" else "").validate()
+        torch.manual_seed(12345)
+        sae = SparseAutoencoder(32, 128, arch, cfg.k)
+        sae.calibrate(x[:8192], normalize=True)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+        optimizer.param_groups[0]["initial_lr"] = cfg.lr
+        rows_since_fired = torch.zeros(128, dtype=torch.long)
+        batches = torch.Generator().manual_seed(1)
+        for step in range(cfg.max_steps):
+            apply_lr([optimizer], lr_multiplier(step, cfg, cfg.max_steps))
+            _, f = update(sae, optimizer, x[torch.randint(0, len(x), (512,), generator=batches)], cfg, 0.0,
+                          rows_since_fired >= cfg.dead_rows)
+            rows_since_fired = torch.where((f > 0).any(0), 0, rows_since_fired + 512)
+        with torch.no_grad():
+            density = (sae.encode(x[:20_000]) > 0).float().mean(0)
+        first_over_rest[arch] = float(density[:8].mean() / density[32:].mean().clamp_min(1e-6))
+    assert first_over_rest["matryoshka"] > 10, first_over_rest
+    assert first_over_rest["batchtopk"] < 3, first_over_rest
 
 
 @pytest.mark.parametrize("arch", ARCHS)
