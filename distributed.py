@@ -179,7 +179,7 @@ class StopAgreement:
         self.interval = 1  # calls from one read to the next, the same on every rank
         self.countdown = 1
         self.work = None  # the reduction in flight
-        self.posted = self.last_round = time.perf_counter()
+        self.posted = time.perf_counter()  # when the reduction in flight went out: the last round's start
         self.packed = torch.zeros(2, dtype=torch.int64)  # [request, proposal]; one reduction in flight at a time
         self.values = self.packed.numpy()  # the same memory, written and read without torch's dispatcher
 
@@ -195,14 +195,15 @@ class StopAgreement:
             self.work.wait()
             waited = time.perf_counter() - now
             agreed, next_interval = int(self.values[0]), int(self.values[1])
-            step_seconds = max((now - self.last_round) / self.interval, 1e-6)
-            round_trip = (now - self.posted) + waited if waited > 1e-4 else 0.0
+            round_seconds = now - self.posted
+            step_seconds = max(round_seconds / self.interval, 1e-6)
+            round_trip = round_seconds + waited if waited > 1e-4 else 0.0
             wanted = max(self.ROUND_SECONDS, 2 * round_trip)
             proposal = min(max(math.ceil(wanted / step_seconds), 1), self.MAX_INTERVAL)
             self.interval = next_interval
         self.values[0], self.values[1] = request, proposal
         self.work = dist.all_reduce(self.packed, op=dist.ReduceOp.MAX, group=self.info.control_group, async_op=True)
-        self.posted = self.last_round = now
+        self.posted = now
         self.countdown = self.interval
         return agreed
 

@@ -24,9 +24,7 @@ says what each has). Any task exports; --check opens it and compares logits the 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +34,7 @@ from interp import export_transformer_lens, load_transformer_lens, transformer_l
 from config import ConfigError, need, need_one_of, parse_flags, section
 from pretrained import export_hf
 from session import run_command
+from utils import new_or_empty, write_folder
 
 _what = section("what to export")
 _how = section("how")
@@ -54,7 +53,7 @@ class ExportSettings:
         need(bool(self.run_dir), "run_dir", "name a run: python export.py runs/<run> --to hf OUT")
         need(os.path.exists(self.run_dir), "run_dir", f"{self.run_dir} does not exist")
         need(bool(self.out), "out", "name the folder to write: python export.py runs/<run> --to hf OUT")
-        need(not os.path.exists(self.out) or (os.path.isdir(self.out) and not os.listdir(self.out)), "out",
+        need(new_or_empty(self.out), "out",
              f"{self.out} exists and is not an empty folder; name a new one (nothing was overwritten)")
         need_one_of(self, "to", TARGETS)
         need_one_of(self, "checkpoint", ("best", "last"))
@@ -113,10 +112,7 @@ def main(argv: list[str] | None = None) -> str:
                     f"interp.load_transformer_lens({cfg.out!r}) opens it")
         # version 4 takes norms and rotary tables in float32 whatever the model's dtype
         check, other, bound = check_with_transformer_lens, f"TransformerLens {version}", 1e-5
-    out = os.path.abspath(cfg.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))  # renamed once whole
-    try:
+    def write_and_check(staging):  # the folder is renamed to out only once written and checked
         try:
             described = write(staging)
         except ValueError as e:
@@ -125,12 +121,10 @@ def main(argv: list[str] | None = None) -> str:
         if difference is not None and difference > bound * max(1.0, run.model.cfg.num_blocks / 4):
             raise RuntimeError(f"{other}'s model of the export gives logits {difference:.2e} (relative) away from "
                                f"ours; nothing was written (please report this)")
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty, checked by validate
-        os.replace(staging, out)
-    finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging)
+        return described, difference
+
+    out = os.path.abspath(cfg.out)
+    described, difference = write_folder(out, write_and_check)
     print(f"{run.checkpoint_path} (step {run.step}) -> {out}: {described}", file=sys.stderr)
     if difference is not None:
         print(f"checked: {other} gives our logits to {difference:.1e} of the largest", file=sys.stderr)

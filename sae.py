@@ -55,6 +55,7 @@ from interp import fourier_losses, load_run, neuron_frequencies
 from optimizer import LRSchedule, apply_lr, load_optimizer_states
 from session import Session, StepClock, run_command
 from tracking import read_metrics, wandb_settings
+from utils import new_or_empty, write_folder, write_json
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 BATCH_ARCHS = ("batchtopk", "matryoshka")  # k x rows largest across the global batch; a threshold in use
@@ -155,18 +156,22 @@ class SAEConfig(OptimSettings, ModelSource):
                  f"{self.k} is more than the dictionary's {self.dict_size} features; pick k below --dict_size")
         need(not self.matryoshka_sizes or self.arch == "matryoshka", "matryoshka_sizes",
              f"only --arch matryoshka has nested prefixes (this SAE is {self.arch})")
-        if self.matryoshka_sizes:
-            try:
-                sizes = [int(s) for s in self.matryoshka_sizes.split(",")]
-            except ValueError:
-                raise ConfigError(f"--matryoshka_sizes: {self.matryoshka_sizes!r} is not a comma-separated list of "
-                                  f"feature counts, e.g. 64,256") from None
+        sizes = self.prefix_sizes()
+        if sizes:
             need(sizes[0] >= 1 and all(a < b for a, b in zip(sizes, sizes[1:])), "matryoshka_sizes",
                  f"{self.matryoshka_sizes}: the prefixes must grow, each at least 1")
         need_name(self.run_name, "run_name")
         need(self.resume in ("", "auto"), "resume", f"{self.resume!r}: the only value is auto")
         self.validate_source()
         return self
+
+    def prefix_sizes(self) -> list[int]:
+        """--matryoshka_sizes as numbers ([] when not given)."""
+        try:
+            return [int(s) for s in self.matryoshka_sizes.split(",")] if self.matryoshka_sizes else []
+        except ValueError:
+            raise ConfigError(f"--matryoshka_sizes: {self.matryoshka_sizes!r} is not a comma-separated list of "
+                              f"feature counts, e.g. 64,256") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -199,6 +204,7 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         if arch in BATCH_ARCHS:  # float64: an average over thousands of steps (SAELens keeps it so too)
             self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
+            self.smallest_kept = None  # set by each batch forward, read by update_threshold
         if arch == "jumprelu":  # kept at 0 or more after each step (normalize_decoder)
             self.threshold = nn.Parameter(torch.full((dict_size,), float(jumprelu_init_threshold)))
 
@@ -211,8 +217,10 @@ class SparseAutoencoder(nn.Module):
             return torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
         if self.arch in BATCH_ARCHS:
             positive = F.relu(pre)
-            cut = batch_topk_cut(positive, self.k * len(pre)) if batch else self.threshold.to(pre.dtype)
-            return positive * ((positive >= cut) if batch else (positive > cut))
+            if not batch:
+                return positive * (positive > self.threshold.to(pre.dtype))
+            cut, self.smallest_kept = batch_topk_cut(positive, self.k * len(pre))  # for update_threshold
+            return positive * (positive >= cut)
         if self.arch == "jumprelu":
             return JumpReLU.apply(pre, self.threshold, self.bandwidth)
         return F.relu(pre)
@@ -238,15 +246,11 @@ class SparseAutoencoder(nn.Module):
         return self.decode(f), f, pre
 
     @torch.no_grad()
-    def update_threshold(self, f: torch.Tensor, rate: float) -> None:
+    def update_threshold(self, rate: float) -> None:
         """batchtopk, matryoshka: after a training step, move the threshold in use towards the smallest
-        activation the step kept (the same on every rank: the cut is global)."""
-        kept = f[f > 0]
-        smallest = kept.min().double() if len(kept) else torch.tensor(math.inf, dtype=torch.float64, device=f.device)
-        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-            torch_dist.all_reduce(smallest, op=torch_dist.ReduceOp.MIN)  # every rank, kept or not
-        if math.isfinite(float(smallest)):
-            self.threshold.mul_(1 - rate).add_(rate * smallest)
+        activation the step's batch forward kept, over every rank (batch_topk_cut found it)."""
+        if self.smallest_kept is not None:
+            self.threshold.mul_(1 - rate).add_(rate * self.smallest_kept)
 
     def matryoshka_reconstructions(self, f: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
         """The reconstructions (model units) from the first `size` features, for each nested prefix."""
@@ -285,10 +289,13 @@ def first_step_loss(sae: "SparseAutoencoder", model, x: torch.Tensor, cfg: "SAEC
     return sae_loss(sae, x, cfg, cfg.l1_coefficient, None, model)[0]
 
 
-def batch_topk_cut(positive: torch.Tensor, keep: int) -> torch.Tensor:
-    """The keep-th largest value of `positive` [B, n] over the whole batch, every rank's rows together:
-    each rank's keep largest values are gathered and the cut found among them, so that N ranks choose
-    exactly what one process would from the same rows. Ties at the cut keep them all."""
+def batch_topk_cut(positive: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the keep-th largest value of `positive` [B, n] over the whole batch, every rank's rows
+    together; the smallest positive value at or above it, in float64, None if none is positive).
+    Each rank's keep largest values are gathered and the cut found among them, so that N ranks choose
+    exactly what one process would from the same rows. Ties at the cut keep them all. Every positive
+    value kept is among the candidates (a cut of 0 means fewer than keep are positive, all gathered),
+    so the smallest one needs no further exchange."""
     world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
     keep *= world  # k x the global batch's rows (each rank has an equal share)
     with torch.no_grad():
@@ -300,7 +307,14 @@ def batch_topk_cut(positive: torch.Tensor, keep: int) -> torch.Tensor:
             gathered = [torch.empty_like(padded) for _ in range(world)]
             torch_dist.all_gather(gathered, padded)
             local = torch.cat(gathered)
-        return local.topk(min(keep, len(local))).values[-1]
+        top = local.topk(min(keep, len(local))).values
+        positive_top = top[top > 0]
+        return top[-1], (positive_top[-1].double() if len(positive_top) else None)
+
+
+def rectangle_window(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float, dtype) -> torch.Tensor:
+    """rect((pre - threshold) / bandwidth) / bandwidth: the kernel both straight-through estimators use."""
+    return ((pre - threshold).abs() < bandwidth / 2).to(dtype) / bandwidth
 
 
 class JumpReLU(torch.autograd.Function):
@@ -317,7 +331,7 @@ class JumpReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pre, threshold = ctx.saved_tensors
-        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype) / ctx.bandwidth
+        window = rectangle_window(pre, threshold, ctx.bandwidth, grad.dtype)
         return (pre > threshold) * grad, (-threshold * window * grad).sum(0), None
 
 
@@ -334,8 +348,7 @@ class Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         pre, threshold = ctx.saved_tensors
-        window = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype) / ctx.bandwidth
-        return None, (-window * grad).sum(0), None
+        return None, (-rectangle_window(pre, threshold, ctx.bandwidth, grad.dtype) * grad).sum(0), None
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -366,10 +379,9 @@ def sae_loss(sae: SparseAutoencoder, x: torch.Tensor, cfg: SAEConfig, l1_weight:
         loss = loss + l1_weight * l1.mean()
         parts["l1_sum"] = l1.sum().detach()
     elif sae.arch == "jumprelu":
-        threshold = sae.threshold
-        loss = loss + cfg.l0_coefficient * Step.apply(pre, threshold, sae.bandwidth).sum(-1).mean()
+        loss = loss + cfg.l0_coefficient * Step.apply(pre, sae.threshold, sae.bandwidth).sum(-1).mean()
         if dead is not None and bool(dead.any()) and cfg.pre_act_coefficient:
-            pull = (F.relu(threshold - pre) * sae.W_dec.norm(dim=1))[:, dead].sum(-1)
+            pull = (F.relu(sae.threshold - pre) * sae.W_dec.norm(dim=1))[:, dead].sum(-1)
             loss = loss + cfg.pre_act_coefficient * pull.mean()
             parts["pre_act_sum"] = pull.sum().detach()
     elif dead is not None and bool(dead.any()) and cfg.aux_coefficient:
@@ -396,16 +408,13 @@ def update(sae: SparseAutoencoder, optimizer, x: torch.Tensor, cfg: SAEConfig, l
     optimizer.zero_grad(set_to_none=True)
     sae.normalize_decoder()
     if sae.arch in BATCH_ARCHS:
-        sae.update_threshold(f, cfg.threshold_lr)
+        sae.update_threshold(cfg.threshold_lr)
     return parts, f.detach()
 
 
 def matryoshka_levels(cfg: SAEConfig, dict_size: int) -> list[int]:
     """The nested prefixes' sizes, the whole dictionary last (default: 1/16 and 1/4 of it)."""
-    if cfg.matryoshka_sizes:
-        sizes = [int(s) for s in cfg.matryoshka_sizes.split(",")]
-    else:
-        sizes = [max(1, dict_size // 16), max(2, dict_size // 4)]
+    sizes = cfg.prefix_sizes() or [max(1, dict_size // 16), max(2, dict_size // 4)]
     return [s for s in sizes if s < dict_size] + [dict_size]
 
 
@@ -525,8 +534,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             raise ConfigError(f"--k: {cfg.k} is more than the dictionary's {dict_size} features "
                               f"({'--dict_size' if cfg.dict_size else f'--expansion {cfg.expansion:g} x width {d}'}); "
                               f"pick a smaller k or a larger dictionary")
-        if cfg.arch == "matryoshka" and cfg.matryoshka_sizes and matryoshka_levels(cfg, dict_size)[:-1] != [
-                int(s) for s in cfg.matryoshka_sizes.split(",")]:
+        if cfg.arch == "matryoshka" and max(cfg.prefix_sizes(), default=0) >= dict_size:
             raise ConfigError(f"--matryoshka_sizes: {cfg.matryoshka_sizes} must stay below the dictionary's "
                               f"{dict_size} features (the whole dictionary is the last level)")
         local_batch = cfg.batch_size // dist.world_size
@@ -931,9 +939,6 @@ def report(sae_path: str, top: int = 12, model: str = "") -> str:
     return path
 
 
-# ---------------------------------------------------------------- command line
-
-
 # ---------------------------------------------------------------- SAELens's format
 
 SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
@@ -1020,21 +1025,22 @@ def export(sae_path: str, out: str) -> str:
         from safetensors.torch import save_file
     except ImportError:
         raise ConfigError("--to saelens writes safetensors: pip install safetensors") from None
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    if not new_or_empty(out):
         raise ConfigError(f"--to: {out} already exists and is not an empty folder; name a new one")
     if not os.path.isdir(sae_path) and not os.path.isfile(sae_path):
         raise ConfigError(f"{sae_path} does not exist; pass an SAE folder (<run>/sae/<name>)")
     sae, cfg, run = load_sae(sae_path, device="cpu")  # refuses an SAE whose model checkpoint moved on
     config, weights = saelens_folder(sae, cfg, os.path.abspath(run.checkpoint_path))
-    staging = out.rstrip("/") + ".partial"
-    os.makedirs(staging, exist_ok=True)
-    save_file(weights, os.path.join(staging, "sae_weights.safetensors"))
-    with open(os.path.join(staging, "cfg.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if os.path.isdir(out):
-        os.rmdir(out)
-    os.replace(staging, out)
+
+    def write(staging):
+        save_file(weights, os.path.join(staging, "sae_weights.safetensors"))
+        write_json(os.path.join(staging, "cfg.json"), config)
+
+    write_folder(out, write)
     return out
+
+
+# ---------------------------------------------------------------- command line
 
 
 def main(argv: list[str] | None = None):

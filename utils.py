@@ -1,9 +1,11 @@
-"""Small helpers with no better home: durations, atomic JSON files. Standard library only."""
+"""Small helpers with no better home: durations, atomic JSON files and folders. Standard library only."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 
 def format_duration(seconds: float) -> str:
@@ -22,3 +24,26 @@ def write_json(path: str, value) -> None:
         json.dump(value, f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def new_or_empty(path: str) -> bool:
+    """True when `path` does not exist or is an empty folder: a folder a program may write."""
+    return not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))
+
+
+def write_folder(out: str, write):
+    """The folder `out` (new, or empty) written whole or not at all: `write(staging)` fills a temporary
+    folder beside it, which becomes `out` once it returns; if it raises, nothing is left. Returns what
+    `write` returned."""
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
+    try:
+        result = write(staging)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty: the caller checked new_or_empty
+        os.replace(staging, out)
+        return result
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)

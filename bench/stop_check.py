@@ -51,6 +51,8 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- on every rank
 
 def worker(args) -> None:
+    import torch.distributed as torch_dist
+
     import distributed
 
     info = distributed.setup_distributed("cpu")
@@ -58,7 +60,7 @@ def worker(args) -> None:
     results = {mode: [] for mode in MODES}
     for _ in range(args.repeats):
         for mode in MODES:
-            torch_barrier()
+            torch_dist.barrier()  # every rank starts the mode together
             agreement = distributed.StopAgreement(info)
             inside, started = 0.0, time.perf_counter()
             for step in range(args.warmup + args.steps):
@@ -79,11 +81,6 @@ def worker(args) -> None:
     if info.is_main:
         print("RESULT " + json.dumps(everyone), flush=True)
     distributed.teardown_distributed(barrier=True, info=info)
-
-
-def torch_barrier() -> None:
-    import torch.distributed as dist
-    dist.barrier()
 
 
 # ---------------------------------------------------------------- the launcher
