@@ -151,6 +151,15 @@ def child_pids(pid: int) -> list[int]:
     return sorted(children)
 
 
+def process_argv(pid: int) -> list[str]:
+    """A process's command line as its argv (Linux /proc); [] when it has ended."""
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().split("\0")[:-1]
+    except OSError:
+        return []
+
+
 def run_metrics(run_dir) -> list[dict]:
     """A run's metrics.jsonl records so far ([] before it exists; a line still being written is
     left out), for polling a run that is still going."""

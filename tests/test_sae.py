@@ -46,38 +46,44 @@ NOT_YET = ("matryoshka finds 56 % of the directions here (at k = 3, 1,200 steps 
            "unequal frequency it does what it is for (the next test). Under investigation (issue 22)")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", [pytest.param(arch, marks=pytest.mark.xfail(strict=True, reason=NOT_YET))
-                                  if arch == "matryoshka" else arch for arch in ARCHS])
-def test_the_sae_recovers_a_known_sparse_dictionary(arch):
-    x, true, true_l0 = synthetic(50_000)
-    steps = 400
-    # JumpReLU's estimator sees only pre-activations within a bandwidth of a threshold: here features
-    # are ~3 in normalised units, so a window of 0.5 (SAELens's 0.05 is for its LLM activations).
-    # k = 4, at or above the true L0 (3.2): with k = 3 batchtopk must drop true activations across the
-    # batch and found 89 % (topk 100 %).
-    cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=4, l1_warmup_steps=100, max_steps=steps, batch_size=512,
-                    lr=1e-2, warmup_steps=50, dead_rows=20_000, jumprelu_bandwidth=0.5,
-                    jumprelu_init_threshold=0.1).validate()
+def train_on_rows(x: torch.Tensor, cfg: SAEConfig) -> SparseAutoencoder:
+    """A 128-feature SAE trained on random batches of rows x [N, 32] the way sae.py's loop trains
+    one (the L1 warm-up, dead features, relu's resampling in the first half), for cfg.max_steps."""
     # Not seed 0: the SAE's first random draws would then be the planted dictionary's own (synthetic()
     # draws it from a generator seeded 0), and every kind would start at the answer. Until issue 22
-    # this test did that.
+    # the recovery test did that.
     torch.manual_seed(12345)
-    sae = SparseAutoencoder(32, 128, arch, cfg.k, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth)
+    sae = SparseAutoencoder(32, 128, cfg.arch, cfg.k, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth)
     sae.calibrate(x[:8192], normalize=True)
     optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     optimizer.param_groups[0]["initial_lr"] = cfg.lr
     rows_since_fired = torch.zeros(128, dtype=torch.long)
     generator = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        apply_lr([optimizer], lr_multiplier(step, cfg, steps))
+    for step in range(cfg.max_steps):
+        apply_lr([optimizer], lr_multiplier(step, cfg, cfg.max_steps))
         batch = x[torch.randint(0, len(x), (cfg.batch_size,), generator=generator)]
         l1_weight = cfg.l1_coefficient * min(1.0, (step + 1) / cfg.l1_warmup_steps)
         _, f = update(sae, optimizer, batch, cfg, l1_weight, rows_since_fired >= cfg.dead_rows)
         rows_since_fired = torch.where((f > 0).any(0), 0, rows_since_fired + len(batch))
-        if arch == "relu" and (step + 1) % 100 == 0 and step < steps // 2:
+        if cfg.arch == "relu" and (step + 1) % 100 == 0 and step < cfg.max_steps // 2:
             resample_dead(sae, optimizer, batch, rows_since_fired >= cfg.dead_rows, distributed=False)
             rows_since_fired[rows_since_fired >= cfg.dead_rows] = 0
+    return sae
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [pytest.param(arch, marks=pytest.mark.xfail(strict=True, reason=NOT_YET))
+                                  if arch == "matryoshka" else arch for arch in ARCHS])
+def test_the_sae_recovers_a_known_sparse_dictionary(arch):
+    x, true, true_l0 = synthetic(50_000)
+    # JumpReLU's estimator sees only pre-activations within a bandwidth of a threshold: here features
+    # are ~3 in normalised units, so a window of 0.5 (SAELens's 0.05 is for its LLM activations).
+    # k = 4, at or above the true L0 (3.2): with k = 3 batchtopk must drop true activations across the
+    # batch and found 89 % (topk 100 %).
+    cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=4, l1_warmup_steps=100, max_steps=400, batch_size=512,
+                    lr=1e-2, warmup_steps=50, dead_rows=20_000, jumprelu_bandwidth=0.5,
+                    jumprelu_init_threshold=0.1).validate()
+    sae = train_on_rows(x, cfg)
     with torch.no_grad():
         best_cosine = (true @ sae.W_dec.t()).max(1).values  # each true feature's closest learned one
         l0 = float((sae.encode(x[:10_000]) > 0).sum(1).float().mean())
@@ -101,18 +107,7 @@ def test_a_matryoshka_sae_puts_the_common_features_first():
     for arch in ("batchtopk", "matryoshka"):
         cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=4, max_steps=400, batch_size=512, lr=1e-2, warmup_steps=50,
                         dead_rows=20_000, matryoshka_sizes="8,32" if arch == "matryoshka" else "").validate()
-        torch.manual_seed(12345)
-        sae = SparseAutoencoder(32, 128, arch, cfg.k)
-        sae.calibrate(x[:8192], normalize=True)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-        optimizer.param_groups[0]["initial_lr"] = cfg.lr
-        rows_since_fired = torch.zeros(128, dtype=torch.long)
-        batches = torch.Generator().manual_seed(1)
-        for step in range(cfg.max_steps):
-            apply_lr([optimizer], lr_multiplier(step, cfg, cfg.max_steps))
-            _, f = update(sae, optimizer, x[torch.randint(0, len(x), (512,), generator=batches)], cfg, 0.0,
-                          rows_since_fired >= cfg.dead_rows)
-            rows_since_fired = torch.where((f > 0).any(0), 0, rows_since_fired + 512)
+        sae = train_on_rows(x, cfg)
         with torch.no_grad():
             density = (sae.encode(x[:20_000]) > 0).float().mean(0)
         first_over_rest[arch] = float(density[:8].mean() / density[32:].mean().clamp_min(1e-6))

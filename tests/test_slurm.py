@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_same_run, run_metrics
+from conftest import assert_same_run, process_argv, run_metrics
 from slurm_cluster import SlurmCluster, free_port, slurm_missing_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,8 +138,8 @@ def test_a_killed_launcher_is_started_again_in_the_same_job_and_resumes(slurm, t
     run_dir = tmp_path / "runs" / f"killed-{job}"
     slurm.wait_until(lambda: (run_dir / "last.pt").exists(), timeout=180, what="the first checkpoint", job_id=job)
     launchers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))  # python -m torch.distributed.run
-                 if f"--run_name\0killed-{job}" in _cmdline(pid)
-                 and _cmdline(pid).split("\0")[1:3] == ["-m", "torch.distributed.run"]]
+                 if f"--run_name\0killed-{job}" in "\0".join(process_argv(pid))
+                 and process_argv(pid)[1:3] == ["-m", "torch.distributed.run"]]
     assert len(launchers) == 1, launchers
     os.kill(launchers[0], signal.SIGKILL)
     assert slurm.wait(job, timeout=240) == "COMPLETED", job_log(tmp_path, "killed", job) + slurm.logs(job)
@@ -147,14 +147,6 @@ def test_a_killed_launcher_is_started_again_in_the_same_job_and_resumes(slurm, t
     assert slurm.restart_count(job) == 0 and "a task was killed (srun status 137, signal 9)" in log, log
     assert len(re.findall(r"resumed at step \d+", log)) == 1 and "training finished (restart 0)" in log, log
     assert checkpoint(run_dir / "last.pt")["step"] == 400
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline") as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import optuna
 import pytest
 
 import train
-from conftest import assert_same_run, run_metrics
+from conftest import assert_same_run, process_argv, run_metrics
 from slurm_cluster import SlurmCluster, slurm_missing_reason
 from test_slurm import checkpoint, job_log, submit
 from test_sweep import STAND_IN, study_of, write_sweep
@@ -56,14 +56,10 @@ def killable(cluster: SlurmCluster, node: str) -> list[int]:
     """The job's processes on `node`: torchrun's agent and its workers (not Slurm's own)."""
     found = []
     for pid in cluster.hosts.pids(node):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"torch.distributed.run" in argv:
+        argv = process_argv(pid)
+        if "torch.distributed.run" in argv:
             found.insert(0, pid)  # the agent first
-        elif any(part.endswith(b"train.py") for part in argv):
+        elif any(part.endswith("train.py") for part in argv):
             found.append(pid)
     return found
 
