@@ -217,6 +217,22 @@ def split_sequences(run: Run, split: str, positions: str, max_tokens: int = 0) -
     return Sequences(tokens, targets, mask)
 
 
+def token_names(run: Run, ids) -> list[str]:
+    """How a person reads each token id: the tokenizer's text for text and pretrained runs, the number
+    or `=` for modular arithmetic, the bracket (or <pad>, <bos>, <eos>) for Dyck."""
+    ids = [int(i) for i in ids]
+    task = getattr(run.cfg, "task", "text")
+    if task == "modular":
+        return ["=" if i == run.data.equals_token else str(i) for i in ids]
+    if task == "dyck":
+        k, pairs = run.cfg.dyck_types, "([{<"
+        opening = [pairs[j] if j < len(pairs) else f"open{j}" for j in range(k)]
+        closing = [")]}>"[j] if j < len(pairs) else f"close{j}" for j in range(k)]
+        names = ["<pad>", "<bos>", "<eos>"] + opening + closing
+        return [names[i] if 0 <= i < len(names) else f"<{i}>" for i in ids]
+    return [run.data.decode([i]) for i in ids]
+
+
 class _Captured(Exception):
     """Raised by the capturing hook: the forward pass need not go past the hook point."""
 

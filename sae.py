@@ -38,6 +38,7 @@ import signal
 import sys
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
@@ -45,12 +46,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from activations import (POSITIONS, DumpSource, LiveSource, Sequences, capture, default_dump_dir,
-                         hook_width, rows_of, run_folder, split_sequences)
+                         hook_width, rows_of, run_folder, split_sequences, token_names)
 from checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
 from config import (DEVICES, DTYPES, ConfigError, ModelSource, OptimSettings, config_from_dict, need, need_name,
                     need_one_of, override, parse_flags, resumed_config, section)
 from data import IGNORE
 from distributed import all_reduce_sum, gather_to_main, regroup_ddp_buckets
+from feature_browser import write_feature_browser
 from interp import fourier_losses, load_run, neuron_frequencies
 from optimizer import LRSchedule, apply_lr, load_optimizer_states
 from session import Session, StepClock, run_command
@@ -787,6 +789,103 @@ def plot_feature_density(density: torch.Tensor, path: str) -> str:
     return path
 
 
+@torch.no_grad()
+def feature_statistics(sae: SparseAutoencoder, model_acts: torch.Tensor, mask: torch.Tensor, contexts: int = 8,
+                       before: int = 20, after: int = 4, bins: int = 24) -> dict:
+    """Every feature's numbers over held-out activations [S, T, d] at the positions `mask` [S, T] marks
+    (the rows the SAE reads), a few sequences at a time so that 16k features fit in memory:
+    `density` (share of rows it fires on), `total` and `largest` activation, the `contexts` rows where
+    it is largest (`top_values`, `top_index` = s * T + t, [contexts, n]), its activations in the
+    window t - before .. t + after around each (`windows` [contexts, n, before + 1 + after]; NaN off
+    the mask or off the sequence), and a `histogram` [n, bins] of its nonzero activations in equal
+    bins from 0 to its largest."""
+    S, T, _ = model_acts.shape
+    n = sae.dict_size
+    per_chunk = max(1, (1 << 22) // (n * T))  # sequences per chunk: about 4M activations at a time
+
+    def chunks():
+        for s in range(0, S, per_chunk):
+            yield s, sae.encode(model_acts[s:s + per_chunk]).float(), mask[s:s + per_chunk]
+
+    fired, total = torch.zeros(n, device=mask.device), torch.zeros(n, device=mask.device)
+    top_values = torch.full((contexts, n), -1.0, device=mask.device)
+    top_index = torch.zeros((contexts, n), dtype=torch.long, device=mask.device)
+    for s, acts, on in chunks():
+        read = on.reshape(-1).nonzero().squeeze(1)  # the rows the SAE reads, as positions in the chunk
+        rows = acts.reshape(-1, n) if len(read) == on.numel() else acts.reshape(-1, n)[read]
+        if not len(rows):
+            continue
+        fired += torch.count_nonzero(rows, dim=0)  # every kind's features are 0 or positive
+        total += rows.sum(0)
+        values, index = rows.topk(min(contexts, len(rows)), dim=0)
+        values, index = torch.cat([top_values, values]), torch.cat([top_index, read[index] + s * T])
+        top_values, pick = values.topk(contexts, dim=0)
+        top_index = index.gather(0, pick)
+    largest = top_values[0].clamp(min=0)
+    # Second pass: the histograms (their bins need each feature's largest) and the context windows.
+    offsets = torch.arange(-before, after + 1, device=mask.device)
+    windows = torch.full((contexts, n, len(offsets)), float("nan"), device=mask.device)
+    histogram = torch.zeros(n * bins, device=mask.device)
+    sequence, position = top_index // T, top_index % T
+    for s, acts, on in chunks():
+        rows = acts.reshape(-1, n) if bool(on.all()) else acts.reshape(-1, n)[on.reshape(-1)]
+        row, feature = (rows > 0).nonzero(as_tuple=True)
+        which = (rows[row, feature] / largest[feature] * bins).long().clamp(max=bins - 1)
+        histogram += torch.bincount(feature * bins + which, minlength=n * bins)
+        slot, feature = ((sequence >= s) & (sequence < s + len(acts)) & (top_values > 0)).nonzero(as_tuple=True)
+        where = position[slot, feature][:, None] + offsets  # [contexts here, window]
+        inside = (where >= 0) & (where < T)
+        where = where.clamp(0, T - 1)
+        local = (sequence[slot, feature] - s)[:, None].expand_as(where)
+        seen = acts[local, where, feature[:, None].expand_as(where)]
+        windows[slot, feature] = seen.masked_fill(~(inside & on[local, where]), float("nan"))
+    return {"density": fired / mask.sum().clamp(min=1), "total": total, "largest": largest,
+            "top_values": top_values, "top_index": top_index, "windows": windows,
+            "histogram": histogram.reshape(n, bins), "window_offsets": offsets}
+
+
+def residual_directions(model, hook: str, directions: torch.Tensor) -> torch.Tensor | None:
+    """What `directions` [n, width] at `hook` write into the residual stream [n, d_model]: themselves
+    at a point of the stream (or a block's output into it), through the block's output matrix for
+    `mlp.hook_post` and `attn.hook_z`; None elsewhere (queries, keys, patterns...)."""
+    stream = ("hook_embed", "hook_pos_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post",
+              "hook_attn_out", "hook_mlp_out", "hook_resid_final")
+    if hook.split(".")[-1] in stream:
+        return directions
+    parts = hook.split(".")
+    if len(parts) == 4 and parts[0] == "blocks":
+        block = model.blocks[int(parts[1])]
+        if parts[2:] == ["mlp", "hook_post"] and block.mlp is not None:
+            return directions @ block.mlp.fc_out.weight.T
+        if parts[2:] == ["attn", "hook_z"]:
+            return directions @ block.attn.out.weight.T
+    return None
+
+
+@torch.no_grad()
+def logit_effects(model, hook: str, directions: torch.Tensor, top: int = 10):
+    """The tokens each feature's decoder direction pushes up and down most, through the final norm's
+    gain (the mean removed under LayerNorm) and the unembedding, as SAE dashboards show them:
+    (up ids, up values, down ids, down values), each [n, top]; None for a hook off the residual stream."""
+    stream = residual_directions(model, hook, directions.float())
+    if stream is None:
+        return None
+    norm = getattr(model.ln_final, "norm", None)
+    if isinstance(norm, nn.LayerNorm):
+        stream = stream - stream.mean(-1, keepdim=True)
+    if norm is not None and norm.weight is not None:
+        stream = stream * norm.weight.float()
+    unembed = model.unembed.weight.float()  # [vocab, d_model]
+    top = min(top, len(unembed) // 2)  # a small vocabulary: no token in both lists
+    results = [[], [], [], []]
+    for start in range(0, len(stream), 1024):
+        logits = stream[start:start + 1024] @ unembed.T
+        up, down = logits.topk(top, dim=1), logits.topk(top, dim=1, largest=False)
+        for bucket, value in zip(results, (up.indices, up.values, down.indices, down.values)):
+            bucket.append(value)
+    return tuple(torch.cat(bucket) for bucket in results)
+
+
 def load_sae(path: str, device: str = "auto"):
     """An SAE directory (its last.pt) or checkpoint -> (SparseAutoencoder in eval mode, SAEConfig, run)."""
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
@@ -810,6 +909,56 @@ def load_sae(path: str, device: str = "auto"):
 
 
 @torch.no_grad()
+def write_browser(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequences, stats: dict, metrics: dict,
+                  out: str, fourier=None) -> str:
+    """The feature browser (feature_browser.py) of `sae` from its feature_statistics on `held_out`."""
+    n, (C, _, W) = sae.dict_size, stats["windows"].shape
+    tokens = held_out.tokens.to(stats["top_index"].device)
+    T, before = tokens.shape[1], int(-stats["window_offsets"][0])
+    padded = F.pad(tokens, (before, W - before - 1), value=-1)  # -1: off the sequence
+    sequence, position = stats["top_index"] // T, stats["top_index"] % T
+    around = padded[sequence[..., None], position[..., None] + stats["window_offsets"] + before]  # [C, n, W]
+    fired = (stats["top_values"] > 0).cpu().tolist()
+    around, windows, values = around.cpu().numpy(), stats["windows"].cpu().numpy(), stats["top_values"].cpu().tolist()
+    contexts = []
+    for feature in range(n):
+        shown = []
+        for slot in range(C):
+            if not fired[slot][feature]:
+                break
+            ids = around[slot, feature]
+            on = ids >= 0
+            shown.append((ids[on], windows[slot, feature][on], before - int((~on[:before]).sum()), values[slot][feature]))
+        contexts.append(shown)
+    logits = logit_effects(run.model, cfg.hook, sae.W_dec * sae.scale)
+    used = set(np.unique(around[around >= 0]).tolist())
+    if logits is not None:
+        logits = tuple(x.cpu().numpy() for x in logits)
+        used |= set(np.unique(logits[0]).tolist()) | set(np.unique(logits[2]).tolist())
+    used = sorted(used)
+    token_text = dict(zip(used, token_names(run, used)))
+    joined = getattr(run.cfg, "task", "text") == "text"  # text: tokens are pieces of it; else shown apart
+
+    def label(f):  # what the list shows and searches: the top token (and, apart, the two before it)
+        if not fired[0][f]:
+            return ""
+        ids = around[0, f, before if joined else max(0, before - 2):before + 1]
+        return " ".join(token_text[int(i)] for i in ids if i >= 0) if not joined else json.dumps(token_text[int(ids[0])])
+
+    labels = [label(f) for f in range(n)]
+    name = os.path.basename(os.path.normpath(os.path.dirname(out)))
+    summary = (f"{cfg.arch} SAE with {n:,} features on {cfg.hook} of {cfg.run_dir} ({cfg.positions} positions); "
+               f"{int(held_out.mask.sum()):,} held-out rows of the val split")
+    shown_metrics = {k: v for k, v in metrics.items() if k in ("explained_variance", "l0", "mse", "ce_loss_score",
+                                                                "kl_div_score", "never_fired_frac")}
+    return write_feature_browser(out, title=f"SAE {name}", summary=summary, metrics=shown_metrics,
+                                 density=stats["density"].cpu().numpy(), largest=stats["largest"].cpu().numpy(),
+                                 labels=labels, histogram=stats["histogram"].cpu().numpy(), contexts=contexts,
+                                 token_text=token_text, joined=joined,
+                                 logits=logits, fourier=fourier)
+
+
+@torch.no_grad()
 def report(sae_path: str, top: int = 12, model: str = "") -> str:
     """Writes <sae>/report/: a summary with the held-out metrics, the feature-density histogram, and
     views of the top features (by total activation on held-out rows): for modular runs each one's
@@ -829,17 +978,18 @@ def report(sae_path: str, top: int = 12, model: str = "") -> str:
     out = os.path.join(directory, "report")
     os.makedirs(out, exist_ok=True)
     held_out = split_sequences(run, "val", cfg.positions, cfg.eval_tokens)
-    # One pass of the model: its activations at every position [S, T, d], the SAE's features of them
-    # [S, T, n], and the rows at the taken positions (what the SAE was trained and evaluated on).
+    # One pass of the model: its activations at every position [S, T, d], and the rows at the taken
+    # positions (what the SAE was trained and evaluated on); the features' numbers a few sequences at
+    # a time (feature_statistics), so that a wide SAE fits in memory.
     model_acts = torch.cat([capture(run.model, held_out.tokens[s:s + 1024].to(run.device), cfg.hook)
                             for s in range(0, len(held_out.tokens), 1024)])
     mask = held_out.mask.to(run.device)
-    rows, acts = model_acts[mask], sae.encode(model_acts)
+    rows = model_acts[mask]
     metrics = reconstruction_metrics(sae, rows)
     density = metrics.pop("feature_density")
     metrics.update(spliced_metrics(run.model, held_out, cfg.hook, lambda r: sae(r)[0], run.data.loss_positions))
-    taken = acts[mask]  # [rows, n]
-    ranked = torch.argsort(taken.sum(0), descending=True)[:top].tolist()
+    stats = feature_statistics(sae, model_acts, mask)
+    ranked = torch.argsort(stats["total"], descending=True)[:top].tolist()
 
     plot_feature_density(density, os.path.join(out, "feature_density.png"))
 
@@ -850,7 +1000,7 @@ def report(sae_path: str, top: int = 12, model: str = "") -> str:
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
     lines += ["", "![feature density](feature_density.png)", ""]
 
-    task = run.cfg.task
+    task, fourier = run.cfg.task, None
     if task == "modular":
         p = run.cfg.modulus
         grid_tokens = run.data.tokens
@@ -882,6 +1032,7 @@ def report(sae_path: str, top: int = 12, model: str = "") -> str:
         lines += ["", "![features over the (a, b) grid](features_grid.png)", ""]
         # Every feature that fires on at least 1% of the pairs, by the frequency that explains it best.
         everything = neuron_frequencies(every.reshape(p, p, -1))
+        fourier = (everything.frequency.cpu(), everything.explained.cpu())  # for the feature browser
         used = (every > 0).float().mean(0) >= 0.01
         counts = torch.bincount(everything.frequency[used].cpu(), minlength=p // 2 + 1)
         common = [(k, int(counts[k])) for k in torch.argsort(counts, descending=True).tolist() if counts[k]][:8]
@@ -897,19 +1048,18 @@ def report(sae_path: str, top: int = 12, model: str = "") -> str:
     elif task == "text":
         lines += ["## Top features: the contexts that activate them most", "",
                   "The activating token is in ⟦brackets⟧; the number is the activation.", ""]
-        S, T = mask.shape
+        T = mask.shape[1]
         for feature in ranked:
-            values = acts[:, :, feature].masked_fill(~mask, -1).flatten()
-            best = values.topk(min(5, len(values))).indices.tolist()
-            frequency = float((taken[:, feature] > 0).float().mean())
-            lines.append(f"**feature {feature}** (fires on {frequency:.1%} of rows)")
+            lines.append(f"**feature {feature}** (fires on {float(stats['density'][feature]):.1%} of rows)")
             lines.append("")
-            for index in best:
+            for value, index in zip(stats["top_values"][:5, feature].tolist(), stats["top_index"][:5, feature].tolist()):
+                if value <= 0:
+                    break
                 s, t = divmod(index, T)
                 ids = held_out.tokens[s].tolist()
                 before = run.data.decode(ids[max(0, t - 40):t])
                 context = (before + "⟦" + run.data.decode(ids[t:t + 1]) + "⟧" + run.data.decode(ids[t + 1:t + 6]))
-                lines.append(f"    {float(values[index]):7.3f}  {context!r}")
+                lines.append(f"    {value:7.3f}  {context!r}")
             lines.append("")
     elif task == "dyck":
         k = run.cfg.dyck_types
@@ -917,7 +1067,8 @@ def report(sae_path: str, top: int = 12, model: str = "") -> str:
         step_ = ((tokens >= 3) & (tokens < 3 + k)).long() - ((tokens >= 3 + k) & (tokens < 3 + 2 * k)).long()
         depth = step_.cumsum(1)  # depth after reading each token
         max_depth = int(depth[mask].max())
-        table = torch.stack([acts[(depth == level) & mask][:, ranked].mean(0) if ((depth == level) & mask).any()
+        acts = torch.cat([sae.encode(model_acts[s:s + 256])[..., ranked] for s in range(0, len(model_acts), 256)])
+        table = torch.stack([acts[(depth == level) & mask].mean(0) if ((depth == level) & mask).any()
                              else torch.zeros(len(ranked), device=run.device) for level in range(max_depth + 1)])
         fig = Figure(figsize=(7, 4))
         ax = fig.subplots()
@@ -933,6 +1084,9 @@ def report(sae_path: str, top: int = 12, model: str = "") -> str:
         lines += [f"| {feature} | " + " | ".join(f"{float(value):.3f}" for value in table[:, i]) + " |"
                   for i, feature in enumerate(ranked)]
         lines += ["", "![features by depth](features_depth.png)", ""]
+    page = write_browser(sae, cfg, run, held_out, stats, metrics, out, fourier)
+    lines[4:4] = [f"Every feature, one after another: [{os.path.basename(page)}]({os.path.basename(page)}) "
+                  f"(a page that opens from disk).", ""]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
