@@ -169,6 +169,7 @@ window.tinylabFeatures = {
   $("head").innerHTML = "<tr><th>feature</th><th>density</th><th>largest</th><th>top token</th>" +
                         (I.has_fourier ? "<th>freq</th>" : "") + "</tr>";
 
+  const top = I.density.reduce((a, b) => Math.max(a, b), 0) || 1;  // the longest density bar
   const orders = {};
   function order(sort) {
     if (orders[sort]) return orders[sort];
@@ -192,11 +193,13 @@ window.tinylabFeatures = {
     location.hash = p.toString();
   }
 
+  function visible(s) {  // the list: sorted, then filtered by top token
+    const ids = order(s.sort), q = s.q.toLowerCase();
+    return q ? ids.filter(i => I.labels[i].toLowerCase().includes(q)) : ids;
+  }
   function renderList(s) {
-    let ids = order(s.sort);
-    if (s.q) { const q = s.q.toLowerCase(); ids = ids.filter(i => I.labels[i].toLowerCase().includes(q)); }
+    const ids = visible(s);
     const pages = Math.max(1, Math.ceil(ids.length / PAGE)), page = Math.min(s.page, pages - 1);
-    const top = Math.max(...I.density) || 1;
     $("rows").innerHTML = ids.slice(page * PAGE, (page + 1) * PAGE).map(i =>
       `<tr class="row${I.density[i] === 0 ? " dead" : ""}${i === s.feature ? " current" : ""}" data-f="${i}">` +
       `<td>${i}</td><td><span class="bar" style="width:${Math.round(40 * I.density[i] / top)}px"></span>` +
@@ -276,7 +279,8 @@ window.tinylabFeatures = {
   $("next").addEventListener("click", () => go({page: state().page + 1}));
   document.addEventListener("keydown", e => {  // j / k: the next or previous feature in the list's order
     if (e.target.tagName === "INPUT" || (e.key !== "j" && e.key !== "k")) return;
-    const s = state(), ids = order(s.sort), at = ids.indexOf(s.feature === null ? -1 : s.feature);
+    const s = state(), ids = visible(s), at = ids.indexOf(s.feature === null ? -1 : s.feature);
+    if (!ids.length) return;
     const next = ids[Math.min(ids.length - 1, Math.max(0, at + (e.key === "j" ? 1 : -1)))];
     go({feature: next, page: Math.floor(ids.indexOf(next) / PAGE)});
   });
