@@ -245,6 +245,8 @@ class SparseAutoencoder(nn.Module):
             f = torch.zeros_like(pre).scatter(-1, top.indices, values)
             return (sparse_decode(top.indices, values, self.W_dec) + self.b_dec) * self.scale, f, pre
         f = self.activate(pre, batch)
+        if self.arch in BATCH_ARCHS:  # about k of n features per row: decode only those
+            return (bag_decode(*nonzero_entries(f), self.W_dec) + self.b_dec) * self.scale, f, pre
         return self.decode(f), f, pre
 
     @torch.no_grad()
@@ -256,12 +258,9 @@ class SparseAutoencoder(nn.Module):
 
     def matryoshka_reconstructions(self, f: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
         """The reconstructions (model units) from the first `size` features, for each nested prefix."""
-        out, decoded, start = [], self.b_dec, 0
-        for size in sizes:
-            decoded = decoded + f[:, start:size] @ self.W_dec[start:size]
-            out.append(decoded * self.scale)
-            start = size
-        return out
+        rows, features, values, count = nonzero_entries(f)
+        return [(bag_decode(rows[inside], features[inside], values[inside], count, self.W_dec) + self.b_dec) * self.scale
+                for inside in (features < size for size in sizes)]
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, normalize: bool) -> None:
@@ -301,17 +300,31 @@ def batch_topk_cut(positive: torch.Tensor, keep: int) -> tuple[torch.Tensor, tor
     world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
     keep *= world  # k x the global batch's rows (each rank has an equal share)
     with torch.no_grad():
-        flat = positive.detach().flatten()
-        local = flat.topk(min(keep, len(flat))).values  # one rank may hold all of the global top
+        top = largest(positive.detach().flatten(), keep)  # one rank may hold all of the global top
         if world > 1:
-            padded = torch.full((keep,), -math.inf, dtype=local.dtype, device=local.device)
-            padded[:len(local)] = local
+            padded = torch.full((keep,), -math.inf, dtype=top.dtype, device=top.device)
+            padded[:len(top)] = top
             gathered = [torch.empty_like(padded) for _ in range(world)]
             torch_dist.all_gather(gathered, padded)
-            local = torch.cat(gathered)
-        top = local.topk(min(keep, len(local))).values
+            top = largest(torch.cat(gathered), keep)
+        cut = top.min()
         positive_top = top[top > 0]
-        return top[-1], (positive_top[-1].double() if len(positive_top) else None)
+        return cut, (positive_top.min().double() if len(positive_top) else None)
+
+
+def largest(values: torch.Tensor, keep: int) -> torch.Tensor:
+    """The `keep` largest of a 1-D tensor, in no order, exactly. A strided sample first guesses a
+    value below the cut (about twice keep's share of the sample lies above it); only the values above
+    the guess go to topk, a small fraction of them when keep is too (the batch kinds: k of n)."""
+    if keep >= len(values):
+        return values
+    stride = max(1, len(values) // 65536)
+    sample = values[::stride]
+    guess = sample.topk(min(len(sample), 2 * keep // stride + 16)).values[-1]
+    candidates = values[values >= guess]
+    if len(candidates) < keep:  # the guess was too high: fall back on every value
+        candidates = values
+    return candidates.topk(keep, sorted=False).values
 
 
 def rectangle_window(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float, dtype) -> torch.Tensor:
@@ -357,6 +370,22 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tens
     """Σ_j values[:, j] · W_dec[indices[:, j]]: the decoder applied to k nonzero features per row,
     without the dense [B, n] matmul."""
     return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+
+def nonzero_entries(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(row, feature, value) of every nonzero entry of f [B, n], row by row, and B; the values keep
+    their gradient."""
+    rows, features = f.nonzero(as_tuple=True)
+    return rows, features, f[rows, features], len(f)
+
+
+def bag_decode(rows: torch.Tensor, features: torch.Tensor, values: torch.Tensor, count: int,
+               W_dec: torch.Tensor) -> torch.Tensor:
+    """Σ value · W_dec[feature] for each of `count` rows, from entries grouped by row: the decoder
+    applied to the batch kinds' ~k features per row (a varying number each) without the dense
+    [B, n] x [n, d] matmul, forward and backward."""
+    sizes = torch.bincount(rows, minlength=count)
+    return F.embedding_bag(features, W_dec, torch.cumsum(sizes, 0) - sizes, per_sample_weights=values, mode="sum")
 
 
 def sae_loss(sae: SparseAutoencoder, x: torch.Tensor, cfg: SAEConfig, l1_weight: float,

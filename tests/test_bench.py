@@ -4,8 +4,10 @@ and the plain model they measure against really is our model without hooks."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -157,3 +159,27 @@ def test_stop_check_bench_costs_the_agreement_with_and_without_latency():
     assert sorted(rows) == [0.0, 5.0], out
     assert float(rows[5.0].group(5)) <= 1.0, out          # the agreement: at most 1 % of the step
     assert float(rows[5.0].group(3)) > 100.0, out         # the blocking check: more than the step itself
+
+
+@pytest.mark.extended
+def test_sae_bench_trains_ours_and_saelens_on_the_same_rows_and_judges_both(tmp_path):
+    """A short bench/sae_vs_saelens.py (one seed, 20 steps, the grokking MLP): both trainers of both
+    kinds ran, SAELens's folders opened in sae.py, and at L0 = k both sides keep exactly k features a row."""
+    pytest.importorskip("safetensors")
+    out = bench("sae_vs_saelens.py", "--models", "grokking", "--seeds", "1", "--steps", "20", "--out", str(tmp_path),
+                timeout=900)
+    for kind in ("batchtopk", "matryoshka"):
+        for side in ("tinylab", "SAELens"):
+            assert re.search(rf"^\| grokking \| {kind} \| {side} \| -?[\d.]+ \[", out, re.M), out
+    results = json.load(open(tmp_path / "results.json"))
+    assert len(results) == 4 and all(r["rows_per_sec"] > 0 for r in results)
+
+
+@pytest.mark.extended
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium (apt-get install chromium)")
+def test_feature_browser_bench_writes_a_wide_sae_and_times_it_against_an_empty_page(corpus):
+    out = bench("feature_browser.py", "--features", "2048", "--eval_tokens", "4096", "--repeats", "1",
+                "--data_path", str(corpus), timeout=600)
+    assert re.search(r"^2,048 features: report written in [\d.]+s \(features.html and 18 data files", out, re.M), out
+    assert re.search(r"^\| features.html#feature=1536 \(2,048 features\) \| [\d.]+ s \|$", out, re.M), out
+    assert re.search(r"^\| an empty page .* \| [\d.]+ s \|$", out, re.M), out
