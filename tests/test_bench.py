@@ -178,7 +178,7 @@ def test_sae_bench_trains_ours_and_saelens_on_the_same_rows_and_judges_both(tmp_
 @pytest.mark.extended
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium (apt-get install chromium)")
 def test_feature_browser_bench_writes_a_wide_sae_and_times_it_against_an_empty_page(corpus):
-    out = bench("feature_browser.py", "--features", "2048", "--eval_tokens", "4096", "--repeats", "1",
+    out = bench("browser_speed.py", "--features", "2048", "--eval_tokens", "4096", "--repeats", "1",
                 "--data_path", str(corpus), timeout=600)
     assert re.search(r"^2,048 features: report written in [\d.]+s \(features.html and 18 data files", out, re.M), out
     assert re.search(r"^\| features.html#feature=1536 \(2,048 features\) \| [\d.]+ s \|$", out, re.M), out

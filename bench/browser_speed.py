@@ -1,7 +1,7 @@
 """How long the feature browser of a wide SAE takes to write and to open, in a real headless Chromium.
 
-    python bench/feature_browser.py                      # 16,384 features
-    python bench/feature_browser.py --features 4096 --repeats 5
+    python bench/browser_speed.py                      # 16,384 features
+    python bench/browser_speed.py --features 4096 --repeats 5
 
 Trains a small character-level text model and a TopK SAE of --features features on its residual
 stream for a few steps (what its features mean does not matter here, only how many there are),
