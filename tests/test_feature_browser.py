@@ -66,16 +66,23 @@ def largest_feature(sae_dir: str):
     return feature, float(acts[s, t, feature]), int(held_out.tokens[s, t]), density, run
 
 
-def test_a_features_panel_shows_where_it_is_largest_with_no_console_error(reported, tmp_path):
-    sae_dir, page = reported["text"]
-    feature, value, token, density, run = largest_feature(sae_dir)
-    dom, console = open_page(page, f"feature={feature}", tmp_path / "profile")
+def opened(page: str, feature: int, profile) -> tuple[str, str, float, str]:
+    """(the DOM, the panel, the first context's activation, that context's tokens as HTML) of
+    page#feature=N, which must open that feature's panel with no console message."""
+    dom, console = open_page(page, f"feature={feature}", profile)
     assert console == []
     panel = panel_of(dom)
     assert f'data-feature="{feature}"' in panel and f"<h2>Feature {feature}</h2>" in panel
-    first = re.search(r'<div class="context"><span class="value">([^<]+)</span>(.*?)</div>', panel)
-    assert float(first.group(1)) == pytest.approx(value, rel=1e-3)
-    top = re.search(r'<span class="tok top"[^>]*>([^<]*)</span>', first.group(2)).group(1)
+    first = re.search(r'<div class="context[^"]*"><span class="value">([^<]+)</span>(.*?)</div>', panel)
+    return dom, panel, float(first.group(1)), first.group(2)
+
+
+def test_a_features_panel_shows_where_it_is_largest_with_no_console_error(reported, tmp_path):
+    sae_dir, page = reported["text"]
+    feature, value, token, density, run = largest_feature(sae_dir)
+    dom, panel, shown_value, tokens = opened(page, feature, tmp_path / "profile")
+    assert shown_value == pytest.approx(value, rel=1e-3) and '<div class="context">' in panel  # text: joined
+    top = re.search(r'<span class="tok top"[^>]*>([^<]*)</span>', tokens).group(1)
     assert html.unescape(top) == run.data.decode([token]).replace("\n", "\u21b5")
     shown = float(re.search(r"fires on <b>([\d.]+)%</b>", panel).group(1))
     assert shown == pytest.approx(100 * float(density[feature]), rel=5e-3)  # 3 significant digits
@@ -100,13 +107,10 @@ def test_the_list_sorts_by_density_and_filters_by_top_token(reported, tmp_path):
 def test_a_grokking_sae_shows_each_features_fourier_frequency_and_its_pairs(reported, tmp_path):
     sae_dir, page = reported["modular"]
     feature, value, _, _, _ = largest_feature(sae_dir)
-    dom, console = open_page(page, f"feature={feature}", tmp_path / "profile")
-    assert console == []
-    panel = panel_of(dom)
+    _, panel, shown_value, tokens = opened(page, feature, tmp_path / "profile")
     assert re.search(r"Fourier frequency <b>k = \d+</b>", panel)
-    first = re.search(r'<div class="context apart"><span class="value">([^<]+)</span>(.*?)</div>', panel)
-    assert float(first.group(1)) == pytest.approx(value, rel=1e-3)
-    tokens = re.findall(r'<span class="tok[^"]*"[^>]*>([^<]*)</span>', first.group(2))
+    assert shown_value == pytest.approx(value, rel=1e-3) and '<div class="context apart">' in panel
+    tokens = re.findall(r'<span class="tok[^"]*"[^>]*>([^<]*)</span>', tokens)
     assert len(tokens) == 3 and tokens[2] == "=" and all(t.isdigit() for t in tokens[:2])  # "a b ="
 
 
