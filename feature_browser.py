@@ -22,8 +22,9 @@ CHUNK = 128  # features per panel file: 16k features -> 128 files of about 100 K
 
 
 def _numbers(values) -> str:
-    """A JSON array of numbers at 3 significant digits (NaN -> null), written fast enough for 16k features."""
-    text = ",".join(map("{:.3g}".format, np.asarray(values, dtype=np.float64).ravel().tolist()))
+    """A JSON array of numbers at 3 significant digits (NaN and infinities -> null), fast enough for 16k features."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    text = ",".join(map("{:.3g}".format, np.where(np.isfinite(values), values, np.nan).tolist()))
     return "[" + text.replace("nan", "null") + "]"
 
 

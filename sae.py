@@ -36,6 +36,7 @@ import math
 import os
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -988,12 +989,14 @@ def write_browser(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequenc
 
 
 @torch.no_grad()
-def report(sae_path: str, top: int = 12, model: str = "") -> str:
+def report(sae_path: str, top: int = 12, model: str = "", log=None) -> str:
     """Writes <sae>/report/: a summary with the held-out metrics, the feature-density histogram, and
     views of the top features (by total activation on held-out rows): for modular runs each one's
     activation over the (a, b) grid and its share of variance per frequency; for text runs the
-    contexts that activate it most; for Dyck runs its mean activation by nesting depth. A folder that
-    SAELens saved opens too, with `model` naming what it reads (load_saelens)."""
+    contexts that activate it most; for Dyck runs its mean activation by nesting depth; and the
+    feature browser, features.html (write_browser). A folder that SAELens saved opens too, with
+    `model` naming what it reads (load_saelens). `log`: a function that takes each stage's line."""
+    clock, say = time.perf_counter(), log or (lambda line: None)
     from matplotlib.figure import Figure
 
     if os.path.isdir(sae_path) and is_saelens_folder(sae_path):
@@ -1017,7 +1020,9 @@ def report(sae_path: str, top: int = 12, model: str = "") -> str:
     metrics = reconstruction_metrics(sae, rows)
     density = metrics.pop("feature_density")
     metrics.update(spliced_metrics(run.model, held_out, cfg.hook, lambda r: sae(r)[0], run.data.loss_positions))
+    say(f"{len(rows):,} held-out rows read and the metrics computed ({time.perf_counter() - clock:.1f}s)")
     stats = feature_statistics(sae, model_acts, mask)
+    say(f"every feature's density, top contexts and histogram ({time.perf_counter() - clock:.1f}s)")
     ranked = torch.argsort(stats["total"], descending=True)[:top].tolist()
 
     plot_feature_density(density, os.path.join(out, "feature_density.png"))
@@ -1114,6 +1119,7 @@ def report(sae_path: str, top: int = 12, model: str = "") -> str:
                   for i, feature in enumerate(ranked)]
         lines += ["", "![features by depth](features_depth.png)", ""]
     page = write_browser(sae, cfg, run, held_out, stats, metrics, out, fourier)
+    say(f"the feature browser: {page} ({time.perf_counter() - clock:.1f}s)")
     lines[4:4] = [f"Every feature, one after another: [{os.path.basename(page)}]({os.path.basename(page)}) "
                   f"(a page that opens from disk).", ""]
     path = os.path.join(out, "report.md")
@@ -1232,7 +1238,7 @@ def main(argv: list[str] | None = None):
         usage = "usage: python sae.py report <run>/sae/<name>, or report <SAELens folder> --model <run or model>"
         if len(argv) not in (2, 4) or argv[1].startswith("-") or len(argv) == 4 and argv[2] != "--model":
             raise ConfigError(usage)
-        path = report(argv[1], model=argv[3] if len(argv) == 4 else "")
+        path = report(argv[1], model=argv[3] if len(argv) == 4 else "", log=print)
         print(f"wrote {path}")
         return path
     if argv and argv[0] == "export":
