@@ -21,10 +21,11 @@ import numpy as np
 CHUNK = 128  # features per panel file: 16k features -> 128 files of about 100 KB
 
 
-def _numbers(values) -> str:
-    """A JSON array of numbers at 3 significant digits (NaN and infinities -> null), fast enough for 16k features."""
+def _numbers(values, digits: int = 3) -> str:
+    """A JSON array of numbers at `digits` significant digits (NaN and infinities -> null), fast enough
+    for 16k features."""
     values = np.asarray(values, dtype=np.float64).ravel()
-    text = ",".join(map("{:.3g}".format, np.where(np.isfinite(values), values, np.nan).tolist()))
+    text = ",".join(map(f"{{:.{digits}g}}".format, np.where(np.isfinite(values), values, np.nan).tolist()))
     return "[" + text.replace("nan", "null") + "]"
 
 
@@ -53,7 +54,7 @@ def write_feature_browser(out_dir: str, *, title: str, summary: str, metrics: di
              "chunk": CHUNK, "joined": joined, "bins": int(np.asarray(histogram).shape[1]),
              "has_logits": logits is not None, "has_fourier": fourier is not None}
     head = json.dumps(index)[:-1]
-    columns = [f'"density":{_numbers(density)}', f'"largest":{_numbers(largest)}',
+    columns = [f'"density":{_numbers(density, 6)}', f'"largest":{_numbers(largest, 6)}',  # sorted on
                f'"labels":{json.dumps(labels, ensure_ascii=False)}']
     if fourier is not None:
         columns += [f'"frequency":{_ints(fourier[0])}', f'"share":{_numbers(fourier[1])}']
@@ -66,7 +67,7 @@ def write_feature_browser(out_dir: str, *, title: str, summary: str, metrics: di
     for chunk in range(math.ceil(n / CHUNK)):
         panels = []
         for feature in range(chunk * CHUNK, min(n, (chunk + 1) * CHUNK)):
-            shown = ",".join(f"[{_ints(ids)},{_numbers(acts)},{center},{value:.4g}]"
+            shown = ",".join(f"[{_ints(ids)},{_numbers(acts)},{center},{_numbers([value], 4)[1:-1]}]"
                              for ids, acts, center, value in contexts[feature])
             panel = f'{{"h":{_ints(histogram[feature])},"c":[{shown}]'
             if logits is not None:
@@ -160,6 +161,7 @@ window.tinylabFeatures = {
   const $ = id => document.getElementById(id);
   if (!I) { console.error("features/index.js did not load"); $("panel").textContent = "features/index.js is missing"; return; }
   const percent = x => x === 0 ? "0" : (100 * x).toPrecision(3) + "%";
+  const num = (x, digits) => x === null || x === undefined ? "\u2013" : +x.toPrecision(digits);  // null: not finite
   const escape = s => s.replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})[c]);
   const show = id => { const s = TF.tokens[id]; return s === undefined ? "<" + id + ">" : I.joined ? s.replace(/\n/g, "\u21b5") : s; };
 
@@ -182,7 +184,9 @@ window.tinylabFeatures = {
   }
   function state() {
     const s = new URLSearchParams(location.hash.slice(1));
-    return {feature: s.has("feature") ? +s.get("feature") : null, sort: s.get("sort") || "index",
+    const sort = s.get("sort") || "index", sorts = ["index", "density", "density-asc", "largest"];
+    return {feature: s.has("feature") ? +s.get("feature") : null,
+            sort: sorts.includes(sort) || (sort === "frequency" && I.has_fourier) ? sort : "index",
             q: s.get("q") || "", page: +(s.get("page") || 0)};
   }
   function go(change) {
@@ -204,7 +208,7 @@ window.tinylabFeatures = {
     $("rows").innerHTML = ids.slice(page * PAGE, (page + 1) * PAGE).map(i =>
       `<tr class="row${I.density[i] === 0 ? " dead" : ""}${i === s.feature ? " current" : ""}" data-f="${i}">` +
       `<td>${i}</td><td><span class="bar" style="width:${Math.round(40 * I.density[i] / top)}px"></span>` +
-      `${percent(I.density[i])}</td><td>${I.largest[i] ? +I.largest[i].toPrecision(3) : 0}</td>` +
+      `${percent(I.density[i])}</td><td>${num(I.largest[i], 3)}</td>` +
       `<td class="label">${escape(I.labels[i])}</td>` +
       (I.has_fourier ? `<td>${I.density[i] > 0 ? I.frequency[i] : ""}</td>` : "") + "</tr>").join("");
     $("where").textContent = ids.length ? `${page * PAGE + 1}\u2013${Math.min(ids.length, (page + 1) * PAGE)} of ${ids.length}` : "no feature matches";
@@ -218,7 +222,11 @@ window.tinylabFeatures = {
     TF.waiting[chunk] = [then];
     const script = document.createElement("script"), name = `features/chunk-${String(chunk).padStart(4, "0")}.js`;
     script.src = name;
-    script.onerror = () => { console.error(`${name} did not load`); $("panel").textContent = `${name} is missing`; };
+    script.onerror = () => {
+      delete TF.waiting[chunk];  // the next feature of this chunk tries again
+      console.error(`${name} did not load`);
+      if (Math.floor(state().feature / I.chunk) === chunk) $("panel").textContent = `${name} is missing`;
+    };
     document.head.appendChild(script);
   }
 
@@ -228,20 +236,20 @@ window.tinylabFeatures = {
       `width="${(bw - 1).toFixed(1)}" height="${(h * c / most).toFixed(1)}" fill="#4a7fd4"><title>${c}</title></rect>`).join("");
     return `<svg width="${w}" height="${h + 16}" role="img" aria-label="activation histogram">${bars}` +
            `<text x="0" y="${h + 13}" font-size="11" fill="#666">0</text>` +
-           `<text x="${w}" y="${h + 13}" font-size="11" fill="#666" text-anchor="end">${+largest.toPrecision(3)}</text></svg>`;
+           `<text x="${w}" y="${h + 13}" font-size="11" fill="#666" text-anchor="end">${num(largest, 3)}</text></svg>`;
   }
   function logitTable(ids, values, cls) {
     return "<table class='logits'>" + ids.map((t, i) => `<tr><td class="${cls}">${values[i] > 0 ? "+" : ""}` +
-           `${+values[i].toPrecision(3)}</td><td>${escape(JSON.stringify(show(t)))}</td></tr>`).join("") + "</table>";
+           `${num(values[i], 3)}</td><td>${escape(JSON.stringify(show(t)))}</td></tr>`).join("") + "</table>";
   }
   function context([ids, acts, center, value], largest) {
     const toks = ids.map((t, i) => {
       const a = acts[i], off = a === null, alpha = off || !largest ? 0 : Math.min(1, a / largest);
-      const tip = off ? "not read by the SAE" : `activation ${+a.toPrecision(3)}`;
+      const tip = off ? "not read by the SAE" : `activation ${num(a, 3)}`;
       return `<span class="tok${i === center ? " top" : ""}${off ? " off" : ""}" title="${escape(tip)}" ` +
              `style="background:rgba(255,140,0,${alpha.toFixed(2)})">${escape(show(t))}</span>`;
     }).join("");
-    return `<div class="context${I.joined ? "" : " apart"}"><span class="value">${+value.toPrecision(4)}</span>${toks}</div>`;
+    return `<div class="context${I.joined ? "" : " apart"}"><span class="value">${num(value, 4)}</span>${toks}</div>`;
   }
 
   function renderPanel(f) {
@@ -253,7 +261,7 @@ window.tinylabFeatures = {
       if (state().feature !== f) return;
       const P = TF.chunks[Math.floor(f / I.chunk)][f % I.chunk], d = I.density[f], m = I.largest[f];
       let html = `<h2>Feature ${f}</h2><p>` + (d === 0 ? "never fires on the held-out rows" :
-                 `fires on <b>${percent(d)}</b> of held-out rows; largest activation <b>${+m.toPrecision(4)}</b>`);
+                 `fires on <b>${percent(d)}</b> of held-out rows; largest activation <b>${num(m, 4)}</b>`);
       if (I.has_fourier && d > 0) html += `; Fourier frequency <b>k = ${I.frequency[f]}</b> (${(100 * I.share[f]).toFixed(0)}% of its variance)`;
       html += "</p>";
       if (d > 0) html += "<h3>Activation histogram (rows where it fires)</h3>" + histogram(P.h, m);
@@ -263,6 +271,7 @@ window.tinylabFeatures = {
                               P.c.map(c => context(c, m)).join("");
       panel.innerHTML = html;
       panel.dataset.feature = f;
+      document.documentElement.dataset.panelReady = Math.round(performance.now());
     });
   }
 

@@ -246,7 +246,7 @@ class SparseAutoencoder(nn.Module):
             f = torch.zeros_like(pre).scatter(-1, top.indices, values)
             return (sparse_decode(top.indices, values, self.W_dec) + self.b_dec) * self.scale, f, pre
         f = self.activate(pre, batch)
-        if self.arch in BATCH_ARCHS:  # about k of n features per row: decode only those
+        if batch:  # training's k x rows of n features: decode only those (in use, early on, many more fire)
             return (bag_decode(*nonzero_entries(f), self.W_dec) + self.b_dec) * self.scale, f, pre
         return self.decode(f), f, pre
 
@@ -301,7 +301,7 @@ def batch_topk_cut(positive: torch.Tensor, keep: int) -> tuple[torch.Tensor, tor
     world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
     keep *= world  # k x the global batch's rows (each rank has an equal share)
     with torch.no_grad():
-        top = largest(positive.detach().flatten(), keep)  # one rank may hold all of the global top
+        top = largest(positive.detach().flatten(), keep, positive.shape[-1])  # one rank may hold all of the global top
         if world > 1:
             padded = torch.full((keep,), -math.inf, dtype=top.dtype, device=top.device)
             padded[:len(top)] = top
@@ -313,17 +313,21 @@ def batch_topk_cut(positive: torch.Tensor, keep: int) -> tuple[torch.Tensor, tor
         return cut, (positive_top.min().double() if len(positive_top) else None)
 
 
-def largest(values: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` largest of a 1-D tensor, in no order, exactly. A strided sample first guesses a
-    value below the cut (about twice keep's share of the sample lies above it); only the values above
-    the guess go to topk, a small fraction of them when keep is too (the batch kinds: k of n)."""
+def largest(values: torch.Tensor, keep: int, width: int = 1) -> torch.Tensor:
+    """The `keep` largest of a 1-D tensor of values 0 or more (rows of `width` features, flattened),
+    in no order, exactly. A strided sample first guesses a value below the cut (about twice keep's
+    share of the sample lies above it); only the values above the guess go to topk, a small fraction
+    of them when keep is too (the batch kinds: k of n). The stride shares no factor with the width, so
+    the sample visits every feature, not the same few columns of each row."""
     if keep >= len(values):
         return values
     stride = max(1, len(values) // 65536)
+    while math.gcd(stride, width) != 1:
+        stride += 1
     sample = values[::stride]
     guess = sample.topk(min(len(sample), 2 * keep // stride + 16)).values[-1]
-    candidates = values[values >= guess]
-    if len(candidates) < keep:  # the guess was too high: fall back on every value
+    candidates = values[values >= guess] if guess > 0 else values[values > 0]
+    if len(candidates) < keep:  # the guess was too high, or fewer than keep are positive: every value
         candidates = values
     return candidates.topk(keep, sorted=False).values
 
@@ -973,7 +977,8 @@ def write_browser(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequenc
         if not fired[0][f]:
             return ""
         ids = around[0, f, before if joined else max(0, before - 2):before + 1]
-        return " ".join(token_text[int(i)] for i in ids if i >= 0) if not joined else json.dumps(token_text[int(ids[0])])
+        return (" ".join(token_text[int(i)] for i in ids if i >= 0) if not joined
+                else json.dumps(token_text[int(ids[0])], ensure_ascii=False))
 
     labels = [label(f) for f in range(n)]
     name = os.path.basename(os.path.normpath(os.path.dirname(out)))
