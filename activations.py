@@ -272,6 +272,12 @@ def capture(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
     return x.reshape(*x.shape[:2], -1).float()
 
 
+def capture_all(run: Run, tokens: torch.Tensor, hook: str, chunk: int = 1024) -> torch.Tensor:
+    """capture() of every sequence of tokens [S, T] on the run's device, `chunk` sequences at a time:
+    [S, T, d]."""
+    return torch.cat([capture(run.model, tokens[s:s + chunk].to(run.device), hook) for s in range(0, len(tokens), chunk)])
+
+
 def rows_of(model, sequences: Sequences, start: int, stop: int, hook: str, device, dtype) -> ActivationBatch:
     """Activations at the taken positions of sequences [start, stop), in sequence then position order."""
     tokens = sequences.tokens[start:stop].to(device)

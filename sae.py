@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from activations import (POSITIONS, DumpSource, LiveSource, Sequences, capture, default_dump_dir,
+from activations import (POSITIONS, DumpSource, LiveSource, Sequences, capture, capture_all, default_dump_dir,
                          hook_width, rows_of, run_folder, split_sequences, token_names)
 from checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
 from config import (DEVICES, DTYPES, ConfigError, ModelSource, OptimSettings, config_from_dict, need, need_name,
@@ -482,6 +482,16 @@ OLD_METRIC_NAMES = {"ce_clean": "ce_loss_without_sae", "ce_sae": "ce_loss_with_s
                     "ce_recovered": "ce_loss_score"}
 
 
+def held_out_metrics(sae: "SparseAutoencoder", run, held_out: Sequences, rows: torch.Tensor,
+                     hook: str) -> tuple[dict, torch.Tensor]:
+    """(what sae.py reports on held-out data: reconstruction_metrics of `rows`, the rows of `held_out`
+    at `hook`, and spliced_metrics of `held_out` through the model; each feature's density)."""
+    metrics = reconstruction_metrics(sae, rows)
+    density = metrics.pop("feature_density")
+    metrics.update(spliced_metrics(run.model, held_out, hook, lambda r: sae(r)[0], run.data.loss_positions))
+    return metrics, density
+
+
 def modern_metrics(record: dict) -> dict:
     """A metrics.jsonl record with any old metric names under today's (SAELens's) names."""
     return {OLD_METRIC_NAMES.get(key, key): value for key, value in record.items()}
@@ -643,10 +653,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         def evaluate() -> dict:
             nonlocal density
             sae.eval()
-            metrics = reconstruction_metrics(sae, eval_rows)
-            density = metrics.pop("feature_density")
-            metrics.update(spliced_metrics(run.model, held_out, cfg.hook, lambda rows: sae(rows)[0],
-                                           run.data.loss_positions))
+            metrics, density = held_out_metrics(sae, run, held_out, eval_rows, cfg.hook)
             sae.train()
             return metrics
 
@@ -824,29 +831,30 @@ def plot_feature_density(density: torch.Tensor, path: str) -> str:
 
 
 @torch.no_grad()
-def feature_statistics(sae: SparseAutoencoder, model_acts: torch.Tensor, mask: torch.Tensor, contexts: int = 8,
-                       before: int = 20, after: int = 4, bins: int = 24) -> dict:
-    """Every feature's numbers over held-out activations [S, T, d] at the positions `mask` [S, T] marks
-    (the rows the SAE reads), a few sequences at a time so that 16k features fit in memory:
-    `density` (share of rows it fires on), `total` and `largest` activation, the `contexts` rows where
-    it is largest (`top_values`, `top_index` = s * T + t, [contexts, n]), its activations in the
-    window t - before .. t + after around each (`windows` [contexts, n, before + 1 + after]; NaN off
-    the mask or off the sequence), and a `histogram` [n, bins] of its nonzero activations in equal
-    bins from 0 to its largest."""
+def feature_statistics(sae: SparseAutoencoder, model_acts: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor,
+                       contexts: int = 8, before: int = 20, after: int = 4, bins: int = 24) -> dict:
+    """Every feature's numbers over held-out activations [S, T, d] of `tokens` [S, T] at the positions
+    `mask` [S, T] marks (the rows the SAE reads), a few sequences at a time so that 16k features fit
+    in memory: `density` (share of rows it fires on), `total` and `largest` activation, the
+    `contexts` rows where it is largest (`top_values`, `top_index` = s * T + t, [contexts, n]), the
+    window t - before .. t + after around each: its tokens (`window_tokens` [contexts, n, before + 1
+    + after], -1 off the sequence) and its activations (`windows`, NaN off the mask or the
+    sequence), and a `histogram` [n, bins] of its nonzero activations in equal bins from 0 to its
+    largest."""
     S, T, _ = model_acts.shape
     n = sae.dict_size
     per_chunk = max(1, (1 << 22) // (n * T))  # sequences per chunk: about 4M activations at a time
 
-    def chunks():
+    def chunks():  # (first sequence, features [c, T, n], mask [c, T], the rows read as positions and as [r, n])
         for s in range(0, S, per_chunk):
-            yield s, sae.encode(model_acts[s:s + per_chunk]).float(), mask[s:s + per_chunk]
+            acts, on = sae.encode(model_acts[s:s + per_chunk]).float(), mask[s:s + per_chunk]
+            read = on.reshape(-1).nonzero().squeeze(1)
+            yield s, acts, on, read, acts.reshape(-1, n) if len(read) == on.numel() else acts.reshape(-1, n)[read]
 
     fired, total = torch.zeros(n, device=mask.device), torch.zeros(n, device=mask.device)
     top_values = torch.full((contexts, n), -1.0, device=mask.device)
     top_index = torch.zeros((contexts, n), dtype=torch.long, device=mask.device)
-    for s, acts, on in chunks():
-        read = on.reshape(-1).nonzero().squeeze(1)  # the rows the SAE reads, as positions in the chunk
-        rows = acts.reshape(-1, n) if len(read) == on.numel() else acts.reshape(-1, n)[read]
+    for s, _, _, read, rows in chunks():
         if not len(rows):
             continue
         fired += torch.count_nonzero(rows, dim=0)  # every kind's features are 0 or positive
@@ -861,21 +869,23 @@ def feature_statistics(sae: SparseAutoencoder, model_acts: torch.Tensor, mask: t
     windows = torch.full((contexts, n, len(offsets)), float("nan"), device=mask.device)
     histogram = torch.zeros(n * bins, device=mask.device)
     sequence, position = top_index // T, top_index % T
-    for s, acts, on in chunks():
-        rows = acts.reshape(-1, n) if bool(on.all()) else acts.reshape(-1, n)[on.reshape(-1)]
+    around = position[..., None] + offsets  # [contexts, n, window]
+    window_tokens = tokens.to(mask.device)[sequence[..., None], around.clamp(0, T - 1)]
+    window_tokens = window_tokens.masked_fill((around < 0) | (around >= T), -1)
+    for s, acts, on, _, rows in chunks():
         row, feature = (rows > 0).nonzero(as_tuple=True)
         which = (rows[row, feature] / largest[feature] * bins).long().clamp(max=bins - 1)
         histogram += torch.bincount(feature * bins + which, minlength=n * bins)
         slot, feature = ((sequence >= s) & (sequence < s + len(acts)) & (top_values > 0)).nonzero(as_tuple=True)
-        where = position[slot, feature][:, None] + offsets  # [contexts here, window]
+        where = around[slot, feature]  # [contexts here, window]
         inside = (where >= 0) & (where < T)
         where = where.clamp(0, T - 1)
         local = (sequence[slot, feature] - s)[:, None].expand_as(where)
         seen = acts[local, where, feature[:, None].expand_as(where)]
         windows[slot, feature] = seen.masked_fill(~(inside & on[local, where]), float("nan"))
     return {"density": fired / mask.sum().clamp(min=1), "total": total, "largest": largest,
-            "top_values": top_values, "top_index": top_index, "windows": windows,
-            "histogram": histogram.reshape(n, bins), "window_offsets": offsets}
+            "top_values": top_values, "top_index": top_index, "windows": windows, "window_tokens": window_tokens,
+            "histogram": histogram.reshape(n, bins), "before": before}
 
 
 def residual_directions(model, hook: str, directions: torch.Tensor) -> torch.Tensor | None:
@@ -946,14 +956,10 @@ def load_sae(path: str, device: str = "auto"):
 def write_browser(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequences, stats: dict, metrics: dict,
                   out: str, fourier=None) -> str:
     """The feature browser (feature_browser.py) of `sae` from its feature_statistics on `held_out`."""
-    n, (C, _, W) = sae.dict_size, stats["windows"].shape
-    tokens = held_out.tokens.to(stats["top_index"].device)
-    T, before = tokens.shape[1], int(-stats["window_offsets"][0])
-    padded = F.pad(tokens, (before, W - before - 1), value=-1)  # -1: off the sequence
-    sequence, position = stats["top_index"] // T, stats["top_index"] % T
-    around = padded[sequence[..., None], position[..., None] + stats["window_offsets"] + before]  # [C, n, W]
+    n, C, before = sae.dict_size, len(stats["top_values"]), stats["before"]
     fired = (stats["top_values"] > 0).cpu().tolist()
-    around, windows, values = around.cpu().numpy(), stats["windows"].cpu().numpy(), stats["top_values"].cpu().tolist()
+    around, windows = stats["window_tokens"].cpu().numpy(), stats["windows"].cpu().numpy()
+    values = stats["top_values"].cpu().tolist()
     contexts = []
     for feature in range(n):
         shown = []
@@ -1018,15 +1024,12 @@ def report(sae_path: str, top: int = 12, model: str = "", log=None) -> str:
     # One pass of the model: its activations at every position [S, T, d], and the rows at the taken
     # positions (what the SAE was trained and evaluated on); the features' numbers a few sequences at
     # a time (feature_statistics), so that a wide SAE fits in memory.
-    model_acts = torch.cat([capture(run.model, held_out.tokens[s:s + 1024].to(run.device), cfg.hook)
-                            for s in range(0, len(held_out.tokens), 1024)])
+    model_acts = capture_all(run, held_out.tokens, cfg.hook)
     mask = held_out.mask.to(run.device)
     rows = model_acts[mask]
-    metrics = reconstruction_metrics(sae, rows)
-    density = metrics.pop("feature_density")
-    metrics.update(spliced_metrics(run.model, held_out, cfg.hook, lambda r: sae(r)[0], run.data.loss_positions))
+    metrics, density = held_out_metrics(sae, run, held_out, rows, cfg.hook)
     say(f"{len(rows):,} held-out rows read and the metrics computed ({time.perf_counter() - clock:.1f}s)")
-    stats = feature_statistics(sae, model_acts, mask)
+    stats = feature_statistics(sae, model_acts, mask, held_out.tokens)
     say(f"every feature's density, top contexts and histogram ({time.perf_counter() - clock:.1f}s)")
     ranked = torch.argsort(stats["total"], descending=True)[:top].tolist()
 

@@ -19,35 +19,17 @@ import contextlib
 import io
 import os
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 import sae as sae_module  # noqa: E402
 import train  # noqa: E402
-
-
-def chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    sys.exit("no Chromium on this machine (apt-get install chromium)")
-
-
-def open_page(browser: str, url: str, profile: str) -> tuple[float, str]:
-    """(wall seconds of a headless Chromium that loads url and prints its DOM once it has settled, the DOM)."""
-    started = time.perf_counter()
-    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-                           "--virtual-time-budget=10000", "--dump-dom", url], capture_output=True, text=True, timeout=120)
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        sys.exit(f"Chromium failed on {url}:\n{done.stderr[-2000:]}")
-    return seconds, done.stdout
+from headless_chromium import MISSING, open_page  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +41,8 @@ def main() -> None:
     args = parser.parse_args()
     if not os.path.isfile(args.data_path):
         parser.error(f"--data_path: {args.data_path} does not exist; name a text file")
-    browser = chromium()
+    if MISSING:
+        sys.exit(MISSING)
     with tempfile.TemporaryDirectory() as tmp:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             train.main(["--preset", "shakespeare_char_modern", "--num_blocks", "1", "--embedding_dim", "64",
@@ -86,12 +69,12 @@ def main() -> None:
         walls, blanks, readies = [], [], []
         for repeat in range(args.repeats):
             profile = os.path.join(tmp, f"profile-{repeat}")  # a fresh profile: nothing cached
-            seconds, dom = open_page(browser, f"file://{page}#feature={feature}", profile)
-            if f'data-feature="{feature}"' not in dom:
-                sys.exit(f"the panel of feature {feature} did not appear")
-            walls.append(seconds)
-            readies.append(int(re.search(r'data-panel-ready="(\d+)"', dom).group(1)) / 1000)
-            blanks.append(open_page(browser, f"file://{blank}", profile + "-blank")[0])
+            opened = open_page(page, f"feature={feature}", profile)
+            if f'data-feature="{feature}"' not in opened.dom or opened.console:
+                sys.exit(f"the panel of feature {feature} did not appear cleanly: {opened.console}")
+            walls.append(opened.seconds)
+            readies.append(int(re.search(r'data-panel-ready="(\d+)"', opened.dom).group(1)) / 1000)
+            blanks.append(open_page(blank, "", profile + "-blank").seconds)
         wall, empty = statistics.median(walls), statistics.median(blanks)
         print(f"| page | Chromium wall time (median of {args.repeats}) |")
         print("| --- | --- |")

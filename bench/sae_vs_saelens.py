@@ -83,10 +83,8 @@ def judge(sae, run, hook: str, positions: str, eval_tokens: int, k: int) -> dict
     """On the run's held-out val split: the metrics sae.py reports for the SAE in use (its learned
     threshold), and explained variance and CE-loss score at L0 = k exactly (at_k, 4,096 rows at a time)."""
     held_out = activations.split_sequences(run, "val", positions, eval_tokens)
-    rows = torch.cat([activations.capture(run.model, held_out.tokens[s:s + 1024].to(run.device), hook)
-                      for s in range(0, len(held_out.tokens), 1024)])[held_out.mask.to(run.device)]
-    metrics = sae_module.reconstruction_metrics(sae, rows)
-    metrics.update(sae_module.spliced_metrics(run.model, held_out, hook, lambda r: sae(r)[0], run.data.loss_positions))
+    rows = activations.capture_all(run, held_out.tokens, hook)[held_out.mask.to(run.device)]
+    metrics, _ = sae_module.held_out_metrics(sae, run, held_out, rows, hook)
     result = {key: float(metrics[key]) for key in METRICS}
     squared = sum(float((part - at_k(sae, k)(part)).pow(2).sum()) for part in rows.split(4096))
     result["explained_variance_at_k"] = 1 - squared / float((rows - rows.mean(0)).pow(2).sum())

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ from model import Transformer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from plain_gpt import PlainGPT, check_same_function, plain_copy  # noqa: E402
+from headless_chromium import MISSING as CHROMIUM_MISSING  # noqa: E402
 from virtual_hosts import hosts_missing_reason  # noqa: E402
 
 NO_HOSTS = hosts_missing_reason()
@@ -176,7 +176,7 @@ def test_sae_bench_trains_ours_and_saelens_on_the_same_rows_and_judges_both(tmp_
 
 
 @pytest.mark.extended
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM_MISSING is not None, reason=str(CHROMIUM_MISSING))
 def test_feature_browser_bench_writes_a_wide_sae_and_times_it_against_an_empty_page(corpus):
     out = bench("browser_speed.py", "--features", "2048", "--eval_tokens", "4096", "--repeats", "1",
                 "--data_path", str(corpus), timeout=600)

@@ -8,18 +8,15 @@ import html
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 import sae as sae_module
 from activations import capture, split_sequences
+from headless_chromium import MISSING, open_page as open_in_chromium
 
-CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome") if shutil.which(name)),
-                None)
-requires_chromium = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium)")
-pytestmark = [pytest.mark.slow, requires_chromium]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 QUICK = ["--hook", "blocks.0.hook_resid_post", "--arch", "topk", "--k", "4", "--dict_size", "96", "--batch_size", "64",
          "--max_steps", "20", "--eval_every", "20", "--buffer_rows", "512", "--eval_tokens", "600", "--warmup_steps", "2",
          "--lr_schedule", "constant", "--save_every", "0"]
@@ -27,11 +24,8 @@ QUICK = ["--hook", "blocks.0.hook_resid_post", "--arch", "topk", "--k", "4", "--
 
 def open_page(page: str, fragment: str, profile) -> tuple[str, list[str]]:
     """(the DOM after the page has loaded and settled, the console's messages) of page#fragment."""
-    done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-                           "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000", "--dump-dom",
-                           f"file://{os.path.abspath(page)}#{fragment}"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    opened = open_in_chromium(page, fragment, profile)
+    return opened.dom, opened.console
 
 
 def panel_of(dom: str) -> str:
