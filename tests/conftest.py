@@ -38,22 +38,18 @@ SMALL_CORPUS = (
 )
 
 
-def pytest_addoption(parser):
-    parser.addoption("--extended", action="store_true",
-                     help="also run the tests marked extended (long, and covered in part by others)")
+# Under CI a skipped test fails (tests/ci_skips.py).
+pytest_plugins = ["ci_skips"]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # an extended test is a slow one: the fast tier (-m "not slow") leaves it out
+        if "extended" in item.keywords and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(os.environ["TINYLAB_CACHE_DIR"], ignore_errors=True)
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--extended"):
-        return
-    skip = pytest.mark.skip(reason="extended: run with `pytest --extended`")
-    for item in items:
-        if "extended" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture
