@@ -45,15 +45,43 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def fast_math(device: torch.device) -> None:
-    """Process-wide settings every trainer wants: TF32 matmuls on Ampere and newer GPUs, and
-    subnormals flushed to zero on the CPU. Adam's second moments of tiny gradients go subnormal
-    (below 1e-38), which x86 CPUs handle about 100x slower; flushing them took the default run
-    from 118 to 96 ms/step."""
+def fast_math(device: torch.device) -> str:
+    """Process-wide settings every trainer wants, made the same on every thread so that a run's
+    arithmetic does not depend on which thread computed what. Returns how subnormals are handled,
+    for the log.
+
+    - TF32 matmuls on Ampere and newer GPUs.
+    - A fixed intra-op thread count: torch.set_num_threads also turns MKL's dynamic threading off
+      (on by default; Intel's conditions for run-to-run reproducibility ask for it off).
+    - Subnormals flushed to zero on the CPU: Adam's second moments of tiny gradients go subnormal
+      (below 1e-38), which x86 CPUs handle about 100x slower; flushing them took the default run
+      from 118 to 96 ms/step. The flush is a per-thread setting that threads inherit when they
+      start: set before the first parallel operation (as every program here does), every intra-op
+      thread has it. A caller that already ran one (a notebook, a test process) has workers
+      without it, and flushing on this thread alone would make results depend on how work is
+      split between threads; then nothing is flushed and the returned line says so."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    torch.set_num_threads(torch.get_num_threads())
     torch.set_flush_denormal(True)
+    flushed = subnormals_flushed()
+    if flushed == 1.0:
+        return "subnormals flushed to zero on every thread"
+    torch.set_flush_denormal(False)
+    return (f"subnormals not flushed: this process's {torch.get_num_threads()} intra-op threads started before "
+            f"the flush could be set (it reached {flushed:.0%} of the work); results match a fresh process "
+            "only to rounding, and steps may be slower")
+
+
+def subnormals_flushed() -> float:
+    """The share of a parallel multiply of subnormals that came out flushed to zero: 1.0 when every
+    intra-op thread flushes, 0.0 when none does, between when only some do. 4M elements, so that
+    every thread of a large machine gets a share (torch splits work in grains of 32k). The values
+    are made and read as bits: a float constant would be flushed on its way in by this thread."""
+    tiny = torch.full((1 << 22,), 1 << 22, dtype=torch.int32).view(torch.float32)  # 2**-127, subnormal
+    kept = (tiny * 0.5).view(torch.int32) != 0
+    return 1.0 - float(kept.float().mean())
 
 
 def describe_hosts(hosts: list[str]) -> str:
@@ -71,13 +99,13 @@ def describe_hosts(hosts: list[str]) -> str:
     return f" on {len(set(hosts))} hosts: " + ", ".join(parts)
 
 
-def describe_environment(device: torch.device, world_size: int, hosts: list[str] | None = None) -> str:
+def describe_environment(device: torch.device, world_size: int, hosts: list[str] | None = None, math: str = "") -> str:
     """Versions and hardware, so that a log describes the machine it came from (and, given every
     rank's host name, which ranks ran where)."""
     lines = [
         f"python {platform.python_version()} · torch {torch.__version__} · numpy {np.__version__}",
         f"host {platform.node()} · {platform.platform()} · {os.cpu_count()} CPUs · "
-        f"torch threads {torch.get_num_threads()}",
+        f"torch threads {torch.get_num_threads()}" + (f" · {math}" if math else ""),
         f"device {device} · world size {world_size}{describe_hosts(hosts or [])}",
     ]
     if device.type == "cuda":

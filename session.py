@@ -108,7 +108,7 @@ class Session:
         self.device = pick_device(self.requested[0], int(os.environ.get("LOCAL_RANK", 0)))
         self.dist = setup_distributed(self.device.type)
         self.dtype = pick_dtype(self.requested[1], self.device)
-        fast_math(self.device)
+        self.math = fast_math(self.device)  # how subnormals are handled, for the log
         self.log = setup_logging(self.dist.is_main)
         return self
 

@@ -377,7 +377,7 @@ def describe_run(cfg: Config, raw_model: Transformer, data, session: Session, re
                                                        else f"started from {resume.path} at step {step}")
     log.info(f"tinylab run {cfg.run_name} ({origin}) -> {os.path.join(cfg.save_model_dir, cfg.run_name)}")
     log.info(format_config(cfg))
-    log.info(describe_environment(device, session.dist.world_size, gather_objects(platform.node())))
+    log.info(describe_environment(device, session.dist.world_size, gather_objects(platform.node()), session.math))
     global_batch = data.global_batch_size()
     tokens_per_step = global_batch * data.seq_len
     flops_token = flops_per_token(raw_model.num_params(exclude_embeddings=True), cfg.num_blocks,

@@ -15,11 +15,17 @@ import threading
 import time
 
 import pytest
+import torch
 
 from slurm_cluster import free_port  # one helper for torchrun's and Slurm's ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# Subnormals flushed on every thread of the test process, as each program's session flushes them in a
+# fresh process (hardware.fast_math): set before the first parallel operation starts torch's threads,
+# so that runs the tests start in-process compute exactly what the same command computes.
+torch.set_flush_denormal(True)
 
 # Token caches of the tests' corpora go to a folder of this session (runs started as processes
 # inherit it), never to the checkout's data/cache. Set before config is imported: it is the default.
