@@ -100,9 +100,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_training(name: str, loop: str, compiled: bool, batch: int, args, device, dtype) -> dict:
-    """Builds the model and optimizers of one row, runs warm-up + timed steps, returns the figures."""
-    cfg, vocab_size, _ = shape(name, device.type == "cuda")
+def measure_training(cfg: Config, vocab_size: int, loop: str, compiled: bool, batch: int, args, device, dtype,
+                     title: str = "") -> dict:
+    """Builds the model and optimizers of one row, runs warm-up + timed steps, returns the figures.
+    args: warmup, steps, compile_mode and profile, as this script's flags."""
     T = cfg.context_len
     reset_peak_memory(device)
     torch.manual_seed(0)
@@ -172,7 +173,7 @@ def measure_training(name: str, loop: str, compiled: bool, batch: int, args, dev
     synchronize(device)
     seconds = time.perf_counter() - started
     if args.profile:
-        profile(train_step, args.profile, device, f"{name}, {loop}, compile {'on' if compiled else 'off'}")
+        profile(train_step, args.profile, device, f"{title}, {loop}, compile {'on' if compiled else 'off'}")
 
     tokens_per_sec = batch * T * args.steps / seconds
     ms_per_step = 1000 * seconds / args.steps
@@ -292,10 +293,10 @@ def main() -> None:
         for compiled, loop in [(c, lp) for c in {"both": (False, True), "on": (True,), "off": (False,)}[args.compile]
                                for lp in loops]:
             say(f"[{name}, {loop}, compile {'on' if compiled else 'off'}, batch {batch}]")
-            context = shape(name, on_gpu)[0].context_len
-            lead = f"{name:<17}{loop:<9}{'on' if compiled else 'off':<9}{f'{batch} x {context}':>12}"
+            cfg, vocab_size, _ = shape(name, on_gpu)
+            lead = f"{name:<17}{loop:<9}{'on' if compiled else 'off':<9}{f'{batch} x {cfg.context_len}':>12}"
             try:
-                r = measure_training(name, loop, compiled, batch, args, device, dtype)
+                r = measure_training(cfg, vocab_size, loop, compiled, batch, args, device, dtype, name)
                 rows.append(lead + f"{r['params'] / 1e6:>8.1f}M{r['ms_per_step']:>11.1f}{r['tokens_per_sec']:>11,.0f}"
                             + (f"{r['mfu']:>7.1%}" if r["mfu"] is not None else f"{'-':>7}")
                             + (f"{r['first_step_seconds']:>12.1f}" if r["first_step_seconds"] is not None else f"{'-':>12}")
