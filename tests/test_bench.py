@@ -183,3 +183,32 @@ def test_feature_browser_bench_writes_a_wide_sae_and_times_it_against_an_empty_p
     assert re.search(r"^2,048 features: report written in [\d.]+s \(features.html and 18 data files", out, re.M), out
     assert re.search(r"^\| features.html#feature=1536 \(2,048 features\) \| [\d.]+ s \|$", out, re.M), out
     assert re.search(r"^\| an empty page .* \| [\d.]+ s \|$", out, re.M), out
+
+
+@pytest.mark.extended
+def test_the_gpu_check_runs_its_smoke_version_on_a_cpu(corpus):
+    """bench/gpu.py --smoke: every row of the GPU check on tiny shapes, so the script is ready the day
+    a GPU is lent. The figures are for people; what is asserted is that each row measured something,
+    that the fused attention kernel ran for every architecture without a sink, and that cached and
+    uncached sampling drew the same tokens."""
+    out = bench("gpu.py", "--smoke", "--data_path", str(corpus))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    for batch in (2, 4):
+        assert re.search(rf"\| batch {batch} x 64 \| [\d.]+ ms/step · [\d,]+ tok/s .*\| nanoGPT loop: [\d.]+ ms/step", out), out
+    assert re.search(r"\| 4 steps \| [\d.]+ ms/step · val loss [\d.]+ at step 4 \|", out), out
+    kernels = [name for name in rows if name.startswith("attention kernel")]
+    assert len(kernels) == 5, out
+    for name in kernels:
+        if "sink" not in name:
+            assert "| flash (CPU) | fused |" in rows[name], rows[name]
+    for arch in ("relu", "topk", "batchtopk", "jumprelu", "matryoshka"):
+        assert re.search(rf"\| SAE {arch} \| .* \| [\d,]+ rows/s \|", rows[f"SAE {arch}"]), out
+    assert re.search(r"[\d,]+ tok/s cached \| [\d,]+ tok/s uncached \([\d.]+x\); the same tokens \|", out), out
+    assert re.search(r"\| data loader \(text, char\) \| .* \| [\d,]+ tokens/s \|", out), out
+
+
+@pytest.mark.slow
+def test_the_gpu_check_without_a_gpu_says_to_use_smoke(corpus):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu",
+                             "--data_path", str(corpus)], capture_output=True, text=True)
+    assert result.returncode == 2 and "--smoke" in result.stderr and "Traceback" not in result.stderr
