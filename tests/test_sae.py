@@ -12,10 +12,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sae as sae_module
 from activations import DumpSettings, dump, split_sequences
 from config import ConfigError
+from data import IGNORE
 from conftest import ROOT, logged_steps, run_torchrun, wait_until
 from interp import load_run
 from optimizer import apply_lr, lr_multiplier
@@ -185,11 +187,30 @@ def test_the_ce_loss_and_kl_scores_are_one_for_a_perfect_reconstruction_and_zero
     assert perfect["ce_loss_with_ablation"] > perfect["ce_loss_without_sae"]  # zeroing the MLP hurts this model
     half = spliced_metrics(run.model, held_out, HOOK, lambda rows: rows * 0.5, run.data.loss_positions)
     assert 0 < half["ce_loss_score"] < 1 and 0 < half["kl_div_score"] < 1
-    # KL(clean || spliced), as SAELens's _kl computes it: against torch's kl_div on one position's logits.
-    p, q = torch.randn(7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
-    ours = float((p.log_softmax(-1).exp() * (p.log_softmax(-1) - q.log_softmax(-1))).sum())
-    theirs = float(torch.nn.functional.kl_div(q.log_softmax(-1), p.softmax(-1), reduction="sum"))
-    assert ours == pytest.approx(theirs, rel=1e-12)
+    # The three CE losses and both KLs of `half`, computed here another way: the model's plain forward
+    # (clean), a hook of the test's own that scales (or zeroes) the taken rows, torch's cross_entropy
+    # and kl_div (KL(clean || spliced) summed over the vocabulary, as SAELens's _kl), in float64 from the
+    # float32 logits. The two differ only in how float32 terms are summed: 1e-5 relative is ample.
+    tokens, mask, targets = held_out.tokens, held_out.mask, held_out.targets
+
+    def logits(scale=None):
+        def splice(x, hook):
+            return torch.where(mask.view(*mask.shape, *[1] * (x.dim() - 2)), x * scale, x)
+        with torch.no_grad():
+            out = run.model(tokens) if scale is None else run.model.run_with_hooks(tokens, [(HOOK, splice)])
+        return (out[:, -run.data.loss_positions:] if run.data.loss_positions else out).double()
+
+    keep = targets != IGNORE
+    clean, spliced, ablated = (logits(scale)[keep] for scale in (None, 0.5, 0.0))
+    ce = {name: float(F.cross_entropy(z, targets[keep])) for name, z in
+          (("ce_loss_without_sae", clean), ("ce_loss_with_sae", spliced), ("ce_loss_with_ablation", ablated))}
+    kl = {name: float(F.kl_div(z.log_softmax(-1), clean.log_softmax(-1), log_target=True, reduction="sum")) / len(z)
+          for name, z in (("kl_div_with_sae", spliced), ("kl_div_with_ablation", ablated))}
+    for name, value in {**ce, **kl}.items():
+        assert half[name] == pytest.approx(value, rel=1e-5), name
+    assert half["ce_loss_score"] == pytest.approx((ce["ce_loss_with_ablation"] - ce["ce_loss_with_sae"]) / (
+        ce["ce_loss_with_ablation"] - ce["ce_loss_without_sae"]), rel=1e-4)
+    assert half["kl_div_score"] == pytest.approx(1 - kl["kl_div_with_sae"] / kl["kl_div_with_ablation"], rel=1e-4)
     # SAE folders written before the names changed still read under today's names.
     assert modern_metrics({"step": 5, "ce_recovered": 0.9, "ce_zero": 2.0, "l0": 3}) == {
         "step": 5, "ce_loss_score": 0.9, "ce_loss_with_ablation": 2.0, "l0": 3}
