@@ -598,7 +598,6 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             source = LiveSource(run, cfg.hook, cfg.positions, "train", local_batch, cfg.buffer_rows // dist.world_size,
                                 cfg.seed, dist.rank, dist.world_size, cfg.max_tokens, dtype=cfg.dtype)
         held_out = split_sequences(run, "val", cfg.positions, cfg.eval_tokens)
-        calibration = split_sequences(run, "train", cfg.positions, 32768)  # for the input scale and b_dec
         session.claim_directory(out_dir, cfg.resume == "auto", f"--run_name: {out_dir} already holds an SAE; pass "
                                 f"another --run_name, or --resume auto to continue it", cfg.to_dict(), cfg.claim_timeout)
 
@@ -611,7 +610,10 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         seed_everything(cfg.seed)  # the same initialisation on every rank
         sae = SparseAutoencoder(d, dict_size, cfg.arch, cfg.k, cfg.jumprelu_init_threshold,
                                 cfg.jumprelu_bandwidth).to(device)
-        sae.calibrate(all_rows(calibration), cfg.normalize)
+        # The input scale and b_dec from the rows it will train on: a dump's own (as stored), else the
+        # model's on the first 32,768 tokens of the train split.
+        sae.calibrate(source.rows(torch.arange(min(source.num_rows, 32768))) if cfg.source == "dump" else
+                      all_rows(split_sequences(run, "train", cfg.positions, 32768)), cfg.normalize)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         for group in optimizer.param_groups:
             group["initial_lr"] = cfg.lr

@@ -4,12 +4,14 @@ bad input fails cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,6 @@ from config import ConfigError
 from data import IGNORE
 from conftest import ROOT, logged_steps, run_torchrun, wait_until
 from interp import load_run
-from optimizer import apply_lr, lr_multiplier
 from sae import (ARCHS, K_ARCHS, SAEConfig, SparseAutoencoder, modern_metrics, resample_dead, sae_loss, spliced_metrics,
                  update)
 from tracking import read_metrics
@@ -43,34 +44,46 @@ def synthetic(n: int, d: int = 32, features: int = 64, p: float = 0.05, seed: in
     return (active * magnitude) @ true, true, float(active.sum(1).float().mean())
 
 
-def train_on_rows(x: torch.Tensor, cfg: SAEConfig) -> SparseAutoencoder:
-    """A 128-feature SAE trained on random batches of rows x [N, 32] the way sae.py's loop trains
-    one (the L1 warm-up, dead features, relu's resampling in the first half), for cfg.max_steps."""
+RECOVERY_HOOK = "blocks.0.hook_resid_post"  # the shared modular run's residual stream: 32 wide, as the planted rows
+
+
+def write_rows_as_dump(x: torch.Tensor, run_dir: str, directory) -> str:
+    """Rows x [N, 32] as a finished dump of the modular run's train split at RECOVERY_HOOK (the files
+    and manifest activations.py writes), so that sae.py trains on them as on any dump."""
+    run = load_run(run_dir, device="cpu")
+    directory = str(directory)
+    os.makedirs(directory)
+    n = len(x)
+    np.save(os.path.join(directory, "acts-00000.npy"), x.numpy().astype(np.float32))
+    np.save(os.path.join(directory, "rows-00000.npy"), np.stack([np.arange(n), np.full(n, 2)], 1))
+    np.save(os.path.join(directory, "tokens.npy"), np.zeros((n, 3), dtype=np.int64))
+    np.save(os.path.join(directory, "targets.npy"), np.zeros((n, 3), dtype=np.int64))
+    manifest = {"hook": RECOVERY_HOOK, "positions": "answer", "split": "train", "step": run.step, "d": x.shape[1],
+                "num_rows": n, "num_shards": 1, "num_sequences": n, "seq_len": 3, "complete": True}
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return directory
+
+
+def train_on_rows(x: torch.Tensor, run_dir: str, tmp_path, arch: str, *flags: str) -> SparseAutoencoder:
+    """A 128-feature SAE trained by sae.py on rows x [N, 32] (written as a dump), 400 steps of 512 rows
+    at lr 1e-2 with k = 4; returns it as sae.py saved it."""
+    dump_dir = write_rows_as_dump(x, run_dir, tmp_path / f"dump-{arch}")
     # Not seed 0: the SAE's first random draws would then be the planted dictionary's own (synthetic()
     # draws it from a generator seeded 0), and every kind would start at the answer. Until issue 22
     # the recovery test did that.
-    torch.manual_seed(12345)
-    sae = SparseAutoencoder(32, 128, cfg.arch, cfg.k, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth)
-    sae.calibrate(x[:8192], normalize=True)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    optimizer.param_groups[0]["initial_lr"] = cfg.lr
-    rows_since_fired = torch.zeros(128, dtype=torch.long)
-    generator = torch.Generator().manual_seed(1)
-    for step in range(cfg.max_steps):
-        apply_lr([optimizer], lr_multiplier(step, cfg, cfg.max_steps))
-        batch = x[torch.randint(0, len(x), (cfg.batch_size,), generator=generator)]
-        l1_weight = cfg.l1_coefficient * min(1.0, (step + 1) / cfg.l1_warmup_steps)
-        _, f = update(sae, optimizer, batch, cfg, l1_weight, rows_since_fired >= cfg.dead_rows)
-        rows_since_fired = torch.where((f > 0).any(0), 0, rows_since_fired + len(batch))
-        if cfg.arch == "relu" and (step + 1) % 100 == 0 and step < cfg.max_steps // 2:
-            resample_dead(sae, optimizer, batch, rows_since_fired >= cfg.dead_rows, distributed=False)
-            rows_since_fired[rows_since_fired >= cfg.dead_rows] = 0
-    return sae
+    summary = sae_module.main([run_dir, "--source", "dump", "--dump", dump_dir, "--hook", RECOVERY_HOOK,
+                               "--positions", "answer", "--arch", arch, "--dict_size", "128", "--k", "4",
+                               "--max_steps", "400", "--batch_size", "512", "--lr", "1e-2", "--warmup_steps", "50",
+                               "--l1_warmup_steps", "100", "--dead_rows", "20000", "--resample_every", "100",
+                               "--eval_every", "400", "--log_every", "100", "--save_every", "0", "--seed", "12345",
+                               "--save_model_dir", str(tmp_path / "saes"), "--run_name", arch, *flags])
+    return sae_module.load_sae(summary["sae_dir"], device="cpu")[0]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
-def test_the_sae_recovers_a_known_sparse_dictionary(arch):
+def test_the_sae_recovers_a_known_sparse_dictionary(arch, trained_runs, tmp_path):
     x, true, true_l0 = synthetic(50_000)
     # JumpReLU's estimator sees only pre-activations within a bandwidth of a threshold: here features
     # are ~3 in normalised units, so a window of 0.5 (SAELens's 0.05 is for its LLM activations).
@@ -81,20 +94,21 @@ def test_the_sae_recovers_a_known_sparse_dictionary(arch):
     # unequal frequency those prefixes do what they are for (the next test). Its bar is 85 %: with the
     # prefix of 64 it finds 89 %, where SAELens 6.54's own Matryoshka trainer (bench/saelens_trainer.py,
     # the same rows, steps, lr and prefix) finds 78 and 75 % (seeds 0, 1) and its BatchTopK 81 and 91 %.
-    cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=4, l1_warmup_steps=100, max_steps=400, batch_size=512,
-                    lr=1e-2, warmup_steps=50, dead_rows=20_000, jumprelu_bandwidth=0.5,
-                    jumprelu_init_threshold=0.1, matryoshka_sizes="64" if arch == "matryoshka" else "").validate()
-    sae = train_on_rows(x, cfg)
+    flags = ["--jumprelu_bandwidth", "0.5", "--jumprelu_init_threshold", "0.1"]
+    sae = train_on_rows(x, trained_runs["modular"], tmp_path, arch,
+                        *flags, *(["--matryoshka_sizes", "64"] if arch == "matryoshka" else []))
     with torch.no_grad():
         best_cosine = (true @ sae.W_dec.t()).max(1).values  # each true feature's closest learned one
         l0 = float((sae.encode(x[:10_000]) > 0).sum(1).float().mean())
-    assert (best_cosine > 0.9).float().mean() >= (0.85 if arch == "matryoshka" else 0.9), best_cosine.sort().values[:10]
+    found = float((best_cosine > 0.9).float().mean())
+    print(f"{arch}: {found:.0%} of the planted features found, L0 {l0:.2f} (true {true_l0:.2f})")
+    assert found >= (0.85 if arch == "matryoshka" else 0.9), best_cosine.sort().values[:10]
     assert abs(l0 - true_l0) < 0.35 * true_l0, (l0, true_l0)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-5)  # unit decoder rows
 
 
 @pytest.mark.slow
-def test_a_matryoshka_sae_puts_the_common_features_first():
+def test_a_matryoshka_sae_puts_the_common_features_first(trained_runs, tmp_path):
     """64 planted features of Zipf-like frequencies (the first fires on 30 % of rows, the last on 1 %):
     a matryoshka SAE, whose first 8 features must reconstruct alone, gives them to the common ones
     (measured: they fire on 24 % of rows against 0.6 % for features 32 on), where a batchtopk SAE
@@ -106,12 +120,13 @@ def test_a_matryoshka_sae_puts_the_common_features_first():
     x = (active * (torch.rand(50_000, 64, generator=generator) + 0.5)) @ true
     first_over_rest = {}
     for arch in ("batchtopk", "matryoshka"):
-        cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=4, max_steps=400, batch_size=512, lr=1e-2, warmup_steps=50,
-                        dead_rows=20_000, matryoshka_sizes="8,32" if arch == "matryoshka" else "").validate()
-        sae = train_on_rows(x, cfg)
+        sae = train_on_rows(x, trained_runs["modular"], tmp_path, arch,
+                            *(["--matryoshka_sizes", "8,32"] if arch == "matryoshka" else []))
         with torch.no_grad():
             density = (sae.encode(x[:20_000]) > 0).float().mean(0)
         first_over_rest[arch] = float(density[:8].mean() / density[32:].mean().clamp_min(1e-6))
+        print(f"{arch}: features 0-7 fire on {float(density[:8].mean()):.1%} of rows, 32 on "
+              f"{float(density[32:].mean()):.1%}")
     assert first_over_rest["matryoshka"] > 10, first_over_rest
     assert first_over_rest["batchtopk"] < 3, first_over_rest
 
