@@ -21,17 +21,21 @@ LONG = ["--modulus", "23", "--batch_size", "64", "--max_steps", "150", "--target
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("architecture", [[], ["--positional", "rope", "--qk_norm", "--num_kv_heads", "2",
-                                               "--norm", "rmsnorm", "--activation", "relu2", "--muon_lr", "0.02"]],
-                         ids=["gpt2", "rope-gqa-qknorm"])
-def test_two_ranks_match_one_process(tmp_path, architecture):
+@pytest.mark.parametrize("architecture, losses", [
+    ([], 3e-7),
+    (["--positional", "rope", "--qk_norm", "--num_kv_heads", "2", "--norm", "rmsnorm", "--activation", "relu2",
+      "--muon_lr", "0.02"], 1e-6)], ids=["gpt2", "rope-gqa-qknorm"])
+def test_two_ranks_match_one_process(tmp_path, architecture, losses):
     """Same global batch: 2 ranks x 2 micro-steps of 16 give one process's 64-example steps.
 
-    Only float rounding differs (the sums are split differently): about 1e-7 here. Large learning
-    rates amplify such differences step after step (grokking's Muon lr 0.3 turns them into 1e-3
-    within 30 steps), so this run uses gentle ones; with QK-norm, whose division magnifies them,
-    gentler still (Muon 0.05 drifted 2e-5 apart by step 32). The second architecture also checks
-    that its rotary tables (buffers, which DDP is told not to broadcast) agree on both ranks.
+    Only float rounding differs (the sums are split differently). Measured over the 36 steps on a
+    2-core x86 CPU: losses 1.5e-7 relative apart at most, the gradient norm 2.3e-7; with rotary,
+    QK-norm (whose division magnifies rounding) and grouped-query attention 6.3e-7 and 3.4e-6;
+    weights 4e-6 apart. The bounds below (README: "to 3e-7") keep about twice that. Large learning
+    rates amplify the rounding step after step (grokking's Muon lr 0.3 turns it into 1e-3 within 30
+    steps), so this run uses gentle ones; with QK-norm gentler still (Muon 0.05 drifted 2e-5 apart by
+    step 32). The second architecture also checks that its rotary tables (buffers, which DDP is told
+    not to broadcast) agree on both ranks.
     """
     common = ["--save_model_dir", str(tmp_path), "--modulus", "23", "--batch_size", "64", "--lr", "1e-3", "--use_muon", "true",
               "--muon_lr", "0.05", "--max_steps", "36", "--target_val_acc", "0", "--log_every", "1",
@@ -43,12 +47,13 @@ def test_two_ranks_match_one_process(tmp_path, architecture):
     one = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl")}
     two = {r["step"]: r for r in read_metrics(tmp_path / "two" / "metrics.jsonl")}
     assert sorted(one) == sorted(two) == list(range(1, 37))
+    bounds = {"train_loss": losses, "val_loss": losses, "grad_norm": 5 * losses, "train_acc": 0, "val_acc": 0}
     for step in one:
-        for key in ("train_loss", "train_acc", "grad_norm", "val_loss", "val_acc"):
+        for key, bound in bounds.items():
             if key in one[step]:
-                assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-7), (step, key)
+                assert two[step][key] == pytest.approx(one[step][key], rel=bound, abs=0), (step, key)
     a, b = model_weights(tmp_path / "one" / "last.pt"), model_weights(tmp_path / "two" / "last.pt")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-5) for k in a)
 
     log = (tmp_path / "two" / "train.log").read_text()
     assert "world size 2" in log and "weights identical on all 2 ranks" in log

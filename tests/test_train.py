@@ -102,15 +102,23 @@ def test_text_run_samples_and_perplexity(tmp_path, corpus, capsys):
 
 @pytest.mark.slow
 def test_accumulation_gives_the_same_step_as_one_big_batch(tmp_path):
+    """Four micro-steps of 8 are one step of 32 up to the order of float32 sums: measured, every
+    step's loss and gradient norm 8e-8 relative apart at most, the weights 1.8e-6 after three steps."""
     args = ["--save_model_dir", str(tmp_path), "--modulus", "17", "--batch_size", "32", "--max_steps", "3",
-            "--eval_every", "3"]
-    one = train.main(args + ["--run", "one"])
-    four = train.main(args + ["--run", "four", "--accumulation_steps", "4"])
-    assert four["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+            "--eval_every", "3", "--log_every", "1"]
+    train.main(args + ["--run", "one"])
+    train.main(args + ["--run", "four", "--accumulation_steps", "4"])
+    one = {r["step"]: r for r in read_metrics(tmp_path / "one" / "metrics.jsonl")}
+    four = {r["step"]: r for r in read_metrics(tmp_path / "four" / "metrics.jsonl")}
+    assert sorted(one) == sorted(four) == [1, 2, 3]
+    for step in one:
+        for key in ("train_loss", "grad_norm", "val_loss"):
+            if key in one[step]:
+                assert four[step][key] == pytest.approx(one[step][key], rel=3e-7, abs=0), (step, key)
     a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "four" / "last.pt", weights_only=True)["model"]
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-5), key
+        assert torch.allclose(a[key], b[key], rtol=0, atol=5e-6), key
 
 
 @pytest.mark.parametrize("task_args", [
