@@ -246,10 +246,11 @@ def test_two_ranks_train_the_lens_one_process_trains(tmp_path, text_run):
     a = read_metrics(os.path.join(one["lens_dir"], "metrics.jsonl"))
     b = read_metrics(os.path.join(text_run, "lens", "two", "metrics.jsonl"))
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    # Only float rounding differs: measured 1.2e-7 relative at most.
     for x, y in zip(a, b):
         for key in ("train_loss", "train_kl", "grad_norm"):
-            assert y[key] == pytest.approx(x[key], rel=1e-3), (x["step"], key)
-    assert b[-1]["val_kl"] == pytest.approx(a[-1]["val_kl"], rel=1e-3)
+            assert y[key] == pytest.approx(x[key], rel=1e-6), (x["step"], key)
+    assert b[-1]["val_kl"] == pytest.approx(a[-1]["val_kl"], rel=1e-6)
 
 
 def test_the_fluency_prior_reads_each_token_after_the_ones_before_it(text_run):

@@ -106,8 +106,8 @@ def test_the_four_attention_paths_compute_one_function(sink):
         pieces.append(piece)
     cached = model.unembed(model.ln_final(torch.cat(pieces, 1)))
     for other in (explicit, cached):
-        torch.testing.assert_close(other, fused, rtol=0, atol=1e-10)
-    torch.testing.assert_close(last, fused[:, -3:], rtol=0, atol=1e-10)
+        torch.testing.assert_close(other, fused, rtol=0, atol=1e-12)
+    torch.testing.assert_close(last, fused[:, -3:], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("sink", [False, True])
