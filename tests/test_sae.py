@@ -131,6 +131,57 @@ def test_a_matryoshka_sae_puts_the_common_features_first(trained_runs, tmp_path)
     assert first_over_rest["batchtopk"] < 3, first_over_rest
 
 
+@pytest.mark.parametrize("rows, width, keep", [(400, 768, 12_800), (300, 1024, 300), (100, 96, 50), (5, 8, 100)])
+def test_largest_finds_exactly_the_largest_values_by_a_sampled_guess(rows, width, keep):
+    """sae.largest against a plain topk: past 65,536 values it guesses the cut from a strided sample
+    (stride 4 and 5 here, first moved off any factor it shares with the width); ties, zeros, fewer
+    positive values than keep, and keep beyond the count included."""
+    generator = torch.Generator().manual_seed(rows)
+    values = torch.randn(rows, width, generator=generator).relu()
+    values[::7] = (values[::7] * 4).round() / 4  # many ties
+    values[-1] = 0.0
+    flat = values.flatten()
+    for case in (flat, torch.where(flat > 2.5, flat, 0.0)):  # the second: fewer than keep positive values
+        found = sae_module.largest(case, keep, width)
+        expected = case.topk(min(keep, len(case))).values
+        assert torch.equal(found.sort().values, expected.sort().values)
+
+
+def test_the_sparse_decoders_are_the_dense_decoder_forward_and_backward():
+    """The batch forward decodes only each row's nonzero features (embedding_bag): sae.bag_decode and
+    sae.sparse_decode give the dense f @ W_dec and its gradients (to W_dec and to the active values), in
+    float64 to rounding, a row with no active feature and a row with many included."""
+    torch.manual_seed(0)
+    W_dec = torch.randn(64, 16, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(10, 64, dtype=torch.float64).relu() * (torch.rand(10, 64) < 0.1)
+    f[3] = 0.0  # nothing fires on this row
+    f[5, :40] = 1.0 + torch.rand(40, dtype=torch.float64)  # many do on this one
+    f.requires_grad_(True)
+    weights = torch.randn(10, 16, dtype=torch.float64)
+    dense = f @ W_dec
+    expected = torch.autograd.grad((dense * weights).sum(), (W_dec, f))
+    rows, features, values, count = sae_module.nonzero_entries(f)
+    bagged = sae_module.bag_decode(rows, features, values, count, W_dec)
+    assert torch.allclose(bagged, dense, rtol=0, atol=1e-12) and (bagged[3] == 0).all()
+    grad_W, grad_f = torch.autograd.grad((bagged * weights).sum(), (W_dec, f))
+    assert torch.allclose(grad_W, expected[0], rtol=0, atol=1e-12)
+    active = f.detach() != 0  # inactive features get none (their activation's gradient is 0 there anyway)
+    assert torch.allclose(grad_f[active], expected[1][active], rtol=0, atol=1e-12) and (grad_f[~active] == 0).all()
+    top = f.detach().topk(3, dim=-1)  # topk's decoder: k entries a row, zeros among them
+    kept = torch.zeros_like(f).scatter(-1, top.indices, top.values)
+    sparse = sae_module.sparse_decode(top.indices, top.values, W_dec)
+    assert torch.allclose(sparse, kept @ W_dec, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_the_batch_forward_decodes_what_decode_gives(arch):
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(16, 64, arch, k=3).double()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    x_hat, f, _ = sae(x, batch=arch != "topk")
+    assert torch.allclose(x_hat, sae.decode(f), rtol=0, atol=1e-12)
+
+
 def test_reconstruction_metrics_are_the_definitions_computed_at_once():
     """mse, explained variance, L0 and the never-fired share, summed over chunks, against the same
     definitions on the whole batch in float64 (a topk SAE with k = 4, some of whose features never fire)."""
