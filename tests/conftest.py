@@ -108,6 +108,43 @@ def run_train(args: list[str], cwd: str, env: dict | None = None, timeout: int =
                           env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+def run_program(script: str, args: list[str], cwd, env: dict | None = None, timeout: int = 300):
+    """`python SCRIPT ARGS` from the checkout as a user runs it (a process, text mode), with `env`
+    added to ours; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=str(cwd), capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def assert_bad_input(result, *fragments: str) -> str:
+    """What bad input must give, from any program: exit status 2, no traceback, one line on stderr that
+    starts with 'error: ' and holds every fragment (the flag or file and what to do). Returns the line."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def disk_state(*roots) -> dict:
+    """Every file and folder under `roots`: its size, modification time and bytes' digest (folders:
+    None), so that `disk_state(...) == before` says nothing was written, changed or removed there."""
+    import hashlib
+
+    state = {}
+    for root in map(str, roots):
+        for folder, dirs, files in os.walk(root):
+            state[folder] = None
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    digest = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+                stat = os.stat(path)
+                state[path] = (stat.st_size, stat.st_mtime_ns, digest)
+    return state
+
+
 def tiny_args(tmp_path, *extra: str) -> list[str]:
     """Flags for a quick modular run inside tmp_path."""
     return ["--save_model_dir", str(tmp_path / "runs"), "--modulus", "17", "--max_steps", "20",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import run_train, tiny_args
+from conftest import assert_bad_input, run_train, tiny_args
 from tracking import read_metrics
 
 RUN_FILES = {"config.json", "train.log", "metrics.jsonl", "last.pt", "best.pt", "training_curves.png"}
@@ -300,15 +300,6 @@ def test_compiled_run_saves_clean_keys_and_matches_eager(tmp_path):
 # ---------------------------------------------------------------- bad input, as a real process
 
 
-def assert_clean_failure(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 @pytest.fixture
 def existing_run(tmp_path):
     train.main(tiny_args(tmp_path, "--run", "keep", "--max_steps", "2"))
@@ -335,7 +326,7 @@ def existing_run(tmp_path):
 def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, args, fragments):
     run_dir, snapshot = existing_run
     result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", *args], cwd=str(tmp_path))
-    assert_clean_failure(result, *fragments)
+    assert_bad_input(result, *fragments)
     assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == snapshot
     assert os.listdir(tmp_path / "runs") == ["keep"]
 
@@ -343,7 +334,7 @@ def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, arg
 @pytest.mark.slow
 def test_resume_auto_needs_a_run_name(tmp_path):
     result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--resume", "auto"], cwd=str(tmp_path))
-    assert_clean_failure(result, "--resume", "--run")
+    assert_bad_input(result, "--resume", "--run")
     assert not (tmp_path / "runs").exists()
 
 
@@ -351,7 +342,7 @@ def test_resume_auto_needs_a_run_name(tmp_path):
 def test_save_model_dir_that_is_a_file(tmp_path):
     (tmp_path / "runs").write_text("not a directory")
     result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--max_steps", "1"], cwd=str(tmp_path))
-    assert_clean_failure(result, "--save_model_dir", "is a file")
+    assert_bad_input(result, "--save_model_dir", "is a file")
 
 
 @pytest.mark.slow
@@ -359,7 +350,7 @@ def test_existing_run_directory_is_never_overwritten(tmp_path, existing_run):
     run_dir, snapshot = existing_run
     result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", "--modulus", "17"],
                        cwd=str(tmp_path))
-    assert_clean_failure(result, "already holds a run", "--resume auto")
+    assert_bad_input(result, "already holds a run", "--resume auto")
     assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == snapshot
 
 
@@ -369,7 +360,7 @@ def test_unreadable_checkpoint(tmp_path, existing_run, content):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(content)
     result = run_train(["--resume", str(bad)], cwd=str(tmp_path))
-    assert_clean_failure(result, str(bad), "not a readable checkpoint")
+    assert_bad_input(result, str(bad), "not a readable checkpoint")
 
 
 @pytest.mark.slow
