@@ -15,6 +15,7 @@ import torch
 import sae as sae_module
 from activations import capture, split_sequences
 from headless_chromium import MISSING, open_page as open_in_chromium
+from interp import neuron_frequencies
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 QUICK = ["--hook", "blocks.0.hook_resid_post", "--arch", "topk", "--k", "4", "--dict_size", "96", "--batch_size", "64",
@@ -102,7 +103,16 @@ def test_a_grokking_sae_shows_each_features_fourier_frequency_and_its_pairs(repo
     sae_dir, page = reported["modular"]
     feature, value, _, _, _ = largest_feature(sae_dir)
     _, panel, shown_value, tokens = opened(page, feature, tmp_path / "profile")
-    assert re.search(r"Fourier frequency <b>k = \d+</b>", panel)
+    # The frequency, found here: the feature at "=" over all p² pairs (a b =, the token after p - 1
+    # being "="), and interp.neuron_frequencies (tested on planted frequencies in test_interp.py).
+    sae, cfg, run = sae_module.load_sae(sae_dir, device="cpu")
+    p = run.cfg.modulus
+    pairs = torch.cartesian_prod(torch.arange(p), torch.arange(p))
+    grid_tokens = torch.cat([pairs, torch.full((p * p, 1), p)], 1)
+    with torch.no_grad():
+        grid = sae.encode(capture(run.model, grid_tokens, cfg.hook)[:, -1])[:, feature].reshape(p, p, 1)
+    frequency = int(neuron_frequencies(grid).frequency[0])
+    assert re.search(rf"Fourier frequency <b>k = {frequency}</b>", panel), (frequency, panel[:2000])
     assert shown_value == pytest.approx(value, rel=1e-3) and '<div class="context apart">' in panel
     tokens = re.findall(r'<span class="tok[^"]*"[^>]*>([^<]*)</span>', tokens)
     assert len(tokens) == 3 and tokens[2] == "=" and all(t.isdigit() for t in tokens[:2])  # "a b ="
