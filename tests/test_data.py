@@ -82,9 +82,14 @@ def test_global_batch_is_split_across_ranks_and_micro_steps():
 
 
 def test_validation_is_shared_between_ranks():
+    """Each validation row is evaluated by exactly one of the ranks: together they hold the whole
+    split, no row twice (the counts alone would pass two ranks that took the same half)."""
     halves = [ModularData(Config(modulus=23), Dist(r, r, 2), CPU) for r in range(2)]
-    rows = [x for half in halves for x, _, _ in half.val_batches()]
-    assert sum(len(x) for x in rows) == len(halves[0].val_x)
+    rows = torch.cat([x for half in halves for x, _, _ in half.val_batches()])
+    whole = halves[0].val_x
+    assert len(rows) == len(whole)
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, whole.tolist()))
+    assert len(set(map(tuple, whole.tolist()))) == len(whole)  # so a row twice would show
 
 
 # ---------------------------------------------------------------- Dyck
@@ -168,6 +173,15 @@ def test_dyck_metrics_reward_a_perfect_predictor():
             sums[key] = sums.get(key, 0) + value
     metrics = data.eval_metrics(sums)
     assert metrics["val_acc"] == 1.0 and metrics["val_forced_acc"] == 1.0 and metrics["val_valid_frac"] == 1.0
+    # and nothing to one that always predicts padding: the metrics are not constantly 1
+    sums = {}
+    for x, y, extras in data.val_batches():
+        logits = torch.full((*y.shape, data.vocab_size), -10.0)
+        logits[..., DyckData.PAD] = 10.0
+        for key, value in data.eval_sums(logits, y, extras).items():
+            sums[key] = sums.get(key, 0) + value
+    metrics = data.eval_metrics(sums)
+    assert metrics["val_acc"] == 0.0 and metrics["val_forced_acc"] == 0.0 and metrics["val_valid_frac"] == 0.0
 
 
 def test_dyck_asking_for_too_many_distinct_sequences():

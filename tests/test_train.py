@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,18 @@ def test_track_progress_logs_nanda_progress_measures_and_plots_them(tmp_path):
     assert evals[-1]["restricted_loss"] == pytest.approx(losses.restricted_loss, rel=1e-4)
     assert evals[-1]["excluded_loss"] == pytest.approx(losses.excluded_loss, rel=1e-4)
     assert evals[-1]["key_frequencies"] == len(losses.key_frequencies)
+    # weight_norm and fourier_gini of last.pt, computed here: numpy's FFT of the embedding's p rows
+    # (frequency k's norm is sqrt(2/p) |X_k| under an orthonormal basis) and the Gini coefficient as
+    # the mean absolute difference over twice the mean.
+    weights = torch.load(tmp_path / "runs" / "t" / "last.pt", weights_only=True)["model"]
+    unique = {w.data_ptr(): w for w in weights.values()}.values()  # tied weights once, as model.parameters()
+    norm = math.sqrt(sum(float(w.double().pow(2).sum()) for w in unique))
+    assert evals[-1]["weight_norm"] == pytest.approx(norm, rel=1e-6)
+    embedding = weights["embed.weight"][:17].double().numpy()
+    spectrum = np.abs(np.fft.rfft(embedding, axis=0))[1:9]  # frequencies 1..8 of p = 17
+    norms = np.sqrt(2 / 17) * np.sqrt((spectrum ** 2).sum(1))
+    gini = np.abs(norms[:, None] - norms[None, :]).sum() / (2 * len(norms) ** 2 * norms.mean())
+    assert evals[-1]["fourier_gini"] == pytest.approx(gini, rel=1e-5)
     assert (tmp_path / "runs" / "t" / "training_curves.png").stat().st_size > 0
 
 
@@ -86,7 +99,7 @@ def test_dyck_run(tmp_path):
                           "--dyck_num_val", "100", "--batch_size", "32"])
     assert RUN_FILES <= files(tmp_path / "d")
     assert {"val_forced_acc", "val_valid_frac", "val_acc", "val_loss"} <= set(summary)
-    assert 0 <= summary["val_valid_frac"] <= 1
+    assert 0 < summary["val_valid_frac"] < 1 and 0 < summary["val_forced_acc"] < 1  # 30 steps: learning, not done
 
 
 def test_text_run_samples_and_perplexity(tmp_path, corpus, capsys):
