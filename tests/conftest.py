@@ -54,6 +54,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+TIER_SECONDS: dict[str, list] = {}  # tier -> [tests, seconds], for the summary CI prints
+
+
+def tier(keywords) -> str:
+    return "extended" if "extended" in keywords else "slow" if "slow" in keywords else "fast"
+
+
+def pytest_runtest_logreport(report):
+    counted = TIER_SECONDS.setdefault(tier(report.keywords), [0, 0.0])
+    counted[0] += report.when == "call"
+    counted[1] += report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIER_SECONDS:
+        terminalreporter.write_line("time per tier (setup, call and teardown): " + ", ".join(
+            f"{name} {TIER_SECONDS[name][0]} tests {TIER_SECONDS[name][1]:.0f} s"
+            for name in ("fast", "slow", "extended") if name in TIER_SECONDS))
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(os.environ["TINYLAB_CACHE_DIR"], ignore_errors=True)
 
