@@ -40,7 +40,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the project: bench/corpus.py is not corpus.py
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import hardware  # noqa: E402
 import sae as sae_module  # noqa: E402

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
 
-from conftest import TIKTOKEN_CACHE, run_metrics
-from config import ConfigError
+from conftest import TIKTOKEN_CACHE, assert_bad_input, disk_state, run_metrics, run_program
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -89,39 +89,46 @@ def test_a_checkpoint_opens_with_transformers_logits_hooks_and_greedy_tokens(ref
     assert ours.generate(prompt, 12, temperature=0).tolist() == greedy.tolist()
 
 
-def test_refusals_name_what_is_unsupported(tmp_path, references):
+# Checkpoints tinylab refuses, as `--model` gives them to a program: the changes to qwen2's config.json
+# (None: a case of its own), and the fragment the one line must hold.
+REFUSALS = {
+    "sliding": (dict(use_sliding_window=True, layer_types=["sliding_attention"] * 2), "sliding-window attention"),
+    "neox": (dict(model_type="gpt_neox"), "'gpt_neox' model; tinylab opens gpt2, llama"),
+    "yarn": (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope scaling 'yarn'"),
+    "shapes": (dict(hidden_size=48), "embed.weight is [97, 32] but its config.json makes it [97, 48]"),
+    "empty": (None, "has config.json but no weights"),  # config.json and tokenizer.json, no weights
+    "nowhere": (None, "--model: no folder ./nowhere"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", REFUSALS)
+def test_refusals_name_what_is_unsupported(tmp_path, references, case):
+    """As a user meets them: `python sample.py --model FOLDER` exits 2 with one line that names what is
+    unsupported, and writes nothing (in the folder, the reference or the working folder)."""
     _, folder = references["qwen2"]
     config = json.load(open(os.path.join(folder, "config.json")))
-
-    def variant(name, **changes):
-        path = tmp_path / name
+    changes, fragment = REFUSALS[case]
+    path = tmp_path / case
+    if changes is not None:  # a variant: the reference's files, another config.json
         path.mkdir()
         for f in os.listdir(folder):
             os.symlink(os.path.join(folder, f), path / f) if f != "config.json" else None
         json.dump({**config, **changes}, open(path / "config.json", "w"))
-        return str(path)
-
-    with pytest.raises(ConfigError, match="sliding-window attention"):
-        pretrained.load_pretrained(variant("sliding", use_sliding_window=True, layer_types=["sliding_attention"] * 2))
-    with pytest.raises(ConfigError, match="'gpt_neox' model; tinylab opens gpt2, llama"):
-        pretrained.load_pretrained(variant("neox", model_type="gpt_neox"))
-    with pytest.raises(ConfigError, match=r"rope scaling 'yarn'"):
-        pretrained.load_pretrained(variant("yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}))
-    with pytest.raises(ConfigError, match=r"embed.weight is \[97, 32\] but its config.json makes it \[97, 48\]"):
-        pretrained.load_pretrained(variant("shapes", hidden_size=48))
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    json.dump(config, open(empty / "config.json", "w"))
-    os.symlink(os.path.join(folder, "tokenizer.json"), empty / "tokenizer.json")
-    with pytest.raises(ConfigError, match="has config.json but no weights"):
-        pretrained.load_pretrained(str(empty))
-    with pytest.raises(ConfigError, match="--model: no folder ./nowhere"):
-        pretrained.load_pretrained("./nowhere")
+    elif case == "empty":
+        path.mkdir()
+        json.dump(config, open(path / "config.json", "w"))
+        os.symlink(os.path.join(folder, "tokenizer.json"), path / "tokenizer.json")
+    model = "./nowhere" if case == "nowhere" else str(path)
+    roots = (tmp_path, folder, os.environ["TINYLAB_CACHE_DIR"])
+    before = disk_state(*roots)
+    result = run_program("sample.py", ["--model", model], cwd=tmp_path)
+    assert_bad_input(result, fragment)
+    assert disk_state(*roots) == before
 
 
-def test_a_hub_id_comes_from_the_hf_cache_offline_and_an_unknown_one_says_what_to_do(tmp_path, monkeypatch, references):
-    pytest.importorskip("huggingface_hub")
-    _, folder = references["llama-tied-mqa"]
+def fake_hf_cache(tmp_path, folder: str):
+    """tmp_path/hf as an HF_HOME whose hub cache holds `folder` as tinylab-test/tiny-llama."""
     repo = tmp_path / "hf" / "hub" / "models--tinylab-test--tiny-llama"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
@@ -130,15 +137,35 @@ def test_a_hub_id_comes_from_the_hf_cache_offline_and_an_unknown_one_says_what_t
     snapshot.mkdir(parents=True)
     for f in os.listdir(folder):
         os.symlink(os.path.join(folder, f), snapshot / f)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+def test_a_hub_id_comes_from_the_hf_cache_offline(tmp_path, monkeypatch, references):
+    pytest.importorskip("huggingface_hub")
+    _, folder = references["llama-tied-mqa"]
+    home = fake_hf_cache(tmp_path, folder)
+    monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import huggingface_hub.constants as constants  # read once at import: point them at this cache
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     model, cfg = pretrained.load_pretrained("tinylab-test/tiny-llama")
     assert cfg.num_kv_heads == 1 and cfg.tokenizer.endswith("tokenizer.json")
-    with pytest.raises(ConfigError, match=r"could not download tinylab-test/absent .* `hf download tinylab-test/absent`"):
-        pretrained.load_pretrained("tinylab-test/absent")
+
+
+@pytest.mark.slow
+def test_an_unknown_hub_id_offline_says_what_to_do(tmp_path, references):
+    """As a user meets it: `python sample.py --model tinylab-test/absent` offline, with a cache that holds
+    another model, exits 2 with one line that says how to get it, and writes nothing."""
+    pytest.importorskip("huggingface_hub")
+    home = fake_hf_cache(tmp_path, references["llama-tied-mqa"][1])
+    roots = (tmp_path, os.environ["TINYLAB_CACHE_DIR"])
+    before = disk_state(*roots)
+    result = run_program("sample.py", ["--model", "tinylab-test/absent"], cwd=tmp_path,
+                         env={"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "1"})
+    pattern = r"could not download tinylab-test/absent .* `hf download tinylab-test/absent`"
+    assert re.search(pattern, assert_bad_input(result, "--model: ", *pattern.split(" .* ")))
+    assert disk_state(*roots) == before
 
 
 @pytest.mark.slow
@@ -146,12 +173,15 @@ def test_init_from_fine_tunes_from_the_checkpoint_and_refuses_a_different_shape(
     _, folder = references["qwen3-head-dim"]
     base = ["--init_from", folder, "--data_path", corpus, "--save_model_dir", str(tmp_path / "runs"),
             "--context_len", "32", "--batch_size", "4", "--eval_max_batches", "2"]
-    with pytest.raises(ConfigError, match="--embedding_dim: .* keeps the checkpoint's shape"):
-        train.main(base + ["--embedding_dim", "64"])
-    with pytest.raises(ConfigError, match="--context_len: .* at most 64 positions"):
-        train.main(base[:-6] + ["--context_len", "65"])
-    with pytest.raises(ConfigError, match="--tokenizer: .* was trained with"):
-        train.main(base + ["--tokenizer", "char"])
+    # Bad input, as a user meets it: `python train.py ...` exits 2 with one line, and writes nothing.
+    roots = (tmp_path, folder, os.environ["TINYLAB_CACHE_DIR"])
+    for args, pattern in ((base + ["--embedding_dim", "64"], "--embedding_dim: .* keeps the checkpoint's shape"),
+                          (base[:-6] + ["--context_len", "65"], "--context_len: .* at most 64 positions"),
+                          (base + ["--tokenizer", "char"], "--tokenizer: .* was trained with")):
+        before = disk_state(*roots)
+        result = run_program("train.py", args, cwd=tmp_path)
+        assert re.search(pattern, assert_bad_input(result, *pattern.split(".*"))), args
+        assert disk_state(*roots) == before, args
     # lr 0: the run's weights are the checkpoint's, and its loss is transformers' loss on them
     train.main(base + ["--run_name", "still", "--lr", "0", "--max_steps", "1", "--eval_every", "1"])
     saved = torch.load(tmp_path / "runs" / "still" / "last.pt", weights_only=True)
@@ -189,11 +219,17 @@ def test_export_round_trips_through_transformers_and_the_pretrained_path(tmp_pat
             assert torch.equal(reopened(tokens), run.model(tokens))
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
         assert hf_tokenizer(text)["input_ids"] == run.data.encode(text)
-    with pytest.raises(ConfigError, match="soft-caps its logits"):
-        export.main([str(runs / "capped"), "--to", "hf", str(tmp_path / "hf-capped")])
+    # Bad input, as a user meets it: `python export.py ...` exits 2 with one line, and writes nothing.
+    roots = (tmp_path, os.environ["TINYLAB_CACHE_DIR"])
+    before = disk_state(*roots)
+    result = run_program("export.py", [str(runs / "capped"), "--to", "hf", str(tmp_path / "hf-capped")], cwd=tmp_path)
+    assert_bad_input(result, "soft-caps its logits")
+    assert disk_state(*roots) == before
     assert not (tmp_path / "hf-capped").exists()
-    with pytest.raises(ConfigError, match="--out: .* exists and is not an empty folder"):
-        export.main([str(runs / "gpt2"), "--to", "hf", str(tmp_path / "hf-gpt2")])
+    result = run_program("export.py", [str(runs / "gpt2"), "--to", "hf", str(tmp_path / "hf-gpt2")], cwd=tmp_path)
+    pattern = "--out: .* exists and is not an empty folder"
+    assert re.search(pattern, assert_bad_input(result, *pattern.split(".*")))
+    assert disk_state(*roots) == before
 
 
 @pytest.mark.slow
@@ -242,19 +278,25 @@ def test_the_analysis_programs_open_a_pretrained_model_where_they_open_a_run(tmp
     # The folder stands for the model reading this text: another corpus is refused, nothing changes
     other = tmp_path / "other.txt"
     other.write_text(text[::-1])
-    with pytest.raises(ConfigError, match=r"--data_path: runs/gpt2 stands for .* give the same --data_path"):
-        interp.main(["--model", folder, "--data_path", str(other)])
-    assert json.load(open(home / "pretrained.json")) == recorded
     run = tmp_path / "elsewhere" / "gpt2"  # a run's directory where the model would stand
     run.mkdir(parents=True)
     (run / "last.pt").write_bytes(b"")
-    with pytest.raises(ConfigError, match="--model: .*elsewhere/gpt2 is a run's directory"):
-        interp.main([*model, "--runs_dir", str(tmp_path / "elsewhere")])
+    # Bad input, as a user meets it (from tmp_path, where runs/ is): exit 2, one line, nothing written.
+    roots = (tmp_path, folder, os.environ["TINYLAB_CACHE_DIR"])
+    for script, args, pattern in (
+            ("interp.py", ["--model", folder, "--data_path", str(other)],
+             "--data_path: runs/gpt2 stands for .* give the same --data_path"),
+            ("interp.py", [*model, "--runs_dir", str(tmp_path / "elsewhere")], "--model: .*elsewhere/gpt2 is a run's directory"),
+            ("sae.py", ["runs/elsewhere", *model, "--hook", "blocks.1.hook_resid_pre"],
+             "--model: name a run .* or --model .*, not both"),
+            ("sae.py", ["--hook", "blocks.1.hook_resid_pre"],
+             "--run_dir: name a run directory or checkpoint .* or a pretrained model")):
+        before = disk_state(*roots)
+        result = run_program(script, args, cwd=tmp_path)
+        assert re.search(pattern, assert_bad_input(result, *pattern.split(".*"))), (script, args)
+        assert disk_state(*roots) == before, (script, args)
+    assert json.load(open(home / "pretrained.json")) == recorded
     assert os.listdir(run) == ["last.pt"]
-    with pytest.raises(ConfigError, match="--model: name a run .* or --model .*, not both"):
-        sae.main(["runs/elsewhere", *model, "--hook", "blocks.1.hook_resid_pre"])
-    with pytest.raises(ConfigError, match="--run_dir: name a run directory or checkpoint .* or a pretrained model"):
-        sae.main(["--hook", "blocks.1.hook_resid_pre"])
 
 
 @pytest.mark.slow
@@ -368,10 +410,17 @@ def test_a_hub_id_downloads_through_hf_endpoint_and_gated_or_unknown_ones_say_wh
         assert any("model.safetensors" in path for path, _ in seen)  # it came over HTTP, into that cache
         assert {token for path, token in seen if "tinylab-test" in path} == {"Bearer hf_tinylab_test"}, seen
         assert list((tmp_path / "hub").glob("models--tinylab-test--tiny-qwen/snapshots/*/model.safetensors"))
-        with pytest.raises(ConfigError, match=r"tinylab-test/gated is gated .* set HF_TOKEN"):
-            pretrained.load_pretrained("tinylab-test/gated")
-        with pytest.raises(ConfigError, match=r"the Hugging Face hub has no model 'tinylab-test/nothing'"):
-            pretrained.load_pretrained("tinylab-test/nothing")
+        # Gated and unknown ids, as a user meets them: `python sample.py --model ID` through the same hub
+        # and cache exits 2 with one line that says what to do, and writes nothing.
+        environment = {"HF_ENDPOINT": url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0",
+                       "HF_TOKEN": "hf_tinylab_test"}
+        roots = (tmp_path, os.environ["TINYLAB_CACHE_DIR"])
+        for name, pattern in (("tinylab-test/gated", "tinylab-test/gated is gated .* set HF_TOKEN"),
+                              ("tinylab-test/nothing", "the Hugging Face hub has no model 'tinylab-test/nothing'")):
+            before = disk_state(*roots)
+            result = run_program("sample.py", ["--model", name], cwd=tmp_path, env=environment)
+            assert re.search(pattern, assert_bad_input(result, "--model: ", *pattern.split(" .* "))), name
+            assert disk_state(*roots) == before, name
     finally:
         server.shutdown()
         server.server_close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 
 import numpy as np
@@ -15,8 +16,7 @@ import torch
 
 import overlay_venv
 import sae as sae_module
-from checkpoints import CheckpointError
-from config import ConfigError
+from conftest import assert_bad_input, disk_state, run_program
 from test_sae import QUICK
 
 # What SAELens needs beyond the main environment (its release on PyPI today, 6.x).
@@ -76,30 +76,50 @@ def test_exported_saes_give_our_features_in_saelens(tmp_path, trained_runs, sael
         assert cfg.hook == hooks[str(folder)] and theirs.arch == (arch if arch != "batchtopk" else "jumprelu")
     path = sae_module.main(["report", str(tmp_path / "relu" / "resaved"), "--model", trained_runs["modular"]])
     assert "relu SAE with" in open(path).read() and "| ce_loss_score |" in open(path).read()
-    with pytest.raises(ConfigError, match="--model: .* is a SAELens SAE, which does not record the model"):
-        sae_module.main(["report", str(tmp_path / "relu" / "resaved")])
+    # Without --model, as a user meets it: exit 2, one line naming --model, nothing written.
+    roots = (tmp_path, trained_runs["modular"], os.environ["TINYLAB_CACHE_DIR"])
+    before = disk_state(*roots)
+    result = run_program("sae.py", ["report", str(tmp_path / "relu" / "resaved")], cwd=tmp_path)
+    line = assert_bad_input(result, "--model: ", " is a SAELens SAE, which does not record the model")
+    assert re.search("--model: .* is a SAELens SAE, which does not record the model", line)
+    assert disk_state(*roots) == before
 
 
-def test_export_refuses_a_folder_that_holds_files_and_a_format_it_does_not_write(tmp_path, trained_runs):
+# `python sae.py ARGS` ({tmp}: the test's tmp_path, holding taken/ with a file of its own and gated/, a
+# SAELens SAE of a kind sae.py does not open; {modular}: the shared run), and the pattern its one line
+# must match.
+BAD_INPUT = {
+    "export-to-a-folder-that-holds-files": (["export", "{tmp}/whatever", "--to", "saelens", "{tmp}/taken"],
+                                            "already exists and is not an empty folder"),
+    "export-to-another-format": (["export", "{tmp}", "--to", "dictionary_learning", "{tmp}/out"],
+                                 "'dictionary_learning' is not a format"),
+    "export-without-to": (["export", "{tmp}"], "usage: python sae.py export"),
+    # A report on a folder that holds no SAE of either kind; a SAELens kind sae.py does not open.
+    "report-on-no-sae": (["report", "{tmp}/taken"], "holds no SAE: neither last.pt .* nor cfg.json"),
+    "report-on-a-gated-sae": (["report", "{tmp}/gated", "--model", "{modular}"],
+                              "a SAELens 'gated' SAE; sae.py opens standard, topk, jumprelu"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_export_and_report_refuse_bad_input(tmp_path, trained_runs, case):
+    """As a user meets it: exit 2, one 'error: ' line that says what is wrong, nothing written."""
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="already exists and is not an empty folder"):
-        sae_module.main(["export", str(tmp_path / "whatever"), "--to", "saelens", str(taken)])
-    assert (taken / "keep.txt").read_text() == "mine"
-    with pytest.raises(ConfigError, match="'dictionary_learning' is not a format"):
-        sae_module.main(["export", str(tmp_path), "--to", "dictionary_learning", str(tmp_path / "out")])
-    with pytest.raises(ConfigError, match="usage: python sae.py export"):
-        sae_module.main(["export", str(tmp_path)])
-    # A report on a folder that holds no SAE of either kind; a SAELens kind sae.py does not open.
-    with pytest.raises(ConfigError, match="holds no SAE: neither last.pt .* nor cfg.json"):
-        sae_module.main(["report", str(taken)])
     gated = tmp_path / "gated"
     gated.mkdir()
     (gated / "cfg.json").write_text(json.dumps({"architecture": "gated", "d_in": 64, "d_sae": 256}))
     (gated / "sae_weights.safetensors").write_bytes(b"")
-    with pytest.raises(ConfigError, match="a SAELens 'gated' SAE; sae.py opens standard, topk, jumprelu"):
-        sae_module.main(["report", str(gated), "--model", trained_runs["modular"]])
+    args, pattern = BAD_INPUT[case]
+    roots = (tmp_path, trained_runs["modular"], os.environ["TINYLAB_CACHE_DIR"])
+    before = disk_state(*roots)
+    result = run_program("sae.py", [a.format(tmp=tmp_path, modular=trained_runs["modular"]) for a in args],
+                         cwd=tmp_path)
+    assert re.search(pattern, assert_bad_input(result, *pattern.split(".*")))
+    assert disk_state(*roots) == before
+    assert (taken / "keep.txt").read_text() == "mine"
 
 
 @pytest.mark.slow
@@ -112,7 +132,9 @@ def test_export_refuses_an_sae_whose_model_has_moved_on(tmp_path, trained_runs):
     checkpoint = torch.load(os.path.join(trained["sae_dir"], "last.pt"), weights_only=False)
     checkpoint["model_step"] += 100  # as if the run trained on after the SAE was made
     torch.save(checkpoint, stale / "last.pt")
-    with pytest.raises(CheckpointError, match="trained on the model at step"):
-        sae_module.main(["export", str(stale), "--to", "saelens", str(tmp_path / "out")])
+    roots = (tmp_path, trained_runs["modular"], os.environ["TINYLAB_CACHE_DIR"])
+    before = disk_state(*roots)
+    result = run_program("sae.py", ["export", str(stale), "--to", "saelens", str(tmp_path / "out")], cwd=tmp_path)
+    assert_bad_input(result, "trained on the model at step")
+    assert disk_state(*roots) == before
     assert not os.path.exists(tmp_path / "out")
-

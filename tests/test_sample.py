@@ -4,15 +4,13 @@ architecture, inside the context and after the window starts to slide."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import sample
-from config import Config, ConfigError
-from conftest import ROOT
+from config import Config
+from conftest import assert_bad_input, disk_state, run_program
 from model import Transformer
 
 ARCHITECTURES = {
@@ -57,21 +55,26 @@ def test_sample_py_samples_a_text_run(trained_runs, tmp_path, capsys):
     assert sample.main(args[:1] + ["--start", f"FILE:{prompt}"] + args[3:] + ["--checkpoint", "last"]) == samples
 
 
+# {text}, {modular}: the shared runs; {tmp}: this test's tmp_path. The fragments the line must hold.
+BAD_INPUT = [
+    (["{text}", "--start", "FILE:{tmp}/missing.txt"], ["--start: FILE:"]),
+    (["{text}", "--start", "\u20ac"], ["--start: the run's tokenizer cannot write"]),
+    (["{modular}"], ["--run_dir: ", "is a modular run"]),
+    (["{tmp}/no-run"], ["--run_dir: "]),
+    (["{text}", "--temperature", "-1"], ["--temperature"]),
+]
+
+
 @pytest.mark.slow
-def test_sample_py_bad_input_names_the_flag(trained_runs, tmp_path):
-    run = trained_runs["text"]
-    cases = [([run, "--start", f"FILE:{tmp_path / 'missing.txt'}"], "--start: FILE:"),
-             ([run, "--start", "\u20ac"], "--start: the run's tokenizer cannot write"),
-             ([trained_runs["modular"]], "--run_dir: "),
-             ([str(tmp_path / "no-run")], "--run_dir: "),
-             ([run, "--temperature", "-1"], "--temperature")]
-    for argv, fragment in cases:
-        with pytest.raises(ConfigError) as info:
-            sample.main(argv)
-        assert fragment in str(info.value), argv
-    assert "is a modular run" in str(pytest.raises(ConfigError, sample.main, [trained_runs["modular"]]).value)
-    # As a program: one line, exit status 2, no traceback.
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), run, "--start", "\u20ac"],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr.startswith("error: --start") and "Traceback" not in result.stderr
+@pytest.mark.parametrize("argv,fragments", BAD_INPUT, ids=["missing-prompt-file", "unwritable-prompt", "modular-run",
+                                                             "missing-run", "negative-temperature"])
+def test_sample_py_bad_input_names_the_flag(trained_runs, tmp_path, argv, fragments):
+    """As a user meets it: `python sample.py ARGS` exits 2 with one line naming the flag, prints no
+    sample and writes nothing."""
+    argv = [a.format(text=trained_runs["text"], modular=trained_runs["modular"], tmp=tmp_path) for a in argv]
+    roots = (trained_runs["text"], trained_runs["modular"], tmp_path, os.environ["TINYLAB_CACHE_DIR"])
+    before = disk_state(*roots)
+    result = run_program("sample.py", argv, cwd=tmp_path)
+    assert_bad_input(result, *fragments)
     assert result.stdout == ""
+    assert disk_state(*roots) == before
