@@ -17,7 +17,8 @@ def overlay_python(name: str, packages: list[str]) -> tuple[str | None, str]:
     """(the python of <checkout>/<name>/, built if it is not there yet, or None; why not)."""
     venv = os.path.join(ROOT, name)
     python = os.path.join(venv, "bin", "python")
-    if os.path.isfile(os.path.join(venv, "ready")):
+    ready = os.path.join(venv, "ready")  # holds the package list it was built with: another list rebuilds it
+    if os.path.isfile(ready) and open(ready).read() == "\n".join(packages):
         return python, ""
     subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
     own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -28,5 +29,6 @@ def overlay_python(name: str, packages: list[str]) -> tuple[str | None, str]:
                                capture_output=True, text=True)
     if installed.returncode:
         return None, f"could not install {' '.join(packages)} into {venv}: {installed.stderr.strip()[-300:]}"
-    open(os.path.join(venv, "ready"), "w").close()
+    with open(ready, "w") as f:
+        f.write("\n".join(packages))
     return python, ""
