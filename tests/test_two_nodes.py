@@ -4,7 +4,7 @@ node, DDP over gloo across the hosts' addresses. As users run it: the rendezvous
 the run directory on the shared file system, the warning signal before the time limit, a node's
 processes killed, an array of sweep agents.
 
-Extended tier (`pytest --extended tests/test_two_nodes.py`, about 1.5 minutes on two cores: four
+Extended tier (`pytest tests/test_two_nodes.py`, about 1.5 minutes on two cores: four
 ranks and two torchrun agents per job share them). Skipped, saying why, where Slurm is missing or
 namespaces cannot be made (not root, no veth).
 """
