@@ -19,6 +19,7 @@ from model import Transformer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from plain_gpt import PlainGPT, check_same_function, plain_copy  # noqa: E402
+from conftest import TIKTOKEN_CACHE  # noqa: E402
 from headless_chromium import MISSING as CHROMIUM_MISSING  # noqa: E402
 from virtual_hosts import hosts_missing_reason  # noqa: E402
 
@@ -26,8 +27,11 @@ NO_HOSTS = hosts_missing_reason()
 
 
 def bench(script: str, *args: str, timeout: int = 300) -> str:
+    """The script's stdout; it runs offline, with the BPE files beside the checkout (bench/corpus.py
+    prepares gpt2 tokens)."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "TIKTOKEN_CACHE_DIR": TIKTOKEN_CACHE})
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
