@@ -64,7 +64,8 @@ def fast_math(device: torch.device) -> str:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.set_num_threads(torch.get_num_threads())
-    torch.set_flush_denormal(True)
+    if not torch.set_flush_denormal(True):
+        return "subnormals kept (this CPU cannot flush them)"
     flushed = subnormals_flushed()
     if flushed == 1.0:
         return "subnormals flushed to zero on every thread"
