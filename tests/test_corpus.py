@@ -410,6 +410,76 @@ def test_a_prepare_waits_for_the_live_claim_of_another_and_then_builds(tmp_path)
     assert waiter.returncode == 0 and "prepare: done" in out and os.path.exists(os.path.join(cache, "manifest.json"))
 
 
+def waiters_on_a_held_claim(tmp_path, folder: str, count: int, shard_mb: float = corpus.UNIT_BYTES / 2**20,
+                            workers: int = 0):
+    """(the cache folder of `folder`, this process's claim on it, `count` prepare.py processes each
+    seen waiting for that claim). The caller releases the claim; the processes are their own process
+    groups, so that one can be killed with its workers."""
+    from rundirs import Claim
+
+    source = corpus.find_source(folder, "data_path")
+    cache, _ = corpus.cache_folder(source, "char", str(tmp_path / "cache"), holdout=0.1, text_field="text",
+                                   vocab=None, unit_bytes=int(shard_mb * 2**20))
+    os.makedirs(cache)
+    claim, _ = Claim.take(cache, 300)
+    processes = [subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), "--data_path", folder,
+                                   "--cache_dir", str(tmp_path / "cache"), "--shard_mb", str(shard_mb),
+                                   "--prepare_workers", str(workers)], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True) for _ in range(count)]
+    for process in processes:  # the line each prints before it waits
+        assert process.stdout.readline().startswith(f"waiting for process {os.getpid()} on host"), process.poll()
+    return cache, claim, processes
+
+
+@pytest.mark.slow
+def test_a_builders_bad_input_reaches_the_launch_that_waits_for_it(tmp_path):
+    """Two launches wait on one cache; once it is free one builds, meets a document that is not UTF-8
+    and fails; the other, waiting, gets its message through failed.json: both exit 2 with that line."""
+    from conftest import assert_bad_input
+
+    folder = write_txt_folder(tmp_path / "docs", documents(30))
+    with open(os.path.join(folder, "doc_029.txt"), "ab") as f:
+        f.write(b"caf\xe9 latin-1")
+    cache, claim, processes = waiters_on_a_held_claim(tmp_path, folder, 2)
+    claim.release()
+    results = [subprocess.CompletedProcess(p.args, p.wait(timeout=120), p.stdout.read(), p.stderr.read())
+               for p in processes]
+    lines = [assert_bad_input(result, "doc_029.txt is not UTF-8 text", "convert it to UTF-8") for result in results]
+    assert lines[0] == lines[1] and os.path.exists(os.path.join(cache, "failed.json"))
+    assert sum("prepare: " in result.stdout for result in results) == 1, results  # one built, one was told
+
+
+@pytest.mark.slow
+def test_a_builder_that_dies_is_taken_over_by_the_launch_that_waits(tmp_path):
+    """Two launches wait on one cache; the one that builds is killed with its workers half-way; the
+    other takes over (on this host at once), resumes its finished shards, and ends with the shards an
+    uninterrupted prepare writes, byte for byte."""
+    docs = documents(3000)
+    write_jsonl(tmp_path / "d" / "a.jsonl", docs[:1500])
+    write_jsonl(tmp_path / "d" / "b.jsonl", docs[1500:])
+    cache, claim, processes = waiters_on_a_held_claim(tmp_path, str(tmp_path / "d"), 2, 4000 / 2**20, workers=2)
+    claim.release()
+    deadline = time.monotonic() + 60
+    while not any(f.startswith("train_") and f.endswith(".bin") for f in os.listdir(cache)):
+        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
+        time.sleep(0.01)
+    builder = json.load(open(os.path.join(cache, ".claim")))["pid"]
+    killed, = [p for p in processes if p.pid == builder]
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    survivor, = [p for p in processes if p is not killed]
+    out, err = survivor.communicate(timeout=120)
+    assert survivor.returncode == 0, err
+    assert "resuming" in out and "units were done" in out, out
+    whole = prepare_cli("--data_path", str(tmp_path / "d"), "--shard_mb", str(4000 / 2**20), "--prepare_workers", "1",
+                        "--cache_dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    other = tmp_path / "whole" / os.listdir(tmp_path / "whole")[0]
+    shards = sorted(f for f in os.listdir(other) if f.endswith(".bin"))
+    assert len(shards) > 40 and sorted(f for f in os.listdir(cache) if f.endswith(".bin")) == shards
+    assert all(filecmp.cmp(os.path.join(cache, f), other / f, shallow=False) for f in shards)
+
+
 @pytest.mark.slow
 def test_two_launches_sharing_a_cache_prepare_it_once(tmp_path):
     """A torchrun launch of two ranks and a second launch (another "node"), started together on one
