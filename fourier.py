@@ -68,9 +68,12 @@ def sum_directions(p: int, frequencies: list[int], device=None) -> torch.Tensor:
     s = (a + b).flatten().double()
     rows = [torch.ones_like(s)]
     for k in frequencies:
-        rows += [torch.cos(2 * math.pi * k * s / p), torch.sin(2 * math.pi * k * s / p)]
+        # For even p, sin(π(a+b)) is 0 at every pair; computed, it is rounding noise, which normalising
+        # would blow up into a spurious unit direction. It stays exactly 0.
+        sine = torch.sin(2 * math.pi * k * s / p) if 2 * k != p else torch.zeros_like(s)
+        rows += [torch.cos(2 * math.pi * k * s / p), sine]
     rows = torch.stack(rows)
-    return (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()  # sin(π(a+b)) is 0 for even p
+    return (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
 
 
 def logit_frequency_norms(logits: torch.Tensor, p: int) -> torch.Tensor:

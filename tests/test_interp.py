@@ -107,9 +107,17 @@ def test_even_modulus_basis_and_norms_account_for_every_direction():
     norms = interp.frequency_norms(table)
     constant = (basis[0] @ table).norm()
     assert len(norms) == 6 and torch.allclose(norms.pow(2).sum() + constant ** 2, table.pow(2).sum(), atol=1e-4)
-    logits = torch.randn(p * p, p)
+    # Over the p² pairs, the directions of a + b are orthonormal but for sin 6, which is 0 at every
+    # pair (sin(π(a+b))): a function of a + b alone has all its energy in the constant and the norms.
     directions = interp.sum_directions(p, list(range(1, 7)))
-    assert torch.isfinite(directions).all() and torch.isfinite(interp.logit_frequency_norms(logits, p)).all()
+    assert torch.equal(directions[-1], torch.zeros(p * p))
+    kept = directions[:-1]
+    assert torch.allclose(kept @ kept.T, torch.eye(len(kept)), atol=1e-5)
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    logits = torch.randn(p, 3)[(a + b).flatten() % p]  # [p², 3]: any function of (a + b) mod p
+    constant = (directions[0] @ logits).norm()
+    norms = interp.logit_frequency_norms(logits, p)
+    assert torch.allclose(norms.pow(2).sum() + constant ** 2, logits.pow(2).sum(), rtol=1e-5)
 
 
 def test_restriction_keeps_what_the_key_frequencies_carry_and_exclusion_removes_it():
