@@ -86,7 +86,7 @@ def test_orthogonalize_flattens_the_spectrum():
     for matrix in (tall, tall.T):
         assert torch.linalg.svdvals(matrix).max() / torch.linalg.svdvals(matrix).min() > 50
         singular = torch.linalg.svdvals(orthogonalize(matrix))
-        assert singular.max() < 1.3 and singular.min() > 0.5
+        assert singular.max() < 1.21 and singular.min() > 0.65  # measured [0.68, 1.196]: the [0.7, 1.2] it promises
 
 
 def test_orthogonalize_a_stack_is_each_matrix_on_its_own():
