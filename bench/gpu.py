@@ -47,7 +47,7 @@ import train  # noqa: E402
 from config import PRESETS, Config, ConfigError  # noqa: E402
 from model import Transformer  # noqa: E402
 from sampling import timed_generate  # noqa: E402
-from throughput import GPT2_SMALL, measure_loader, measure_training  # noqa: E402
+from throughput import GPT2_SMALL, measure_loader, measure_training, synchronize  # noqa: E402
 from tracking import read_metrics  # noqa: E402
 
 SHARED_CORPUS = os.path.join(ROOT, "..", "shared", "data", "tiny_shakespeare.txt")
@@ -174,11 +174,11 @@ def sae_rows(table: Table, args, device) -> None:
         step = lambda: sae_module.update(sae, optimizer, x, cfg, cfg.l1_coefficient, None)  # noqa: E731
         for _ in range(args.warmup + 1):
             step()
-        hardware_sync(device)
+        synchronize(device)
         started = time.perf_counter()
         for _ in range(args.steps):
             step()
-        hardware_sync(device)
+        synchronize(device)
         seconds = (time.perf_counter() - started) / args.steps
         table.add(f"SAE {arch}", f"d {d}, {width:,} features, {rows:,} rows a step", f"{rows / seconds:,.0f} rows/s",
                   f"{1000 * seconds:.1f} ms/step")
@@ -206,11 +206,6 @@ def loader_row(table: Table, args, device) -> None:
     line = measure_loader(args.data_path, 64 if not args.smoke else 8, args.loader_batches, device)
     tokens_per_sec, rest = line.split(": ", 1)[1].split(" · ", 1)
     table.add("data loader (text, char)", line.split(" (", 1)[1].split(")", 1)[0], tokens_per_sec, rest.split(" · source")[0])
-
-
-def hardware_sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
