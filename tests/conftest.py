@@ -120,19 +120,16 @@ def http_server(tmp_path):
         server.server_close()
 
 
-def run_train(args: list[str], cwd: str, env: dict | None = None, timeout: int = 300, unset=()):
-    """`python train.py ARGS` as a process, with `env` added to and `unset` removed from ours;
-    returns the CompletedProcess (text mode)."""
-    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd,
-                          env=environment, capture_output=True, text=True, timeout=timeout)
-
-
-def run_program(script: str, args: list[str], cwd, env: dict | None = None, timeout: int = 300):
+def run_program(script: str, args: list[str], cwd, env: dict | None = None, timeout: int = 300, unset=()):
     """`python SCRIPT ARGS` from the checkout as a user runs it (a process, text mode), with `env`
-    added to ours; returns the CompletedProcess."""
+    added to and `unset` removed from our environment; returns the CompletedProcess."""
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in unset}
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=str(cwd), capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env=environment)
+
+
+def run_train(args: list[str], cwd: str, env: dict | None = None, timeout: int = 300, unset=()):
+    return run_program("train.py", args, cwd, env, timeout, unset)
 
 
 def assert_bad_input(result, *fragments: str) -> str:
