@@ -358,19 +358,47 @@ def test_prepare_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 # ---------------------------------------------------------------- killed, resumed, shared
 
 
-@pytest.mark.slow
-def test_a_killed_prepare_resumes_to_the_same_shards(tmp_path):
+SMALL_SHARDS = 4000 / 2**20  # in MB: a corpus of 3,000 documents makes more than 40 shards
+
+
+def three_thousand_documents(tmp_path) -> str:
+    """A folder of two jsonl files, 3,000 documents: long enough to be killed while it is prepared."""
     docs = documents(3000)
     write_jsonl(tmp_path / "d" / "a.jsonl", docs[:1500])
     write_jsonl(tmp_path / "d" / "b.jsonl", docs[1500:])
-    args = ["--data_path", str(tmp_path / "d"), "--shard_mb", str(4000 / 2**20), "--prepare_workers", "2"]
+    return str(tmp_path / "d")
+
+
+def wait_for_a_train_shard(cache, processes) -> None:
+    """Until a finished train shard lies somewhere under `cache` (the build is under way); fails if a
+    process ends first or after a minute."""
+    deadline = time.monotonic() + 60
+    while not any(f.startswith("train_") and f.endswith(".bin") for _, _, files in os.walk(cache) for f in files):
+        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def assert_the_shards_of_an_uninterrupted_prepare(folder, data_path: str, tmp_path) -> None:
+    """The .bin shards in `folder` are byte for byte those one worker writes in one go, and no
+    temporary file is left."""
+    whole = prepare_cli("--data_path", data_path, "--shard_mb", str(SMALL_SHARDS), "--prepare_workers", "1",
+                        "--cache_dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    other = tmp_path / "whole" / os.listdir(tmp_path / "whole")[0]
+    shards = sorted(f for f in os.listdir(other) if f.endswith(".bin"))
+    assert len(shards) > 40 and sorted(f for f in os.listdir(folder) if f.endswith(".bin")) == shards
+    assert all(filecmp.cmp(os.path.join(folder, f), other / f, shallow=False) for f in shards)
+    assert not any(".tmp-" in f for f in os.listdir(folder))
+
+
+@pytest.mark.slow
+def test_a_killed_prepare_resumes_to_the_same_shards(tmp_path):
+    data_path = three_thousand_documents(tmp_path)
+    args = ["--data_path", data_path, "--shard_mb", str(SMALL_SHARDS), "--prepare_workers", "2"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), *args, "--cache_dir", str(killed)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not any(f.startswith("train_") and f.endswith(".bin") for _, _, files in os.walk(killed) for f in files):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for_a_train_shard(killed, [proc])
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     folder = killed / os.listdir(killed)[0]
@@ -379,35 +407,7 @@ def test_a_killed_prepare_resumes_to_the_same_shards(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     resumed = [line for line in rerun.stdout.splitlines() if "resuming" in line]
     assert resumed and "units were done" in resumed[0], rerun.stdout
-    whole = prepare_cli(*args, "--cache_dir", str(tmp_path / "whole"), "--prepare_workers", "1")
-    assert whole.returncode == 0, whole.stderr
-    other = tmp_path / "whole" / os.listdir(tmp_path / "whole")[0]
-    shards = sorted(f for f in os.listdir(other) if f.endswith(".bin"))
-    assert len(shards) > 40 and sorted(f for f in os.listdir(folder) if f.endswith(".bin")) == shards
-    assert all(filecmp.cmp(folder / f, other / f, shallow=False) for f in shards)
-    assert not any(".tmp-" in f for f in os.listdir(folder))
-
-
-@pytest.mark.slow
-def test_a_prepare_waits_for_the_live_claim_of_another_and_then_builds(tmp_path):
-    """The claim decides the builder; a waiter watches files and takes over once the claim is free."""
-    from rundirs import Claim
-
-    folder = write_txt_folder(tmp_path / "docs", documents(20))
-    source = corpus.find_source(folder, "data_path")
-    cache, _ = corpus.cache_folder(source, "char", str(tmp_path / "cache"), holdout=0.1, text_field="text",
-                                   vocab=None, unit_bytes=corpus.UNIT_BYTES)
-    os.makedirs(cache)
-    claim, _ = Claim.take(cache, 300)
-    waiter = subprocess.Popen([sys.executable, os.path.join(ROOT, "prepare.py"), "--data_path", folder, "--cache_dir",
-                               str(tmp_path / "cache")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-    first = waiter.stdout.readline()
-    assert first.startswith(f"waiting for process {os.getpid()} on host") and cache in first
-    assert waiter.poll() is None and not os.path.exists(os.path.join(cache, "manifest.json"))
-    claim.release()
-    out, _ = waiter.communicate(timeout=60)
-    assert waiter.returncode == 0 and "prepare: done" in out and os.path.exists(os.path.join(cache, "manifest.json"))
+    assert_the_shards_of_an_uninterrupted_prepare(folder, data_path, tmp_path)
 
 
 def waiters_on_a_held_claim(tmp_path, folder: str, count: int, shard_mb: float = corpus.UNIT_BYTES / 2**20,
@@ -427,8 +427,21 @@ def waiters_on_a_held_claim(tmp_path, folder: str, count: int, shard_mb: float =
                                    "--prepare_workers", str(workers)], cwd=ROOT, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, start_new_session=True) for _ in range(count)]
     for process in processes:  # the line each prints before it waits
-        assert process.stdout.readline().startswith(f"waiting for process {os.getpid()} on host"), process.poll()
+        first = process.stdout.readline()
+        assert first.startswith(f"waiting for process {os.getpid()} on host") and cache in first, process.poll()
     return cache, claim, processes
+
+
+@pytest.mark.slow
+def test_a_prepare_waits_for_the_live_claim_of_another_and_then_builds(tmp_path):
+    """The claim decides the builder; a waiter watches files and takes over once the claim is free."""
+    folder = write_txt_folder(tmp_path / "docs", documents(20))
+    cache, claim, (waiter,) = waiters_on_a_held_claim(tmp_path, folder, 1)
+    assert waiter.poll() is None and not os.path.exists(os.path.join(cache, "manifest.json"))
+    claim.release()
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0, err
+    assert "prepare: done" in out and os.path.exists(os.path.join(cache, "manifest.json"))
 
 
 @pytest.mark.slow
@@ -454,15 +467,10 @@ def test_a_builder_that_dies_is_taken_over_by_the_launch_that_waits(tmp_path):
     """Two launches wait on one cache; the one that builds is killed with its workers half-way; the
     other takes over (on this host at once), resumes its finished shards, and ends with the shards an
     uninterrupted prepare writes, byte for byte."""
-    docs = documents(3000)
-    write_jsonl(tmp_path / "d" / "a.jsonl", docs[:1500])
-    write_jsonl(tmp_path / "d" / "b.jsonl", docs[1500:])
-    cache, claim, processes = waiters_on_a_held_claim(tmp_path, str(tmp_path / "d"), 2, 4000 / 2**20, workers=2)
+    data_path = three_thousand_documents(tmp_path)
+    cache, claim, processes = waiters_on_a_held_claim(tmp_path, data_path, 2, SMALL_SHARDS, workers=2)
     claim.release()
-    deadline = time.monotonic() + 60
-    while not any(f.startswith("train_") and f.endswith(".bin") for f in os.listdir(cache)):
-        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for_a_train_shard(cache, processes)
     builder = json.load(open(os.path.join(cache, ".claim")))["pid"]
     killed, = [p for p in processes if p.pid == builder]
     os.killpg(killed.pid, signal.SIGKILL)
@@ -471,13 +479,7 @@ def test_a_builder_that_dies_is_taken_over_by_the_launch_that_waits(tmp_path):
     out, err = survivor.communicate(timeout=120)
     assert survivor.returncode == 0, err
     assert "resuming" in out and "units were done" in out, out
-    whole = prepare_cli("--data_path", str(tmp_path / "d"), "--shard_mb", str(4000 / 2**20), "--prepare_workers", "1",
-                        "--cache_dir", str(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr
-    other = tmp_path / "whole" / os.listdir(tmp_path / "whole")[0]
-    shards = sorted(f for f in os.listdir(other) if f.endswith(".bin"))
-    assert len(shards) > 40 and sorted(f for f in os.listdir(cache) if f.endswith(".bin")) == shards
-    assert all(filecmp.cmp(os.path.join(cache, f), other / f, shallow=False) for f in shards)
+    assert_the_shards_of_an_uninterrupted_prepare(cache, data_path, tmp_path)
 
 
 @pytest.mark.slow
