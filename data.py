@@ -311,15 +311,21 @@ def generate_dyck(n: int, k: int, max_depth: int, min_len: int, max_len: int, rn
 
 
 def download(url: str, path: str) -> None:
-    """Fetches `url` to `path` through a temporary file, so a failed download leaves nothing."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    """Fetches `url` to `path` through a temporary file, so a failed download leaves nothing: not the
+    file, nor the folders made for it."""
+    made, folder = [], os.path.dirname(os.path.abspath(path))  # the folders this call creates, deepest first
+    while not os.path.isdir(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.download-{os.getpid()}"
+    done = False
     try:
         with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
         os.replace(tmp, path)
+        done = True
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise ConfigError(
             f"--data_path: {path} is missing and downloading it from {url} failed ({e}); "
@@ -327,6 +333,11 @@ def download(url: str, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        for folder in made if not done else ():
+            try:
+                os.rmdir(folder)
+            except OSError:  # something else was put there meanwhile: it stays
+                break
 
 
 def _wait_for_file(path: str, timeout: float) -> None:
