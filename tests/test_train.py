@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from conftest import assert_bad_input, run_train, tiny_args
+from conftest import assert_bad_input, disk_state, run_train, tiny_args
 from tracking import read_metrics
 
 RUN_FILES = {"config.json", "train.log", "metrics.jsonl", "last.pt", "best.pt", "training_curves.png"}
@@ -224,7 +224,7 @@ def test_a_checkpoint_with_a_new_run_name_starts_a_new_run(tmp_path, existing_ru
     run_dir, snapshot = existing_run
     summary = train.main(["--resume", str(run_dir / "best.pt"), "--run", "branch", "--max_steps", "4"])
     assert summary["run_dir"] == str(tmp_path / "runs" / "branch") and summary["steps"] == 4
-    assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == snapshot
+    assert disk_state(run_dir) == snapshot
     assert "started from" in (tmp_path / "runs" / "branch" / "train.log").read_text()
 
 
@@ -317,8 +317,7 @@ def test_compiled_run_saves_clean_keys_and_matches_eager(tmp_path):
 def existing_run(tmp_path):
     train.main(tiny_args(tmp_path, "--run", "keep", "--max_steps", "2"))
     run_dir = tmp_path / "runs" / "keep"
-    snapshot = {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)}
-    return run_dir, snapshot
+    return run_dir, disk_state(run_dir)
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -337,11 +336,10 @@ def existing_run(tmp_path):
 ])
 @pytest.mark.slow
 def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, args, fragments):
-    run_dir, snapshot = existing_run
+    before = disk_state(tmp_path)  # the run, the runs folder and the working folder
     result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", *args], cwd=str(tmp_path))
     assert_bad_input(result, *fragments)
-    assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == snapshot
-    assert os.listdir(tmp_path / "runs") == ["keep"]
+    assert disk_state(tmp_path) == before
 
 
 @pytest.mark.slow
@@ -364,7 +362,7 @@ def test_existing_run_directory_is_never_overwritten(tmp_path, existing_run):
     result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", "--modulus", "17"],
                        cwd=str(tmp_path))
     assert_bad_input(result, "already holds a run", "--resume auto")
-    assert {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)} == snapshot
+    assert disk_state(run_dir) == snapshot
 
 
 @pytest.mark.slow
