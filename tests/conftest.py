@@ -144,6 +144,19 @@ def assert_bad_input(result, *fragments: str) -> str:
     return lines[0]
 
 
+def run_bad_input(script: str, args: list[str], cwd, *fragments: str, watch=(), env: dict | None = None):
+    """`python SCRIPT ARGS` given bad input, checked as a user meets it: assert_bad_input's one line
+    (holding every fragment), and nothing written, changed or removed under `cwd`, the token cache or
+    the folders in `watch` (a run directory, a model folder). Returns the CompletedProcess; its
+    stderr is that one line."""
+    roots = (cwd, os.environ["TINYLAB_CACHE_DIR"], *watch)
+    before = disk_state(*roots)
+    result = run_program(script, args, cwd, env)
+    assert_bad_input(result, *fragments)
+    assert disk_state(*roots) == before, f"{script} {' '.join(map(str, args))} changed what was on disk"
+    return result
+
+
 def disk_state(*roots) -> dict:
     """Every file and folder under `roots`: its size, modification time and bytes' digest (folders:
     None), so that `disk_state(...) == before` says nothing was written, changed or removed there."""

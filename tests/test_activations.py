@@ -13,7 +13,7 @@ import torch
 
 from activations import DumpSettings, DumpSource, LiveSource, dump
 from config import ConfigError
-from conftest import assert_bad_input, disk_state, run_program, run_torchrun
+from conftest import run_bad_input, run_torchrun
 from interp import load_run
 
 HOOK = "blocks.0.mlp.hook_post"
@@ -126,12 +126,9 @@ def test_two_ranks_write_the_same_dump_as_one_process(tmp_path, trained_runs):
 @pytest.mark.slow
 def test_an_existing_dump_of_something_else_is_never_overwritten(tmp_path, trained_runs):
     out = dump_to(trained_runs["modular"], tmp_path / "dump")
-    roots = (trained_runs["modular"], tmp_path, os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("activations.py", ["dump", trained_runs["modular"], "--hook", HOOK, "--out", out,
-                                            "--positions", "all"], cwd=tmp_path)
-    assert re.search("--out: .* another positions", assert_bad_input(result, "--out: ", " another positions"))
-    assert disk_state(*roots) == before
+    result = run_bad_input("activations.py", ["dump", trained_runs["modular"], "--hook", HOOK, "--out", out,
+                                              "--positions", "all"], tmp_path, watch=[trained_runs["modular"]])
+    assert re.search("--out: .* another positions", result.stderr)
     dump_to(trained_runs["modular"], out, positions="all", overwrite=True)
     assert json.loads(open(os.path.join(out, "manifest.json")).read())["positions"] == "all"
 
@@ -147,20 +144,16 @@ def test_an_existing_dump_of_something_else_is_never_overwritten(tmp_path, train
 def test_bad_input_names_the_flag_and_writes_nothing(tmp_path, trained_runs, args, message):
     """As a user meets it: `python activations.py dump RUN ARGS` exits 2 with one line that starts with
     the message, and writes nothing (no <run>/activations, nothing in the working folder or the cache)."""
-    roots = (trained_runs["modular"], tmp_path, os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("activations.py", ["dump", trained_runs["modular"], *args], cwd=tmp_path)
-    assert assert_bad_input(result, message).startswith(f"error: {message}")
-    assert disk_state(*roots) == before
+    result = run_bad_input("activations.py", ["dump", trained_runs["modular"], *args], tmp_path,
+                           watch=[trained_runs["modular"]])
+    assert result.stderr.startswith(f"error: {message}")
     assert not os.path.exists(os.path.join(trained_runs["modular"], "activations"))
 
 
 @pytest.mark.slow
 def test_a_missing_run_is_refused(tmp_path):
-    before = disk_state(tmp_path, os.environ["TINYLAB_CACHE_DIR"])
-    result = run_program("activations.py", ["dump", str(tmp_path / "nope"), "--hook", HOOK], cwd=tmp_path)
-    assert re.search("does not exist|holds no", assert_bad_input(result))
-    assert disk_state(tmp_path, os.environ["TINYLAB_CACHE_DIR"]) == before
+    result = run_bad_input("activations.py", ["dump", str(tmp_path / "nope"), "--hook", HOOK], tmp_path)
+    assert re.search("does not exist|holds no", result.stderr)
     assert not os.path.exists(tmp_path / "nope")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import fourier
 import interp
 import train
 from config import Config
-from conftest import assert_bad_input, disk_state, run_program, tiny_args
+from conftest import run_bad_input, tiny_args
 from model import Transformer
 from checkpoints import CheckpointError
 
@@ -162,10 +161,7 @@ def test_report_on_a_dyck_run_has_what_applies(tmp_path):
 def test_report_on_a_missing_run_fails_cleanly(tmp_path):
     """As a user meets it: `python interp.py MISSING` exits 2 with one 'error: ' line and writes nothing
     (no report folder, nothing in the working folder or the token cache)."""
-    roots = (tmp_path, os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    assert_bad_input(run_program("interp.py", [str(tmp_path / "nope")], cwd=tmp_path))
-    assert disk_state(*roots) == before
+    run_bad_input("interp.py", [str(tmp_path / "nope")], tmp_path)
 
 
 def test_patching_the_changed_position_at_the_input_recovers_everything(tiny_run):

@@ -16,8 +16,7 @@ import torch
 
 import lens as lens_module
 from activations import DumpSettings, DumpSource, TokenSource, dump, load_run
-from conftest import (ROOT, assert_bad_input, disk_state, logged_steps, run_program, run_torchrun, wait_until,
-                      write_corpus)
+from conftest import ROOT, logged_steps, run_bad_input, run_torchrun, wait_until, write_corpus
 from lens import LensConfig, Schedule, build_lens, lens_losses, prepare
 from tracking import read_metrics
 
@@ -332,19 +331,12 @@ def test_schedules():
 def test_bad_input_names_the_flag(tmp_path, text_run, args, message):
     """As a user meets it: `python lens.py RUN ... ARGS` exits 2 with one line naming the flag, and
     writes nothing (no <run>/lens/bad, nothing in the working folder or the token cache)."""
-    roots = (text_run, tmp_path, os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("lens.py", [text_run, *QUICK, *args, "--run_name", "bad"], cwd=tmp_path)
-    assert_bad_input(result, message)
-    assert disk_state(*roots) == before
+    run_bad_input("lens.py", [text_run, *QUICK, *args, "--run_name", "bad"], tmp_path, message, watch=[text_run])
 
 
 @pytest.mark.slow
 def test_a_non_text_run_is_refused(tmp_path, trained_runs):
-    roots = (trained_runs["modular"], tmp_path, os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    assert_bad_input(run_program("lens.py", [trained_runs["modular"]], cwd=tmp_path), "needs a text run")
-    assert disk_state(*roots) == before
+    run_bad_input("lens.py", [trained_runs["modular"]], tmp_path, "needs a text run", watch=[trained_runs["modular"]])
 
 
 @pytest.mark.slow
@@ -352,9 +344,5 @@ def test_an_existing_lens_is_refused(tmp_path, text_run):
     os.makedirs(os.path.join(text_run, "lens", "taken"))
     with open(os.path.join(text_run, "lens", "taken", "notes.txt"), "w") as f:
         f.write("mine")
-    roots = (text_run, tmp_path, os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("lens.py", [text_run, *QUICK, "--run_name", "taken"], cwd=tmp_path)
-    assert_bad_input(result, "already holds a lens")
-    assert disk_state(*roots) == before
+    run_bad_input("lens.py", [text_run, *QUICK, "--run_name", "taken"], tmp_path, "already holds a lens", watch=[text_run])
     assert os.listdir(os.path.join(text_run, "lens", "taken")) == ["notes.txt"]

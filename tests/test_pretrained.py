@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from conftest import TIKTOKEN_CACHE, assert_bad_input, disk_state, run_metrics, run_program
+from conftest import TIKTOKEN_CACHE, run_bad_input, run_metrics
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -120,11 +120,7 @@ def test_refusals_name_what_is_unsupported(tmp_path, references, case):
         json.dump(config, open(path / "config.json", "w"))
         os.symlink(os.path.join(folder, "tokenizer.json"), path / "tokenizer.json")
     model = "./nowhere" if case == "nowhere" else str(path)
-    roots = (tmp_path, folder, os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("sample.py", ["--model", model], cwd=tmp_path)
-    assert_bad_input(result, fragment)
-    assert disk_state(*roots) == before
+    run_bad_input("sample.py", ["--model", model], tmp_path, fragment, watch=[folder])
 
 
 def fake_hf_cache(tmp_path, folder: str):
@@ -159,13 +155,9 @@ def test_an_unknown_hub_id_offline_says_what_to_do(tmp_path, references):
     another model, exits 2 with one line that says how to get it, and writes nothing."""
     pytest.importorskip("huggingface_hub")
     home = fake_hf_cache(tmp_path, references["llama-tied-mqa"][1])
-    roots = (tmp_path, os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("sample.py", ["--model", "tinylab-test/absent"], cwd=tmp_path,
-                         env={"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "1"})
-    pattern = r"could not download tinylab-test/absent .* `hf download tinylab-test/absent`"
-    assert re.search(pattern, assert_bad_input(result, "--model: ", *pattern.split(" .* ")))
-    assert disk_state(*roots) == before
+    result = run_bad_input("sample.py", ["--model", "tinylab-test/absent"], tmp_path, "--model: ",
+                           env={"HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert re.search(r"could not download tinylab-test/absent .* `hf download tinylab-test/absent`", result.stderr)
 
 
 @pytest.mark.slow
@@ -174,14 +166,10 @@ def test_init_from_fine_tunes_from_the_checkpoint_and_refuses_a_different_shape(
     base = ["--init_from", folder, "--data_path", corpus, "--save_model_dir", str(tmp_path / "runs"),
             "--context_len", "32", "--batch_size", "4", "--eval_max_batches", "2"]
     # Bad input, as a user meets it: `python train.py ...` exits 2 with one line, and writes nothing.
-    roots = (tmp_path, folder, os.environ["TINYLAB_CACHE_DIR"])
     for args, pattern in ((base + ["--embedding_dim", "64"], "--embedding_dim: .* keeps the checkpoint's shape"),
                           (base[:-6] + ["--context_len", "65"], "--context_len: .* at most 64 positions"),
                           (base + ["--tokenizer", "char"], "--tokenizer: .* was trained with")):
-        before = disk_state(*roots)
-        result = run_program("train.py", args, cwd=tmp_path)
-        assert re.search(pattern, assert_bad_input(result, *pattern.split(".*"))), args
-        assert disk_state(*roots) == before, args
+        assert re.search(pattern, run_bad_input("train.py", args, tmp_path, watch=[folder]).stderr), args
     # lr 0: the run's weights are the checkpoint's, and its loss is transformers' loss on them
     train.main(base + ["--run_name", "still", "--lr", "0", "--max_steps", "1", "--eval_every", "1"])
     saved = torch.load(tmp_path / "runs" / "still" / "last.pt", weights_only=True)
@@ -220,16 +208,11 @@ def test_export_round_trips_through_transformers_and_the_pretrained_path(tmp_pat
         hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
         assert hf_tokenizer(text)["input_ids"] == run.data.encode(text)
     # Bad input, as a user meets it: `python export.py ...` exits 2 with one line, and writes nothing.
-    roots = (tmp_path, os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("export.py", [str(runs / "capped"), "--to", "hf", str(tmp_path / "hf-capped")], cwd=tmp_path)
-    assert_bad_input(result, "soft-caps its logits")
-    assert disk_state(*roots) == before
+    run_bad_input("export.py", [str(runs / "capped"), "--to", "hf", str(tmp_path / "hf-capped")], tmp_path,
+                  "soft-caps its logits")
     assert not (tmp_path / "hf-capped").exists()
-    result = run_program("export.py", [str(runs / "gpt2"), "--to", "hf", str(tmp_path / "hf-gpt2")], cwd=tmp_path)
-    pattern = "--out: .* exists and is not an empty folder"
-    assert re.search(pattern, assert_bad_input(result, *pattern.split(".*")))
-    assert disk_state(*roots) == before
+    result = run_bad_input("export.py", [str(runs / "gpt2"), "--to", "hf", str(tmp_path / "hf-gpt2")], tmp_path)
+    assert re.search("--out: .* exists and is not an empty folder", result.stderr)
 
 
 @pytest.mark.slow
@@ -282,7 +265,6 @@ def test_the_analysis_programs_open_a_pretrained_model_where_they_open_a_run(tmp
     run.mkdir(parents=True)
     (run / "last.pt").write_bytes(b"")
     # Bad input, as a user meets it (from tmp_path, where runs/ is): exit 2, one line, nothing written.
-    roots = (tmp_path, folder, os.environ["TINYLAB_CACHE_DIR"])
     for script, args, pattern in (
             ("interp.py", ["--model", folder, "--data_path", str(other)],
              "--data_path: runs/gpt2 stands for .* give the same --data_path"),
@@ -291,10 +273,7 @@ def test_the_analysis_programs_open_a_pretrained_model_where_they_open_a_run(tmp
              "--model: name a run .* or --model .*, not both"),
             ("sae.py", ["--hook", "blocks.1.hook_resid_pre"],
              "--run_dir: name a run directory or checkpoint .* or a pretrained model")):
-        before = disk_state(*roots)
-        result = run_program(script, args, cwd=tmp_path)
-        assert re.search(pattern, assert_bad_input(result, *pattern.split(".*"))), (script, args)
-        assert disk_state(*roots) == before, (script, args)
+        assert re.search(pattern, run_bad_input(script, args, tmp_path, watch=[folder]).stderr), (script, args)
     assert json.load(open(home / "pretrained.json")) == recorded
     assert os.listdir(run) == ["last.pt"]
 
@@ -414,13 +393,10 @@ def test_a_hub_id_downloads_through_hf_endpoint_and_gated_or_unknown_ones_say_wh
         # and cache exits 2 with one line that says what to do, and writes nothing.
         environment = {"HF_ENDPOINT": url, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0",
                        "HF_TOKEN": "hf_tinylab_test"}
-        roots = (tmp_path, os.environ["TINYLAB_CACHE_DIR"])
         for name, pattern in (("tinylab-test/gated", "tinylab-test/gated is gated .* set HF_TOKEN"),
                               ("tinylab-test/nothing", "the Hugging Face hub has no model 'tinylab-test/nothing'")):
-            before = disk_state(*roots)
-            result = run_program("sample.py", ["--model", name], cwd=tmp_path, env=environment)
-            assert re.search(pattern, assert_bad_input(result, "--model: ", *pattern.split(" .* "))), name
-            assert disk_state(*roots) == before, name
+            result = run_bad_input("sample.py", ["--model", name], tmp_path, "--model: ", env=environment)
+            assert re.search(pattern, result.stderr), name
     finally:
         server.shutdown()
         server.server_close()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import sae as sae_module
 from activations import DumpSettings, dump, split_sequences
 from data import IGNORE
-from conftest import ROOT, assert_bad_input, disk_state, logged_steps, run_program, run_torchrun, wait_until
+from conftest import ROOT, logged_steps, run_bad_input, run_torchrun, wait_until
 from interp import load_run
 from sae import (ARCHS, K_ARCHS, SAEConfig, SparseAutoencoder, modern_metrics, resample_dead, sae_loss, spliced_metrics,
                  update)
@@ -453,11 +453,8 @@ def test_the_report_and_the_fourier_views_work_for_the_new_kinds(trained_runs, a
 def test_bad_input_names_the_flag(tmp_path, trained_runs, args, message):
     """As a user meets it: `python sae.py RUN ARGS` exits 2 with one line that starts with the message,
     and writes nothing (no <run>/sae/<name>, nothing in the working folder or the token cache)."""
-    roots = (trained_runs["modular"], tmp_path, os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("sae.py", [trained_runs["modular"], *args], cwd=tmp_path)
-    assert assert_bad_input(result, message).startswith(f"error: {message}")
-    assert disk_state(*roots) == before
+    result = run_bad_input("sae.py", [trained_runs["modular"], *args], tmp_path, watch=[trained_runs["modular"]])
+    assert result.stderr.startswith(f"error: {message}")
 
 
 @pytest.mark.slow
@@ -476,11 +473,9 @@ def test_an_sae_saved_before_the_run_name_rename_still_loads(trained_runs):
 @pytest.mark.slow
 def test_an_existing_sae_is_never_overwritten(tmp_path, trained_runs):
     sae_module.main([trained_runs["modular"], *QUICK, "--max_steps", "2", "--name", "kept"])
-    roots = (trained_runs["modular"], tmp_path)
-    before = disk_state(*roots)
-    result = run_program("sae.py", [trained_runs["modular"], *QUICK, "--name", "kept"], cwd=tmp_path)
-    assert assert_bad_input(result, "--resume auto").startswith("error: --run_name:")
-    assert disk_state(*roots) == before
+    result = run_bad_input("sae.py", [trained_runs["modular"], *QUICK, "--name", "kept"], tmp_path, "--resume auto",
+                           watch=[trained_runs["modular"]])
+    assert result.stderr.startswith("error: --run_name:")
 
 
 @pytest.mark.slow

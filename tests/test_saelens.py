@@ -16,7 +16,7 @@ import torch
 
 import overlay_venv
 import sae as sae_module
-from conftest import assert_bad_input, disk_state, run_program
+from conftest import run_bad_input
 from test_sae import QUICK
 
 # What SAELens needs beyond the main environment: the release the README's figures were checked
@@ -80,12 +80,9 @@ def test_exported_saes_give_our_features_in_saelens(tmp_path, trained_runs, sael
     path = sae_module.main(["report", str(tmp_path / "relu" / "resaved"), "--model", trained_runs["modular"]])
     assert "relu SAE with" in open(path).read() and "| ce_loss_score |" in open(path).read()
     # Without --model, as a user meets it: exit 2, one line naming --model, nothing written.
-    roots = (tmp_path, trained_runs["modular"], os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("sae.py", ["report", str(tmp_path / "relu" / "resaved")], cwd=tmp_path)
-    line = assert_bad_input(result, "--model: ", " is a SAELens SAE, which does not record the model")
-    assert re.search("--model: .* is a SAELens SAE, which does not record the model", line)
-    assert disk_state(*roots) == before
+    result = run_bad_input("sae.py", ["report", str(tmp_path / "relu" / "resaved")], tmp_path,
+                           watch=[trained_runs["modular"]])
+    assert re.search("--model: .* is a SAELens SAE, which does not record the model", result.stderr)
 
 
 # `python sae.py ARGS` ({tmp}: the test's tmp_path, holding taken/ with a file of its own and gated/, a
@@ -116,12 +113,9 @@ def test_export_and_report_refuse_bad_input(tmp_path, trained_runs, case):
     (gated / "cfg.json").write_text(json.dumps({"architecture": "gated", "d_in": 64, "d_sae": 256}))
     (gated / "sae_weights.safetensors").write_bytes(b"")
     args, pattern = BAD_INPUT[case]
-    roots = (tmp_path, trained_runs["modular"], os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("sae.py", [a.format(tmp=tmp_path, modular=trained_runs["modular"]) for a in args],
-                         cwd=tmp_path)
-    assert re.search(pattern, assert_bad_input(result, *pattern.split(".*")))
-    assert disk_state(*roots) == before
+    result = run_bad_input("sae.py", [a.format(tmp=tmp_path, modular=trained_runs["modular"]) for a in args],
+                           tmp_path, watch=[trained_runs["modular"]])
+    assert re.search(pattern, result.stderr)
     assert (taken / "keep.txt").read_text() == "mine"
 
 
@@ -135,9 +129,6 @@ def test_export_refuses_an_sae_whose_model_has_moved_on(tmp_path, trained_runs):
     checkpoint = torch.load(os.path.join(trained["sae_dir"], "last.pt"), weights_only=False)
     checkpoint["model_step"] += 100  # as if the run trained on after the SAE was made
     torch.save(checkpoint, stale / "last.pt")
-    roots = (tmp_path, trained_runs["modular"], os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("sae.py", ["export", str(stale), "--to", "saelens", str(tmp_path / "out")], cwd=tmp_path)
-    assert_bad_input(result, "trained on the model at step")
-    assert disk_state(*roots) == before
+    run_bad_input("sae.py", ["export", str(stale), "--to", "saelens", str(tmp_path / "out")], tmp_path,
+                  "trained on the model at step", watch=[trained_runs["modular"]])
     assert not os.path.exists(tmp_path / "out")

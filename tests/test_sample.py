@@ -3,14 +3,13 @@ architecture, inside the context and after the window starts to slide."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import sample
 from config import Config
-from conftest import assert_bad_input, disk_state, run_program
+from conftest import run_bad_input
 from model import Transformer
 
 ARCHITECTURES = {
@@ -72,9 +71,5 @@ def test_sample_py_bad_input_names_the_flag(trained_runs, tmp_path, argv, fragme
     """As a user meets it: `python sample.py ARGS` exits 2 with one line naming the flag, prints no
     sample and writes nothing."""
     argv = [a.format(text=trained_runs["text"], modular=trained_runs["modular"], tmp=tmp_path) for a in argv]
-    roots = (trained_runs["text"], trained_runs["modular"], tmp_path, os.environ["TINYLAB_CACHE_DIR"])
-    before = disk_state(*roots)
-    result = run_program("sample.py", argv, cwd=tmp_path)
-    assert_bad_input(result, *fragments)
+    result = run_bad_input("sample.py", argv, tmp_path, *fragments, watch=[trained_runs["text"], trained_runs["modular"]])
     assert result.stdout == ""
-    assert disk_state(*roots) == before

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from conftest import assert_bad_input, disk_state, run_train, tiny_args
+from conftest import disk_state, run_bad_input, run_train, tiny_args
 from tracking import read_metrics
 
 RUN_FILES = {"config.json", "train.log", "metrics.jsonl", "last.pt", "best.pt", "training_curves.png"}
@@ -336,33 +336,28 @@ def existing_run(tmp_path):
 ])
 @pytest.mark.slow
 def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, args, fragments):
-    before = disk_state(tmp_path)  # the run, the runs folder and the working folder
-    result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", *args], cwd=str(tmp_path))
-    assert_bad_input(result, *fragments)
-    assert disk_state(tmp_path) == before
+    # the working folder holds the run and its runs folder: nothing under it may change
+    run_bad_input("train.py", ["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", *args], tmp_path, *fragments)
 
 
 @pytest.mark.slow
 def test_resume_auto_needs_a_run_name(tmp_path):
-    result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--resume", "auto"], cwd=str(tmp_path))
-    assert_bad_input(result, "--resume", "--run")
+    run_bad_input("train.py", ["--save_model_dir", str(tmp_path / "runs"), "--resume", "auto"], tmp_path, "--resume",
+                  "--run")
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
 def test_save_model_dir_that_is_a_file(tmp_path):
     (tmp_path / "runs").write_text("not a directory")
-    result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--max_steps", "1"], cwd=str(tmp_path))
-    assert_bad_input(result, "--save_model_dir", "is a file")
+    run_bad_input("train.py", ["--save_model_dir", str(tmp_path / "runs"), "--max_steps", "1"], tmp_path,
+                  "--save_model_dir", "is a file")
 
 
 @pytest.mark.slow
 def test_existing_run_directory_is_never_overwritten(tmp_path, existing_run):
-    run_dir, snapshot = existing_run
-    result = run_train(["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", "--modulus", "17"],
-                       cwd=str(tmp_path))
-    assert_bad_input(result, "already holds a run", "--resume auto")
-    assert disk_state(run_dir) == snapshot
+    run_bad_input("train.py", ["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", "--modulus", "17"],
+                  tmp_path, "already holds a run", "--resume auto")
 
 
 @pytest.mark.slow
@@ -370,8 +365,7 @@ def test_existing_run_directory_is_never_overwritten(tmp_path, existing_run):
 def test_unreadable_checkpoint(tmp_path, existing_run, content):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(content)
-    result = run_train(["--resume", str(bad)], cwd=str(tmp_path))
-    assert_bad_input(result, str(bad), "not a readable checkpoint")
+    run_bad_input("train.py", ["--resume", str(bad)], tmp_path, str(bad), "not a readable checkpoint")
 
 
 @pytest.mark.slow
