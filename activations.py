@@ -37,12 +37,12 @@ from config import (DEVICES, DTYPES, PRETRAINED_FILE, ConfigError, ModelSource, 
                     parse_flags, section)
 from data import IGNORE, _step_seed, build_data
 from model import Transformer
-from pretrained import DEFAULT_TRAIN_CONTEXT, load_pretrained
-from checkpoints import CheckpointError, find_checkpoint, load_checkpoint, newest_checkpoint
-from corpus import make_tokenizer
-from distributed import Dist, broadcast_object, gather_objects, setup_distributed, teardown_distributed
-from hardware import autocast, pick_device, pick_dtype
-from session import run_command
+from interop.huggingface import DEFAULT_TRAIN_CONTEXT, load_pretrained
+from plumbing.checkpoints import CheckpointError, find_checkpoint, load_checkpoint, newest_checkpoint
+from plumbing.corpus import make_tokenizer
+from plumbing.distributed import Dist, broadcast_object, gather_objects, setup_distributed, teardown_distributed
+from plumbing.hardware import autocast, pick_device, pick_dtype
+from plumbing.session import run_command
 from utils import write_json
 
 POSITIONS = ("answer", "all")

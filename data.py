@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from config import SHAKESPEARE_URL, Config, ConfigError
-from corpus import TokenStream, open_corpus
-from distributed import Dist
+from plumbing.corpus import TokenStream, open_corpus
+from plumbing.distributed import Dist
 
 IGNORE = -100  # cross_entropy's ignore_index
 

@@ -5,7 +5,7 @@ or for TransformerLens.
 
     python export.py runs/<run> --to hf OUT
     python export.py runs/<run>/last.pt --to hf OUT --check false
-    python export.py runs/<run> --to transformer_lens OUT    # interp.load_transformer_lens(OUT)
+    python export.py runs/<run> --to transformer_lens OUT    # interop.transformerlens.load_transformer_lens(OUT)
 
 Learned-position runs (LayerNorm, gelu / gelu_tanh / relu / relu2 MLPs) become GPT-2
 (GPT2LMHeadModel), rotary SwiGLU RMSNorm runs Llama (LlamaForCausalLM), Qwen2 with --qkv_bias
@@ -17,7 +17,7 @@ opens the folder with it and compares its logits with ours before the folder tak
 
 --to transformer_lens writes transformer_lens.json (the installed TransformerLens's major version,
 its class and config) and model.safetensors (the weights under its names): a TransformerBridge
-around TransformerLens 4's native model, or a HookedTransformer for 2 and 3 (interp.to_transformer_lens
+around TransformerLens 4's native model, or a HookedTransformer for 2 and 3 (interop.transformerlens.to_transformer_lens
 says what each has). Any task exports; --check opens it and compares logits the same way.
 """
 
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from activations import load_run
-from interp import export_transformer_lens, load_transformer_lens, transformer_lens_version
+from interop.transformerlens import export_transformer_lens, load_transformer_lens, transformer_lens_version
 from config import ConfigError, need, need_one_of, parse_flags, section
-from pretrained import export_hf
-from session import run_command
+from interop.huggingface import export_hf
+from plumbing.session import run_command
 from utils import new_or_empty, write_folder
 
 _what = section("what to export")
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> str:
         def write(folder):
             record = export_transformer_lens(run.model, folder)
             return (f"TransformerLens {version} {record['class']} · {run.model.num_params():,} parameters · "
-                    f"interp.load_transformer_lens({cfg.out!r}) opens it")
+                    f"interop.transformerlens.load_transformer_lens({cfg.out!r}) opens it")
         # version 4 takes norms and rotary tables in float32 whatever the model's dtype
         check, other, bound = check_with_transformer_lens, f"TransformerLens {version}", 1e-5
     def write_and_check(staging):  # the folder is renamed to out only once written and checked

@@ -55,16 +55,16 @@ import torch.nn.functional as F
 
 from activations import (POSITIONS, DumpSource, Run, TokenSource, default_dump_dir, encode_exactly, load_run,
                          run_folder, split_sequences)
-from checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
+from plumbing.checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
 from config import (DEVICES, DTYPES, ConfigError, ModelSource, OptimSettings, config_from_dict, need, need_name,
                     need_one_of, override, parse_flags, resumed_config, section)
 from data import _step_seed
-from distributed import all_reduce_sum, gather_objects
-from hardware import autocast, pick_dtype
+from plumbing.distributed import all_reduce_sum, gather_objects
+from plumbing.hardware import autocast, pick_dtype
 from model import Transformer
 from optimizer import LRSchedule, Muon, load_optimizer_states
-from session import Session, StepClock, run_command
-from tracking import read_metrics, trim_metrics, wandb_settings
+from plumbing.session import Session, StepClock, run_command
+from plumbing.tracking import read_metrics, trim_metrics, wandb_settings
 from utils import format_duration
 
 SOURCES = ("live", "dump")

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from config import ConfigError, CorpusSettings, parse_flags, section
-from corpus import open_corpus
+from plumbing.corpus import open_corpus
 
 _run = section("run")
 

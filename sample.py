@@ -24,8 +24,8 @@ import torch
 
 from activations import encode_exactly, load_run, open_pretrained
 from config import DEVICES, DTYPES, ConfigError, need, need_one_of, parse_flags, section
-from hardware import autocast, pick_dtype
-from session import run_command
+from plumbing.hardware import autocast, pick_dtype
+from plumbing.session import run_command
 
 _what = section("what to sample from")
 _how = section("how")

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 
 from config import Config, ConfigError, _field_types, _suggest, need, parse_config, parse_flags, section
-from rundirs import process_alive
+from plumbing.rundirs import process_alive
 from utils import format_duration
 
 _where = section("where the study lives")

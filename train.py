@@ -25,19 +25,19 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoints import CheckpointError, find_checkpoint, load_checkpoint, newest_checkpoint, seed_everything, set_rng_state
+from plumbing.checkpoints import CheckpointError, find_checkpoint, load_checkpoint, newest_checkpoint, seed_everything, set_rng_state
 from config import Config, ConfigError, format_config, parse_config, resumed_config
 from data import IGNORE, build_data
-from distributed import (all_reduce_sum, broadcast_object, elastic_restart_count, gather_objects,
+from plumbing.distributed import (all_reduce_sum, broadcast_object, elastic_restart_count, gather_objects,
                          regroup_ddp_buckets)
 from fourier import progress_measures
-from hardware import autocast, describe_environment, flops_per_token, no_mfu_reason, peak_flops
+from plumbing.hardware import autocast, describe_environment, flops_per_token, no_mfu_reason, peak_flops
 from model import ModelWithLoss, Transformer, head_width
 from optimizer import EarlyStopping, GrokfastEMA, LRSchedule, apply_lr, build_optimizers, load_optimizer_states
-from pretrained import apply_init_from, load_weights, resolve
-from rundirs import forget_launch, launched_run, remember_launch, unique_run_name
-from session import Session, StepClock, run_command
-from tracking import plot_training_curves, wandb_settings, wandb_sweep_run
+from interop.huggingface import apply_init_from, load_weights, resolve
+from plumbing.rundirs import forget_launch, launched_run, remember_launch, unique_run_name
+from plumbing.session import Session, StepClock, run_command
+from plumbing.tracking import plot_training_curves, wandb_settings, wandb_sweep_run
 from utils import format_duration
 
 

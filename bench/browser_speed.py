@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import sae as sae_module  # noqa: E402
 import train  # noqa: E402
-from headless_chromium import MISSING, open_page  # noqa: E402
+from harness.headless_chromium import MISSING, open_page  # noqa: E402
 
 
 def main() -> None:

@@ -128,7 +128,7 @@ def loader_tokens_per_second(data_path: str, batch: int, context: int, steps: in
 
     from config import Config
     from data import TextData
-    from distributed import Dist
+    from plumbing.distributed import Dist
 
     cfg = Config(task="text", data_path=data_path, tokenizer="gpt2", batch_size=batch, context_len=context)
     data = TextData(cfg, Dist(), torch.device("cpu"))

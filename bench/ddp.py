@@ -85,8 +85,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-import distributed  # noqa: E402
-import hardware  # noqa: E402
+from plumbing import distributed  # noqa: E402
+from plumbing import hardware  # noqa: E402
 from config import PRESETS, Config  # noqa: E402
 from model import Transformer  # noqa: E402
 from optimizer import build_optimizers  # noqa: E402

@@ -41,14 +41,16 @@ sys.path.insert(0, ROOT)
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # after the project: bench/corpus.py is not corpus.py
 import torch  # noqa: E402
 
-import hardware  # noqa: E402
-import sae as sae_module  # noqa: E402
+from plumbing import hardware  # noqa: E402
+import saes  # noqa: E402
+from saes.base import update  # noqa: E402
+from saes.config import SAEConfig  # noqa: E402
 import train  # noqa: E402
 from config import PRESETS, Config, ConfigError  # noqa: E402
 from model import Transformer  # noqa: E402
 from sampling import timed_generate  # noqa: E402
 from throughput import GPT2_SMALL, measure_loader, measure_training, synchronize  # noqa: E402
-from tracking import read_metrics  # noqa: E402
+from plumbing.tracking import read_metrics  # noqa: E402
 
 SHARED_CORPUS = os.path.join(ROOT, "..", "shared", "data", "tiny_shakespeare.txt")
 
@@ -166,12 +168,12 @@ def kernel_rows(table: Table, args, device, dtype) -> None:
 def sae_rows(table: Table, args, device) -> None:
     d, width, rows = (768, 24576, 4096) if not args.smoke else (32, 256, 512)
     x = torch.randn(rows, d, device=device)
-    for arch in sae_module.ARCHS:
-        cfg = sae_module.SAEConfig(arch=arch, k=32 if not args.smoke else 8)
+    for arch in saes.ARCHS:
+        cfg = SAEConfig(arch=arch, k=32 if not args.smoke else 8)
         torch.manual_seed(0)
-        sae = sae_module.SparseAutoencoder(d, width, arch, cfg.k).to(device)
+        sae = saes.build_sae(d, width, arch, cfg.k).to(device)
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
-        step = lambda: sae_module.update(sae, optimizer, x, cfg, cfg.l1_coefficient, None)  # noqa: E731
+        step = lambda: update(sae, optimizer, x, cfg, cfg.l1_coefficient, None)  # noqa: E731
         for _ in range(args.warmup + 1):
             step()
         synchronize(device)

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import hardware  # noqa: E402
+from plumbing import hardware  # noqa: E402
 from config import DTYPES, PRESETS, Config, ConfigError  # noqa: E402
 from model import Transformer  # noqa: E402
 

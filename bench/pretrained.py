@@ -64,7 +64,7 @@ def main() -> None:
     except ImportError as error:
         sys.exit(f"bench/pretrained.py compares with transformers and TransformerLens 4: pip install -r "
                  f"requirements-dev.txt ({error})")
-    import pretrained
+    from interop import huggingface as pretrained
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

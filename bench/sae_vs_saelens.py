@@ -39,8 +39,11 @@ import torch  # noqa: E402
 
 import activations  # noqa: E402
 import sae as sae_module  # noqa: E402
+from interop.saelens import load_saelens  # noqa: E402
+from saes.batchtopk import batch_topk_cut  # noqa: E402
+from saes.metrics import held_out_metrics, spliced_metrics  # noqa: E402
 import train  # noqa: E402
-from tracking import read_metrics  # noqa: E402
+from plumbing.tracking import read_metrics  # noqa: E402
 
 MODELS = {  # what each model is, the hook its SAEs read, the positions, width and k
     "text": dict(args=["--preset", "shakespeare_char_modern", "--num_blocks", "2", "--embedding_dim", "128",
@@ -59,7 +62,7 @@ def quietly(fn, *args):
 
 
 def saelens_python() -> str:
-    from overlay_venv import overlay_python
+    from harness.overlay_venv import overlay_python
     from test_saelens import PACKAGES
 
     python, why_not = overlay_python(".venv-saelens", PACKAGES)
@@ -73,7 +76,7 @@ def at_k(sae, k: int):
     (the rule both sides train with): every SAE at the same L0, k."""
     def reconstruct(rows):
         positive = torch.relu(sae.pre_activations(rows))
-        cut, _ = sae_module.batch_topk_cut(positive, k * len(rows))
+        cut, _ = batch_topk_cut(positive, k * len(rows))
         return sae.decode(positive * (positive >= cut))
     return reconstruct
 
@@ -84,11 +87,11 @@ def judge(sae, run, hook: str, positions: str, eval_tokens: int, k: int) -> dict
     threshold), and explained variance and CE-loss score at L0 = k exactly (at_k, 4,096 rows at a time)."""
     held_out = activations.split_sequences(run, "val", positions, eval_tokens)
     rows = activations.capture_all(run, held_out.tokens, hook)[held_out.mask.to(run.device)]
-    metrics, _ = sae_module.held_out_metrics(sae, run, held_out, rows, hook)
+    metrics, _ = held_out_metrics(sae, run, held_out, rows, hook)
     result = {key: float(metrics[key]) for key in METRICS}
     squared = sum(float((part - at_k(sae, k)(part)).pow(2).sum()) for part in rows.split(4096))
     result["explained_variance_at_k"] = 1 - squared / float((rows - rows.mean(0)).pow(2).sum())
-    spliced = sae_module.spliced_metrics(run.model, held_out, hook, at_k(sae, k), run.data.loss_positions)
+    spliced = spliced_metrics(run.model, held_out, hook, at_k(sae, k), run.data.loss_positions)
     result["ce_loss_score_at_k"] = float(spliced["ce_loss_score"])
     return result
 
@@ -177,7 +180,7 @@ def main() -> None:
                 if done.returncode:
                     sys.exit(f"SAELens's trainer failed:\n{done.stderr[-3000:]}")
                 timing = json.loads(done.stdout.strip().splitlines()[-1])
-                sae, _, _ = sae_module.load_saelens(theirs_dir, run_dir, device="cpu")
+                sae, _, _ = load_saelens(theirs_dir, run_dir, device="cpu")
                 theirs = {"model": name, "kind": kind, "seed": seed, "side": "SAELens",
                           "rows_per_sec": timing["rows_per_sec"],
                           **judge(sae, run, spec["hook"], spec["positions"], args.eval_tokens, k)}

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from config import PRESETS, Config  # noqa: E402
-from hardware import pick_device  # noqa: E402
+from plumbing.hardware import pick_device  # noqa: E402
 from model import Transformer  # noqa: E402
 
 

@@ -30,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from config import PRESETS  # noqa: E402
-from tracking import read_metrics  # noqa: E402
+from plumbing.tracking import read_metrics  # noqa: E402
 
 
 def first_at_or_below(evals: list[dict], target: float) -> dict | None:

@@ -37,7 +37,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from config import PRESETS  # noqa: E402
-from tracking import read_metrics  # noqa: E402
+from plumbing.tracking import read_metrics  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from shakespeare import first_at_or_below, plot, recipes_and_corpus  # noqa: E402

@@ -53,7 +53,7 @@ def parse_args(argv=None):
 def worker(args) -> None:
     import torch.distributed as torch_dist
 
-    import distributed
+    from plumbing import distributed
 
     info = distributed.setup_distributed("cpu")
     step_seconds = args.step_ms / 1000
@@ -86,7 +86,7 @@ def worker(args) -> None:
 # ---------------------------------------------------------------- the launcher
 
 def measure(delay_ms: float, args) -> dict:
-    from virtual_hosts import VirtualHosts
+    from harness.virtual_hosts import VirtualHosts
 
     with tempfile.TemporaryDirectory(prefix="tinylab-stop-check-") as directory, \
             VirtualHosts(directory, ["node1", "node2"], delay_ms=delay_ms) as hosts:
@@ -118,7 +118,7 @@ def main(argv=None) -> None:
     if args.worker:
         worker(args)
         return
-    from virtual_hosts import hosts_missing_reason
+    from harness.virtual_hosts import hosts_missing_reason
 
     reason = hosts_missing_reason()
     if reason:

@@ -42,8 +42,8 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 from data import IGNORE  # noqa: E402
-import distributed  # noqa: E402
-import hardware  # noqa: E402
+from plumbing import distributed  # noqa: E402
+from plumbing import hardware  # noqa: E402
 from config import DTYPES, PRESETS, Config, ConfigError  # noqa: E402
 from model import ModelWithLoss, Transformer  # noqa: E402
 from optimizer import build_optimizers  # noqa: E402

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from slurm_cluster import free_port  # one helper for torchrun's and Slurm's ports
+from harness.slurm_cluster import free_port  # one helper for torchrun's and Slurm's ports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

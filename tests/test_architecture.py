@@ -209,7 +209,7 @@ def test_bad_architecture_flags_name_the_flag(argv, fragment):
 BEFORE = "bf8742deb52a5babceec126691df455aee81b00c"
 OLD_LOGITS = """
 import json, sys, torch
-from checkpoints import load_checkpoint
+from plumbing.checkpoints import load_checkpoint
 from config import config_from_dict
 from model import Transformer
 saved = load_checkpoint(sys.argv[1])

@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 from plain_gpt import PlainGPT, check_same_function, plain_copy  # noqa: E402
 from conftest import TIKTOKEN_CACHE  # noqa: E402
-from headless_chromium import MISSING as CHROMIUM_MISSING  # noqa: E402
-from virtual_hosts import hosts_missing_reason  # noqa: E402
+from harness.headless_chromium import MISSING as CHROMIUM_MISSING  # noqa: E402
+from harness.virtual_hosts import hosts_missing_reason  # noqa: E402
 
 NO_HOSTS = hosts_missing_reason()
 

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-import corpus
+from plumbing import corpus
 from config import Config, ConfigError, parse_config
 from conftest import ROOT, SMALL_CORPUS, TIKTOKEN_CACHE
-from corpus import TokenStream, open_corpus
+from plumbing.corpus import TokenStream, open_corpus
 from data import TextData
-from distributed import Dist
+from plumbing.distributed import Dist
 
 CPU = torch.device("cpu")
 needs_bpe = pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE), reason="no tiktoken BPE cache beside the checkout")
@@ -415,7 +415,7 @@ def waiters_on_a_held_claim(tmp_path, folder: str, count: int, shard_mb: float =
     """(the cache folder of `folder`, this process's claim on it, `count` prepare.py processes each
     seen waiting for that claim). The caller releases the claim; the processes are their own process
     groups, so that one can be killed with its workers."""
-    from rundirs import Claim
+    from plumbing.rundirs import Claim
 
     source = corpus.find_source(folder, "data_path")
     cache, _ = corpus.cache_folder(source, "char", str(tmp_path / "cache"), holdout=0.1, text_field="text",

@@ -8,7 +8,7 @@ import torch
 from config import Config, ConfigError
 from conftest import SMALL_CORPUS, TIKTOKEN_CACHE
 from data import IGNORE, DyckData, ModularData, TextData, build_data, generate_dyck
-from distributed import Dist
+from plumbing.distributed import Dist
 
 CPU = torch.device("cpu")
 

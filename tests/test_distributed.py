@@ -12,7 +12,7 @@ import torch
 
 import train
 from conftest import assert_same_run, child_pids, logged_steps, model_weights, run_torchrun, torchrun_command, wait_until
-from tracking import read_metrics
+from plumbing.tracking import read_metrics
 
 # A run long enough to interrupt: 150 steps, a checkpoint every 10, dropout so that every rank's
 # own RNG stream matters for an exact resume.
@@ -136,7 +136,7 @@ def test_every_rank_stops_after_the_same_step_whoever_asks_and_however_uneven_th
     bounded number of steps after the first request (the rounds adapt to steps of about 1-6 ms)."""
     env = {**os.environ, "OUT": str(tmp_path), "REQUESTS": f"2:60:{int(signal.SIGUSR1)},1:90:{int(signal.SIGTERM)}",
            "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(torchrun_command([], nproc=3, script="tests/stop_program.py"), env=env, cwd=str(tmp_path),
+    result = subprocess.run(torchrun_command([], nproc=3, script="tests/harness/stop_program.py"), env=env, cwd=str(tmp_path),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]

@@ -14,7 +14,7 @@ import torch
 
 import sae as sae_module
 from activations import capture, split_sequences
-from headless_chromium import MISSING, open_page as open_in_chromium
+from harness.headless_chromium import MISSING, open_page as open_in_chromium
 from interp import neuron_frequencies
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]

@@ -9,7 +9,7 @@ import torch
 
 import interp
 from conftest import run_train
-from tracking import read_metrics
+from plumbing.tracking import read_metrics
 
 
 @pytest.mark.slow

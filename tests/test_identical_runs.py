@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-import hardware
+from plumbing import hardware
 from conftest import ROOT, model_weights, run_metrics, run_train
 
 RUNS = int(os.environ.get("TINYLAB_IDENTICAL_RUNS", "8"))  # every other one under load

@@ -13,7 +13,7 @@ import train
 from config import Config
 from conftest import run_bad_input, tiny_args
 from model import Transformer
-from checkpoints import CheckpointError
+from plumbing.checkpoints import CheckpointError
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import lens as lens_module
 from activations import DumpSettings, DumpSource, TokenSource, dump, load_run
 from conftest import ROOT, logged_steps, run_bad_input, run_torchrun, wait_until, write_corpus
 from lens import LensConfig, Schedule, build_lens, lens_losses, prepare
-from tracking import read_metrics
+from plumbing.tracking import read_metrics
 
 # Short prompts: the test model's context is 32 positions.
 QUICK = ["--decoder_prompt", "of <A>:", "--encoder_prompt", "<T> is", "--t_text", "4", "--batch_size", "32",

@@ -14,7 +14,7 @@ import torch
 
 import train
 from conftest import ROOT, assert_same_run, logged_steps, run_train, wait_until
-from tracking import read_metrics
+from plumbing.tracking import read_metrics
 
 LONG = ["--modulus", "23", "--batch_size", "64", "--max_steps", "120", "--target_val_acc", "0",
         "--dropout", "0.1", "--log_every", "5", "--eval_every", "20", "--save_every", "50"]

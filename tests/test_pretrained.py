@@ -18,7 +18,7 @@ pytest.importorskip("tokenizers")
 transformers.logging.set_verbosity_error()
 
 import export  # noqa: E402
-import pretrained  # noqa: E402
+from interop import huggingface as pretrained  # noqa: E402
 import train  # noqa: E402
 
 VOCAB = 97

@@ -21,9 +21,13 @@ from activations import DumpSettings, dump, split_sequences
 from data import IGNORE
 from conftest import ROOT, logged_steps, run_bad_input, run_torchrun, wait_until
 from interp import load_run
-from sae import (ARCHS, K_ARCHS, SAEConfig, SparseAutoencoder, modern_metrics, resample_dead, sae_loss, spliced_metrics,
-                 update)
-from tracking import read_metrics
+from saes import ARCHS, K_ARCHS, SparseAutoencoder, build_sae
+from saes.base import bag_decode, nonzero_entries, sae_loss, sparse_decode, update
+from saes.batchtopk import largest
+from saes.config import SAEConfig
+from saes.metrics import modern_metrics, reconstruction_metrics, spliced_metrics
+from saes.relu import resample_dead
+from plumbing.tracking import read_metrics
 
 HOOK = "blocks.0.mlp.hook_post"
 QUICK = ["--hook", HOOK, "--dict_size", "96", "--batch_size", "64", "--max_steps", "20", "--eval_every", "10",
@@ -141,7 +145,7 @@ def test_largest_finds_exactly_the_largest_values_by_a_sampled_guess(rows, width
     values[-1] = 0.0
     flat = values.flatten()
     for case in (flat, torch.where(flat > 2.5, flat, 0.0)):  # the second: fewer than keep positive values
-        found = sae_module.largest(case, keep, width)
+        found = largest(case, keep, width)
         expected = case.topk(min(keep, len(case))).values
         assert torch.equal(found.sort().values, expected.sort().values)
 
@@ -159,8 +163,8 @@ def test_the_sparse_decoders_are_the_dense_decoder_forward_and_backward():
     weights = torch.randn(10, 16, dtype=torch.float64)
     dense = f @ W_dec
     expected = torch.autograd.grad((dense * weights).sum(), (W_dec, f))
-    rows, features, values, count = sae_module.nonzero_entries(f)
-    bagged = sae_module.bag_decode(rows, features, values, count, W_dec)
+    rows, features, values, count = nonzero_entries(f)
+    bagged = bag_decode(rows, features, values, count, W_dec)
     assert torch.allclose(bagged, dense, rtol=0, atol=1e-12) and (bagged[3] == 0).all()
     grad_W, grad_f = torch.autograd.grad((bagged * weights).sum(), (W_dec, f))
     assert torch.allclose(grad_W, expected[0], rtol=0, atol=1e-12)
@@ -168,14 +172,14 @@ def test_the_sparse_decoders_are_the_dense_decoder_forward_and_backward():
     assert torch.allclose(grad_f[active], expected[1][active], rtol=0, atol=1e-12) and (grad_f[~active] == 0).all()
     top = f.detach().topk(3, dim=-1)  # topk's decoder: k entries a row, zeros among them
     kept = torch.zeros_like(f).scatter(-1, top.indices, top.values)
-    sparse = sae_module.sparse_decode(top.indices, top.values, W_dec)
+    sparse = sparse_decode(top.indices, top.values, W_dec)
     assert torch.allclose(sparse, kept @ W_dec, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
 def test_the_batch_forward_decodes_what_decode_gives(arch):
     torch.manual_seed(0)
-    sae = SparseAutoencoder(16, 64, arch, k=3).double()
+    sae = build_sae(16, 64, arch, k=3).double()
     x = torch.randn(40, 16, dtype=torch.float64)
     x_hat, f, _ = sae(x, batch=arch != "topk")
     assert torch.allclose(x_hat, sae.decode(f), rtol=0, atol=1e-12)
@@ -187,11 +191,11 @@ def test_reconstruction_metrics_are_the_definitions_computed_at_once():
     x, _, _ = synthetic(3000)
     x = x * 3 + 0.5  # not centred, not of unit scale: the mean and the input scale both matter
     torch.manual_seed(1)
-    sae = SparseAutoencoder(32, 256, "topk", 4)
+    sae = build_sae(32, 256, "topk", 4)
     sae.calibrate(x, normalize=True)
     with torch.no_grad():
         sae.b_enc -= 0.05 * torch.arange(256)  # late features left behind: never chosen
-        metrics = sae_module.reconstruction_metrics(sae, x, chunk=700)
+        metrics = reconstruction_metrics(sae, x, chunk=700)
         x_hat, f, _ = sae(x)
     x, x_hat = x.double(), x_hat.double()
     residual = (x - x_hat).pow(2).sum()
@@ -209,7 +213,7 @@ def test_every_sae_parameter_receives_a_gradient_and_moves(arch):
     decoder under no_grad). TopK with dead features also exercises the AuxK path."""
     x, _, _ = synthetic(512)
     cfg = SAEConfig(run_dir="-", hook="-", arch=arch, k=4).validate()
-    sae = SparseAutoencoder(32, 64, arch, cfg.k)
+    sae = build_sae(32, 64, arch, cfg.k)
     sae.calibrate(x, normalize=True)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
@@ -230,7 +234,7 @@ def test_every_sae_parameter_receives_a_gradient_and_moves(arch):
 
 
 def test_the_decoder_gradient_along_each_feature_is_removed():
-    sae = SparseAutoencoder(8, 16)
+    sae = build_sae(8, 16)
     sae.W_dec.grad = torch.randn(16, 8)
     sae.remove_parallel_gradient()
     assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(16), atol=1e-6)
@@ -238,7 +242,7 @@ def test_the_decoder_gradient_along_each_feature_is_removed():
 
 def test_resampling_gives_dead_features_the_worst_reconstructed_inputs():
     x, _, _ = synthetic(256)
-    sae = SparseAutoencoder(32, 64)
+    sae = build_sae(32, 64)
     sae.calibrate(x, normalize=True)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
     update(sae, optimizer, x, SAEConfig(run_dir="-", hook="-"), 1.0, None)  # Adam has moments now

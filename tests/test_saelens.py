@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-import overlay_venv
+from harness import overlay_venv
 import sae as sae_module
+from interop.saelens import load_saelens
 from conftest import run_bad_input
 from test_sae import QUICK
 
@@ -23,7 +24,7 @@ from test_sae import QUICK
 # against, pinned so that CI checks that one (a new release is a deliberate change here).
 PACKAGES = ["sae-lens==6.54.12", "transformer_lens>=3,<4", "better-abc>=0.0.3", "plotly", "plotly-express", "babe",
             "nltk", "simple-parsing", "docstring-parser", "tenacity"]
-CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saelens_check.py")
+CHECK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness", "saelens_check.py")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_exported_saes_give_our_features_in_saelens(tmp_path, trained_runs, sael
     # features again, and its report runs on the model (`sae.py report FOLDER --model RUN`).
     for arch in KINDS:
         folder = tmp_path / arch
-        theirs, cfg, run = sae_module.load_saelens(str(folder / "resaved"), trained_runs["modular"], device="cpu")
+        theirs, cfg, run = load_saelens(str(folder / "resaved"), trained_runs["modular"], device="cpu")
         x, f = (torch.from_numpy(np.load(folder / f"{name}.npy")) for name in ("x", "f"))
         with torch.no_grad():
             assert torch.equal(theirs.encode(x) > 0, f > 0)

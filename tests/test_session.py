@@ -20,8 +20,8 @@ import lens as lens_module
 import sae as sae_module
 from config import ConfigError
 from conftest import ROOT, child_pids, logged_steps, run_torchrun, torchrun_command, wait_until
-from rundirs import CLAIM, Claim, launch_identity, process_alive, process_start_time
-from session import StepClock, TrainingDiverged
+from plumbing.rundirs import CLAIM, Claim, launch_identity, process_alive, process_start_time
+from plumbing.session import StepClock, TrainingDiverged
 
 # ---------------------------------------------------------------- claims
 
@@ -112,7 +112,7 @@ def test_of_launches_racing_for_a_stale_claim_exactly_one_wins(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {ROOT!r})
-        from rundirs import Claim
+        from plumbing.rundirs import Claim
         from config import ConfigError
         while time.time() < {time.time() + 1.5}:
             pass
@@ -238,8 +238,8 @@ def test_a_ddp_wrapper_kept_past_the_end_is_reported(tmp_path):
         import os, sys
         sys.path.insert(0, {ROOT!r})
         import torch
-        from distributed import gloo_threads
-        from session import Session
+        from plumbing.distributed import gloo_threads
+        from plumbing.session import Session
         with Session("cpu", "float32") as session:
             model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))
             model(torch.ones(2, 3)).sum().backward()

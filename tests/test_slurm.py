@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import assert_same_run, process_argv, run_metrics
-from slurm_cluster import SlurmCluster, free_port, slurm_missing_reason
+from harness.slurm_cluster import SlurmCluster, free_port, slurm_missing_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "train.slurm")

@@ -18,13 +18,13 @@ from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 import sweep as sweep_module
 from config import Config, _field_types, _parse, parse_config
 from conftest import ROOT, run_metrics, run_train, wait_until, write_corpus
-from rundirs import process_alive
-from slurm_cluster import SlurmCluster, slurm_missing_reason
+from plumbing.rundirs import process_alive
+from harness.slurm_cluster import SlurmCluster, slurm_missing_reason
 
 TRAIN = os.path.join(ROOT, "train.py")
 SWEEP = os.path.join(ROOT, "sweep.py")
 # For the tests about agents rather than training: train.py's flags and stop/resume behaviour, no torch
-STAND_IN = os.path.join(ROOT, "tests", "sweep_program.py")
+STAND_IN = os.path.join(ROOT, "tests", "harness", "sweep_program.py")
 # A tiny modular run: ~1 s of training after ~3 s of start-up.
 TINY = {"modulus": {"value": 17}, "max_steps": {"value": 30}, "eval_every": {"value": 10},
         "log_every": {"value": 10}, "target_val_acc": {"value": 0}}

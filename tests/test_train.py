@@ -11,7 +11,7 @@ import torch
 
 import train
 from conftest import disk_state, run_bad_input, run_train, tiny_args
-from tracking import read_metrics
+from plumbing.tracking import read_metrics
 
 RUN_FILES = {"config.json", "train.log", "metrics.jsonl", "last.pt", "best.pt", "training_curves.png"}
 

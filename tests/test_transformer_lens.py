@@ -9,12 +9,12 @@ import os
 import pytest
 import torch
 
-import interp
+from interop import transformerlens
 from config import Config, ConfigError
 from model import Transformer
 
 pytest.importorskip("transformer_lens", reason="TransformerLens is an optional extra: pip install transformer_lens")
-VERSION = interp.transformer_lens_version()
+VERSION = transformerlens.transformer_lens_version()
 # Version 3 computes in the model's dtype: float64 agrees to rounding. Version 4's native model takes
 # norms in float32 and its rotary tables are float32, whatever the model's dtype: bounds scaled to
 # float32's rounding of the quantity.
@@ -69,16 +69,16 @@ def test_what_version_4_lacks_is_refused_by_name_there_and_converted_by_3(name):
     model = our_model(**CONFIGURATIONS[name])
     if VERSION >= 4:
         with pytest.raises(ValueError, match=lacking_in_4(CONFIGURATIONS[name])[0]):
-            interp.to_transformer_lens(model)
+            transformerlens.to_transformer_lens(model)
     else:
-        assert name in COMPARED and interp.to_transformer_lens(model) is not None
+        assert name in COMPARED and transformerlens.to_transformer_lens(model) is not None
 
 
 @pytest.mark.parametrize("name", COMPARED)
 def test_same_logits_and_activations_under_the_same_hook_names(name):
     overrides = CONFIGURATIONS[name]
     model = our_model(**overrides)
-    tl = interp.to_transformer_lens(model)
+    tl = transformerlens.to_transformer_lens(model)
     if VERSION < 4:
         tl.set_use_attn_result(True)  # version 4's native attention has no per-head results
     tokens = torch.randint(20, (4, 8))
@@ -107,7 +107,7 @@ def test_same_logits_and_activations_under_the_same_hook_names(name):
         if name.endswith(("q_norm.hook_normalized", "k_norm.hook_normalized")):
             b = b.reshape(a.shape)  # TransformerLens flattens [batch, pos, head] for its QK-norm; we keep them
         if VERSION >= 4 and rotary and name.endswith(("attn.hook_q", "attn.hook_k")):
-            a = a[..., interp.rotary_order(a.shape[-1])]  # its rotation's pairs side by side
+            a = a[..., transformerlens.rotary_order(a.shape[-1])]  # its rotation's pairs side by side
         if VERSION >= 4 and name.endswith("hook_attn_scores"):
             # Version 4.3's native attention fires hook_attn_scores with the softmaxed pattern: what
             # it holds is hook_pattern (checked), so there are no scores of its to compare with ours.
@@ -121,12 +121,12 @@ def test_same_logits_and_activations_under_the_same_hook_names(name):
 
 def test_an_attention_sink_has_no_counterpart():
     with pytest.raises(ValueError, match="attention sink"):
-        interp.to_transformer_lens(our_model(attention_sink=True))
+        transformerlens.to_transformer_lens(our_model(attention_sink=True))
 
 
 def test_biases_inside_a_swiglu_have_no_counterpart():
     with pytest.raises(ValueError, match="--bias false"):
-        interp.to_transformer_lens(our_model(norm="rmsnorm", activation="swiglu", bias=True))
+        transformerlens.to_transformer_lens(our_model(norm="rmsnorm", activation="swiglu", bias=True))
 
 
 @pytest.mark.slow
@@ -142,10 +142,10 @@ def test_export_writes_what_transformer_lens_opens_with_our_logits_and_hooks(tmp
                 "--run_name", "add11", "--norm", "rmsnorm", "--positional", "rope", "--activation", "swiglu",
                 "--bias", "false", "--num_kv_heads", "2"])
     out = export.main([str(tmp_path / "add11"), "--to", "transformer_lens", str(tmp_path / "tl")])
-    record = json.load(open(os.path.join(out, interp.TL_FILE)))
+    record = json.load(open(os.path.join(out, transformerlens.TL_FILE)))
     assert record["transformer_lens"] == VERSION and record["settings"]["n_key_value_heads"] == 2
-    assert set(os.listdir(out)) == {interp.TL_FILE, "model.safetensors"}
-    tl = interp.load_transformer_lens(out)
+    assert set(os.listdir(out)) == {transformerlens.TL_FILE, "model.safetensors"}
+    tl = transformerlens.load_transformer_lens(out)
     run = load_run(str(tmp_path / "add11"), "cpu")
     tokens = run.data.val_x[:32].cpu()
     with torch.no_grad():

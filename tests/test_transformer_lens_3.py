@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-import overlay_venv
+from harness import overlay_venv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ["transformer_lens>=3,<4", "better-abc>=0.0.3"]  # what 3 needs beyond what 4 needs

@@ -20,11 +20,11 @@ import pytest
 
 import train
 from conftest import assert_same_run, process_argv, run_metrics
-from slurm_cluster import SlurmCluster, slurm_missing_reason
+from harness.slurm_cluster import SlurmCluster, slurm_missing_reason
 from test_slurm import checkpoint, job_log, submit
 from test_sweep import STAND_IN, study_of, write_sweep
-from tracking import read_metrics
-from virtual_hosts import hosts_missing_reason
+from plumbing.tracking import read_metrics
+from harness.virtual_hosts import hosts_missing_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MISSING = slurm_missing_reason() or hosts_missing_reason()

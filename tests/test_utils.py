@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from checkpoints import load_checkpoint, save_checkpoint
+from plumbing.checkpoints import load_checkpoint, save_checkpoint
 from conftest import ROOT, wait_until
-from hardware import PEAK_FLOPS, describe_hosts, flops_per_token, peak_flops, peak_flops_of
-from session import StopSignals
+from plumbing.hardware import PEAK_FLOPS, describe_hosts, flops_per_token, peak_flops, peak_flops_of
+from plumbing.session import StopSignals
 
 
 @pytest.mark.slow
@@ -25,7 +25,7 @@ def test_a_kill_in_the_middle_of_a_save_leaves_the_previous_checkpoint_loadable(
     script = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {ROOT!r})
-        from checkpoints import save_checkpoint
+        from plumbing.checkpoints import save_checkpoint
         weights = torch.randn(16, 1024, 1024)
         for i in range(10**6):
             save_checkpoint({{"model": {{"w": weights}}, "config": {{}}, "step": i}}, {str(path)!r})

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from virtual_hosts import VirtualHosts, hosts_missing_reason
+from harness.virtual_hosts import VirtualHosts, hosts_missing_reason
 
 MISSING = hosts_missing_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=f"no virtual hosts here: {MISSING}")]

@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from virtual_hosts import Started, VirtualHosts
+from harness.virtual_hosts import Started, VirtualHosts
 
 # States after which a job record no longer changes (a requeued job goes back to PENDING instead).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",

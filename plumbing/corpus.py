@@ -55,12 +55,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from config import ConfigError
-from rundirs import Claim, process_start_time
+from plumbing.rundirs import Claim, process_start_time
 from utils import format_duration, write_json
 
 log = logging.getLogger("tinylab")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: what a corpus server puts on its path
 MAGIC = b"TLTOKENS"
 FORMAT_VERSION = 1
 LLMC_MAGIC = 20240520  # llm.c's GPT-2 token shards (modded-nanogpt's FineWeb shards too)
@@ -672,7 +672,7 @@ def _run_units(spec: dict, units: list[tuple[int, dict]], workers: int, meter: "
             meter.unit_done()
         meter.peak_rss["coordinator"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return results
-    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import corpus; corpus._serve()"]
+    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); from plumbing import corpus; corpus._serve()"]
     procs = [subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
              for _ in range(min(workers, len(units)))]
     todo = list(units)

@@ -34,13 +34,13 @@ import time
 
 import torch
 
-from checkpoints import CheckpointError, rng_state, save_checkpoint
+from plumbing.checkpoints import CheckpointError, rng_state, save_checkpoint
 from config import ConfigError
-from distributed import (StopAgreement, broadcast_object, gather_objects, gloo_threads, min_over_ranks,
+from plumbing.distributed import (StopAgreement, broadcast_object, gather_objects, gloo_threads, min_over_ranks,
                          same_on_all_ranks, setup_distributed, stop_with_launcher, teardown_distributed)
-from hardware import fast_math, pick_device, pick_dtype
-from rundirs import Claim, create_run_dir
-from tracking import Tracker, attach_log_file, close_logging, load_env_files, setup_logging
+from plumbing.hardware import fast_math, pick_device, pick_dtype
+from plumbing.rundirs import Claim, create_run_dir
+from plumbing.tracking import Tracker, attach_log_file, close_logging, load_env_files, setup_logging
 from utils import format_duration
 
 

@@ -217,7 +217,7 @@ def pretrained_settings(name: str, flag: str, tokenizer: str = "") -> tuple[str,
     fields = model_fields(hf, name, flag)
     weight_files(folder, flag)  # before anything reads the tokenizer: a folder without weights says so
     if tokenizer:
-        from corpus import tokenizer_label  # the model-and-data floor: corpus.py reads tokenizers
+        from plumbing.corpus import tokenizer_label  # the model-and-data floor: corpus.py reads tokenizers
         own = None
         try:
             own = checkpoint_tokenizer(folder, hf, name, flag)

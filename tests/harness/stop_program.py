@@ -9,8 +9,8 @@ import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from distributed import StopAgreement, setup_distributed, teardown_distributed  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from plumbing.distributed import StopAgreement, setup_distributed, teardown_distributed  # noqa: E402
 
 info = setup_distributed("cpu")
 agree = StopAgreement(info)

@@ -1,0 +1,31 @@
+"""Sparse dictionaries on a model's activations: one file per kind, found through one registry.
+
+    base.py        what every kind shares (weights, input scale, unit-norm decoder, the MSE, one step)
+    relu.py        L1 penalty, dead features resampled
+    topk.py        k features per row, AuxK
+    batchtopk.py   k x rows across the batch; a learned threshold in use
+    jumprelu.py    a threshold per feature, L0 penalty
+    matryoshka.py  batchtopk whose nested prefixes each reconstruct
+    metrics.py     the held-out metrics under SAELens's names
+    report.py      `sae.py report`: feature views, the density histogram, the feature browser
+    browser.py     the feature browser page
+
+A new kind is one file that subclasses SparseAutoencoder and is decorated with @register, and its
+module added to the import line below (DEVELOPERS.md, "Add an SAE kind")."""
+
+from __future__ import annotations
+
+from saes.base import KINDS, SparseAutoencoder, register  # noqa: F401
+from saes import relu, topk, batchtopk, jumprelu, matryoshka  # noqa: F401,E402 (each registers its kind)
+
+ARCHS = tuple(KINDS)  # the --arch values
+K_ARCHS = tuple(name for name, kind in KINDS.items() if kind.uses_k)  # sparsity set by k, dead features by AuxK
+BATCH_ARCHS = tuple(name for name, kind in KINDS.items() if kind.batch_training)  # chosen across the batch
+
+
+def build_sae(d: int, dict_size: int, arch: str = "relu", k: int = 32, jumprelu_init_threshold: float = 0.01,
+              jumprelu_bandwidth: float = 0.05) -> SparseAutoencoder:
+    """A new dictionary of kind `arch` on d-wide activations with `dict_size` features (decoder rows
+    random unit vectors, the encoder tied to them, biases zero)."""
+    return KINDS[arch](d, dict_size, k=k, jumprelu_init_threshold=jumprelu_init_threshold,
+                       jumprelu_bandwidth=jumprelu_bandwidth)

@@ -1,0 +1,206 @@
+"""What every dictionary kind shares: the weights, the input scale, the unit-norm decoder, the
+reconstruction loss and one optimizer step. A kind (relu.py, topk.py, ...) is a subclass that says
+how pre-activations become features (`activate`) and what it adds to the loss (`extra_loss`), and
+registers itself under its `--arch` name with @register.
+
+x̂ = (W_dec f + b_dec) · scale with f = activate(W_enc (x/scale - b_dec) + b_enc). Shapes: W_enc [d, n],
+W_dec [n, d] (row i is feature i's direction), b_enc [n], b_dec [d]. The weights keep the names
+and shapes SAE folders have always had, so every folder sae.py ever wrote opens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KINDS: dict[str, type["SparseAutoencoder"]] = {}  # --arch name -> class, filled by @register
+
+
+def register(kind: type["SparseAutoencoder"]) -> type["SparseAutoencoder"]:
+    """Class decorator: makes `kind` what --arch `kind.name` builds."""
+    KINDS[kind.name] = kind
+    return kind
+
+
+class SparseAutoencoder(nn.Module):
+    """The base of every kind. Class attributes a kind sets:
+    name: its --arch value; summary: a few words for --help; uses_k: sparsity set by --k (and dead features trained by AuxK);
+    batch_training: training chooses features across the whole batch (every rank's rows), so
+    forward(x, batch=True) must be called on every rank together; saelens_architecture: what SAELens
+    calls it (interop/saelens.py); logged: the loss parts, beyond mse and L0, that training sums for
+its log (extra_record turns them into metrics)."""
+
+    name = ""
+    summary = ""  # a few words for --arch's help
+    uses_k = False
+    batch_training = False
+    saelens_architecture = "standard"
+    logged: tuple[str, ...] = ()
+
+    def __init__(self, d: int, dict_size: int, k: int = 32, jumprelu_init_threshold: float = 0.01,
+                 jumprelu_bandwidth: float = 0.05):
+        super().__init__()
+        self.d, self.dict_size, self.k = d, dict_size, k
+        W_dec = torch.randn(dict_size, d)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.t().clone())  # tied at the start (Gao et al.)
+        self.b_enc = nn.Parameter(torch.zeros(dict_size))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.register_buffer("scale", torch.ones(()))
+
+    @property
+    def arch(self) -> str:
+        return self.name
+
+    def describe(self) -> str:
+        """How the log names this dictionary, e.g. `topk, k=32`."""
+        return f"{self.name}, k={self.k}" if self.uses_k else self.name
+
+    @classmethod
+    def check(cls, cfg, dict_size: int, origin: str) -> str | None:
+        """What is wrong with these settings for a dictionary of `dict_size` features (`origin`: where
+        that size came from), as a message naming the flag; None if nothing."""
+        if cls.uses_k and cfg.k > dict_size:
+            return (f"--k: {cfg.k} is more than the dictionary's {dict_size} features ({origin}); pick a smaller k "
+                    f"or a larger dictionary")
+        return None
+
+    # ---- the forward pass
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return (x / self.scale - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: torch.Tensor, batch: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_activations(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Features -> the reconstruction in the model's units."""
+        return (f @ self.W_dec + self.b_dec) * self.scale
+
+    def forward(self, x: torch.Tensor, batch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, d] -> (x̂ [B, d] in the model's units, f [B, n], pre-activations [B, n]). batch=True:
+        a batch_training kind chooses its features across the batch (training)."""
+        pre = self.pre_activations(x)
+        f = self.activate(pre, batch)
+        if batch:  # training's few features per row: decode only those (in use, early on, many more fire)
+            return (bag_decode(*nonzero_entries(f), self.W_dec) + self.b_dec) * self.scale, f, pre
+        return self.decode(f), f, pre
+
+    # ---- training
+
+    def loss(self, x: torch.Tensor, cfg, l1_weight: float, dead: torch.Tensor | None,
+             forward=None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        """(loss, its parts summed over rows, f). MSE is ‖x - x̂‖² in normalised units (summed over d,
+        averaged over rows), plus what the kind adds (extra_loss). `forward` is the module to call
+        (the DDP wrapper under torchrun, so that gradients are all-reduced)."""
+        x_hat, f, pre = (forward or self)(x, batch=self.batch_training)
+        error = (x - x_hat) / self.scale
+        squared = error.pow(2).sum(-1)
+        parts = {"mse_sum": squared.sum().detach(), "l0_sum": (f > 0).sum().detach().float()}
+        return self.add_penalties(squared.mean(), x, f, pre, error, cfg, l1_weight, dead, parts), parts, f
+
+    def add_penalties(self, loss, x, f, pre, error, cfg, l1_weight: float, dead: torch.Tensor | None, parts: dict):
+        """`loss` (the MSE) plus what the kind adds; it may put its own sums in `parts`."""
+        return loss
+
+    def add_auxk(self, loss, pre: torch.Tensor, error: torch.Tensor, cfg, dead: torch.Tensor | None, parts: dict):
+        """`loss` plus AuxK (Gao et al. 2024): the dead features' k_aux largest pre-activations
+        reconstruct what the live ones miss, weighted by --aux_coefficient; nothing when none is dead."""
+        if dead is None or not bool(dead.any()) or not cfg.aux_coefficient:
+            return loss
+        k_aux = min(cfg.aux_k or self.d // 2, int(dead.sum()))
+        top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1)
+        missed = sparse_decode(top.indices, F.relu(top.values), self.W_dec)
+        aux = (error.detach() - missed).pow(2).sum(-1)
+        parts["aux_sum"] = aux.sum().detach()
+        return loss + cfg.aux_coefficient * aux.mean()
+
+    def extra_record(self, sums: dict, rows: float, weight: float) -> dict:
+        """What the kind adds to a logged training record, from the window's summed `logged` parts."""
+        return {}
+
+    def extra_log(self, record: dict) -> str:
+        """What the kind adds to the step's log line."""
+        return ""
+
+    def penalty_weight(self, step: int, cfg) -> float:
+        """The sparsity penalty's weight at `step` (relu warms its L1 up; the others have none)."""
+        return 0.0
+
+    @torch.no_grad()
+    def after_step(self, cfg) -> None:
+        """After each optimizer step: unit decoder rows (kinds add their own upkeep)."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    def maintain(self, step: int, cfg, optimizer, x: torch.Tensor, dead: torch.Tensor, distributed: bool) -> int:
+        """After a step's metrics are written: a kind's occasional upkeep (relu resamples dead
+        features); returns how many features it changed."""
+        return 0
+
+    # ---- shared pieces
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, normalize: bool) -> None:
+        """Input scale (E‖x/scale‖² = d) and b_dec = the mean input, from a sample x [N, d]."""
+        if normalize:
+            self.scale.copy_(x.pow(2).sum(-1).mean().div(self.d).sqrt().clamp_min(1e-8))
+        self.b_dec.copy_(x.mean(0) / self.scale)
+
+    @torch.no_grad()
+    def remove_parallel_gradient(self) -> None:
+        """Drops each decoder row's gradient component along the row (which only changes its norm)."""
+        if self.W_dec.grad is not None:
+            unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+            self.W_dec.grad -= (self.W_dec.grad * unit).sum(1, keepdim=True) * unit
+
+    def saelens_weights(self) -> dict[str, torch.Tensor]:
+        """Weights beyond W_enc, W_dec, b_enc, b_dec that SAELens's format of this kind holds."""
+        return {}
+
+
+def update(sae: SparseAutoencoder, optimizer, x: torch.Tensor, cfg, l1_weight: float,
+           dead: torch.Tensor | None, forward=None) -> tuple[dict, torch.Tensor]:
+    """One optimizer step on rows x: loss, backward, the decoder-norm constraint, clip, step, the
+    kind's upkeep. Returns the loss parts (summed over rows) and the feature activations f."""
+    loss, parts, f = sae.loss(x, cfg, l1_weight, dead, forward)
+    parts["loss"] = loss.detach()  # for the nan guard
+    loss.backward()
+    sae.remove_parallel_gradient()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sae.after_step(cfg)
+    return parts, f.detach()
+
+
+def sae_loss(sae: SparseAutoencoder, x: torch.Tensor, cfg, l1_weight: float, dead: torch.Tensor | None,
+             forward=None) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """sae.loss, as a function."""
+    return sae.loss(x, cfg, l1_weight, dead, forward)
+
+
+def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Σ_j values[:, j] · W_dec[indices[:, j]]: the decoder applied to k nonzero features per row,
+    without the dense [B, n] matmul."""
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+
+def nonzero_entries(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(row, feature, value) of every nonzero entry of f [B, n], row by row, and B; the values keep
+    their gradient."""
+    rows, features = f.nonzero(as_tuple=True)
+    return rows, features, f[rows, features], len(f)
+
+
+def bag_decode(rows: torch.Tensor, features: torch.Tensor, values: torch.Tensor, count: int,
+               W_dec: torch.Tensor) -> torch.Tensor:
+    """Σ value · W_dec[feature] for each of `count` rows, from entries grouped by row: the decoder
+    applied to the batch kinds' ~k features per row (a varying number each) without the dense
+    [B, n] x [n, d] matmul, forward and backward."""
+    sizes = torch.bincount(rows, minlength=count)
+    return F.embedding_bag(features, W_dec, torch.cumsum(sizes, 0) - sizes, per_sample_weights=values, mode="sum")

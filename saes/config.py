@@ -1,0 +1,160 @@
+"""The settings of an SAE (sae.py's flags), where its folder lives, and opening one."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+from activations import POSITIONS, load_run, run_folder
+from config import (DEVICES, DTYPES, ConfigError, ModelSource, OptimSettings, config_from_dict, need, need_name,
+                    need_one_of, override, section)
+from plumbing.checkpoints import CheckpointError, load_checkpoint
+from saes import build_sae
+from saes.base import KINDS
+
+SOURCES = ("live", "dump")
+
+_what = section("what to train on")
+_dictionary = section("dictionary")
+_optim = section("optimization")
+_eval = section("evaluation, logging, checkpoints")
+_runtime = section("runtime")
+
+
+@dataclass
+class SAEConfig(OptimSettings, ModelSource):
+    run_dir: str = _what("", "the model's run directory (runs/<run>) or checkpoint (or --model)")
+    hook: str = _what("", "hook point whose activations to reconstruct, e.g. blocks.0.mlp.hook_post")
+    positions: str = _what("answer", "answer (the positions the loss reads) | all (every token)")
+    source: str = _what("live", "live (from the model, through a shuffling buffer) | dump (activations.py dump)")
+    dump: str = _what("", "with --source dump: the dump directory (default <run>/activations/<hook>/train-<positions>)")
+    max_tokens: int = _what(0, "with --source live: use only the first N tokens of the train split (0: all)")
+    buffer_rows: int = _what(65536, "with --source live: rows in the shuffling buffer")
+    run_name: str = _what("", "the SAE's name (empty: <hook>-<arch>-<dict_size>)", aliases=("--name",))
+    save_model_dir: str = _what("", "where SAEs live (empty: <run>/sae); the SAE is <save_model_dir>/<run_name>")
+    resume: str = _what("", "'auto': continue <save_model_dir>/<run_name>/last.pt if it exists")
+    claim_timeout: float = _what(300.0, "an SAE directory whose writer on another host has sent no heartbeat for "
+                                        "this many seconds may be taken over")
+    seed: int = _what(0, "seed for initialisation and batch order")
+
+    arch: str = _dictionary("relu", " | ".join(f"{name} ({kind.summary})" for name, kind in KINDS.items()))
+    dict_size: int = _dictionary(0, "features (0: expansion x the activation width)")
+    expansion: float = _dictionary(4.0, "features per activation dimension, when --dict_size is 0")
+    k: int = _dictionary(32, "topk: active features per row; batchtopk, matryoshka: on average over the batch")
+    threshold_lr: float = _dictionary(0.01, "batchtopk, matryoshka: the threshold used outside training is an "
+                                            "average of each step's smallest kept activation, with this weight")
+    l0_coefficient: float = _dictionary(1.0, "jumprelu: weight of the L0 penalty (features active per row)")
+    jumprelu_init_threshold: float = _dictionary(0.01, "jumprelu: every feature's threshold at the start")
+    jumprelu_bandwidth: float = _dictionary(0.05, "jumprelu: width of the straight-through estimator's window")
+    pre_act_coefficient: float = _dictionary(3e-6, "jumprelu: weight of the loss that pulls dead features' "
+                                                   "pre-activations up to their thresholds")
+    matryoshka_sizes: str = _dictionary("", "matryoshka: the nested prefixes that each reconstruct, e.g. 64,256,1024 "
+                                            "(the whole dictionary is the last level; empty: 1/16, 1/4 of it)")
+    l1_coefficient: float = _dictionary(5.0, "relu: weight of the decoder-norm-weighted L1 penalty")
+    l1_warmup_steps: int = _dictionary(500, "relu: the L1 weight rises linearly from 0 over these steps")
+    dead_rows: int = _dictionary(1_000_000, "a feature that fired on none of the last N training rows is dead")
+    resample_every: int = _dictionary(250, "relu: resample dead features every N steps in the first half (0: never)")
+    aux_k: int = _dictionary(0, "topk: dead features used by the AuxK loss (0: half the activation width)")
+    aux_coefficient: float = _dictionary(1 / 32, "topk: weight of the AuxK loss")
+    normalize: bool = _dictionary(True, "scale inputs so that E|x|^2 = d (one scalar, kept in the SAE)")
+
+    max_steps: int = _optim(3000, "optimizer steps")
+    batch_size: int = _optim(4096, "rows per step (all ranks together)")
+    lr: float = override("lr", 1e-3, "Adam learning rate (peak)")
+    beta1: float = override("beta1", 0.9, "Adam beta1")
+    beta2: float = override("beta2", 0.999, "Adam beta2")
+    warmup_steps: int = override("warmup_steps", 100)
+    lr_schedule: str = override("lr_schedule", "cosine")  # plateau: on the held-out mse
+
+    eval_every: int = _eval(500, "evaluate on held-out rows every N steps")
+    eval_tokens: int = _eval(32768, "tokens of the val split used for evaluation (0: all)")
+    log_every: int = _eval(50, "log training metrics every N steps")
+    save_every: int = _eval(1000, "write last.pt every N steps (0: only at the end)")
+    wandb_enabled: bool = _eval(False, "log to Weights & Biases (WANDB_MODE=offline works)")
+    wandb_project: str = _eval("", "W&B project (empty: WANDB_PROJECT, else tinylab)")
+
+    device: str = _runtime("auto", "auto | cpu | cuda | mps")
+    dtype: str = _runtime("auto", "precision of the model's forward pass (the SAE trains in float32)")
+
+    # Fields that shape the SAE, its data or its live buffer (in the checkpoint): a resumed SAE keeps them.
+    FIXED_ON_RESUME = ("hook", "positions", "arch", "dict_size", "expansion", "k", "normalize", "source", "seed",
+                       "buffer_rows", "max_tokens", "matryoshka_sizes")
+    RENAMED = {"name": "run_name"}  # the keys of SAE checkpoints written before the rename
+
+    def validate(self) -> "SAEConfig":
+        self.validate_optimization()
+        for name, choices in (("arch", tuple(KINDS)), ("source", SOURCES), ("positions", POSITIONS),
+                              ("device", DEVICES), ("dtype", DTYPES)):
+            need_one_of(self, name, choices)
+        need(bool(self.hook), "hook", "name the hook point, e.g. --hook blocks.0.mlp.hook_post")
+        for name in ("max_steps", "batch_size", "k", "eval_every", "log_every", "buffer_rows", "dead_rows"):
+            need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        for name in ("dict_size", "l1_warmup_steps", "resample_every", "aux_k", "save_every",
+                     "eval_tokens", "max_tokens"):
+            need(getattr(self, name) >= 0, name, f"must be 0 or more, got {getattr(self, name)}")
+        for name in ("expansion", "lr"):
+            need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        for name in ("l1_coefficient", "aux_coefficient", "claim_timeout", "l0_coefficient", "pre_act_coefficient"):
+            need(getattr(self, name) >= 0, name, f"must not be negative, got {getattr(self, name)}")
+        for name in ("jumprelu_init_threshold", "jumprelu_bandwidth"):
+            need(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        need(0 < self.threshold_lr <= 1, "threshold_lr", f"must be in (0, 1], got {self.threshold_lr}")
+        if self.dict_size:
+            self.check_kind(self.dict_size, "--dict_size")
+        need(not self.matryoshka_sizes or self.arch == "matryoshka", "matryoshka_sizes",
+             f"only --arch matryoshka has nested prefixes (this SAE is {self.arch})")
+        sizes = self.prefix_sizes()
+        if sizes:
+            need(sizes[0] >= 1 and all(a < b for a, b in zip(sizes, sizes[1:])), "matryoshka_sizes",
+                 f"{self.matryoshka_sizes}: the prefixes must grow, each at least 1")
+        need_name(self.run_name, "run_name")
+        need(self.resume in ("", "auto"), "resume", f"{self.resume!r}: the only value is auto")
+        self.validate_source()
+        return self
+
+    def check_kind(self, dict_size: int, origin: str) -> None:
+        """ConfigError if the kind's own settings do not fit a dictionary of `dict_size` features
+        (`origin`: where that size came from, for the message)."""
+        problem = KINDS[self.arch].check(self, dict_size, origin)
+        if problem:
+            raise ConfigError(problem)
+
+    def prefix_sizes(self) -> list[int]:
+        """--matryoshka_sizes as numbers ([] when not given)."""
+        try:
+            return [int(s) for s in self.matryoshka_sizes.split(",")] if self.matryoshka_sizes else []
+        except ValueError:
+            raise ConfigError(f"--matryoshka_sizes: {self.matryoshka_sizes!r} is not a comma-separated list of "
+                              f"feature counts, e.g. 64,256") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sae_dir(cfg: SAEConfig, d: int) -> tuple[str, str]:
+    """(where the SAE lives, its name): <save_model_dir>/<run_name>, by default <run>/sae/<hook>-<arch>-<size>."""
+    base = run_folder(cfg.run_dir)
+    name = cfg.run_name or f"{cfg.hook}-{cfg.arch}-{cfg.dict_size or int(cfg.expansion * d)}"
+    return os.path.join(cfg.save_model_dir or os.path.join(base, "sae"), name), name
+
+
+def load_sae(path: str, device: str = "auto"):
+    """An SAE directory (its last.pt) or checkpoint -> (SparseAutoencoder in eval mode, SAEConfig, run)."""
+    path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
+    checkpoint = load_checkpoint(path)
+    if "rows_since_fired" not in checkpoint:
+        raise CheckpointError(f"{path} is a model checkpoint, not an SAE's; pass <run>/sae/<name>")
+    cfg = config_from_dict(checkpoint["config"], cls=SAEConfig)
+    # The model checkpoint it was trained on, by absolute path (run_dir may be relative to elsewhere);
+    # else the run directory two levels up (<run>/sae/<name>/last.pt).
+    model_path = checkpoint.get("model_checkpoint", "")
+    if not os.path.isfile(model_path):
+        model_path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    run = load_run(model_path, device=device)
+    if checkpoint.get("model_step", run.step) != run.step:
+        raise CheckpointError(f"{path}: this SAE was trained on the model at step {checkpoint['model_step']}, but "
+                              f"{run.checkpoint_path} now holds step {run.step}; its metrics would not mean much")
+    weights = checkpoint["model"]
+    sae = build_sae(checkpoint["d"], weights["W_dec"].shape[0], cfg.arch, cfg.k)
+    sae.load_state_dict(weights)
+    return sae.to(run.device).eval(), cfg, run
