@@ -110,7 +110,7 @@ def test_text_run_samples_and_perplexity(tmp_path, corpus, capsys):
     assert RUN_FILES <= files(tmp_path / "t")
     assert summary["val_perplexity"] == pytest.approx(2.718281828 ** summary["val_loss"], rel=1e-6)
     out = capsys.readouterr().out
-    assert "--- sample from 'ROMEO:'" in out
+    assert "--- sample from '\\n'" in out and "--- sample from '\\nBefore we proceed'" in out  # the corpus's lines
 
 
 @pytest.mark.slow
