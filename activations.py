@@ -33,9 +33,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from config import (DEVICES, DTYPES, PRETRAINED_FILE, ConfigError, ModelSource, config_from_dict, need, need_one_of,
+from config import (DEVICES, DTYPES, PRETRAINED_FILE, ConfigError, ModelSourceConfig, config_from_dict, need, need_one_of,
                     parse_flags, section)
-from data import IGNORE, _step_seed, build_data
+from data import IGNORE, _step_seed, build_data, encode_text, open_run_data
 from model import Transformer
 from interop.huggingface import DEFAULT_TRAIN_CONTEXT, load_pretrained
 from plumbing.checkpoints import CheckpointError, find_checkpoint, load_checkpoint, newest_checkpoint
@@ -74,10 +74,14 @@ def load_run(path: str, device: str = "auto", prefer: str = "best", source=None)
     """A run directory (its best.pt, else last.pt; prefer="last" for the other order) or a
     checkpoint file -> the model in eval mode, its config and its data, on the best device.
 
-    A pretrained model reads like a run: `source` is a program's settings (config.ModelSource) and,
+    A pretrained model reads like a run: `source` is a program's settings (config.ModelSourceConfig) and,
     with --model, `path` is the folder that stands for the model (<runs_dir>/<model name>/), where
     rank 0 records pretrained.json; that folder, or its pretrained.json, opens the same model
-    and text again later (an SAE's report, say)."""
+    and text again later (an SAE's report, say).
+
+    A text run opens without its corpus: its tokenizer.json gives the tokenizer (data.RunTextData),
+    and the corpus is read only by what needs its text; with `source`, its --data_path names where
+    the corpus is now when it moved. Runs from before tokenizer.json read their corpus, as ever."""
     spec = source.pretrained_spec() if source is not None else None
     if spec is not None:
         return open_pretrained(spec, device, os.path.join(path, PRETRAINED_FILE))
@@ -90,8 +94,10 @@ def load_run(path: str, device: str = "auto", prefer: str = "best", source=None)
         path = found[0] if found else find_checkpoint(path)  # find_checkpoint names what is missing
     checkpoint = load_checkpoint(path)  # weights_only=True
     cfg = config_from_dict(checkpoint["config"], {})
+    if getattr(source, "data_path", ModelSourceConfig.data_path) != ModelSourceConfig.data_path:
+        cfg.data_path = source.data_path  # --data_path: where the run's corpus is now
     torch_device = pick_device(device)
-    data = build_data(cfg, Dist(), torch_device)
+    data = open_run_data(cfg, os.path.dirname(path), torch_device, data_path_flag=source is not None)
     model = Transformer(cfg, data.vocab_size).to(torch_device)
     model.load_state_dict(checkpoint["model"])
     model.eval()
@@ -124,7 +130,7 @@ class TokenizerOnly:
         self.seq_len = cfg.context_len
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+        return encode_text(self.tokenizer, text)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
@@ -296,7 +302,7 @@ _how = section("how")
 
 
 @dataclass
-class DumpSettings(ModelSource):
+class DumpConfig(ModelSourceConfig):
     run_dir: str = _what("", "a run directory (runs/<run>) or a checkpoint file (or --model)")
     hook: str = _what("", "hook point, e.g. blocks.0.mlp.hook_post or blocks.0.hook_resid_post")
     positions: str = _what("answer", "answer (the positions the loss reads) | all (every token)")
@@ -310,7 +316,7 @@ class DumpSettings(ModelSource):
     dtype: str = _how("auto", "forward pass precision: auto (bf16 autocast on capable GPUs) | float32 | bfloat16")
     overwrite: bool = _how(False, "replace a dump with other settings in --out")
 
-    def validate(self) -> "DumpSettings":
+    def validate(self) -> "DumpConfig":
         for name, choices in (("positions", POSITIONS), ("split", SPLITS), ("store_dtype", ("float32", "float16")),
                               ("device", DEVICES), ("dtype", DTYPES)):
             need_one_of(self, name, choices)
@@ -332,7 +338,7 @@ def _save_npy(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def dump(settings: DumpSettings, log=print) -> str:
+def dump(settings: DumpConfig, log=print) -> str:
     """Writes (or completes) a dump; returns its directory. Every rank of a torchrun job calls it."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(settings.device, local_rank)
@@ -354,7 +360,7 @@ def dump(settings: DumpSettings, log=print) -> str:
                 "num_shards": num_shards, "store_dtype": settings.store_dtype}
         problem = None
         if dist_info.is_main:
-            problem = _prepare(out, what, sequences, settings.overwrite)
+            problem = _plan_dump(out, what, sequences, settings.overwrite)
         problem = broadcast_object(problem)
         if problem:
             raise ConfigError(problem)
@@ -399,7 +405,7 @@ def _ours(name: str) -> bool:
     return name.startswith(("acts-", "rows-", "tokens.npy", "targets.npy", "manifest.json"))
 
 
-def _prepare(out: str, what: dict, sequences: Sequences, overwrite: bool) -> str | None:
+def _plan_dump(out: str, what: dict, sequences: Sequences, overwrite: bool) -> str | None:
     """Rank 0: checks an existing dump in `out` and writes the sequences and an incomplete
     manifest. Returns a message when `out` holds a dump of something else."""
     manifest_path = os.path.join(out, "manifest.json")
@@ -505,6 +511,17 @@ class DumpSource(_RowOrder):
         index = self.indices(step)
         where = self.where[index].to(self.device)
         return ActivationBatch(self.rows(index), where[:, 0], where[:, 1])
+
+    def require(self, wanted: dict, who: str, run_dir: str, why: str = "") -> "DumpSource":
+        """Refuses, naming the first manifest entry that differs, a dump that is not what `who` (an
+        SAE, a lens) of `run_dir` needs: `wanted` maps manifest keys to their values (with hook and
+        positions, for the command that writes the right one); `why` says what they mean."""
+        for key, value in wanted.items():
+            if self.manifest.get(key) != value:
+                raise ConfigError(f"--dump: {self.directory} holds {key} {self.manifest.get(key)!r}, and this {who} "
+                                  f"needs {value!r}{why}; dump it with `python activations.py dump {run_dir} --hook "
+                                  f"{wanted['hook']} --positions {wanted['positions']}`")
+        return self
 
 
 class TokenSource(_RowOrder):
@@ -658,7 +675,7 @@ def main(argv: list[str] | None = None) -> str:
     if command != "dump":
         raise ConfigError(f"unknown command {command!r}; the command is `dump`: "
                           f"python activations.py dump RUN --hook NAME")
-    settings, _ = parse_flags(DumpSettings, rest, "activations.py dump",
+    settings, _ = parse_flags(DumpConfig, rest, "activations.py dump",
                               "Dump a run's activations at one hook point to sharded .npy files.",
                               positional="run_dir")
     return dump(settings)

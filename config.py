@@ -53,7 +53,7 @@ SHAKESPEARE_URL = (
 
 
 @dataclass
-class OptimSettings:
+class OptimConfig:
     """The optimisation settings every trainer shares (train.py, sae.py, lens.py inherit them, each
     with its own defaults through `override`): the learning rate's peak, warm-up and schedule, Adam's
     betas, gradient clipping. `optimizer.LRSchedule` and `optimizer.load_optimizer_states` take this."""
@@ -84,13 +84,13 @@ class OptimSettings:
 
 def override(name: str, default, help: str = ""):
     """A shared optimisation field with this program's default (and, if given, its own help text),
-    for a config class that inherits OptimSettings: `lr: float = override("lr", 1e-3)`."""
-    base = OptimSettings.__dataclass_fields__[name]
+    for a config class that inherits OptimConfig: `lr: float = override("lr", 1e-3)`."""
+    base = OptimConfig.__dataclass_fields__[name]
     return field(default=default, metadata={**base.metadata, "help": help or base.metadata["help"]})
 
 
 @dataclass
-class CorpusSettings:
+class CorpusConfig:
     """Where the text task's tokens come from (train.py and prepare.py share them; corpus.py reads
     them): a text file, documents (.txt / .jsonl / .parquet, a folder or a glob) or token shards,
     prepared once into --cache_dir."""
@@ -135,7 +135,7 @@ def pretrained_folder(model: str, runs_dir: str) -> str:
 
 
 @dataclass
-class ModelSource:
+class ModelSourceConfig:
     """What the analysis programs (activations.py, sae.py, lens.py, interp.py) read: a run (each
     program's own run_dir field) or, with --model, a pretrained checkpoint and the text it reads
     (sample.py, which reads no text, has --model alone). `validate_source` points run_dir at the
@@ -146,9 +146,10 @@ class ModelSource:
                                  "Qwen/Qwen2.5-0.5B) or a folder in its layout (config.json + *.safetensors); "
                                  "what a run would hold goes under <runs_dir>/<model name>/")
     data_path: str = _pretrained("data/tiny_shakespeare.txt", "with --model: the text it reads, anything train.py's "
-                                                              "--data_path takes (the default is downloaded when missing)")
+                                                              "--data_path takes (the default is downloaded when "
+                                                              "missing); with a run: where its corpus is now, if it moved")
     context_len: int = _pretrained(0, "with --model: tokens per window (0: the model's context, at most 1024)")
-    runs_dir: str = _pretrained("runs", "with --model: the folder that holds <model name>/ (train.py's --save_model_dir)")
+    runs_dir: str = _pretrained("runs", "with --model: the folder that holds <model name>/ (train.py's --runs_dir)")
 
     def validate_source(self, run_flag: str = "run_dir") -> None:
         need(self.context_len >= 0, "context_len", f"must be 0 or more, got {self.context_len}")
@@ -170,7 +171,7 @@ class ModelSource:
 
 
 @dataclass
-class Config(OptimSettings, CorpusSettings):
+class Config(OptimConfig, CorpusConfig):
     # The defaults are the `grokking` preset: `python train.py` memorises the training pairs by
     # step ~80, groks by step 290-540 and learns the circuit Nanda et al. describe (logits in a few
     # key frequencies: restricted loss at or below the full loss, excluded loss high). It takes
@@ -187,9 +188,9 @@ class Config(OptimSettings, CorpusSettings):
     # cannot explain; lowering its decay restores sparsity only at 0.1, where it no longer groks fast.
 
     # ---- run ----
-    run_name: str = _run("", "run name; the run lives in <save_model_dir>/<run_name>/ (empty: generated)",
+    run_name: str = _run("", "run name; the run lives in <runs_dir>/<run_name>/ (empty: generated)",
                          aliases=("--run",))
-    save_model_dir: str = _run("runs", "directory that holds run directories")
+    runs_dir: str = _run("runs", "directory that holds run directories", aliases=("--save_model_dir",))
     preset: str = _run("grokking", "named set of defaults applied before --config and flags")
     seed: int = _run(0, "seed for the data split, initialisation and sampling")
     resume: str = _run("", "'auto' (resume <run>/last.pt if it exists) or a checkpoint / run dir")
@@ -399,7 +400,7 @@ def need_one_of(settings, name: str, choices) -> None:
 def need_name(name: str, flag: str) -> None:
     """A run's (or an SAE's, a lens's) name: one directory, not a path."""
     need("/" not in name and "\\" not in name and name not in (".", ".."), flag,
-         f"{name!r} is a path; give a name (--save_model_dir says where it lives)")
+         f"{name!r} is a path; give a name (--runs_dir says where it lives)")
 
 
 def _is_prime(n: int) -> bool:
@@ -500,7 +501,7 @@ Config.FIXED_ON_RESUME = (
 Config.SECTIONS = ("run", "task: modular arithmetic", "task: Dyck languages", "task: text")
 
 # Keys of config.json files and checkpoints written before a field was renamed: they keep loading.
-Config.RENAMED = {"run": "run_name"}
+Config.RENAMED = {"run": "run_name", "save_model_dir": "runs_dir"}
 
 # Fields that name a run rather than describe it: `--config` leaves them to the new run.
 _IDENTITY_FIELDS = ("run_name", "resume")
@@ -590,7 +591,7 @@ _OTHER_NAMES = {
     "n_heads": "num_heads", "n_embd": "embedding_dim", "d_model": "embedding_dim", "d_mlp": "mlp_dim",
     "block_size": "context_len", "n_ctx": "context_len", "max_iters": "max_steps",
     "gradient_accumulation_steps": "accumulation_steps", "compile": "torch_compile",
-    "wandb_log": "wandb_enabled", "out_dir": "save_model_dir", "eval_interval": "eval_every",
+    "wandb_log": "wandb_enabled", "out_dir": "runs_dir", "eval_interval": "eval_every",
     "log_interval": "log_every", "warmup_iters": "warmup_steps", "wd": "weight_decay", "p": "modulus",
 }
 

@@ -42,14 +42,14 @@ TARGETS = ("hf", "transformer_lens")
 
 
 @dataclass
-class ExportSettings:
+class ExportConfig:
     run_dir: str = _what("", "a run directory (runs/<run>) or a checkpoint file in one")
     out: str = _what("", "the folder to write: new, or empty")
     checkpoint: str = _what("best", "best | last: which checkpoint of a run directory (the other when it is missing)")
     to: str = _how("hf", "hf: a Hugging Face checkpoint folder | transformer_lens: for the installed TransformerLens")
     check: bool = _how(True, "open the export (with transformers when installed, for hf) and compare its logits with ours")
 
-    def validate(self) -> "ExportSettings":
+    def validate(self) -> "ExportConfig":
         need(bool(self.run_dir), "run_dir", "name a run: python export.py runs/<run> --to hf OUT")
         need(os.path.exists(self.run_dir), "run_dir", f"{self.run_dir} does not exist")
         need(bool(self.out), "out", "name the folder to write: python export.py runs/<run> --to hf OUT")
@@ -87,7 +87,7 @@ def check_with_transformer_lens(folder: str, model) -> float:
 
 
 def main(argv: list[str] | None = None) -> str:
-    cfg, _ = parse_flags(ExportSettings, argv, "export.py", __doc__.split("\n\n")[0], positional=("run_dir", "out"))
+    cfg, _ = parse_flags(ExportConfig, argv, "export.py", __doc__.split("\n\n")[0], positional=("run_dir", "out"))
     version = None
     if cfg.to == "transformer_lens":
         try:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from activations import Run, load_run, run_folder, split_sequences  # noqa: F401 (re-exported: `from interp import load_run`)
-from config import ConfigError, ModelSource, parse_flags, section
+from config import ConfigError, ModelSourceConfig, parse_flags, section
 from data import IGNORE
 from fourier import (fourier_basis, fourier_measures, frequency_norms, frequency_rows, gini,  # noqa: F401
                      key_frequencies, logit_frequency_norms, restrict_to_frequencies, restricted_and_excluded,
@@ -640,7 +640,7 @@ def plot_probes(accuracies: dict[str, dict[str, Probe]], title: str = "", path: 
 
 def write_report(run_dir: str, out_dir: str | None = None, device: str = "auto", source=None) -> str:
     """Writes <run>/interp/: plots and report.md with the findings in numbers; returns its path.
-    `source` (a config.ModelSource) opens a pretrained model instead (load_run)."""
+    `source` (a config.ModelSourceConfig) opens a pretrained model instead (load_run)."""
     import matplotlib.pyplot as plt
 
     open_before = set(plt.get_fignums())
@@ -793,18 +793,18 @@ _report = section("report")
 
 
 @dataclass
-class ReportSettings(ModelSource):
+class ReportConfig(ModelSourceConfig):
     run_dir: str = _report("", "a run directory (runs/<run>) or a checkpoint file (or --model)")
     out: str = _report("", "output directory (default <run>/interp)")
     device: str = _report("auto", "auto | cpu | cuda | mps")
 
-    def validate(self) -> "ReportSettings":
+    def validate(self) -> "ReportConfig":
         self.validate_source()
         return self
 
 
 def main(argv: list[str] | None = None) -> str:
-    cfg, _ = parse_flags(ReportSettings, argv, "interp.py", "Write an interpretability report for a run or a "
+    cfg, _ = parse_flags(ReportConfig, argv, "interp.py", "Write an interpretability report for a run or a "
                          "pretrained model.", positional="run_dir")
     path = write_report(cfg.run_dir, cfg.out or None, cfg.device, source=cfg)
     print(f"wrote {path}")

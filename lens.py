@@ -41,10 +41,10 @@ of a few held-out activations at every eval) and explanations.png (how they chan
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
-import signal
 import sys
 from dataclasses import asdict, dataclass
 
@@ -56,16 +56,15 @@ import torch.nn.functional as F
 from activations import (POSITIONS, DumpSource, Run, TokenSource, default_dump_dir, encode_exactly, load_run,
                          run_folder, split_sequences)
 from plumbing.checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
-from config import (DEVICES, DTYPES, ConfigError, ModelSource, OptimSettings, config_from_dict, need, need_name,
-                    need_one_of, override, parse_flags, resumed_config, section)
+from config import (DEVICES, DTYPES, ConfigError, ModelSourceConfig, OptimConfig, config_from_dict, need, need_name,
+                    need_one_of, override, parse_flags, section)
 from data import _step_seed
 from plumbing.distributed import all_reduce_sum, gather_objects
 from plumbing.hardware import autocast, pick_dtype
 from model import Transformer
-from optimizer import LRSchedule, Muon, load_optimizer_states
-from plumbing.session import Session, StepClock, run_command
-from plumbing.tracking import read_metrics, trim_metrics, wandb_settings
-from utils import format_duration
+from optimizer import LRSchedule, Muon, load_optimizer_states, split_parameters
+from plumbing.session import Session, resume_checkpoint, run_command
+from plumbing.tracking import Panel, plot_curves, read_metrics, trim_metrics
 
 SOURCES = ("live", "dump")
 DIVERGED_ADVICE = "Lower --lr or --muon_lr, or set --grad_clip, then start again"
@@ -80,7 +79,7 @@ _runtime = section("runtime")
 
 
 @dataclass
-class LensConfig(OptimSettings, ModelSource):
+class LensConfig(OptimConfig, ModelSourceConfig):
     run_dir: str = _what("", "the text model's run directory (runs/<run>) or checkpoint (or --model)")
     layer: int = _what(-1, "explain the residual stream after this block (-1: the middle block, num_blocks // 2)")
     source: str = _what("live", "live (computed from the train split as needed) | dump (activations.py dump)")
@@ -303,6 +302,10 @@ class ConsistencyLens(nn.Module):
         setattr(self, f"{part}_base", copy_)
         return copy_
 
+    def trainable(self) -> list[nn.Parameter]:
+        """What the optimizers train now (it grows when a base unfreezes)."""
+        return [p for p in self.parameters() if p.requires_grad and p.numel()]
+
     def decoder_model(self) -> Transformer:
         return self.decoder_base or self.base
 
@@ -372,7 +375,7 @@ class Batch:
 
 
 @torch.no_grad()
-def prepare(base: Transformer, layer: int, contexts: torch.Tensor, position: torch.Tensor,
+def build_batch(base: Transformer, layer: int, contexts: torch.Tensor, position: torch.Tensor,
             acts: torch.Tensor | None, device, dtype) -> Batch:
     """The original model's view of a batch: its residual stream after `layer`, and its next-token
     distribution at each activation's position with A itself patched in there: the same path (and
@@ -515,25 +518,16 @@ def build_lens(cfg: LensConfig, run: Run) -> ConsistencyLens:
                            cfg.patch_all_layers)
 
 
-def build_optimizers(cfg: LensConfig, named: list[tuple[str, nn.Parameter]], part: str | None = None
+def parameter_groups(cfg: LensConfig, named: list[tuple[str, nn.Parameter]], part: str | None = None
                      ) -> list[dict]:
     """Parameter groups: Muon for 2-D matrices (the projections, a base's block matrices) when
     --use_muon, AdamW for the rest. Returns [adamw groups, muon groups] as dicts; `part`
     ("decoder" or "encoder") marks an unfrozen base's groups, which have their own LR multiplier
     and warm-up."""
-    muon, decay, no_decay = [], [], []
-    seen = set()
-    for name, p in named:
-        if id(p) in seen or not p.numel():  # an empty soft prompt ("<T> is" has nothing before the text)
-            continue
-        seen.add(id(p))
-        if cfg.use_muon and p.ndim == 2 and (name.startswith("blocks.") or name.endswith(("decoder_in.weight",
-                                                                                            "encoder_out.weight"))):
-            muon.append(p)
-        elif p.ndim >= 2 and "prompt" not in name and not name.endswith(("_left", "_right")):
-            decay.append(p)
-        else:
-            no_decay.append(p)
+    muon, decay, no_decay = split_parameters(
+        named, to_muon=lambda name, p: cfg.use_muon and p.ndim == 2 and (
+            name.startswith("blocks.") or name.endswith(("decoder_in.weight", "encoder_out.weight"))),
+        decayed=lambda name, p: p.ndim >= 2 and "prompt" not in name and not name.endswith(("_left", "_right")))
     adamw = [{"params": params, "kind": "adamw", "decays": decays, "part": part}
              for params, decays in ((decay, True), (no_decay, False)) if params]
     muon_groups = [{"params": muon, "kind": "muon", "decays": True, "part": part}] if muon else []
@@ -558,13 +552,13 @@ class Optimizers:
     def __init__(self, cfg: LensConfig, lens: ConsistencyLens):
         self.cfg = cfg
         self.schedule = LRSchedule(cfg, cfg.max_steps)
-        adamw, muon = build_optimizers(cfg, list(lens.named_parameters()))
+        adamw, muon = parameter_groups(cfg, list(lens.named_parameters()))
         fused = lens.decoder_in.weight.is_cuda or None
         self.adamw = torch.optim.AdamW(adamw, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
         self.muon = Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay) if muon else None
 
     def add_base(self, base: Transformer, part: str) -> None:
-        adamw, muon = build_optimizers(self.cfg, list(base.named_parameters()), part)
+        adamw, muon = parameter_groups(self.cfg, list(base.named_parameters()), part)
         for group in adamw:
             self.adamw.add_param_group(group)
         for group in muon:
@@ -620,15 +614,9 @@ def train_source(cfg: LensConfig, run: Run, layer: int, rank: int, world: int):
         return TokenSource(run, hook, cfg.positions, "train", cfg.batch_size, cfg.seed, rank, world, cfg.max_tokens,
                            cfg.dtype)
     directory = cfg.dump or default_dump_dir(cfg.run_dir, hook, "train", cfg.positions)
-    source = DumpSource(directory, cfg.batch_size, run.device, cfg.seed, rank, world)
     wanted = {"hook": hook, "split": "train", "positions": cfg.positions, "step": run.step,
               "checkpoint": os.path.abspath(run.checkpoint_path)}
-    for key, value in wanted.items():
-        if source.manifest.get(key) != value:
-            raise ConfigError(f"--dump: {directory} holds {key} {source.manifest.get(key)!r}, and this lens needs "
-                              f"{value!r}; dump it with `python activations.py dump {cfg.run_dir} --hook {hook} "
-                              f"--positions {cfg.positions}`")
-    return source
+    return DumpSource(directory, cfg.batch_size, run.device, cfg.seed, rank, world).require(wanted, "lens", cfg.run_dir)
 
 
 def held_out(run: Run, layer: int, positions: str, rows: int, seed: int, dtype: str
@@ -639,7 +627,7 @@ def held_out(run: Run, layer: int, positions: str, rows: int, seed: int, dtype: 
     size = min(rows, 256, available)
     source = TokenSource(run, f"blocks.{layer}.hook_resid_post", positions, "val", size, seed, 0, 1, 0, dtype)
     located = [source.locate(s) for s in range(max(1, min(rows, available) // size))]
-    batches = [prepare(run.model, layer, source.tokens[sequence], position, None, run.device,
+    batches = [build_batch(run.model, layer, source.tokens[sequence], position, None, run.device,
                        pick_dtype(dtype, run.device)) for sequence, position in located]
     return source, located, batches
 
@@ -665,22 +653,9 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
         run = load_run(cfg.run_dir, device=str(device), source=cfg)
         for p in run.model.parameters():
             p.requires_grad_(False)  # the original model is only read
-        layer, _ = resolve_layers(cfg, run)
-        out_dir = lens_dir(cfg, layer)
-        checkpoint = None
-        if cfg.resume == "auto" and os.path.isfile(os.path.join(out_dir, "last.pt")):
-            checkpoint = load_checkpoint(os.path.join(out_dir, "last.pt"))
-            if "mean_square" not in checkpoint.get("model", {}):
-                raise CheckpointError(f"{out_dir}/last.pt is not a lens checkpoint; pass another --run_name")
-            saved = checkpoint["config"]
-            for key, now, then in zip(("layer", "encoder_layer"), resolve_layers(cfg, run),
-                                      resolve_layers(LensConfig(**saved), run)):
-                if key in explicit and now != then:  # -1 means the middle block: compare the blocks meant
-                    raise ConfigError(f"--{key}: a resumed lens keeps its checkpoint's {key} ({then})")
-            if checkpoint["model_step"] != run.step:
-                raise ConfigError(f"--resume: this lens was trained on the model at step {checkpoint['model_step']}, "
-                                  f"but {run.checkpoint_path} now holds step {run.step}; start a new lens (--run_name)")
-            cfg = resumed_config(cfg, saved, explicit, "lens")
+        out_dir = lens_dir(cfg, resolve_layers(cfg, run)[0])
+        checkpoint, cfg = resume_checkpoint(out_dir, cfg, explicit, "lens", run.step, run.checkpoint_path,
+                                            functools.partial(refuse_other_lens, cfg, run, explicit, out_dir))
         if cfg.batch_size % dist.world_size or cfg.batch_size < 2 * dist.world_size:
             raise ConfigError(f"--batch_size: {cfg.batch_size} rows do not split into {dist.world_size} rank(s) of at "
                               f"least 2 (the resample ablation pairs each row with another of its rank)")
@@ -693,98 +668,35 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
         activation_statistics(lens, run, cfg)
         session.claim_directory(out_dir, cfg.resume == "auto", f"--run_name: {out_dir} already holds a lens; pass "
                                 f"another --run_name, or --resume auto to continue it", cfg.to_dict(), cfg.claim_timeout)
-
         schedules = {name: cfg.schedule(name) for name in ("tau", "kl_weight", "mse_weight", "alpha", "entropy_weight")}
         optimizers = Optimizers(cfg, lens)
-        step, elapsed_before = 0, 0.0
-
-        def unfreeze_due(step_: int) -> None:
-            for part in ("decoder", "encoder"):
-                at = getattr(cfg, f"unfreeze_{part}_step")
-                if at >= 0 and step_ >= at and getattr(lens, f"{part}_base") is None:
-                    optimizers.add_base(lens.unfreeze(part), part)
-                    if step_ == at:
-                        log.info(f"step {step_}: the {part} gets its own copy of the base "
-                                 f"(lr x {getattr(cfg, f'{part}_lr_mult')}, warm-up "
-                                 f"{getattr(cfg, f'{part}_warmup_steps')} steps)")
-
-        if checkpoint is not None:
-            step, elapsed_before = checkpoint["step"], checkpoint["elapsed_seconds"]
-            # The copies first, so that their weights and optimizer groups have a place, in the order the
-            # run made them (optimizer states line up by position, and the two copies have one shape).
-            for part in sorted(("decoder", "encoder"), key=lambda part: getattr(cfg, f"unfreeze_{part}_step")):
-                if any(k.startswith(f"{part}_base.") for k in checkpoint["model"]):
-                    optimizers.add_base(lens.unfreeze(part), part)
-            lens.load_state_dict(checkpoint["model"])
-            optimizers.load_state_dict(checkpoint["optimizers"])
-            optimizers.schedule.load_state_dict(checkpoint.get("lr_schedule"))
-            if len(checkpoint["rng"]) == dist.world_size:
-                set_rng_state(checkpoint["rng"][dist.rank])
-
-        def trainable() -> list[nn.Parameter]:  # grows when a base unfreezes
-            return [p for p in lens.parameters() if p.requires_grad and p.numel()]
-
-        count = sum(p.numel() for p in trainable())
-        log.info(f"consistency lens on blocks.{lens.layer}.hook_resid_post of {cfg.run_dir} "
-                 f"(checkpoint {run.checkpoint_path}, step {run.step}) -> {out_dir}")
-        log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
-        log.info(f"d={lens.mean_act.numel()} | {count:,} trainable parameters (base frozen and shared) | "
-                 f"decoder prompt {len(lens.decoder_left) + 1 + len(lens.decoder_right)} positions, encoder prompt "
-                 f"{len(lens.encoder_left) + len(lens.encoder_right)} + {cfg.t_text} | {cfg.source} source, "
-                 f"{source.num_rows:,} train activations | {cfg.batch_size}/step on {dist.world_size} rank(s) | "
-                 f"eval on {sum(len(b.acts) for b in eval_batches):,} val activations | dtype {dtype}"
-                 + (f" | resumed at step {step}" if checkpoint is not None else ""))
-
-        explanations_path = os.path.join(out_dir, "explanations.jsonl")
-        tracker = session.tracker(out_dir, step, wandb_settings(cfg.wandb_project, os.path.basename(out_dir), out_dir,
-                                                                cfg.to_dict()) if cfg.wandb_enabled else None,
-                                  checkpoint.get("wandb_id") if checkpoint else None)
-        if session.is_main:
-            trim_metrics(explanations_path, step)
-        last_good = (os.path.join(out_dir, "last.pt"), step) if checkpoint is not None else None
-        checkpointer = session.checkpointer(out_dir, trainable, cfg.max_steps, last=last_good, advice=DIVERGED_ADVICE)
-        clock = StepClock(cfg.max_steps, elapsed_before)
-
-        contexts = [show_context(run, held_out_source.tokens[s], p)
-                    for s, p in zip(*(column[:cfg.examples].tolist() for column in located[0]))]
-
-        def run_eval(tau: float) -> dict:
-            with autocast(device, dtype):  # as the held-out batches' reference was computed
-                metrics, explanations = evaluate(lens, eval_batches)
-            if session.is_main and cfg.examples:
-                texts = [run.data.decode(ids.tolist()) for ids in explanations[0][:cfg.examples]]
-                with open(explanations_path, "a") as f:
-                    f.write(json.dumps({"step": step, "tau": tau, "contexts": contexts, "explanations": texts}) + "\n")
-            return metrics
+        step, window = restore(checkpoint, lens, optimizers, cfg, session)
+        describe(cfg, run, lens, source, eval_batches, out_dir, step if checkpoint is not None else None, session)
+        explanations = Explanations(os.path.join(out_dir, "explanations.jsonl"), run, held_out_source, located,
+                                    cfg.examples, session.is_main, step)
+        loop = session.loop(out_dir, cfg, cfg.max_steps, step, lens.trainable, checkpoint, advice=DIVERGED_ADVICE)
 
         def state() -> dict:
             return {"model": lens.state_dict(), "optimizers": optimizers.state_dict(), "step": step,
                     "lr_schedule": optimizers.schedule.state_dict(), "config": cfg.to_dict(),
-                    "elapsed_seconds": clock.elapsed(), "wandb_id": tracker.wandb_id,
+                    "elapsed_seconds": loop.clock.elapsed(), "wandb_id": loop.tracker.wandb_id,
                     "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step,
                     "window": gather_objects(dict(window))}
 
         # ---- the loop
-        # Sums since the last log line, per term with its own row count (a term switched off part-way,
-        # such as fluency at alpha 0, is averaged over the steps that had it). A resumed run carries
-        # them over from the checkpoint, so its next line averages the same steps as an unbroken run's.
-        keys = ("loss", "kl", "mse", "fluency", "entropy")
-        window = dict.fromkeys(keys + tuple(f"{k}_rows" for k in keys), 0.0)
-        if checkpoint is not None and len(checkpoint["window"]) == dist.world_size:
-            window = checkpoint["window"][dist.rank]
-        last_eval, interrupted = {}, 0
-        with session.stop_signals():
+        last_eval = {}
+        with loop.running():
             while step < cfg.max_steps:
-                unfreeze_due(step)
+                unfreeze_due(cfg, lens, optimizers, step, log)
                 lr = optimizers.set_lr(step)
                 weights = {name: schedule(step) for name, schedule in schedules.items()}
-                if isinstance(source, TokenSource):  # A from the forward pass prepare runs anyway
+                if isinstance(source, TokenSource):  # A from the forward pass build_batch runs anyway
                     sequence, position = source.locate(step)
                     acts = None
                 else:
                     rows = source.batch(step)
                     sequence, position, acts = rows.sequence.cpu(), rows.position, rows.acts
-                batch = prepare(run.model, lens.layer, source.tokens[sequence], position, acts, device, dtype)
+                batch = build_batch(run.model, lens.layer, source.tokens[sequence], position, acts, device, dtype)
                 # Gumbel noise from (seed, step, rank): a resumed lens draws what it would have drawn.
                 generator = None
                 if cfg.gumbel_noise:
@@ -794,72 +706,147 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
                     loss, parts, _ = lens_losses(lens, batch, weights["tau"], weights, fluency_prefix,
                                                  cfg.resample_ablation, generator)
                 loss.backward()
-                params = trainable()
+                params = lens.trainable()
                 if dist.enabled:
                     average_gradients(params, dist.world_size)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
                 optimizers.step()
                 step += 1
-                clock.tick()
-                checkpointer.watch(step, loss.detach() + grad_norm)
                 for key, value in (("loss", float(loss.detach())), *parts.items()):
                     window[key] += value * len(batch.acts)
                     window[f"{key}_rows"] += len(batch.acts)
-
-                log_due = step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps
-                eval_due = step % cfg.eval_every == 0 or step == cfg.max_steps
-                save_due = cfg.save_every and step % cfg.save_every == 0
-                if log_due or eval_due or save_due:
-                    checkpointer.check(step)  # before anything is logged as good or saved
+                due = loop.after_step(step, loss.detach() + grad_norm)
                 record = {}
-                if log_due:
-                    sums = all_reduce_sum(window, device)
-                    ms_per_step, rows_per_sec = clock.report(cfg.batch_size)
-                    record = {"step": step,
-                              **{f"train_{k}": sums[k] / sums[f"{k}_rows"] for k in keys if sums[f"{k}_rows"]},
+                if due.record:
+                    sums, window = all_reduce_sum(window, device), dict.fromkeys(window, 0.0)
+                    ms_per_step, rows_per_sec = loop.clock.report(cfg.batch_size)
+                    record = {"step": step, **{f"train_{k}": sums[k] / sums[f"{k}_rows"] for k in TERMS
+                                               if sums[f"{k}_rows"]},
                               "tau": weights["tau"], "lr": lr, "grad_norm": float(grad_norm),
                               "ms_per_step": ms_per_step, "rows_per_sec": rows_per_sec}
-                    log.info(f"step {step:>6}/{cfg.max_steps} | loss {record['train_loss']:.4f} | "
-                             f"kl {record['train_kl']:.4f} | mse {record['train_mse']:.4f}"
-                             + (f" | fluency {record['train_fluency']:.3f}" if "train_fluency" in record else "")
-                             + f" | entropy {record['train_entropy']:.2f} | tau {weights['tau']:.3f} | lr {lr:.2e} | "
-                             f"{ms_per_step:.1f} ms/step | {rows_per_sec:,.0f} rows/s | {clock.progress(step)}")
-                    window = dict.fromkeys(window, 0.0)
-                with clock.paused():  # evals and checkpoints stay out of ms/step and rows/s
-                    if eval_due:
-                        last_eval = run_eval(weights["tau"])
+                    log.info(train_line(record, cfg.max_steps) + f" | {loop.clock.progress(step)}")
+                with loop.clock.paused():  # evals and checkpoints stay out of ms/step and rows/s
+                    if due.evaluate:
+                        with autocast(device, dtype):  # as the held-out batches' reference was computed
+                            last_eval, decoded = evaluate(lens, eval_batches)
+                        explanations.write(step, weights["tau"], decoded)
                         record = {"step": step, **record, **last_eval}
-                        log.info(f"eval {step:>6} | kl {last_eval['val_kl']:.4f} (mean A {last_eval['val_kl_mean']:.4f}, "
-                                 f"other A {last_eval['val_kl_random']:.4f}) | mse {last_eval['val_mse']:.4f} "
-                                 f"(mean A {last_eval['val_mse_mean']:.4f}, other A {last_eval['val_mse_random']:.4f}) | "
-                                 f"fve {last_eval['val_fve']:.4f}")
+                        log.info(eval_line(step, last_eval))
                         if optimizers.schedule.observe(last_eval["val_kl"]):
                             log.info(f"plateau: LR x {optimizers.schedule.factor:.3g} of its schedule from step {step + 1}")
-                    if record:
-                        tracker.write({**record, "elapsed_seconds": round(clock.elapsed(), 3)})
-                    if save_due:
-                        checkpointer.save("last.pt", step, state())
-                signum = session.agreed_stop_signal()
-                if signum and step < cfg.max_steps:
-                    interrupted = signum
-                    log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
+                    loop.write(record)
+                    if due.save:
+                        loop.save(step, state())
+                if loop.stop_requested(step):
                     break
-            checkpointer.save("last.pt", step, state())
-        session.report_replicas(trainable(), "lens weights")
+            loop.save(step, state())
+        session.report_replicas(lens.trainable(), "lens weights")
         if session.is_main:
-            plot_lens_curves(tracker.path, os.path.join(out_dir, "curves.png"), title=os.path.basename(out_dir))
-            plot_explanations(explanations_path, os.path.join(out_dir, "explanations.png"))
-        seconds = session.seconds()
-        summary = {"lens_dir": out_dir, "steps": step, "seconds": seconds,
-                   "interrupted": signal.Signals(interrupted).name if interrupted else None, **last_eval}
-        if interrupted:
-            log.info(f"interrupted at step {step}; last.pt saved. Continue with the same command and --resume auto")
-        else:
-            log.info(f"done: {step} steps in {format_duration(seconds)} | "
-                     + (f"val kl {last_eval['val_kl']:.4f} | val fve {last_eval['val_fve']:.4f} | " if last_eval else "")
-                     + f"report: python lens.py eval {out_dir}")
-        session.finish_tracking(128 + interrupted if interrupted else 0, preempted=bool(interrupted))
-    return summary
+            plot_lens_curves(loop.tracker.path, os.path.join(out_dir, "curves.png"), title=os.path.basename(out_dir))
+            plot_explanations(explanations.path, os.path.join(out_dir, "explanations.png"))
+        seconds = loop.finish(step, "| " + (f"val kl {last_eval['val_kl']:.4f} | val fve {last_eval['val_fve']:.4f} | "
+                                     if last_eval else "") + f"report: python lens.py eval {out_dir}")
+    return {"lens_dir": out_dir, "steps": step, "seconds": seconds, "interrupted": loop.interrupted_name(),
+            **last_eval}
+
+
+# Loss terms logged, each averaged over the rows of the steps that had it (a term switched off part-way,
+# such as fluency at alpha 0, over the steps it was on).
+TERMS = ("loss", "kl", "mse", "fluency", "entropy")
+
+
+def refuse_other_lens(cfg: LensConfig, run: Run, explicit: set[str], out_dir: str, checkpoint: dict) -> None:
+    """--resume auto: <out_dir>/last.pt must be a lens, of the layers asked for (if asked)."""
+    if "mean_square" not in checkpoint.get("model", {}):
+        raise CheckpointError(f"{out_dir}/last.pt is not a lens checkpoint; pass another --run_name")
+    for key, now, then in zip(("layer", "encoder_layer"), resolve_layers(cfg, run),
+                              resolve_layers(LensConfig(**checkpoint["config"]), run)):
+        if key in explicit and now != then:  # -1 means the middle block: compare the blocks meant
+            raise ConfigError(f"--{key}: a resumed lens keeps its checkpoint's {key} ({then})")
+
+
+def restore(checkpoint: dict | None, lens: "ConsistencyLens", optimizers: "Optimizers", cfg: LensConfig,
+            session: Session) -> tuple[int, dict]:
+    """(the step to start from, the sums since the last log line), and with a checkpoint the lens, its
+    copies of the base, the optimizers, the schedule and the RNG streams as it left them. The window
+    of sums is carried over so that a resumed lens's next line averages the steps an unbroken one's does."""
+    window = dict.fromkeys(TERMS + tuple(f"{k}_rows" for k in TERMS), 0.0)
+    if checkpoint is None:
+        return 0, window
+    # The copies first, so that their weights and optimizer groups have a place, in the order the
+    # run made them (optimizer states line up by position, and the two copies have one shape).
+    for part in sorted(("decoder", "encoder"), key=lambda part: getattr(cfg, f"unfreeze_{part}_step")):
+        if any(k.startswith(f"{part}_base.") for k in checkpoint["model"]):
+            optimizers.add_base(lens.unfreeze(part), part)
+    lens.load_state_dict(checkpoint["model"])
+    optimizers.load_state_dict(checkpoint["optimizers"])
+    optimizers.schedule.load_state_dict(checkpoint.get("lr_schedule"))
+    dist = session.dist
+    if len(checkpoint["rng"]) == dist.world_size:
+        set_rng_state(checkpoint["rng"][dist.rank])
+    if len(checkpoint["window"]) == dist.world_size:
+        window = checkpoint["window"][dist.rank]
+    return checkpoint["step"], window
+
+
+def unfreeze_due(cfg: LensConfig, lens: "ConsistencyLens", optimizers: "Optimizers", step: int, log) -> None:
+    """At --unfreeze_decoder_step / --unfreeze_encoder_step: that side gets its own trainable copy of the base."""
+    for part in ("decoder", "encoder"):
+        at = getattr(cfg, f"unfreeze_{part}_step")
+        if at >= 0 and step >= at and getattr(lens, f"{part}_base") is None:
+            optimizers.add_base(lens.unfreeze(part), part)
+            if step == at:
+                log.info(f"step {step}: the {part} gets its own copy of the base (lr x "
+                         f"{getattr(cfg, f'{part}_lr_mult')}, warm-up {getattr(cfg, f'{part}_warmup_steps')} steps)")
+
+
+def describe(cfg: LensConfig, run: Run, lens: "ConsistencyLens", source, eval_batches: list, out_dir: str,
+             resumed_at: int | None, session: Session) -> None:
+    """The lens describes itself at the top of its log."""
+    log = session.log
+    count = sum(p.numel() for p in lens.trainable())
+    log.info(f"consistency lens on blocks.{lens.layer}.hook_resid_post of {cfg.run_dir} "
+             f"(checkpoint {run.checkpoint_path}, step {run.step}) -> {out_dir}")
+    log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
+    log.info(f"d={lens.mean_act.numel()} | {count:,} trainable parameters (base frozen and shared) | "
+             f"decoder prompt {len(lens.decoder_left) + 1 + len(lens.decoder_right)} positions, encoder prompt "
+             f"{len(lens.encoder_left) + len(lens.encoder_right)} + {cfg.t_text} | {cfg.source} source, "
+             f"{source.num_rows:,} train activations | {cfg.batch_size}/step on {session.dist.world_size} rank(s) | "
+             f"eval on {sum(len(b.acts) for b in eval_batches):,} val activations | dtype {session.dtype}"
+             + (f" | resumed at step {resumed_at}" if resumed_at is not None else ""))
+
+
+def train_line(record: dict, max_steps: int) -> str:
+    return (f"step {record['step']:>6}/{max_steps} | loss {record['train_loss']:.4f} | kl {record['train_kl']:.4f} | "
+            f"mse {record['train_mse']:.4f}"
+            + (f" | fluency {record['train_fluency']:.3f}" if "train_fluency" in record else "")
+            + f" | entropy {record['train_entropy']:.2f} | tau {record['tau']:.3f} | lr {record['lr']:.2e} | "
+            f"{record['ms_per_step']:.1f} ms/step | {record['rows_per_sec']:,.0f} rows/s")
+
+
+def eval_line(step: int, val: dict) -> str:
+    return (f"eval {step:>6} | kl {val['val_kl']:.4f} (mean A {val['val_kl_mean']:.4f}, other A "
+            f"{val['val_kl_random']:.4f}) | mse {val['val_mse']:.4f} (mean A {val['val_mse_mean']:.4f}, other A "
+            f"{val['val_mse_random']:.4f}) | fve {val['val_fve']:.4f}")
+
+
+class Explanations:
+    """explanations.jsonl: at each eval, the lens's explanations of the first `examples` held-out
+    activations beside their contexts (rank 0 writes; a resumed lens first drops what came after
+    its checkpoint)."""
+
+    def __init__(self, path: str, run: Run, held_out_source, located, examples: int, is_main: bool, step: int):
+        self.path, self.run, self.examples, self.is_main = path, run, examples, is_main
+        self.contexts = [show_context(run, held_out_source.tokens[s], p)
+                         for s, p in zip(*(column[:examples].tolist() for column in located[0]))]
+        if is_main:
+            trim_metrics(path, step)
+
+    def write(self, step: int, tau: float, decoded: list) -> None:
+        if self.is_main and self.examples:
+            texts = [self.run.data.decode(ids.tolist()) for ids in decoded[0][:self.examples]]
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "tau": tau, "contexts": self.contexts, "explanations": texts}) + "\n")
 
 
 # ---------------------------------------------------------------- pictures, loading, eval
@@ -867,32 +854,14 @@ def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
 
 def plot_lens_curves(metrics_path: str, out_path: str, title: str = "") -> str:
     """Training and held-out KL and MSE (with both baselines), FVE and tau against steps."""
-    from matplotlib.figure import Figure
+    def term(name: str) -> Panel:
+        return Panel(name, [(f"train_{name}", "train", "-"), (f"val_{name}", "val", "o-"),
+                            (f"val_{name}_mean", "val, Â = mean A", "--"),
+                            (f"val_{name}_random", "val, Â = another A", ":")], "log")
 
-    records = read_metrics(metrics_path)
-    fig = Figure(figsize=(16, 3.6))
-    axes = fig.subplots(1, 4)
-    for ax, term in zip(axes[:2], ("kl", "mse")):
-        for key, label, style in ((f"train_{term}", "train", "-"), (f"val_{term}", "val", "o-"),
-                                  (f"val_{term}_mean", "val, Â = mean A", "--"),
-                                  (f"val_{term}_random", "val, Â = another A", ":")):
-            points = [(r["step"], r[key]) for r in records if key in r]
-            if points:
-                ax.plot(*zip(*points), style, label=label, markersize=3)
-        ax.set(xlabel="step", title=term, yscale="log")
-        ax.legend(fontsize=7)
-    for ax, key, label in ((axes[2], "val_fve", "fraction of variance explained (val)"), (axes[3], "tau", "tau")):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
-        ax.set(xlabel="step", title=label)
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    return out_path
+    return plot_curves(read_metrics(metrics_path), out_path, [
+        term("kl"), term("mse"), Panel("fraction of variance explained (val)", [("val_fve", "", "-")]),
+        Panel("tau", [("tau", "", "-")])], title)
 
 
 def plot_explanations(path: str, out_path: str, evals: int = 8) -> str | None:

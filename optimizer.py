@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
-from config import Config, OptimSettings
+from config import Config, OptimConfig
 
 # Quintic Newton–Schulz coefficients from Keller Jordan's Muon (also torch.optim.Muon's defaults).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -140,6 +140,20 @@ def _is_hidden_matrix(name: str, p: nn.Parameter) -> bool:
     return p.ndim == 2 and name.startswith("blocks.")
 
 
+def split_parameters(named, to_muon, decayed) -> tuple[list, list, list]:
+    """(Muon's, AdamW's decayed, AdamW's undecayed) share of `named` (name, parameter) pairs, each
+    parameter once (tied weights share one) and empty ones left out; `to_muon(name, p)` and
+    `decayed(name, p)` decide. Every trainer splits its parameters here (train.py, lens.py)."""
+    seen: set[int] = set()
+    muon, decay, no_decay = [], [], []
+    for name, p in named:
+        if id(p) in seen or not p.numel():  # an empty soft prompt: nothing to train
+            continue
+        seen.add(id(p))
+        (muon if to_muon(name, p) else decay if decayed(name, p) else no_decay).append(p)
+    return muon, decay, no_decay
+
+
 def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimizer]:
     """AdamW alone, or Muon for hidden matrices plus AdamW for everything else.
 
@@ -147,18 +161,10 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
     --decay_all_params, the plain `AdamW(model.parameters())` of Nanda et al.).
     Each group remembers its peak LR as `initial_lr`; `apply_lr` scales from it.
     """
-    seen: set[int] = set()
-    muon_params, decay, no_decay = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:  # tied weights appear once
-            continue
-        seen.add(id(p))
-        if cfg.use_muon and _is_hidden_matrix(name, p):
-            muon_params.append(p)
-        elif p.ndim >= 2 or cfg.decay_all_params:
-            decay.append(p)
-        else:
-            no_decay.append(p)
+    muon_params, decay, no_decay = split_parameters(
+        [(name, p) for name, p in model.named_parameters() if p.requires_grad],
+        to_muon=lambda name, p: cfg.use_muon and _is_hidden_matrix(name, p),
+        decayed=lambda name, p: p.ndim >= 2 or cfg.decay_all_params)
     fused = next(model.parameters()).is_cuda
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
@@ -187,7 +193,7 @@ def load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[
             group.update(settings)
 
 
-def lr_multiplier(step: int, cfg: OptimSettings, max_steps: int) -> float:
+def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Linear warm-up over warmup_steps, then cosine / linear decay to min_lr_frac, or constant
     (also the plateau schedule's shape: its cuts are LRSchedule's)."""
     if step < cfg.warmup_steps:
@@ -215,7 +221,7 @@ class LRSchedule:
     `min_delta` (as torch's ReduceLROnPlateau, without cooldown). `observe` takes each eval's loss;
     the state goes into the checkpoint, so a resumed run cuts where an unbroken one would."""
 
-    def __init__(self, settings: OptimSettings, max_steps: int):
+    def __init__(self, settings: OptimConfig, max_steps: int):
         self.settings, self.max_steps = settings, max_steps
         self.factor, self.best, self.bad_evals = 1.0, math.inf, 0
 

@@ -15,14 +15,14 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from config import ConfigError, CorpusSettings, parse_flags, section
+from config import ConfigError, CorpusConfig, parse_flags, section
 from plumbing.corpus import open_corpus
 
 _run = section("run")
 
 
 @dataclass
-class PrepareConfig(CorpusSettings):
+class PrepareConfig(CorpusConfig):
     claim_timeout: float = _run(300.0, "a prepare on another host whose claim has sent no heartbeat for this many "
                                        "seconds is taken over (and resumed)")
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
 import sys
 
 import torch
@@ -40,13 +39,13 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from activations import DumpSource, LiveSource, Sequences, default_dump_dir, hook_width, load_run, rows_of, split_sequences
-from config import ConfigError, parse_flags, resumed_config
+from config import ConfigError, parse_flags
 from interop.saelens import export
 from optimizer import LRSchedule, apply_lr, load_optimizer_states
-from plumbing.checkpoints import load_checkpoint, seed_everything, set_rng_state
+from plumbing.checkpoints import seed_everything, set_rng_state
 from plumbing.distributed import all_reduce_sum, gather_to_main, regroup_ddp_buckets
-from plumbing.session import Session, StepClock, run_command
-from plumbing.tracking import read_metrics, wandb_settings
+from plumbing.session import Session, resume_checkpoint, run_command
+from plumbing.tracking import Panel, plot_curves, read_metrics
 from saes import SparseAutoencoder, build_sae
 from saes.base import update
 from saes.config import SAEConfig, load_sae, sae_dir  # noqa: F401 (load_sae: `sae.load_sae(DIR)` in notebooks)
@@ -75,209 +74,172 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
             p.requires_grad_(False)  # the model is only read
         d = hook_width(run, cfg.hook)
         out_dir, name = sae_dir(cfg, d)
-        checkpoint = None
-        if cfg.resume == "auto" and os.path.isfile(os.path.join(out_dir, "last.pt")):
-            checkpoint = load_checkpoint(os.path.join(out_dir, "last.pt"))
-            if checkpoint.get("model_step", run.step) != run.step:
-                raise ConfigError(f"--resume: this SAE was trained on the model at step {checkpoint['model_step']}, "
-                                  f"but {run.checkpoint_path} now holds step {run.step}; start a new SAE (--run_name)")
-            cfg = resumed_config(cfg, checkpoint["config"], explicit, "SAE")
+        checkpoint, cfg = resume_checkpoint(out_dir, cfg, explicit, "SAE", run.step, run.checkpoint_path)
         if cfg.batch_size % dist.world_size:
             raise ConfigError(f"--batch_size: {cfg.batch_size} rows do not split into {dist.world_size} ranks")
         dict_size = cfg.dict_size or int(cfg.expansion * d)
         cfg.check_kind(dict_size, "--dict_size" if cfg.dict_size else f"--expansion {cfg.expansion:g} x width {d}")
-        local_batch = cfg.batch_size // dist.world_size
-        if cfg.source == "dump":
-            directory = cfg.dump or default_dump_dir(cfg.run_dir, cfg.hook, "train", cfg.positions)
-            source = DumpSource(directory, cfg.batch_size, device, cfg.seed, dist.rank, dist.world_size)
-            wanted = {"hook": cfg.hook, "d": d, "split": "train", "positions": cfg.positions, "step": run.step}
-            for key, value in wanted.items():
-                if source.manifest.get(key) != value:
-                    raise ConfigError(f"--dump: {directory} holds {key} {source.manifest.get(key)!r}, and this SAE "
-                                      f"needs {value!r} (the train split of the model at step {run.step}); dump it "
-                                      f"with `python activations.py dump {cfg.run_dir} --hook {cfg.hook} "
-                                      f"--positions {cfg.positions}`")
-        else:
-            source = LiveSource(run, cfg.hook, cfg.positions, "train", local_batch, cfg.buffer_rows // dist.world_size,
-                                cfg.seed, dist.rank, dist.world_size, cfg.max_tokens, dtype=cfg.dtype)
+        source = open_source(cfg, run, d, session)
         held_out = split_sequences(run, "val", cfg.positions, cfg.eval_tokens)
         session.claim_directory(out_dir, cfg.resume == "auto", f"--run_name: {out_dir} already holds an SAE; pass "
                                 f"another --run_name, or --resume auto to continue it", cfg.to_dict(), cfg.claim_timeout)
 
         # ---- the SAE, its optimizer, its state
-        def all_rows(seqs: Sequences) -> torch.Tensor:
-            return torch.cat([rows_of(run.model, seqs, s, s + 1024, cfg.hook, device, dtype).acts
-                              for s in range(0, len(seqs.tokens), 1024)])
-
-        eval_rows = all_rows(held_out)
+        eval_rows = all_rows(run, held_out, cfg.hook, device, dtype)
         seed_everything(cfg.seed)  # the same initialisation on every rank
         sae = build_sae(d, dict_size, cfg.arch, cfg.k, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth).to(device)
         # The input scale and b_dec from the rows it will train on: a dump's own (as stored), else the
         # model's on the first 32,768 tokens of the train split.
         sae.calibrate(source.rows(torch.arange(min(source.num_rows, 32768))) if cfg.source == "dump" else
-                      all_rows(split_sequences(run, "train", cfg.positions, 32768)), cfg.normalize)
+                      all_rows(run, split_sequences(run, "train", cfg.positions, 32768), cfg.hook, device, dtype),
+                      cfg.normalize)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         for group in optimizer.param_groups:
             group["initial_lr"] = cfg.lr
         schedule = LRSchedule(cfg, cfg.max_steps)
-        rows_since_fired = torch.zeros(dict_size, dtype=torch.long, device=device)
-        step, elapsed_before = 0, 0.0
-        if checkpoint is not None:
-            sae.load_state_dict(checkpoint["model"])
-            load_optimizer_states([optimizer], checkpoint["optimizers"])
-            schedule.load_state_dict(checkpoint.get("lr_schedule"))
-            rows_since_fired = checkpoint["rows_since_fired"].to(device)
-            step, elapsed_before = checkpoint["step"], checkpoint["elapsed_seconds"]
-            states = checkpoint["source"]
-            if len(states) == dist.world_size:
-                source.load_state_dict(states[dist.rank])
-                set_rng_state(checkpoint["rng"][dist.rank])
-            elif cfg.source == "live":
-                log.warning("warning: resumed on a different number of ranks; the live buffers start afresh")
+        step, rows_since_fired = restore(checkpoint, sae, optimizer, schedule, source, cfg, session)
         model = DDP(sae, device_ids=[dist.local_rank] if device.type == "cuda" else None) if dist.enabled else sae
         if dist.enabled and checkpoint is not None:  # bit-exact resume on 3+ ranks (see there)
             rows = eval_rows[:cfg.batch_size].to(device)
             regroup_ddp_buckets(model, functools.partial(first_step_loss, sae, model, rows, cfg), device)
-
-        log.info(f"SAE {name} on {cfg.hook} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) "
-                 f"-> {out_dir}")
-        log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
-        log.info(f"d={d} -> {dict_size} features ({sae.describe()}) | "
-                 f"{cfg.source} source | {cfg.batch_size} rows/step on {dist.world_size} rank(s) | "
-                 f"eval on {len(eval_rows):,} val rows | input scale {float(sae.scale):.4g}"
-                 + (f" | resumed at step {step}" if checkpoint is not None else ""))
-
-        tracker = session.tracker(out_dir, step, wandb_settings(cfg.wandb_project, name, out_dir, cfg.to_dict())
-                                  if cfg.wandb_enabled else None, checkpoint.get("wandb_id") if checkpoint else None)
-        last_good = (os.path.join(out_dir, "last.pt"), step) if checkpoint is not None else None
-        checkpointer = session.checkpointer(out_dir, sae.parameters, cfg.max_steps, last=last_good, advice=DIVERGED_ADVICE)
-        clock = StepClock(cfg.max_steps, elapsed_before)
-        density = None  # each feature's firing frequency on the held-out rows, at the latest eval
-
-        def evaluate() -> dict:
-            nonlocal density
-            sae.eval()
-            metrics, density = held_out_metrics(sae, run, held_out, eval_rows, cfg.hook)
-            sae.train()
-            return metrics
+        describe(cfg, run, sae, name, out_dir, len(eval_rows), step if checkpoint is not None else None, session)
+        loop = session.loop(out_dir, cfg, cfg.max_steps, step, sae.parameters, checkpoint, name, DIVERGED_ADVICE)
 
         def state() -> dict:
             return {"model": sae.state_dict(), "optimizers": [optimizer.state_dict()], "step": step,
                     "source": gather_to_main(source.state_dict()),  # a live buffer per rank: only rank 0 needs them
                     "rows_since_fired": rows_since_fired.cpu(), "lr_schedule": schedule.state_dict(),
-                    "config": cfg.to_dict(), "elapsed_seconds": clock.elapsed(), "wandb_id": tracker.wandb_id,
+                    "config": cfg.to_dict(), "elapsed_seconds": loop.clock.elapsed(), "wandb_id": loop.tracker.wandb_id,
                     "d": d, "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step}
 
         # ---- the loop
         window = dict.fromkeys(("mse_sum", "l0_sum", *sae.logged, "rows"), 0.0)
-        last_eval, interrupted = {}, 0
-        with session.stop_signals():
+        last_eval, density = {}, None  # density: each feature's firing frequency on the held-out rows
+        with loop.running():
             while step < cfg.max_steps:
                 apply_lr([optimizer], schedule(step))
                 x = source.batch(step).acts
                 l1_weight = sae.penalty_weight(step, cfg)
-                dead = rows_since_fired >= cfg.dead_rows
-                parts, f = update(sae, optimizer, x, cfg, l1_weight, dead, forward=model)
+                parts, f = update(sae, optimizer, x, cfg, l1_weight, rows_since_fired >= cfg.dead_rows, forward=model)
                 fired = (f > 0).any(0).long()
                 if dist.enabled:
                     torch_dist.all_reduce(fired)
                 rows_since_fired = torch.where(fired > 0, 0, rows_since_fired + cfg.batch_size)
                 step += 1
-                clock.tick()
-                checkpointer.watch(step, parts["loss"])
-                for key, value in parts.items():
-                    if key in window:
-                        window[key] += float(value)
-                window["rows"] += len(x)
-
-                log_due = step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps
-                eval_due = step % cfg.eval_every == 0 or step == cfg.max_steps
-                save_due = cfg.save_every and step % cfg.save_every == 0
-                if log_due or eval_due or save_due:
-                    checkpointer.check(step)  # before anything is logged as good or saved
+                for key in window:
+                    window[key] += len(x) if key == "rows" else float(parts[key]) if key in parts else 0.0
+                due = loop.after_step(step, parts["loss"])
                 record = {}
-                if log_due:
-                    sums = all_reduce_sum(window, device)
+                if due.record:
+                    sums, window = all_reduce_sum(window, device), dict.fromkeys(window, 0.0)
                     rows = max(sums["rows"], 1)
-                    ms_per_step, rows_per_sec = clock.report(cfg.batch_size)
+                    ms_per_step, rows_per_sec = loop.clock.report(cfg.batch_size)
                     record = {"step": step, "train_mse": sums["mse_sum"] / rows, "train_l0": sums["l0_sum"] / rows,
                               "dead_frac": float((rows_since_fired >= cfg.dead_rows).float().mean()),
                               "lr": optimizer.param_groups[0]["lr"], "ms_per_step": ms_per_step,
-                              "rows_per_sec": rows_per_sec}
-                    record.update(sae.extra_record(sums, rows, l1_weight))
-                    log.info(f"step {step:>6}/{cfg.max_steps} | mse {record['train_mse']:.4g} | "
-                             f"L0 {record['train_l0']:.1f}"
-                             + sae.extra_log(record)
-                             + f" | dead {record['dead_frac']:.1%} | lr {record['lr']:.2e} | "
-                             f"{ms_per_step:.1f} ms/step | {rows_per_sec:,.0f} rows/s | {clock.progress(step)}")
-                    window = dict.fromkeys(window, 0.0)
-                with clock.paused():  # evals and checkpoints stay out of ms/step and rows/s
-                    if eval_due:
-                        last_eval = evaluate()
+                              "rows_per_sec": rows_per_sec, **sae.extra_record(sums, rows, l1_weight)}
+                    log.info(f"step {step:>6}/{cfg.max_steps} | mse {record['train_mse']:.4g} | L0 "
+                             f"{record['train_l0']:.1f}{sae.extra_log(record)} | dead {record['dead_frac']:.1%} | lr "
+                             f"{record['lr']:.2e} | {ms_per_step:.1f} ms/step | {rows_per_sec:,.0f} rows/s | "
+                             f"{loop.clock.progress(step)}")
+                with loop.clock.paused():  # evals and checkpoints stay out of ms/step and rows/s
+                    if due.evaluate:
+                        sae.eval()
+                        last_eval, density = held_out_metrics(sae, run, held_out, eval_rows, cfg.hook)
+                        sae.train()
                         record = {"step": step, **record, **last_eval}
                         log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
                         if schedule.observe(last_eval["mse"]):
                             log.info(f"plateau: LR x {schedule.factor:.3g} of its schedule from step {step + 1}")
-                    if record:
-                        tracker.write({**record, "elapsed_seconds": round(clock.elapsed(), 3)})
+                    loop.write(record)
                     # After this step's metrics: they describe the SAE as trained, not the moment after resampling.
                     count = sae.maintain(step, cfg, optimizer, x, rows_since_fired >= cfg.dead_rows, dist.enabled)
                     if count:
                         rows_since_fired = torch.where(rows_since_fired >= cfg.dead_rows, 0, rows_since_fired)
                         log.info(f"step {step}: resampled {count} dead features")
-                    if save_due:
-                        checkpointer.save("last.pt", step, state())
-                signum = session.agreed_stop_signal()
-                if signum and step < cfg.max_steps:
-                    interrupted = signum
-                    log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
+                    if due.save:
+                        loop.save(step, state())
+                if loop.stop_requested(step):
                     break
-            checkpointer.save("last.pt", step, state())
+            loop.save(step, state())
         del model  # the DDP wrapper goes before the process group does (see distributed.teardown_distributed)
         session.report_replicas(sae.parameters(), "SAE weights")  # resampling included
         if dist.is_main:
-            plot_sae_curves(tracker.path, os.path.join(out_dir, "curves.png"), title=name)
+            plot_sae_curves(loop.tracker.path, os.path.join(out_dir, "curves.png"), title=name)
             if density is not None:
                 plot_feature_density(density, os.path.join(out_dir, "feature_density.png"))
-        seconds = session.seconds()
-        summary = {"sae_dir": out_dir, "steps": step, "seconds": seconds, "dict_size": dict_size,
-                   "interrupted": signal.Signals(interrupted).name if interrupted else None, **last_eval}
-        if interrupted:
-            log.info(f"interrupted at step {step}; last.pt saved. Continue with the same command and --resume auto")
-        else:
-            log.info(f"done: {step} steps in {seconds:.1f}s | " + " | ".join(
-                f"{k} {last_eval[k]:.4f}" for k in ("explained_variance", "l0", "ce_loss_score", "kl_div_score") if k in last_eval)
-                + f" | report: python sae.py report {out_dir}")
-        session.finish_tracking(128 + interrupted if interrupted else 0, preempted=bool(interrupted))
-    return summary
+        shown = [f"{k} {last_eval[k]:.4f}" for k in ("explained_variance", "l0", "ce_loss_score", "kl_div_score")
+                 if k in last_eval]
+        seconds = loop.finish(step, " | ".join(["", *shown, f"report: python sae.py report {out_dir}"]).strip())
+    return {"sae_dir": out_dir, "steps": step, "seconds": seconds, "dict_size": dict_size,
+            "interrupted": loop.interrupted_name(), **last_eval}
+
+
+def describe(cfg: SAEConfig, run, sae: SparseAutoencoder, name: str, out_dir: str, eval_rows: int,
+             resumed_at: int | None, session: Session) -> None:
+    """The SAE describes itself at the top of its log."""
+    session.log.info(f"SAE {name} on {cfg.hook} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) "
+                     f"-> {out_dir}")
+    session.log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
+    session.log.info(f"d={sae.d} -> {sae.dict_size} features ({sae.describe()}) | {cfg.source} source | "
+                     f"{cfg.batch_size} rows/step on {session.dist.world_size} rank(s) | eval on {eval_rows:,} val rows "
+                     f"| input scale {float(sae.scale):.4g}"
+                     + (f" | resumed at step {resumed_at}" if resumed_at is not None else ""))
+
+
+def open_source(cfg: SAEConfig, run, d: int, session: Session):
+    """The training rows, each rank its share: a dump of the train split (refused, naming what
+    differs, if it is not of this hook, width, positions and model step), or the model live."""
+    dist = session.dist
+    if cfg.source == "live":
+        return LiveSource(run, cfg.hook, cfg.positions, "train", cfg.batch_size // dist.world_size,
+                          cfg.buffer_rows // dist.world_size, cfg.seed, dist.rank, dist.world_size, cfg.max_tokens,
+                          dtype=cfg.dtype)
+    directory = cfg.dump or default_dump_dir(cfg.run_dir, cfg.hook, "train", cfg.positions)
+    wanted = {"hook": cfg.hook, "d": d, "split": "train", "positions": cfg.positions, "step": run.step}
+    return DumpSource(directory, cfg.batch_size, session.device, cfg.seed, dist.rank, dist.world_size).require(
+        wanted, "SAE", cfg.run_dir, f" (the train split of the model at step {run.step})")
+
+
+def all_rows(run, sequences: Sequences, hook: str, device, dtype) -> torch.Tensor:
+    """The model's activations at `hook` on the taken positions of every sequence, 1,024 at a time."""
+    return torch.cat([rows_of(run.model, sequences, s, s + 1024, hook, device, dtype).acts
+                      for s in range(0, len(sequences.tokens), 1024)])
+
+
+def restore(checkpoint: dict | None, sae: SparseAutoencoder, optimizer, schedule: LRSchedule, source,
+            cfg: SAEConfig, session: Session) -> tuple[int, torch.Tensor]:
+    """(the step to start from, each feature's rows since it last fired), and with a checkpoint the
+    SAE, optimizer, schedule, source and RNG streams as it left them. On another number of ranks a
+    dump continues exactly (its batches are a function of the step) and live buffers start afresh."""
+    if checkpoint is None:
+        return 0, torch.zeros(sae.dict_size, dtype=torch.long, device=session.device)
+    sae.load_state_dict(checkpoint["model"])
+    load_optimizer_states([optimizer], checkpoint["optimizers"])
+    schedule.load_state_dict(checkpoint.get("lr_schedule"))
+    states, dist = checkpoint["source"], session.dist
+    if len(states) == dist.world_size:
+        source.load_state_dict(states[dist.rank])
+        set_rng_state(checkpoint["rng"][dist.rank])
+    elif cfg.source == "live":
+        session.log.warning("warning: resumed on a different number of ranks; the live buffers start afresh")
+    return checkpoint["step"], checkpoint["rows_since_fired"].to(session.device)
+
+
 # ---------------------------------------------------------------- pictures and the report
 
 
 def plot_sae_curves(metrics_path: str, out_path: str, title: str = "") -> str:
-    from matplotlib.figure import Figure
-
+    """Training and held-out mse, explained variance, L0, the dead fraction and the CE-loss score."""
     records = [modern_metrics(r) for r in read_metrics(metrics_path)]
-    panels = [("train_mse", "mse (normalised)", "log"), ("explained_variance", "explained variance (val)", "linear"),
-              ("train_l0", "L0", "log"), ("dead_frac", "dead fraction", "linear"),
-              ("ce_loss_score", "CE-loss score (val)", "linear")]
-    fig = Figure(figsize=(4 * len(panels), 3.4))
-    axes = fig.subplots(1, len(panels))
-    for ax, (key, label, yscale) in zip(axes, panels):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
-        if key == "train_mse":
-            points = [(r["step"], r["mse"]) for r in records if "mse" in r]
-            if points:
-                ax.plot(*zip(*points), "o-", label="val")
-                ax.legend()
-        ax.set(xlabel="step", title=label, yscale=yscale)
-        ax.grid(True, alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    return out_path
+    return plot_curves(records, out_path, [
+        Panel("mse (normalised)", [("train_mse", "train", "-"), ("mse", "val", "o-")], "log"),
+        Panel("explained variance (val)", [("explained_variance", "", "-")]),
+        Panel("L0", [("train_l0", "", "-")], "log"),
+        Panel("dead fraction", [("dead_frac", "", "-")]),
+        Panel("CE-loss score (val)", [("ce_loss_score", "", "-")])], title)
+
+
 # ---------------------------------------------------------------- command line
 
 

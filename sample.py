@@ -32,12 +32,13 @@ _how = section("how")
 
 
 @dataclass
-class SampleSettings:
+class SampleConfig:
     run_dir: str = _what("", "a run directory (runs/<run>) or a checkpoint file in one")
     model: str = _what("", "a pretrained model instead of a run: a Hugging Face hub id (gpt2) or a folder in its "
                            "layout (config.json + *.safetensors)")
     checkpoint: str = _what("best", "best | last: which checkpoint of a run directory (the other when it is missing)")
-    start: str = _what("\n", "the prompt, or FILE:path to read it from a file")
+    start: str = _what("\n", "the prompt, or FILE:path to read it from a file (left out: the run's own start, its "
+                             "end-of-text token <|endoftext|> when it was trained on documents, else a newline)")
     num_samples: int = _how(3, "samples to draw, one after another")
     max_new_tokens: int = _how(500, "tokens generated per sample")
     temperature: float = _how(0.8, "1.0: the model's distribution; lower is more conservative; 0: greedy")
@@ -48,7 +49,7 @@ class SampleSettings:
     kv_cache: bool = _how(True, "reuse the keys and values of earlier positions (false: re-run the window for "
                                 "every token, the slow loop, for comparison)")
 
-    def validate(self) -> "SampleSettings":
+    def validate(self) -> "SampleConfig":
         need(bool(self.run_dir) != bool(self.model), "run_dir", "name a run directory or checkpoint (python sample.py "
              "runs/<run>), or a pretrained model (--model gpt2), one of the two")
         need(not self.run_dir or os.path.exists(self.run_dir), "run_dir", f"{self.run_dir} does not exist")
@@ -73,12 +74,14 @@ def read_prompt(start: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    cfg, _ = parse_flags(SampleSettings, argv, "sample.py", __doc__.split("\n\n")[0], positional="run_dir")
+    cfg, explicit = parse_flags(SampleConfig, argv, "sample.py", __doc__.split("\n\n")[0], positional="run_dir")
     prompt = read_prompt(cfg.start)
     if cfg.model:  # no text to read: its own tokenizer and whole context
         run = open_pretrained({"model": cfg.model, "data_path": "", "context_len": 0}, cfg.device)
     else:
         run = load_run(cfg.run_dir, cfg.device, prefer=cfg.checkpoint)
+    if "start" not in explicit:  # where the run's text starts: a document's end-of-text token, or a newline
+        prompt = getattr(run.data, "SAMPLE_PROMPTS", (prompt,))[0]
     if run.cfg.task != "text":
         raise ConfigError(f"--run_dir: {run.checkpoint_path} is a {run.cfg.task} run; sample.py samples text "
                           f"models (--task text). For its predictions, open it with interp.py")

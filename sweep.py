@@ -61,14 +61,14 @@ W_AND_B_ONLY_KEYS = ("entity", "project", "description", "controller", "apiVersi
 DISTRIBUTIONS = ("constant", "categorical", "int_uniform", "uniform", "q_uniform", "log_uniform",
                  "log_uniform_values", "q_log_uniform_values")
 # Flags sweep.py sets on every trial; a sweep file must leave them alone.
-RESERVED = ("run", "run_name", "resume", "save_model_dir", "config")
+RESERVED = ("run", "run_name", "resume", "save_model_dir", "runs_dir", "config")
 COMMAND_MACROS = ("${env}", "${interpreter}", "${program}", "${args}", "${args_no_hyphens}")
 HEARTBEAT_SECONDS = 30
 MAX_ATTEMPTS = 3  # a trial interrupted this often (preempted, or its agent died) is left failed
 
 
 @dataclass
-class SweepSettings:
+class SweepConfig:
     file: str = _where("", "the W&B sweep file (YAML)")
     dir: str = _where("", "the sweep's directory: study, trial runs, logs, plots (empty: runs/sweep-<name>)")
     storage: str = _where("", "the study: a journal file (default <dir>/study.journal; shared file systems "
@@ -83,7 +83,7 @@ class SweepSettings:
     poll_seconds: float = _agents(1.0, "how often an agent reads its trial's metrics.jsonl")
     agent_name: str = _agents("", "label for this agent's lines (set by --agents for the agents it starts)")
 
-    def validate(self) -> "SweepSettings":
+    def validate(self) -> "SweepConfig":
         need(bool(self.file), "file", "name the sweep file: python sweep.py sweeps/grok_lr.yaml")
         need(self.agents >= 1, "agents", f"must be at least 1, got {self.agents}")
         need(self.stale_after >= 3 * HEARTBEAT_SECONDS, "stale_after", f"must be at least "
@@ -474,7 +474,7 @@ def _die_with_agent() -> None:
 
 
 class Agent:
-    def __init__(self, sweep: Sweep, settings: SweepSettings, sweep_dir: str, storage: str, study):
+    def __init__(self, sweep: Sweep, settings: SweepConfig, sweep_dir: str, storage: str, study):
         self.sweep, self.settings, self.dir, self.study = sweep, settings, sweep_dir, study
         self.lock = StudyLock(storage)
         self.host = socket.gethostname()
@@ -783,7 +783,7 @@ def _visible_gpus(requested: str) -> list[str]:
     return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
 
 
-def locate(settings: SweepSettings, sweep: Sweep) -> tuple[str, str, str]:
+def locate(settings: SweepConfig, sweep: Sweep) -> tuple[str, str, str]:
     """(sweep directory, storage, study name) from the flags and the file."""
     sweep_dir = settings.dir or os.path.join("runs", f"sweep-{sweep.name}")
     storage = settings.storage or os.path.join(sweep_dir, "study.journal")
@@ -792,7 +792,7 @@ def locate(settings: SweepSettings, sweep: Sweep) -> tuple[str, str, str]:
     return sweep_dir, storage, settings.study or sweep.name
 
 
-def run_sweep(settings: SweepSettings) -> int:
+def run_sweep(settings: SweepConfig) -> int:
     sweep = load_sweep(settings.file, settings.trials)
     sweep_dir, storage, study_name = locate(settings, sweep)
     try:
@@ -1023,7 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
                               "or the study's .journal / .db file)")
         report(positional[0], study_name, top)
         return 0
-    settings, _ = parse_flags(SweepSettings, argv, "sweep.py", "Run a W&B sweep file locally with Optuna "
+    settings, _ = parse_flags(SweepConfig, argv, "sweep.py", "Run a W&B sweep file locally with Optuna "
                               "(`python sweep.py report DIR` prints the best trials and draws plots).",
                               positional="file")
     return run_sweep(settings)

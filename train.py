@@ -36,8 +36,8 @@ from model import ModelWithLoss, Transformer, head_width
 from optimizer import EarlyStopping, GrokfastEMA, LRSchedule, apply_lr, build_optimizers, load_optimizer_states
 from interop.huggingface import apply_init_from, load_weights, resolve
 from plumbing.rundirs import forget_launch, launched_run, remember_launch, unique_run_name
-from plumbing.session import Session, StepClock, run_command
-from plumbing.tracking import plot_training_curves, wandb_settings, wandb_sweep_run
+from plumbing.session import Loop, Session, StepClock, run_command
+from plumbing.tracking import plot_training_curves, wandb_sweep_run
 from utils import format_duration
 
 
@@ -56,18 +56,22 @@ def main(argv: list[str] | None = None) -> dict:
         data = build_data(cfg, dist, device)  # before the run directory: a missing file leaves nothing behind
         max_steps = plan_steps(cfg, data, dist.world_size)
         raw_model, model = build_model(cfg, data, session, resume)
-        t = Training.build(cfg, raw_model, session, resume, max_steps)
+        training = Training.build(cfg, raw_model, session, resume, max_steps)
         if dist.enabled and resume.checkpoint is not None:  # bit-exact resume on 3+ ranks (see there)
-            regroup_ddp_buckets(model, functools.partial(first_loss, model, data, t.step, device, dtype), device)
+            regroup_ddp_buckets(model, functools.partial(first_loss, model, data, training.step, device, dtype), device)
         run_dir = claim_run_dir(cfg, explicit, session, resume)
-        speed = describe_run(cfg, raw_model, data, session, resume, t.step, max_steps)
-        tracker, checkpointer, clock = open_run(cfg, session, run_dir, resume, t, max_steps)
+        if session.is_main:  # a text run's tokenizer beside config.json: the run opens without its corpus
+            data.save_to_run(run_dir)
+        speed = describe_run(cfg, raw_model, data, session, resume, training.step, max_steps)
+        loop = session.loop(run_dir, cfg, max_steps, training.step, raw_model.parameters, name=cfg.run_name,
+                            last=resume.last_good, wandb_id=resume.wandb_id, elapsed=training.elapsed_before,
+                            wandb_entity=cfg.wandb_entity, save=cfg.save_model)
 
         # ---- the loop; SIGTERM / SIGUSR1 (preemption) end it after a step all ranks agree on, with a checkpoint
-        step, start_step, stop, preempted, last = t.step, t.step, False, 0, {}
-        with session.stop_signals():
+        step, stop, last = training.step, False, {}
+        with loop.running():
             while step < max_steps and not stop:
-                apply_lr(t.optimizers, t.schedule(step))
+                apply_lr(training.optimizers, training.schedule(step))
                 batches, num_targets = data.train_batches(step)
                 loss_sum = torch.zeros((), device=device)
                 correct = torch.zeros((), device=device, dtype=torch.long)
@@ -78,57 +82,50 @@ def main(argv: list[str] | None = None) -> dict:
                         with autocast(device, dtype):
                             loss, micro_correct = model(x, y)  # summed cross-entropy (fp32), correct predictions
                         # This micro-batch's share of the global mean; DDP averages over ranks, so x world size.
-                        t.scaler.scale(loss * (dist.world_size / num_targets)).backward()
+                        training.scaler.scale(loss * (dist.world_size / num_targets)).backward()
                     loss_sum += loss.detach()
                     correct += micro_correct
-                grad_norm = t.finish_step(cfg.grad_clip)  # unscale, Grokfast, clip, step
+                grad_norm = training.finish_step(cfg.grad_clip)  # unscale, Grokfast, clip, step
                 step += 1
-                clock.tick()
                 # Under fp16 an inf gradient is the scaler's business (it skips the step); a bad loss never is.
-                checkpointer.watch(step, loss_sum if t.scaler.is_enabled() else loss_sum + grad_norm)
-                signum = session.agreed_stop_signal()
-
                 # metrics.jsonl gets step 1, every log_every-th step and the last; the console also
-                # gets the first step after a resume, to show the run is moving.
-                record_due = step == 1 or step % cfg.log_every == 0 or step == max_steps
-                print_due = record_due or step == start_step + 1
-                eval_due = step % cfg.eval_every == 0 or step == max_steps
-                save_due = cfg.save_every and step % cfg.save_every == 0
-                if print_due or eval_due or save_due:
-                    checkpointer.check(step)  # before anything is logged as good or saved
+                # gets the first step after a resume, to show the run is moving (due.show).
+                due = loop.after_step(step, loss_sum if training.scaler.is_enabled() else loss_sum + grad_norm)
+                signum = loop.agreed_stop_signal()
                 record = {}
-                if print_due:
-                    train = train_metrics(step, loss_sum, correct, num_targets, grad_norm, t, clock, speed, session)
-                    log.info(train_line(train, max_steps) + f" | {clock.progress(step, t.early_stopping.active)}")
-                    last, record = {**last, **train}, (train if record_due else {})
-                with clock.paused():  # evals and checkpoints stay out of ms/step and tokens/s
-                    if eval_due:
+                if due.show:
+                    train = train_metrics(step, loss_sum, correct, num_targets, grad_norm, training, loop.clock, speed,
+                                          session)
+                    at_most = training.early_stopping.active  # early stopping may end it sooner than the ETA says
+                    log.info(train_line(train, max_steps) + f" | {loop.clock.progress(step, at_most)}")
+                    last, record = {**last, **train}, (train if due.record else {})
+                with loop.clock.paused():  # evals and checkpoints stay out of ms/step and tokens/s
+                    if due.evaluate:
                         val = evaluate(model, raw_model, data, cfg, session)
                         record, last = {"step": step, **record, **val}, {**last, **val}
-                        stop = t.early_stopping.update(val["val_loss"], val.get("val_acc"))
+                        stop = training.early_stopping.update(val["val_loss"], val.get("val_acc"))
                         log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in val.items()))
-                        if t.schedule.observe(val["val_loss"]):
-                            log.info(f"plateau: LR x {t.schedule.factor:.3g} of its schedule from step {step + 1}")
+                        if training.schedule.observe(val["val_loss"]):
+                            log.info(f"plateau: LR x {training.schedule.factor:.3g} of its schedule from step "
+                                     f"{step + 1}")
                         if cfg.task == "text" and cfg.sample_tokens and session.is_main:
                             print_samples(raw_model, data, cfg, step, session)
-                        if val["val_loss"] < t.best_val_loss:
-                            t.best_val_loss = val["val_loss"]
-                            checkpointer.save("best.pt", step, t.state(step, tracker, clock))
-                    if record:  # elapsed_seconds: wall time since training began, the x axis of "first to a loss"
-                        tracker.write({**record, "elapsed_seconds": round(clock.elapsed(), 3)})
-                    if save_due:
-                        checkpointer.save("last.pt", step, t.state(step, tracker, clock))
-                    if eval_due and cfg.rclone_every and step // cfg.eval_every % cfg.rclone_every == 0:
-                        tracker.copy()  # in the background; a copy still running is left to finish
-                    if signum and not stop and step < max_steps:  # a run that just ended is not preempted
-                        preempted, stop = signum, True
-                        log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a checkpoint")
+                        if val["val_loss"] < training.best_val_loss:
+                            training.best_val_loss = val["val_loss"]
+                            loop.save(step, training.state(step, loop), "best.pt")
+                    loop.write(record)
+                    if due.save:
+                        loop.save(step, training.state(step, loop))
+                    if due.evaluate and cfg.rclone_every and step // cfg.eval_every % cfg.rclone_every == 0:
+                        loop.tracker.copy()  # in the background; a copy still running is left to finish
+                    if not stop:  # an early stop at this step is not a preemption
+                        stop = loop.stop_requested(step, signum)
 
             # ---- the end: checkpoint, picture, summary (a second signal here changes nothing)
-            checkpointer.save("last.pt", step, t.state(step, tracker, clock))
+            loop.save(step, training.state(step, loop))
         del model  # the DDP wrapper goes before the process group does (see distributed.teardown_distributed)
         session.report_replicas(raw_model.parameters())
-        summary = finish_run(cfg, session, tracker, run_dir, step, preempted, stop, t, last, clock, sweep)
+        summary = finish_run(cfg, session, loop, run_dir, step, stop, training, last, sweep)
     return summary
 
 
@@ -179,13 +176,13 @@ def resolve_resume(cfg: Config, explicit: set[str]) -> Resume:
         # `torchrun --max-restarts` restarted this worker after a failure: carry on with the run the
         # first attempt trained (named by --run_name, by the checkpoint resumed in place, or noted by
         # rank 0 when it generated the name), from that run's newest checkpoint.
-        run = cfg.run_name or launched_run(cfg.save_model_dir)
+        run = cfg.run_name or launched_run(cfg.runs_dir)
         if not run and cfg.resume not in ("", "auto"):
             in_place = cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(os.path.abspath(cfg.resume))
             cfg.resume = in_place  # its newest checkpoint, which may be newer than the file named
         elif run:
             cfg.run_name, explicit = run, explicit | {"run_name"}
-            if newest_checkpoint(os.path.join(cfg.save_model_dir, run)):
+            if newest_checkpoint(os.path.join(cfg.runs_dir, run)):
                 cfg.resume = "auto"
             # else nothing saved yet: start over as launched, in the same directory
     resume = _resolve_resume(cfg, explicit)
@@ -194,7 +191,7 @@ def resolve_resume(cfg: Config, explicit: set[str]) -> Resume:
     # is on a file system they all share.
     steps = gather_objects(resume.checkpoint["step"] if resume.checkpoint is not None else 0)
     if len(set(steps)) > 1:
-        raise ConfigError(f"--save_model_dir: the ranks found different checkpoints (steps by rank: {steps}); "
+        raise ConfigError(f"--runs_dir: the ranks found different checkpoints (steps by rank: {steps}); "
                           f"on several nodes it must be a directory every node shares")
     return resume
 
@@ -205,7 +202,7 @@ def _resolve_resume(cfg: Config, explicit: set[str]) -> Resume:
     if cfg.resume == "auto":
         if not cfg.run_name:
             raise ConfigError("--resume: auto continues the run named by --run_name (or --run); name one")
-        path = newest_checkpoint(os.path.join(cfg.save_model_dir, cfg.run_name))
+        path = newest_checkpoint(os.path.join(cfg.runs_dir, cfg.run_name))
         if path is None:
             return Resume(cfg, continuing=True)
     else:
@@ -213,10 +210,10 @@ def _resolve_resume(cfg: Config, explicit: set[str]) -> Resume:
     checkpoint = load_checkpoint(path)
     resumed = resumed_config(cfg, checkpoint["config"], explicit)
     source_dir = os.path.dirname(os.path.abspath(path))
-    resumed.save_model_dir = cfg.save_model_dir if "save_model_dir" in explicit else os.path.dirname(source_dir)
+    resumed.runs_dir = cfg.runs_dir if "runs_dir" in explicit else os.path.dirname(source_dir)
     if "run_name" not in explicit:
         resumed.run_name = os.path.basename(source_dir)
-    continuing = os.path.abspath(os.path.join(resumed.save_model_dir, resumed.run_name)) == source_dir
+    continuing = os.path.abspath(os.path.join(resumed.runs_dir, resumed.run_name)) == source_dir
     return Resume(resumed, checkpoint, path, continuing)
 
 
@@ -284,32 +281,32 @@ class Training:
 
     @classmethod
     def build(cls, cfg: Config, raw_model: Transformer, session: Session, resume: Resume, max_steps: int) -> "Training":
-        t = cls(raw_model, cfg, build_optimizers(raw_model, cfg),
+        training = cls(raw_model, cfg, build_optimizers(raw_model, cfg),
                 torch.amp.GradScaler(session.device.type, enabled=session.dtype == torch.float16),
                 EarlyStopping(cfg.patience, cfg.min_delta, cfg.target_val_acc),
                 GrokfastEMA(raw_model.parameters(), cfg.grokfast_alpha, cfg.grokfast_lamb) if cfg.grokfast_lamb else None,
                 LRSchedule(cfg, max_steps))
         checkpoint = resume.checkpoint
         if checkpoint is None:
-            return t
+            return training
         try:
-            load_optimizer_states(t.optimizers, checkpoint["optimizers"])  # keeps today's LRs
+            load_optimizer_states(training.optimizers, checkpoint["optimizers"])  # keeps today's LRs
         except ValueError as e:
             raise CheckpointError(f"{resume.path}: its optimizer state does not fit ({e})") from None
-        if t.scaler.is_enabled() and checkpoint["scaler"]:  # fp16 then and now
-            t.scaler.load_state_dict(checkpoint["scaler"])
-        t.early_stopping.load_state_dict(checkpoint["early_stopping"])
-        if t.grokfast is not None and checkpoint.get("grokfast"):
-            t.grokfast.load_state_dict(checkpoint["grokfast"])
-        t.schedule.load_state_dict(checkpoint.get("lr_schedule"))  # absent before the plateau schedule
-        t.step, t.best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
-        t.elapsed_before = checkpoint.get("elapsed_seconds", 0.0)  # absent from checkpoints before it existed
+        if training.scaler.is_enabled() and checkpoint["scaler"]:  # fp16 then and now
+            training.scaler.load_state_dict(checkpoint["scaler"])
+        training.early_stopping.load_state_dict(checkpoint["early_stopping"])
+        if training.grokfast is not None and checkpoint.get("grokfast"):
+            training.grokfast.load_state_dict(checkpoint["grokfast"])
+        training.schedule.load_state_dict(checkpoint.get("lr_schedule"))  # absent before the plateau schedule
+        training.step, training.best_val_loss = checkpoint["step"], checkpoint["best_val_loss"]
+        training.elapsed_before = checkpoint.get("elapsed_seconds", 0.0)  # absent from checkpoints before it existed
         dist = session.dist
         if len(checkpoint["rng"]) == dist.world_size:
             set_rng_state(checkpoint["rng"][dist.rank])  # each rank its own streams
         else:  # a different number of processes: dropout streams cannot continue, so reseed
-            seed_everything(cfg.seed + 1_000_003 * t.step + dist.rank)
-        return t
+            seed_everything(cfg.seed + 1_000_003 * training.step + dist.rank)
+        return training
 
     def finish_step(self, grad_clip: float) -> torch.Tensor:
         """After the backward passes: unscale (fp16), Grokfast, clip, step, zero; the gradient norm."""
@@ -325,7 +322,7 @@ class Training:
             optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def state(self, step: int, tracker, clock: StepClock) -> dict:
+    def state(self, step: int, loop: Loop) -> dict:
         """The checkpoint's entries (the run layer adds every rank's RNG streams)."""
         return {
             "model": self.raw_model.state_dict(),  # clean keys: never the compiled or DDP wrapper's
@@ -337,9 +334,9 @@ class Training:
             "grokfast": self.grokfast.state_dict() if self.grokfast is not None else None,
             "lr_schedule": self.schedule.state_dict(),
             "best_val_loss": self.best_val_loss,
-            "elapsed_seconds": clock.elapsed(),
+            "elapsed_seconds": loop.clock.elapsed(),
             "config": self.cfg.to_dict(),
-            "wandb_id": tracker.wandb_id,
+            "wandb_id": loop.tracker.wandb_id,
         }
 
 
@@ -350,14 +347,14 @@ def generate_run_name(cfg: Config) -> str:
 
 
 def claim_run_dir(cfg: Config, explicit: set[str], session: Session, resume: Resume) -> str:
-    """<save_model_dir>/<run_name>/, named (rank 0's generated name if none was given), made and
+    """<runs_dir>/<run_name>/, named (rank 0's generated name if none was given), made and
     claimed for this launch, with train.log and config.json."""
-    cfg.run_name = broadcast_object(cfg.run_name or unique_run_name(cfg.save_model_dir, generate_run_name(cfg)))
-    run_dir = os.path.join(cfg.save_model_dir, cfg.run_name)
+    cfg.run_name = broadcast_object(cfg.run_name or unique_run_name(cfg.runs_dir, generate_run_name(cfg)))
+    run_dir = os.path.join(cfg.runs_dir, cfg.run_name)
     session.claim_directory(run_dir, resume.own_dir, f"--run_name: {run_dir} already holds a run; pick another "
                             f"--run_name or pass --resume auto to continue it", cfg.to_dict(), cfg.claim_timeout)
     if session.is_main and "run_name" not in explicit:  # a generated name: note it for workers torchrun restarts
-        remember_launch(cfg.save_model_dir, cfg.run_name)
+        remember_launch(cfg.runs_dir, cfg.run_name)
     return run_dir
 
 
@@ -375,7 +372,7 @@ def describe_run(cfg: Config, raw_model: Transformer, data, session: Session, re
     log, device = session.log, session.device
     origin = "new" if resume.checkpoint is None else (f"resumed at step {step}" if resume.continuing
                                                        else f"started from {resume.path} at step {step}")
-    log.info(f"tinylab run {cfg.run_name} ({origin}) -> {os.path.join(cfg.save_model_dir, cfg.run_name)}")
+    log.info(f"tinylab run {cfg.run_name} ({origin}) -> {os.path.join(cfg.runs_dir, cfg.run_name)}")
     log.info(format_config(cfg))
     log.info(describe_environment(device, session.dist.world_size, gather_objects(platform.node()), session.math))
     global_batch = data.global_batch_size()
@@ -397,26 +394,17 @@ def describe_run(cfg: Config, raw_model: Transformer, data, session: Session, re
     return Speed(tokens_per_step, flops_token, peak)
 
 
-def open_run(cfg: Config, session: Session, run_dir: str, resume: Resume, t: Training, max_steps: int):
-    """(metrics.jsonl and W&B, the checkpointer with its nan guard, the step clock) for the loop."""
-    wandb = (wandb_settings(cfg.wandb_project, cfg.run_name, run_dir, cfg.to_dict(), cfg.wandb_entity)
-             if cfg.wandb_enabled else None)
-    tracker = session.tracker(run_dir, t.step, wandb, resume.wandb_id)
-    checkpointer = session.checkpointer(run_dir, t.raw_model.parameters, max_steps, cfg.save_model, resume.last_good)
-    return tracker, checkpointer, StepClock(max_steps, t.elapsed_before)
-
-
 # ---------------------------------------------------------------- inside the loop
 
 
 def train_metrics(step: int, loss_sum: torch.Tensor, correct: torch.Tensor, num_targets: int, grad_norm: torch.Tensor,
-                  t: Training, clock: StepClock, speed: Speed, session: Session) -> dict:
+                  training: Training, clock: StepClock, speed: Speed, session: Session) -> dict:
     """This step's training record: loss and accuracy over the global batch (all-reduced), LR,
     gradient norm, and the pace since the last one (ms/step, tok/s, MFU on known GPUs)."""
     sums = all_reduce_sum({"loss_sum": loss_sum.item(), "correct": correct.item()}, session.device)
     ms_per_step, tokens_per_sec = clock.report(speed.tokens_per_step)
     train = {"step": step, "train_loss": sums["loss_sum"] / num_targets, "train_acc": sums["correct"] / num_targets,
-             "lr": t.optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(), "ms_per_step": ms_per_step,
+             "lr": training.optimizers[0].param_groups[0]["lr"], "grad_norm": grad_norm.item(), "ms_per_step": ms_per_step,
              "tokens_per_sec": tokens_per_sec}
     if speed.peak_flops:
         train["mfu"] = speed.flops_per_token * tokens_per_sec / session.dist.world_size / speed.peak_flops
@@ -463,35 +451,30 @@ def print_samples(raw_model: Transformer, data, cfg: Config, step: int, session:
 # ---------------------------------------------------------------- the end
 
 
-def finish_run(cfg: Config, session: Session, tracker, run_dir: str, step: int, preempted: int, stop: bool,
-               t: Training, last: dict, clock: StepClock, sweep: bool) -> dict:
+def finish_run(cfg: Config, session: Session, loop: Loop, run_dir: str, step: int, stop: bool, training: Training,
+               last: dict, sweep: bool) -> dict:
     """The closing lines, the training-curves picture, W&B closed (a preempted run shown as such, not
     failed, so that a sweep hands it out again; under `wandb agent` only SIGUSR1, slurm_agent.sh's
     warning, means that: SIGTERM is the agent stopping the run), the summary."""
-    log = session.log
-    if preempted:
-        log.info(f"interrupted at step {step}; "
-                 + (f"last.pt saved. Continue with --resume auto --run_name {cfg.run_name}"
-                    + (f" --save_model_dir {cfg.save_model_dir}" if cfg.save_model_dir != "runs" else "")
-                    if cfg.save_model else "nothing saved (--save_model false)"))
-    elif stop:
-        log.info(f"early stop: {t.early_stopping.reason}")
+    preempted = loop.interrupted
+    if stop and not preempted:
+        session.log.info(f"early stop: {training.early_stopping.reason}")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if session.is_main and os.path.isfile(metrics_path):
         plot_training_curves(metrics_path, os.path.join(run_dir, "training_curves.png"), title=cfg.run_name)
-    seconds = session.seconds()
-    summary = {"run_dir": run_dir, "steps": step, "seconds": seconds, "train_seconds": clock.training_seconds(),
-               "best_val_loss": t.best_val_loss,
-               "interrupted": signal.Signals(preempted).name if preempted else None,
-               **{k: v for k, v in last.items() if k != "step"}}
-    log.info(f"done: {step} steps in {format_duration(seconds)} (training {format_duration(summary['train_seconds'])})"
-             + "".join(f" | {k} {last[k]:.4f}" for k in ("val_loss", "val_acc") if k in last) + f" | {run_dir}")
-    tracker.summary({"steps": step, "seconds": seconds})
-    session.finish_tracking(exit_code=128 + preempted if preempted else 0,
-                            preempted=bool(preempted) and not (sweep and preempted == signal.SIGTERM))
+    train_seconds = loop.clock.training_seconds()
+    seconds = loop.finish(
+        step, f"(training {format_duration(train_seconds)})"
+        + "".join(f" | {k} {last[k]:.4f}" for k in ("val_loss", "val_acc") if k in last) + f" | {run_dir}",
+        interrupted=(f"last.pt saved. Continue with --resume auto --run_name {cfg.run_name}"
+                     + (f" --runs_dir {cfg.runs_dir}" if cfg.runs_dir != "runs" else "")
+                     if cfg.save_model else "nothing saved (--save_model false)"),
+        preempted=bool(preempted) and not (sweep and preempted == signal.SIGTERM))
     if session.is_main and not preempted:
-        forget_launch(cfg.save_model_dir)
-    return summary
+        forget_launch(cfg.runs_dir)
+    return {"run_dir": run_dir, "steps": step, "seconds": seconds, "train_seconds": train_seconds,
+            "best_val_loss": training.best_val_loss, "interrupted": loop.interrupted_name(),
+            **{k: v for k, v in last.items() if k != "step"}}
 
 
 if __name__ == "__main__":

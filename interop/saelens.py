@@ -30,6 +30,9 @@ def saelens_folder(sae: SparseAutoencoder, cfg: SAEConfig, model_name: str) -> t
     weights = {"W_enc": sae.W_enc.detach() / scale, "W_dec": sae.W_dec.detach() * scale,
                "b_enc": sae.b_enc.detach().clone(), "b_dec": sae.b_dec.detach() * scale}
     architecture = sae.saelens_architecture  # the batch kinds are JumpReLU SAEs in use, as SAELens saves them
+    if architecture is None:
+        raise ConfigError(f"--to saelens: SAELens has no form of a {sae.name} SAE; its kinds are standard (relu), "
+                          f"topk and jumprelu")
     weights.update(sae.saelens_weights())
     config = {"architecture": architecture, "d_in": sae.d, "d_sae": sae.dict_size, "dtype": "float32",
               "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",

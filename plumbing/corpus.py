@@ -1053,7 +1053,7 @@ class Corpus:
 
 
 def open_corpus(settings, may_build: bool = True, claim_timeout: float = 300.0, live: bool = False) -> Corpus:
-    """The train and validation streams of `settings` (config.CorpusSettings), preparing documents
+    """The train and validation streams of `settings` (config.CorpusConfig), preparing documents
     into the cache on first use."""
     unit_bytes = int(settings.shard_mb * (1 << 20))
     source = find_source(settings.data_path, "data_path")

@@ -60,11 +60,11 @@ def holds_files(path: str) -> bool:
 
 
 def create_run_dir(path: str, resuming: bool, taken: str) -> str:
-    """Makes `path` (<save_model_dir>/<run>/). A fresh run never reuses another run's directory:
+    """Makes `path` (<runs_dir>/<run>/). A fresh run never reuses another run's directory:
     one that already holds files raises ConfigError(`taken`) unless `resuming`."""
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.exists(parent) and not os.path.isdir(parent):
-        raise ConfigError(f"--save_model_dir: {parent} is a file, not a directory")
+        raise ConfigError(f"--runs_dir (--save_model_dir): {parent} is a file, not a directory")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(taken)
     if holds_files(path) and not resuming:
@@ -72,13 +72,13 @@ def create_run_dir(path: str, resuming: bool, taken: str) -> str:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"--save_model_dir: cannot create {path} ({e.strerror})") from None
+        raise ConfigError(f"--runs_dir (--save_model_dir): cannot create {path} ({e.strerror})") from None
     return path
 
 
-def unique_run_name(save_model_dir: str, base: str) -> str:
+def unique_run_name(runs_dir: str, base: str) -> str:
     name, n = base, 1
-    while os.path.exists(os.path.join(save_model_dir, name)):
+    while os.path.exists(os.path.join(runs_dir, name)):
         n += 1
         name = f"{base}-{n}"
     return name
@@ -87,8 +87,8 @@ def unique_run_name(save_model_dir: str, base: str) -> str:
 # ---------------------------------------------------------------- torchrun restarts
 
 
-def _launch_pointer(save_model_dir: str) -> str | None:
-    """A file in save_model_dir naming the run this torchrun launch created (None outside torchrun).
+def _launch_pointer(runs_dir: str) -> str | None:
+    """A file in runs_dir naming the run this torchrun launch created (None outside torchrun).
 
     Restarted workers must find the run their first attempt named, and every node must compute
     the same file name. torchrun's run id is the same for every attempt and node of one launch;
@@ -105,25 +105,25 @@ def _launch_pointer(save_model_dir: str) -> str | None:
         if address.startswith("127.") or address in ("localhost", "::1"):
             key = f"{platform.node()}-{key}"
     key = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
-    return os.path.join(save_model_dir, f".torchrun-{key}")
+    return os.path.join(runs_dir, f".torchrun-{key}")
 
 
-def remember_launch(save_model_dir: str, run: str) -> None:
+def remember_launch(runs_dir: str, run: str) -> None:
     """Rank 0, first attempt: note which run this torchrun launch is training."""
-    path = _launch_pointer(save_model_dir)
+    path = _launch_pointer(runs_dir)
     if path is not None:
         with open(path, "w") as f:
             f.write(run)
 
 
-def launched_run(save_model_dir: str) -> str | None:
+def launched_run(runs_dir: str) -> str | None:
     """The run this torchrun launch named on its first attempt, if it got that far.
 
     A pointer older than our torchrun agent was left by an earlier launch that crashed for good
     (the first attempt of a launch always rewrites it), so it is ignored. The minute of slack
     allows for clocks that differ between nodes and a network file system.
     """
-    path = _launch_pointer(save_model_dir)
+    path = _launch_pointer(runs_dir)
     if path is None or not os.path.isfile(path):
         return None
     started = process_start_time(os.getppid())
@@ -133,8 +133,8 @@ def launched_run(save_model_dir: str) -> str | None:
         return f.read().strip() or None
 
 
-def forget_launch(save_model_dir: str) -> None:
-    path = _launch_pointer(save_model_dir)
+def forget_launch(runs_dir: str) -> None:
+    path = _launch_pointer(runs_dir)
     if path is not None and os.path.isfile(path):
         os.remove(path)
 

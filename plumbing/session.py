@@ -31,16 +31,17 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
-from plumbing.checkpoints import CheckpointError, rng_state, save_checkpoint
-from config import ConfigError
+from config import ConfigError, resumed_config
+from plumbing.checkpoints import CheckpointError, load_checkpoint, rng_state, save_checkpoint
 from plumbing.distributed import (StopAgreement, broadcast_object, gather_objects, gloo_threads, min_over_ranks,
                          same_on_all_ranks, setup_distributed, stop_with_launcher, teardown_distributed)
 from plumbing.hardware import fast_math, pick_device, pick_dtype
 from plumbing.rundirs import Claim, create_run_dir
-from plumbing.tracking import Tracker, attach_log_file, close_logging, load_env_files, setup_logging
+from plumbing.tracking import Tracker, attach_log_file, close_logging, load_env_files, setup_logging, wandb_settings
 from utils import format_duration
 
 
@@ -177,6 +178,26 @@ class Session:
                      last: tuple[str, int] | None = None, advice: str = "") -> "Checkpointer":
         return Checkpointer(self, directory, params, max_steps, enabled, last, advice)
 
+    def loop(self, directory: str, cfg, max_steps: int, step: int, params, checkpoint: dict | None = None,
+             name: str = "", advice: str = "", last: tuple[str, int] | None = None, wandb_id: str | None = None,
+             elapsed: float = 0.0, wandb_entity: str = "", save: bool = True) -> "Loop":
+        """What surrounds a training loop writing to `directory` (see Loop), from `step` on. `cfg`
+        has the cadence and W&B fields every trainer's settings share (log_every, eval_every,
+        save_every, wandb_enabled, wandb_project). A trainer that continues its own directory passes
+        its `checkpoint` (its W&B id, its wall time so far, and <directory>/last.pt as the last good
+        checkpoint); train.py, whose start may be another run's checkpoint, passes those three itself."""
+        if checkpoint is not None:
+            last = last or (os.path.join(directory, "last.pt"), step)
+            wandb_id = wandb_id or checkpoint.get("wandb_id")
+        name = name or os.path.basename(os.path.normpath(directory))
+        wandb = (wandb_settings(cfg.wandb_project, name, directory, cfg.to_dict(), wandb_entity)
+                 if cfg.wandb_enabled else None)
+        tracker = self.tracker(directory, step, wandb, wandb_id)
+        checkpointer = self.checkpointer(directory, params, max_steps, save, last, advice)
+        if checkpoint is not None:
+            elapsed = checkpoint.get("elapsed_seconds", 0.0)
+        return Loop(self, cfg, max_steps, step, tracker, checkpointer, StepClock(max_steps, elapsed))
+
     # ------------------------------------------------------------ stopping
 
     @contextlib.contextmanager
@@ -268,6 +289,128 @@ class Checkpointer:
             save_checkpoint({**state, "rng": rng}, path)
         self.last = (path, step)
         return path
+
+
+@dataclass
+class Due:
+    """What is due after a step: a metrics record (and its log line), an evaluation, a checkpoint.
+    `show`: a console line without a record (the first step of a launch, to show it is moving)."""
+    record: bool
+    evaluate: bool
+    save: bool
+    show: bool
+
+    def __bool__(self) -> bool:
+        return self.record or self.evaluate or self.save or self.show
+
+
+class Loop:
+    """The ceremony around every training loop, written once: metrics.jsonl and W&B (`tracker`),
+    the NaN guard and the checkpoints (`checkpointer`), the pace and ETA (`clock`), the cadence,
+    the agreed stop and the closing lines. A trainer's loop reads
+
+        loop = session.loop(out_dir, cfg, max_steps, step, model.parameters, checkpoint)
+        with loop.running():                        # SIGTERM / SIGUSR1 are recorded, not fatal
+            while step < max_steps:
+                ...one step...
+                step += 1
+                due = loop.after_step(step, loss)   # guards, and checks the guard when something is due
+                if due.record: ...log line...
+                with loop.clock.paused():           # evals and saves stay out of ms/step
+                    if due.evaluate: ...
+                    loop.write(record)
+                    if due.save: loop.save(step, state())
+                if loop.stop_requested(step): break
+            loop.save(step, state())
+        seconds = loop.finish(step, "done line")
+    """
+
+    def __init__(self, session: Session, cfg, max_steps: int, step: int, tracker: Tracker,
+                 checkpointer: "Checkpointer", clock: "StepClock"):
+        self.session, self.cfg, self.max_steps = session, cfg, max_steps
+        self.start_step, self.tracker, self.checkpointer, self.clock = step, tracker, checkpointer, clock
+        self.interrupted = 0  # the stop signal that ended the loop early
+
+    def running(self):
+        """The loop's block (and the save after it): stop signals recorded, not fatal, from here to
+        the session's end."""
+        return self.session.stop_signals()
+
+    def after_step(self, step: int, watched: torch.Tensor) -> Due:
+        """Step `step` (counted from 1) is done and gave `watched` (finite when the step was): the
+        clock ticks, the guard records it, and when anything is due the guard is checked first, on
+        every rank, so that nothing non-finite is logged as good or saved."""
+        self.clock.tick()
+        self.checkpointer.watch(step, watched)
+        cfg = self.cfg
+        record = step == 1 or step % cfg.log_every == 0 or step == self.max_steps
+        due = Due(record=record, evaluate=step % cfg.eval_every == 0 or step == self.max_steps,
+                  save=bool(cfg.save_every) and step % cfg.save_every == 0,
+                  show=record or step == self.start_step + 1)
+        if due:
+            self.checkpointer.check(step)
+        return due
+
+    def write(self, record: dict) -> None:
+        """A metrics record (if any), with the wall time of training so far (the x axis of "first to
+        a loss"), to metrics.jsonl and W&B."""
+        if record:
+            self.tracker.write({**record, "elapsed_seconds": round(self.clock.elapsed(), 3)})
+
+    def save(self, step: int, state: dict, name: str = "last.pt") -> str:
+        return self.checkpointer.save(name, step, state)
+
+    def agreed_stop_signal(self) -> int:
+        """Once after every step on every rank: the stop signal the ranks agree on (0: none)."""
+        return self.session.agreed_stop_signal()
+
+    def stop_requested(self, step: int, signum: int | None = None) -> bool:
+        """After a step's work: whether a stop signal ends the loop here (a run that just reached its
+        last step is not interrupted). Asks the ranks (agreed_stop_signal) unless `signum` is the answer."""
+        signum = self.agreed_stop_signal() if signum is None else signum
+        if signum and step < self.max_steps:
+            self.interrupted = signum
+            self.session.log.info(f"{signal.Signals(signum).name} received: stopping after step {step} to save a "
+                                  f"checkpoint")
+            return True
+        return False
+
+    def interrupted_name(self) -> str | None:
+        return signal.Signals(self.interrupted).name if self.interrupted else None
+
+    def finish(self, step: int, done: str, interrupted: str = "", preempted: bool | None = None) -> float:
+        """The closing line ("done: N steps in 1m02s " + `done`, or for a run a signal stopped
+        `interrupted`, by default how to continue it), W&B closed (a stopped run as preempted, not
+        failed), and the session's seconds."""
+        seconds = self.session.seconds()
+        if self.interrupted:
+            self.session.log.info(f"interrupted at step {step}; " + (
+                interrupted or "last.pt saved. Continue with the same command and --resume auto"))
+        else:
+            self.session.log.info(f"done: {step} steps in {format_duration(seconds)} {done}".rstrip())
+        self.tracker.summary({"steps": step, "seconds": seconds})
+        self.session.finish_tracking(128 + self.interrupted if self.interrupted else 0,
+                                     preempted=bool(self.interrupted) if preempted is None else preempted)
+        return seconds
+
+
+def resume_checkpoint(directory: str, cfg, explicit: set[str], what: str, model_step: int, model_path: str,
+                      check=None):
+    """(the checkpoint to continue, the settings to continue with) for a trainer of something on a
+    model (an SAE, a lens) under --resume auto: <directory>/last.pt if it exists, refused if it was
+    trained on another step of the model, `check(checkpoint)` for anything else the trainer needs;
+    the settings are the checkpoint's where they shape what is trained (config.resumed_config).
+    (None, cfg) when there is nothing to continue."""
+    path = os.path.join(directory, "last.pt")
+    if cfg.resume != "auto" or not os.path.isfile(path):
+        return None, cfg
+    checkpoint = load_checkpoint(path)
+    if check is not None:
+        check(checkpoint)
+    if checkpoint.get("model_step", model_step) != model_step:
+        raise ConfigError(f"--resume: this {what} was trained on the model at step {checkpoint['model_step']}, but "
+                          f"{model_path} now holds step {model_step}; start a new {what} (--run_name)")
+    return checkpoint, resumed_config(cfg, checkpoint["config"], explicit, what)
 
 
 class StepClock:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 
 # ---------------------------------------------------------------- the console and train.log
 
@@ -240,59 +241,73 @@ class RcloneSync:
 # ---------------------------------------------------------------- the picture
 
 
-def plot_training_curves(metrics_path: str, out_path: str, title: str = "") -> str:
-    """Train/val loss and accuracy against optimizer steps on a log axis: the grokking picture."""
+@dataclass
+class Panel:
+    """One plot of metrics against steps: `lines` are (metric, label, style[, colour]); `twin`, more
+    lines on a right-hand axis labelled `twin_label`. A log x axis leaves out step 0."""
+    title: str
+    lines: list
+    yscale: str = "linear"
+    xscale: str = "linear"
+    ylabel: str = ""
+    ylim: tuple | None = None
+    twin: list = field(default_factory=list)
+    twin_label: str = ""
+
+
+def plot_curves(records: list[dict], out_path: str, panels: list[Panel], title: str = "", width: float = 4.0,
+                dpi: int = 110) -> str:
+    """Every trainer's training curves: one row of panels from metrics.jsonl records."""
     from matplotlib.figure import Figure  # not pyplot: no global backend or figure state to disturb
 
-    records = read_metrics(metrics_path)
+    fig = Figure(figsize=(width * len(panels), 3.4 if width < 5 else 4))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
 
-    def series(key):
-        points = [(r["step"], r[key]) for r in records if key in r and r["step"] > 0]
-        return [p[0] for p in points], [p[1] for p in points]
+    def draw(ax, lines, xscale):
+        for key, label, style, *colour in lines:
+            points = [(r["step"], r[key]) for r in records if key in r and (xscale != "log" or r["step"] > 0)]
+            if points:
+                ax.plot(*zip(*points), style, label=label, color=colour[0] if colour else None, markersize=3,
+                        marker="." if style == "-" and len(points) < 30 else None)
 
-    has_acc = any("val_acc" in r or "train_acc" in r for r in records)
-    has_progress = any("restricted_loss" in r for r in records)  # --track_progress
-    panels = 1 + has_acc + 2 * has_progress
-    fig = Figure(figsize=(5.5 * panels, 4))
-    axes = fig.subplots(1, panels, squeeze=False)
-    loss_ax = axes[0, 0]
-    for key in ("train_loss", "val_loss"):
-        steps, values = series(key)
-        if steps:
-            loss_ax.plot(steps, values, label=key)
-    loss_ax.set(xscale="log", yscale="log", xlabel="step", ylabel="loss", title="loss")
-    if has_acc:
-        acc_ax = axes[0, 1]
-        for key in ("train_acc", "val_acc"):
-            steps, values = series(key)
-            if steps:
-                acc_ax.plot(steps, values, label=key)
-        acc_ax.set(xscale="log", xlabel="step", ylabel="accuracy", title="accuracy", ylim=(-0.02, 1.02))
-    if has_progress:
-        # Nanda et al.'s picture: the restricted loss falls before the validation loss does, while
-        # the excluded loss rises; the embedding concentrates on a few frequencies (gini up) as
-        # weight decay cleans up the memorising solution (weight norm down).
-        measures_ax, shape_ax = axes[0, 1 + has_acc], axes[0, 2 + has_acc]
-        for key in ("train_loss", "val_loss", "restricted_loss", "excluded_loss"):
-            steps, values = series(key)
-            if steps:
-                measures_ax.plot(steps, values, label=key, linestyle="--" if key.startswith(("train", "val")) else "-")
-        measures_ax.set(xscale="log", yscale="log", xlabel="step", ylabel="loss (training pairs)",
-                        title="progress measures")
-        steps, values = series("fourier_gini")
-        shape_ax.plot(steps, values, color="tab:purple", label="fourier_gini")
-        shape_ax.set(xscale="log", xlabel="step", ylabel="gini of embedding frequency norms",
-                     title="sparsity and size", ylim=(0, 1))
-        norm_ax = shape_ax.twinx()
-        steps, values = series("weight_norm")
-        norm_ax.plot(steps, values, color="tab:gray", label="weight_norm")
-        norm_ax.set(ylabel="weight norm (L2, all parameters)")
-        norm_ax.legend(loc="lower right")
-    for ax in axes.flat:
+    for ax, panel in zip(axes, panels):
+        draw(ax, panel.lines, panel.xscale)
+        ax.set(xlabel="step", title=panel.title, yscale=panel.yscale, xscale=panel.xscale, ylabel=panel.ylabel)
+        if panel.ylim:
+            ax.set_ylim(*panel.ylim)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if len(panel.lines) > 1 and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        if panel.twin:
+            right = ax.twinx()
+            draw(right, panel.twin, panel.xscale)
+            right.set(ylabel=panel.twin_label)
+            right.legend(loc="lower right", fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=120)
+    fig.savefig(out_path, dpi=dpi)
     return out_path
+
+
+def plot_training_curves(metrics_path: str, out_path: str, title: str = "") -> str:
+    """train.py's picture: train/val loss and accuracy against optimizer steps on a log axis (the
+    grokking picture), and with --track_progress Nanda et al.'s progress measures: the restricted
+    loss falls before the validation loss does while the excluded loss rises, and the embedding
+    concentrates on a few frequencies (gini up) as weight decay cleans up the memorising solution
+    (weight norm down)."""
+    records = read_metrics(metrics_path)
+    panels = [Panel("loss", [("train_loss", "train_loss", "-"), ("val_loss", "val_loss", "-")], "log", "log", "loss")]
+    if any("val_acc" in r or "train_acc" in r for r in records):
+        panels.append(Panel("accuracy", [("train_acc", "train_acc", "-"), ("val_acc", "val_acc", "-")],
+                            xscale="log", ylabel="accuracy", ylim=(-0.02, 1.02)))
+    if any("restricted_loss" in r for r in records):  # --track_progress
+        panels.append(Panel("progress measures", [("train_loss", "train_loss", "--"), ("val_loss", "val_loss", "--"),
+                                                  ("restricted_loss", "restricted_loss", "-"),
+                                                  ("excluded_loss", "excluded_loss", "-")],
+                            "log", "log", "loss (training pairs)"))
+        panels.append(Panel("sparsity and size", [("fourier_gini", "fourier_gini", "-", "tab:purple")], xscale="log",
+                            ylabel="gini of embedding frequency norms", ylim=(0, 1),
+                            twin=[("weight_norm", "weight_norm", "-", "tab:gray")],
+                            twin_label="weight norm (L2, all parameters)"))
+    return plot_curves(records, out_path, panels, title, width=5.5, dpi=120)

@@ -24,17 +24,21 @@ def register(kind: type["SparseAutoencoder"]) -> type["SparseAutoencoder"]:
 
 class SparseAutoencoder(nn.Module):
     """The base of every kind. Class attributes a kind sets:
-    name: its --arch value; summary: a few words for --help; uses_k: sparsity set by --k (and dead features trained by AuxK);
-    batch_training: training chooses features across the whole batch (every rank's rows), so
-    forward(x, batch=True) must be called on every rank together; saelens_architecture: what SAELens
-    calls it (interop/saelens.py); logged: the loss parts, beyond mse and L0, that training sums for
-its log (extra_record turns them into metrics)."""
+    name          its --arch value
+    summary       a few words for --help
+    uses_k        sparsity set by --k (and dead features trained by AuxK)
+    batch_training  training chooses features across the whole batch (every rank's rows), so
+                  forward(x, batch=True) must be called on every rank together
+    saelens_architecture  what SAELens calls it in use (interop/saelens.py; None: SAELens has no
+                  form of it, and export refuses). A subclass inherits it: say it again.
+    logged        the loss parts, beyond mse and L0, that training sums for its log (extra_record
+                  turns them into metrics)"""
 
     name = ""
     summary = ""  # a few words for --arch's help
     uses_k = False
     batch_training = False
-    saelens_architecture = "standard"
+    saelens_architecture: str | None = None
     logged: tuple[str, ...] = ()
 
     def __init__(self, d: int, dict_size: int, k: int = 32, jumprelu_init_threshold: float = 0.01,

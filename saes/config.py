@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from activations import POSITIONS, load_run, run_folder
-from config import (DEVICES, DTYPES, ConfigError, ModelSource, OptimSettings, config_from_dict, need, need_name,
+from config import (DEVICES, DTYPES, ConfigError, ModelSourceConfig, OptimConfig, config_from_dict, need, need_name,
                     need_one_of, override, section)
 from plumbing.checkpoints import CheckpointError, load_checkpoint
 from saes import build_sae
@@ -22,7 +22,7 @@ _runtime = section("runtime")
 
 
 @dataclass
-class SAEConfig(OptimSettings, ModelSource):
+class SAEConfig(OptimConfig, ModelSourceConfig):
     run_dir: str = _what("", "the model's run directory (runs/<run>) or checkpoint (or --model)")
     hook: str = _what("", "hook point whose activations to reconstruct, e.g. blocks.0.mlp.hook_post")
     positions: str = _what("answer", "answer (the positions the loss reads) | all (every token)")

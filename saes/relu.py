@@ -14,6 +14,7 @@ from saes.base import SparseAutoencoder, register
 class ReLUSAE(SparseAutoencoder):
     name = "relu"
     summary = "L1 penalty"
+    saelens_architecture = "standard"
     logged = ("l1_sum",)
 
     def activate(self, pre: torch.Tensor, batch: bool = False) -> torch.Tensor:

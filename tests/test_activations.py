@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from activations import DumpSettings, DumpSource, LiveSource, dump
+from activations import DumpConfig, DumpSource, LiveSource, dump
 from config import ConfigError
 from conftest import run_bad_input, run_torchrun
 from interp import load_run
@@ -20,7 +20,7 @@ HOOK = "blocks.0.mlp.hook_post"
 
 
 def dump_to(run_dir, out, **settings) -> str:
-    return dump(DumpSettings(run_dir=run_dir, hook=settings.pop("hook", HOOK), out=str(out), **settings).validate(),
+    return dump(DumpConfig(run_dir=run_dir, hook=settings.pop("hook", HOOK), out=str(out), **settings).validate(),
                 log=lambda *a: None)
 
 
@@ -105,7 +105,7 @@ def test_an_interrupted_dump_finishes_what_is_missing(tmp_path, trained_runs):
         DumpSource(out, batch_size=8, device="cpu")
 
     messages = []
-    dump(DumpSettings(run_dir=trained_runs["text"], hook=HOOK, out=out, shard_rows=200).validate(), log=messages.append)
+    dump(DumpConfig(run_dir=trained_runs["text"], hook=HOOK, out=out, shard_rows=200).validate(), log=messages.append)
     assert any(f"{manifest['num_shards'] - 2} of {manifest['num_shards']} shards" in m for m in messages), messages
     assert os.stat(kept).st_mtime_ns == before  # done shards are not recomputed
     a, b = read_dump(out), read_dump(reference)

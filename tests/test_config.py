@@ -41,7 +41,7 @@ def test_issue_flags_exist():
     ])
     assert (cfg.num_blocks, cfg.num_heads, cfg.embedding_dim, cfg.context_len) == (2, 8, 64, 16)
     assert (cfg.epochs, cfg.max_steps, cfg.use_muon, cfg.accumulation_steps) == (3.0, 0, True, 2)
-    assert (cfg.tokenizer, cfg.save_model_dir, cfg.save_every, cfg.run_name) == ("gpt2", "elsewhere", 7, "r1")
+    assert (cfg.tokenizer, cfg.runs_dir, cfg.save_every, cfg.run_name) == ("gpt2", "elsewhere", 7, "r1")
 
 
 def test_every_field_is_a_flag_with_default_and_help():

@@ -393,7 +393,7 @@ FILE_ENDINGS = {"py", "json", "jsonl", "pt", "md", "png", "txt", "log", "yaml", 
 
 
 def test_every_module_name_and_python_import_in_the_docs_exists():
-    """`saes.metrics.modern_metrics`, `config.OptimSettings` and the `from X import a, b` lines of the
+    """`saes.metrics.modern_metrics`, `config.OptimConfig` and the `from X import a, b` lines of the
     pages' Python examples name what the code has today (modules move; their names in prose must follow)."""
     names = []
     for page in USER_PAGES:

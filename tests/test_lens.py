@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import lens as lens_module
-from activations import DumpSettings, DumpSource, TokenSource, dump, load_run
+from activations import DumpConfig, DumpSource, TokenSource, dump, load_run
 from conftest import ROOT, logged_steps, run_bad_input, run_torchrun, wait_until, write_corpus
-from lens import LensConfig, Schedule, build_lens, lens_losses, prepare
+from lens import LensConfig, Schedule, build_batch, build_lens, lens_losses
 from plumbing.tracking import read_metrics
 
 # Short prompts: the test model's context is 32 positions.
@@ -49,7 +49,7 @@ def quick_lens(run_dir: str, *extra: str):
 def a_batch(run, lens, size: int = 16, seed: int = 0):
     source = TokenSource(run, f"blocks.{lens.layer}.hook_resid_post", "all", "train", size, seed)
     rows = source.batch(0)
-    return prepare(run.model, lens.layer, source.tokens[rows.sequence], rows.position, rows.acts, run.device,
+    return build_batch(run.model, lens.layer, source.tokens[rows.sequence], rows.position, rows.acts, run.device,
                    torch.float32)
 
 
@@ -213,7 +213,7 @@ def test_a_stopped_lens_resumes_exactly_across_unfreezing(text_run):
 def test_dumped_and_on_the_fly_sources_give_the_same_batches(tmp_path, text_run):
     hook = "blocks.1.hook_resid_post"
     out = str(tmp_path / "dump")
-    dump(DumpSettings(run_dir=text_run, hook=hook, positions="all", out=out, shard_rows=500).validate(),
+    dump(DumpConfig(run_dir=text_run, hook=hook, positions="all", out=out, shard_rows=500).validate(),
          log=lambda *a: None)
     run = load_run(text_run, device="cpu")
     dumped, live = DumpSource(out, 32, "cpu", seed=3), TokenSource(run, hook, "all", "train", 32, seed=3)

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import sae as sae_module
-from activations import DumpSettings, dump, split_sequences
+from config import ConfigError
+from activations import DumpConfig, dump, split_sequences
 from data import IGNORE
 from conftest import ROOT, logged_steps, run_bad_input, run_torchrun, wait_until
 from interp import load_run
@@ -312,7 +313,7 @@ def test_the_ce_loss_and_kl_scores_are_one_for_a_perfect_reconstruction_and_zero
 def test_sae_training_writes_its_directory_and_resumes_exactly(tmp_path, trained_runs, source):
     run_dir = trained_runs["modular"]
     if source == "dump":
-        dump(DumpSettings(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
+        dump(DumpConfig(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
     # Resampling happens in the first half of max_steps, which differs between the two halves of the
     # stopped run; the SIGUSR1 test below covers resume with resampling.
     common = [run_dir, *QUICK, "--source", source, "--dump", str(tmp_path / "dump"), "--resample_every", "0"]
@@ -349,7 +350,7 @@ def test_the_other_kinds_resume_exactly_with_their_thresholds(tmp_path, trained_
     """Stopped at step 10 and resumed, an SAE ends where an unbroken run ends, its thresholds (the
     batch kinds' running threshold, jumprelu's per-feature ones) included (relu: the test above)."""
     run_dir = trained_runs["modular"]
-    dump(DumpSettings(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
+    dump(DumpConfig(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
     common = [run_dir, *QUICK, "--source", "dump", "--dump", str(tmp_path / "dump"), "--resample_every", "0",
               "--log_every", "1", "--arch", arch, "--k", "8"]
     straight = sae_module.main(common + ["--name", f"straight-{arch}"])
@@ -372,7 +373,7 @@ def test_two_ranks_train_the_sae_one_process_trains(tmp_path, trained_runs, arch
     """batchtopk keeps the k x rows largest pre-activations of the global batch: the ranks gather
     their candidates and agree on the cut, so two ranks choose what one process chooses."""
     run_dir = trained_runs["modular"]
-    dump(DumpSettings(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
+    dump(DumpConfig(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
     # Resampling draws new directions from rank 0's share of the batch, so it is off here.
     common = [*QUICK, "--source", "dump", "--dump", str(tmp_path / "dump"), "--resample_every", "0", "--log_every", "1",
               "--arch", arch, "--k", "8"]
@@ -536,7 +537,7 @@ def test_three_ranks_stopped_and_resumed_train_the_same_sae_bit_for_bit(tmp_path
     """With three ranks the grouping of DDP's gradient buckets changes the rounding of their sums;
     a resumed SAE regroups them as the uninterrupted run's first step did (distributed.regroup_ddp_buckets)."""
     run_dir = trained_runs["modular"]
-    dump(DumpSettings(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
+    dump(DumpConfig(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
     common = [run_dir, *QUICK, "--source", "dump", "--dump", str(tmp_path / "dump"), "--resample_every", "0",
               "--log_every", "1", "--batch_size", "48", "--arch", arch, "--k", "8", "--dead_rows", "48"]
     straight = run_torchrun([*common, "--max_steps", "16", "--name", f"three-{arch}"], cwd=str(tmp_path),
@@ -552,3 +553,22 @@ def test_three_ranks_stopped_and_resumed_train_the_same_sae_bit_for_bit(tmp_path
     x = torch.load(os.path.join(run_dir, "sae", f"three-{arch}", "last.pt"), weights_only=True)["model"]
     y = torch.load(os.path.join(run_dir, "sae", f"three-{arch}-cut", "last.pt"), weights_only=True)["model"]
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_export_refuses_a_kind_saelens_has_no_form_of_and_names_each_kinds_form():
+    """A kind says what SAELens loads it as; one that does not (the base's None) is refused before
+    anything is written, and a subclass that says nothing does not pass as its parent's form."""
+    from interop.saelens import saelens_folder
+    from saes.relu import ReLUSAE
+
+    cfg = SAEConfig(run_dir="-", hook="blocks.0.hook_resid_post")
+    forms = {arch: saelens_folder(build_sae(8, 16, arch, k=2), cfg, "m")[0]["architecture"] for arch in ARCHS}
+    assert forms == {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
+                     "matryoshka": "jumprelu"}
+
+    class Thresholded(ReLUSAE):  # not registered: a kind written without its SAELens form
+        name = "thresholded"
+        saelens_architecture = None
+
+    with pytest.raises(ConfigError, match="SAELens has no form of a thresholded SAE"):
+        saelens_folder(Thresholded(8, 16), cfg, "m")

@@ -309,7 +309,7 @@ def test_a_malformed_sweep_file_is_one_error_naming_the_key(tmp_path, change, me
     spec = {"method": "grid", "parameters": {"lr": {"values": [0.01]}}, **change}
     path = write_sweep(tmp_path, "bad", **spec)
     with pytest.raises(sweep_module.SweepError) as error:
-        sweep_module.run_sweep(sweep_module.SweepSettings(file=path, dir=str(tmp_path / "sw")).validate())
+        sweep_module.run_sweep(sweep_module.SweepConfig(file=path, dir=str(tmp_path / "sw")).validate())
     assert message in str(error.value) and str(error.value).startswith(path)
     assert not (tmp_path / "sw").exists()  # nothing made
 
