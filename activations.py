@@ -35,7 +35,8 @@ import torch
 
 from config import (DEVICES, DTYPES, PRETRAINED_FILE, ConfigError, ModelSourceConfig, config_from_dict, need, need_one_of,
                     parse_flags, section)
-from data import IGNORE, _step_seed, build_data, encode_text, open_run_data
+from data import _step_seed, build_data
+from tasks.text import encode_text, open_run_data
 from model import Transformer
 from interop.huggingface import DEFAULT_TRAIN_CONTEXT, load_pretrained
 from plumbing.checkpoints import CheckpointError, find_checkpoint, load_checkpoint, newest_checkpoint
@@ -135,6 +136,11 @@ class TokenizerOnly:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
 
+    generates_text = True
+
+    def token_names(self, ids) -> list[str]:
+        return [self.decode([int(i)]) for i in ids]
+
 
 def open_pretrained(spec: dict, device: str = "auto", record: str | None = None) -> Run:
     """A pretrained checkpoint as a Run: its model, the text spec["data_path"] tokenized with its
@@ -194,29 +200,8 @@ class Sequences:
 def split_sequences(run: Run, split: str, positions: str, max_tokens: int = 0) -> Sequences:
     """The sequences of a run's train or val split. Text splits are cut into consecutive,
     non-overlapping windows of context_len (the first max_tokens' worth when max_tokens > 0)."""
-    data = run.data
-    if run.cfg.task == "text":
-        source = data.train_tokens if split == "train" else data.val_tokens  # a corpus.TokenStream
-        T = data.seq_len
-        count = (len(source) - 1) // T
-        if max_tokens:
-            count = min(count, max(1, math.ceil(max_tokens / T)))
-        windows = torch.from_numpy(source[: count * T + 1].astype(np.int64))
-        tokens = windows[:-1].reshape(count, T)
-        targets = windows[1:].reshape(count, T)
-    else:
-        tokens = (data.train_x if split == "train" else data.val_x).cpu()
-        targets = (data.train_y if split == "train" else data.val_y).cpu()
-        if max_tokens:
-            count = max(1, math.ceil(max_tokens / tokens.shape[1]))
-            tokens, targets = tokens[:count], targets[:count]
-    mask = torch.zeros(tokens.shape, dtype=torch.bool)
-    if positions == "answer":
-        mask[:, tokens.shape[1] - targets.shape[1]:] = targets != IGNORE
-    elif run.cfg.task == "dyck":
-        mask = tokens != 0  # PAD is token 0; BOS, brackets and EOS count
-    else:
-        mask[:] = True
+    tokens, targets = run.data.split_tokens(split, max_tokens)  # each task knows its splits and positions
+    mask = run.data.position_mask(tokens, targets, positions)
     if not bool(mask.any()):
         raise ConfigError(f"--split: the {split} split of this run has no {positions} positions to take "
                           f"(a text split shorter than context_len + 1 tokens, or --max_tokens too small)")
@@ -226,17 +211,7 @@ def split_sequences(run: Run, split: str, positions: str, max_tokens: int = 0) -
 def token_names(run: Run, ids) -> list[str]:
     """How a person reads each token id: the tokenizer's text for text and pretrained runs, the number
     or `=` for modular arithmetic, the bracket (or <pad>, <bos>, <eos>) for Dyck."""
-    ids = [int(i) for i in ids]
-    task = getattr(run.cfg, "task", "text")
-    if task == "modular":
-        return ["=" if i == run.data.equals_token else str(i) for i in ids]
-    if task == "dyck":
-        k, pairs = run.cfg.dyck_types, "([{<"
-        opening = [pairs[j] if j < len(pairs) else f"open{j}" for j in range(k)]
-        closing = [")]}>"[j] if j < len(pairs) else f"close{j}" for j in range(k)]
-        names = ["<pad>", "<bos>", "<eos>"] + opening + closing
-        return [names[i] if 0 <= i < len(names) else f"<{i}>" for i in ids]
-    return [run.data.decode([i]) for i in ids]
+    return run.data.token_names(ids)
 
 
 class _Captured(Exception):

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> str:
             raise ConfigError("--to transformer_lens: TransformerLens is not installed: pip install transformer_lens "
                               "(version 4), or 'transformer_lens<4' for a HookedTransformer") from None
     run = load_run(cfg.run_dir, "cpu", prefer=cfg.checkpoint)
-    if cfg.to == "hf" and run.cfg.task != "text":
+    if cfg.to == "hf" and not run.data.generates_text:
         raise ConfigError(f"--run_dir: {run.checkpoint_path} is a {run.cfg.task} run; Hugging Face's causal-LM "
                           f"classes are language models, so --to hf exports text runs (--task text); "
                           f"--to transformer_lens takes any run")

@@ -497,7 +497,7 @@ def resolve_layers(cfg: LensConfig, run: Run) -> tuple[int, int]:
 
 def build_lens(cfg: LensConfig, run: Run) -> ConsistencyLens:
     """A fresh lens for this run (bad prompts or layers raise ConfigError)."""
-    if run.cfg.task != "text":
+    if not run.data.generates_text:
         raise ConfigError(f"run_dir: {cfg.run_dir} is a {run.cfg.task} run; the lens explains a language model's "
                           f"activations in its own tokens, so it needs a text run (e.g. --preset shakespeare_char)")
     layer, encoder_layer = resolve_layers(cfg, run)

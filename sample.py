@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[str]:
         run = load_run(cfg.run_dir, cfg.device, prefer=cfg.checkpoint)
     if "start" not in explicit:  # where the run's text starts: a document's end-of-text token, or a newline
         prompt = getattr(run.data, "SAMPLE_PROMPTS", (prompt,))[0]
-    if run.cfg.task != "text":
+    if not run.data.generates_text:
         raise ConfigError(f"--run_dir: {run.checkpoint_path} is a {run.cfg.task} run; sample.py samples text "
                           f"models (--task text). For its predictions, open it with interp.py")
     model, device = run.model, run.device

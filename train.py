@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from plumbing.checkpoints import CheckpointError, find_checkpoint, load_checkpoint, newest_checkpoint, seed_everything, set_rng_state
 from config import Config, ConfigError, format_config, parse_config, resumed_config
 from data import IGNORE, build_data
+from tasks import TASKS
 from plumbing.distributed import (all_reduce_sum, broadcast_object, elastic_restart_count, gather_objects,
                          regroup_ddp_buckets)
 from fourier import progress_measures
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                         if training.schedule.observe(val["val_loss"]):
                             log.info(f"plateau: LR x {training.schedule.factor:.3g} of its schedule from step "
                                      f"{step + 1}")
-                        if cfg.task == "text" and cfg.sample_tokens and session.is_main:
+                        if data.generates_text and cfg.sample_tokens and session.is_main:
                             print_samples(raw_model, data, cfg, step, session)
                         if val["val_loss"] < training.best_val_loss:
                             training.best_val_loss = val["val_loss"]
@@ -341,9 +342,7 @@ class Training:
 
 
 def generate_run_name(cfg: Config) -> str:
-    what = {"modular": f"{cfg.operation}{cfg.modulus}", "dyck": f"dyck{cfg.dyck_types}",
-            "text": f"text-{cfg.tokenizer}"}[cfg.task]
-    return f"{what}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return f"{TASKS[cfg.task].run_name(cfg)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def claim_run_dir(cfg: Config, explicit: set[str], session: Session, resume: Resume) -> str:
@@ -385,7 +384,7 @@ def describe_run(cfg: Config, raw_model: Transformer, data, session: Session, re
     log.info(f"data {cfg.task}: {data.train_size:,} train examples · global batch {global_batch} "
              f"({tokens_per_step:,} tokens/step) · {max_steps:,} steps"
              + ("" if peak else f" · MFU: unknown, {no_mfu_reason(device)}"))
-    if cfg.task == "text":
+    if data.generates_text:
         log.info(f"corpus: {data.description} · train {len(data.train_tokens):,} tokens in "
                  f"{len(data.train_tokens.parts)} shard{'s' if len(data.train_tokens.parts) != 1 else ''} · "
                  f"val {len(data.val_tokens):,} tokens")

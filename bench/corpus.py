@@ -127,7 +127,7 @@ def loader_tokens_per_second(data_path: str, batch: int, context: int, steps: in
     import torch
 
     from config import Config
-    from data import TextData
+    from tasks.text import TextData
     from plumbing.distributed import Dist
 
     cfg = Config(task="text", data_path=data_path, tokenizer="gpt2", batch_size=batch, context_len=context)

@@ -203,7 +203,7 @@ def profile(train_step, steps: int, device: torch.device, title: str) -> None:
 
 
 def measure_loader(path: str, batch: int, num_batches: int, device: torch.device) -> str:
-    """tokens/s of data.TextData.train_batches on the char task: windows cut, stacked, moved.
+    """tokens/s of tasks.text.TextData.train_batches on the char task: windows cut, stacked, moved.
 
     The text is linked into a scratch directory first: data.py writes its token cache beside the
     text, and a benchmark should leave nothing behind (nor find a cache from an earlier run).

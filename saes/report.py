@@ -163,7 +163,7 @@ def write_browser(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequenc
         used |= set(np.unique(logits[0]).tolist()) | set(np.unique(logits[2]).tolist())
     used = sorted(used)
     token_text = dict(zip(used, token_names(run, used)))
-    joined = getattr(run.cfg, "task", "text") == "text"  # text: tokens are pieces of it; else shown apart
+    joined = run.data.generates_text  # text: tokens are pieces of it; else shown apart
 
     def label(f):  # what the list shows and searches: the top token (and, apart, the two before it)
         if not fired[0][f]:

@@ -19,7 +19,7 @@ from plumbing import corpus
 from config import Config, ConfigError, parse_config
 from conftest import ROOT, SMALL_CORPUS, TIKTOKEN_CACHE
 from plumbing.corpus import TokenStream, open_corpus
-from data import TextData
+from tasks.text import TextData
 from plumbing.distributed import Dist
 
 CPU = torch.device("cpu")

@@ -7,7 +7,10 @@ import torch
 
 from config import Config, ConfigError
 from conftest import SMALL_CORPUS, TIKTOKEN_CACHE
-from data import IGNORE, DyckData, ModularData, TextData, build_data, generate_dyck
+from data import IGNORE, build_data
+from tasks.dyck import DyckData, generate_dyck
+from tasks.modular import ModularData
+from tasks.text import TextData
 from plumbing.distributed import Dist
 
 CPU = torch.device("cpu")

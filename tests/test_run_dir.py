@@ -20,7 +20,7 @@ import train
 from activations import load_run, split_sequences
 from config import Config, ConfigError
 from conftest import SMALL_CORPUS, TIKTOKEN_CACHE, run_bad_input, run_program, write_corpus, write_documents
-from data import (RUN_TOKENIZER, RUN_VAL_EXCERPT, RunTextData, TextData, encode_text, open_run_data, sample_prompts,
+from tasks.text import (RUN_TOKENIZER, RUN_VAL_EXCERPT, RunTextData, TextData, encode_text, open_run_data, sample_prompts,
                   tokenizer_from_record, tokenizer_record)
 from plumbing.corpus import EOT_TEXT, CharTokenizer
 from plumbing.distributed import Dist
