@@ -158,3 +158,16 @@ def test_run_name_alias_for_torchrun():
     for argv in (["--run_name", "r7"], ["--run_name=r7"], ["--run", "r7"]):
         cfg, explicit = parse_config(argv)
         assert cfg.run_name == "r7" and explicit == {"run_name"}
+
+
+def test_the_runs_folder_keeps_its_old_name_in_flags_and_config_files(tmp_path):
+    """train.py's --save_model_dir is --runs_dir now; the old flag and config.json files written
+    before the rename (runs/<run>/config.json, --config) still name the same folder."""
+    cfg, explicit = parse_config(["--save_model_dir", "elsewhere"])
+    assert cfg.runs_dir == "elsewhere" and "runs_dir" in explicit
+    old = dict(dataclasses.asdict(Config()))
+    old["save_model_dir"] = old.pop("runs_dir")
+    old["save_model_dir"] = "older"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    assert parse_config(["--config", str(path)])[0].runs_dir == "older"
