@@ -207,9 +207,10 @@ def test_bad_architecture_flags_name_the_flag(argv, fragment):
 # The last commit before these pieces. Its code, checked out from the history, writes the
 # checkpoints today's code must load; a clone without that history skips these tests.
 BEFORE = "bf8742deb52a5babceec126691df455aee81b00c"
+# Runs in the old checkout: its modules by their old names (there was no plumbing/ then).
 OLD_LOGITS = """
 import json, sys, torch
-from plumbing.checkpoints import load_checkpoint
+from checkpoints import load_checkpoint
 from config import config_from_dict
 from model import Transformer
 saved = load_checkpoint(sys.argv[1])
