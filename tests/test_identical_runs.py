@@ -37,7 +37,7 @@ def test_the_flush_reaches_every_thread_of_the_test_process():
 def test_threads_started_before_the_flush_leave_every_thread_unflushed():
     """A caller whose threads already ran (a notebook, say) gets no flush on any thread, rather
     than a flush on one thread whose results would depend on how work is split."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import torch, hardware\n"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import torch\nfrom plumbing import hardware\n"
             "torch.ones(1 << 22) * 2  # starts the intra-op threads without the flush\n"
             "print(hardware.fast_math(torch.device('cpu'))); print(hardware.subnormals_flushed())\n"
             "torch.set_flush_denormal(True); print(hardware.subnormals_flushed())\n")
