@@ -267,8 +267,8 @@ def plot_curves(records: list[dict], out_path: str, panels: list[Panel], title: 
         for key, label, style, *colour in lines:
             points = [(r["step"], r[key]) for r in records if key in r and (xscale != "log" or r["step"] > 0)]
             if points:
-                ax.plot(*zip(*points), style, label=label, color=colour[0] if colour else None, markersize=3,
-                        marker="." if style == "-" and len(points) < 30 else None)
+                few = {"marker": "."} if style == "-" and len(points) < 30 else {}  # dots where points are few
+                ax.plot(*zip(*points), style, label=label, color=colour[0] if colour else None, markersize=3, **few)
 
     for ax, panel in zip(axes, panels):
         draw(ax, panel.lines, panel.xscale)
