@@ -35,7 +35,7 @@ import torch
 
 from config import (DEVICES, DTYPES, PRETRAINED_FILE, ConfigError, ModelSourceConfig, config_from_dict, need, need_one_of,
                     parse_flags, section)
-from data import _step_seed, build_data
+from data import TaskData, _step_seed, build_data
 from tasks.text import encode_text, open_run_data
 from model import Transformer
 from interop.huggingface import DEFAULT_TRAIN_CONTEXT, load_pretrained
@@ -137,9 +137,7 @@ class TokenizerOnly:
         return self.tokenizer.decode(ids)
 
     generates_text = True
-
-    def token_names(self, ids) -> list[str]:
-        return [self.decode([int(i)]) for i in ids]
+    token_names = TaskData.token_names
 
 
 def open_pretrained(spec: dict, device: str = "auto", record: str | None = None) -> Run:

@@ -4,15 +4,16 @@ any later trainer. Each program keeps its own loop; around it:
     with Session(cfg.device, cfg.dtype) as session:           # .env, device, ranks, precision, logging
         ...                                                   # bad input: ConfigError, nothing written
         session.claim_directory(run_dir, resuming, ...)       # one live writer; train.log, config.json
-        tracker = session.tracker(run_dir, step, wandb, ...)  # metrics.jsonl, W&B, rclone
-        checkpointer = session.checkpointer(run_dir, model.parameters, ...)  # atomic, every rank's RNG, never nan
-        clock = StepClock(max_steps, elapsed_before)          # ms/step, items/s, ETA
-        with session.stop_signals():                          # SIGTERM / SIGUSR1 end the loop
+        loop = session.loop(run_dir, cfg, max_steps, step, model.parameters, checkpoint)
+        with loop.running():                                  # SIGTERM / SIGUSR1 end the loop, not the process
             while step < max_steps:
                 ...
-                checkpointer.watch(step, loss)                # no sync: read at the next check
-                signum = session.agreed_stop_signal()         # every rank stops after the same step
+                due = loop.after_step(step, loss)             # clock, NaN guard, what is due (Loop below)
+                ...
+                if loop.stop_requested(step): break           # every rank stops after the same step
+            loop.save(step, state())
         del ddp_model                                         # DDP holds the process group: drop it first
+        loop.finish(step, "...")                              # the closing line, W&B closed
     # leaving the block, however it is left: W&B closed, the claim released, logging closed, the
     # process group torn down (after a barrier only when the run ended normally)
 

@@ -341,13 +341,8 @@ class RunTextData:
         return self.tokenizer.decode(ids)
 
     generates_text = True
-    position_mask = TaskData.position_mask
-
-    def token_names(self, ids) -> list[str]:
-        return [self.decode([int(i)]) for i in ids]
-
-    def split_tokens(self, split: str, max_tokens: int = 0):
-        return text_windows(self.train_tokens if split == "train" else self.val_tokens, self.seq_len, max_tokens)
+    position_mask, token_names = TaskData.position_mask, TaskData.token_names
+    split_tokens = TextData.split_tokens  # from train_tokens / val_tokens: the excerpt when the corpus is away
 
     def corpus(self) -> TextData:
         """The run's data read from its corpus, opened once (downloaded where train.py would)."""
