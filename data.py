@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -26,10 +27,42 @@ from plumbing.distributed import Dist
 IGNORE = -100  # cross_entropy's ignore_index
 
 
+def loss_and_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy where targets are set (targets [B, n] cover the last n
+    positions of logits [B, T, vocab]; data.IGNORE marks positions without a target)."""
+    logits = logits[:, -targets.shape[1]:]
+    keep = targets != IGNORE
+    picked = logits[keep].float()
+    loss = F.cross_entropy(picked, targets[keep]).item()
+    accuracy = (picked.argmax(-1) == targets[keep]).float().mean().item()
+    return loss, accuracy
+
+
 def _step_seed(seed: int, *parts: int) -> int:
     """A well-mixed 63-bit seed for (seed, *parts), so nearby steps get unrelated streams."""
     digest = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass
+class ReportSample:
+    """The sequences interp's report reads, and how it shows them."""
+    tokens: torch.Tensor  # [B, T] on the run's device
+    targets: torch.Tensor  # [B, T] or [B, loss_positions]
+    what: str  # what they are, in a figure's title
+    about: str = ""  # a sentence for the report's head
+    labels: list[str] | None = None  # each position's name (modular: a, b, =); None: numbered
+    norm_positions: list[int] | None = None  # the positions whose residual norms are drawn (None: all)
+    attention_positions: int = 0  # attention patterns show the first this many positions (0: all)
+
+
+def _shift_tokens(tokens: torch.Tensor, position: int, span: int, seed: int) -> tuple[torch.Tensor, int]:
+    """tokens with the token at `position` moved by a random nonzero shift modulo span, per row."""
+    generator = torch.Generator().manual_seed(seed)
+    corrupted = tokens.clone()
+    shift = torch.randint(1, span, (tokens.shape[0],), generator=generator).to(tokens.device)
+    corrupted[:, position] = (tokens[:, position] + shift) % span
+    return corrupted, position
 
 
 class TaskData:
@@ -119,6 +152,37 @@ class TaskData:
     def token_names(self, ids) -> list[str]:
         """How a person reads each token id."""
         return [self.decode([int(i)]) for i in ids]
+
+    # -- what the reports show (analysis/report.py for interp.py, saes/report.py for `sae.py report`)
+    ablate_neurons = False  # interp's report ablates single MLP neurons too (small models only)
+    answer_tokens = 0  # >0: one answer at the last position, among tokens 0..answer_tokens-1, so the
+    #                    report patches a corrupted input (`corrupt`) and probes for `probe_labels`
+
+    def report_sample(self) -> "ReportSample":
+        """What interp's report reads: 2,048 validation examples drawn at random (a split may be sorted)."""
+        rows = torch.randperm(len(self.val_x), generator=torch.Generator().manual_seed(0))[:2048]
+        rows = rows.to(self.val_x.device)
+        return ReportSample(self.val_x[rows], self.val_y[rows], "validation examples")
+
+    def corrupt(self, tokens: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, int]:
+        """A corrupted copy of tokens [B, T] that differs at one position, and that position: here the
+        second-to-last token becomes another token of the vocabulary (never the same one)."""
+        return _shift_tokens(tokens, tokens.shape[1] - 2, self.vocab_size, seed)
+
+    def probe_labels(self, tokens: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the report's linear probes read off the residual stream at the last position, by name."""
+        return {}
+
+    def report_sections(self, run, out_dir: str) -> tuple[list[str], list[str]]:
+        """The task's own sections of interp's report: (findings for its head, markdown lines)."""
+        return [], []
+
+    def sae_sections(self, encode, run, held_out, stats: dict, ranked: list[int], out: str, top: int
+                     ) -> tuple[list[str], tuple | None]:
+        """The task's views of an SAE's top features (`ranked`) for its report: markdown lines, and what
+        the feature browser shows per feature beside its contexts (None: nothing). `encode(tokens)`
+        gives the SAE's features at every position [B, T, n]; `stats` is saes.report.feature_statistics."""
+        return [], None
 
     # -- the run directory
     def save_to_run(self, run_dir: str) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from activations import load_run
+from analysis.runs import load_run
 from interop.transformerlens import export_transformer_lens, load_transformer_lens, transformer_lens_version
 from config import ConfigError, need, need_one_of, parse_flags, section
 from interop.huggingface import export_hf

@@ -53,8 +53,8 @@ import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from activations import (POSITIONS, DumpSource, Run, TokenSource, default_dump_dir, encode_exactly, load_run,
-                         run_folder, split_sequences)
+from analysis.runs import POSITIONS, Run, encode_exactly, load_run, run_folder, split_sequences
+from analysis.sources import DumpSource, TokenSource, default_dump_dir
 from plumbing.checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
 from config import (DEVICES, DTYPES, ConfigError, ModelSourceConfig, OptimConfig, config_from_dict, need, need_name,
                     need_one_of, override, parse_flags, section)

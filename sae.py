@@ -38,7 +38,8 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from activations import DumpSource, LiveSource, Sequences, default_dump_dir, hook_width, load_run, rows_of, split_sequences
+from analysis.runs import Sequences, hook_width, load_run, rows_of, split_sequences
+from analysis.sources import DumpSource, LiveSource, default_dump_dir
 from config import ConfigError, parse_flags
 from interop.saelens import export
 from optimizer import LRSchedule, apply_lr, load_optimizer_states

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from activations import encode_exactly, load_run, open_pretrained
+from analysis.runs import encode_exactly, load_run, open_pretrained
 from config import DEVICES, DTYPES, ConfigError, need, need_one_of, parse_flags, section
 from plumbing.hardware import autocast, pick_dtype
 from plumbing.session import run_command

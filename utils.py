@@ -1,4 +1,5 @@
-"""Small helpers with no better home: durations, atomic JSON files and folders. Standard library only."""
+"""Small helpers with no better home: durations, atomic JSON files and folders, figures. Standard library
+only (matplotlib is imported when a figure is drawn)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,19 @@ def write_folder(out: str, write):
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging)
+
+
+def figure(*args, **kwargs):
+    """plt.subplots: pyplot, so that a notebook shows the figure inline (headless, matplotlib falls
+    back to Agg). matplotlib is imported here, when a figure is drawn, not when utils is."""
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def finish_figure(fig, path: str | None):
+    """Lays the figure out, saves it when given a path, and returns it (a notebook shows it)."""
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=120)
+    return fig

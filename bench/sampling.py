@@ -47,7 +47,7 @@ def main() -> None:
     device = pick_device(args.device)
     models = []
     if args.run:
-        from activations import load_run
+        from analysis.runs import load_run
 
         run = load_run(args.run, args.device)
         models.append((run.checkpoint_path, run.model))

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from activations import hook_width, load_run
+from analysis.runs import hook_width, load_run
 from config import ConfigError
 from saes import build_sae
 from saes.base import SparseAutoencoder

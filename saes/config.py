@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from activations import POSITIONS, load_run, run_folder
+from analysis.runs import POSITIONS, load_run, run_folder
 from config import (DEVICES, DTYPES, ConfigError, ModelSourceConfig, OptimConfig, config_from_dict, need, need_name,
                     need_one_of, override, section)
 from plumbing.checkpoints import CheckpointError, load_checkpoint

@@ -11,7 +11,7 @@ import torch
 from data import IGNORE
 
 if TYPE_CHECKING:
-    from activations import Sequences
+    from analysis.runs import Sequences
     from saes.base import SparseAutoencoder
 
 

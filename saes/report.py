@@ -1,26 +1,43 @@
-"""`sae.py report`: an SAE's held-out metrics, its feature-density histogram, views of its top
-features (for modular runs over the (a, b) grid and by frequency; for text runs the contexts that
-activate them; for Dyck runs by nesting depth), and the feature browser (browser.py)."""
+"""`sae.py report`: an SAE's held-out metrics, its feature-density histogram, the task's views of its
+top features (TaskData.sae_sections: for modular runs over the (a, b) grid and by frequency; for text
+runs the contexts that activate them; for Dyck runs by nesting depth), and the feature browser
+(browser.py)."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from activations import Sequences, capture, capture_all, split_sequences, token_names
+from analysis.runs import Sequences, capture, capture_all, split_sequences, token_names
 from config import ConfigError
-from interp import fourier_losses, neuron_frequencies
 from interop.saelens import is_saelens_folder, load_saelens
 from saes.base import SparseAutoencoder
 from saes.browser import write_feature_browser
 from saes.config import SAEConfig, load_sae
 from saes.metrics import held_out_metrics
+
+
+@dataclass
+class SAEView:
+    """What a task's views of an SAE's top features read (TaskData.sae_sections)."""
+    sae: SparseAutoencoder
+    hook: str
+    run: object  # analysis.runs.Run
+    held_out: Sequences  # the val split's sequences the report reads
+    stats: dict  # feature_statistics
+    ranked: list[int]  # the top features, by total activation on held-out rows
+    model_acts: torch.Tensor  # the model's activations at the hook over held_out [S, T, d], on the run's device
+    mask: torch.Tensor  # [S, T] the positions the SAE reads, on the run's device
+    out: str  # the report folder, for figures
+    top: int
+    encode: Callable[[torch.Tensor], torch.Tensor]  # tokens [B, T] -> the SAE's features [B, T, n]
 
 
 def plot_feature_density(density: torch.Tensor, path: str) -> str:
@@ -226,8 +243,9 @@ def report(sae_path: str, top: int = 12, model: str = "", log=None) -> str:
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
     lines += ["", "![feature density](feature_density.png)", ""]
 
-    views = {"modular": modular_views, "text": text_views, "dyck": dyck_views}[run.cfg.task]
-    more, fourier = views(sae, cfg, run, held_out, stats, ranked, model_acts, mask, out, top)
+    view = SAEView(sae, cfg.hook, run, held_out, stats, ranked, model_acts, mask, out, top,
+                   lambda tokens: sae.encode(capture(run.model, tokens, cfg.hook)))
+    more, fourier = run.data.sae_sections(view)  # the task's views of the top features
     lines += more
     page = write_browser(sae, cfg, run, held_out, stats, metrics, out, fourier)
     say(f"the feature browser: {page} ({time.perf_counter() - clock:.1f}s)")
@@ -237,112 +255,3 @@ def report(sae_path: str, top: int = 12, model: str = "", log=None) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
-
-
-def modular_views(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequences, stats: dict,
-                  ranked: list[int], model_acts: torch.Tensor, mask: torch.Tensor, out: str,
-                  top: int) -> tuple[list[str], tuple | None]:
-    """Modular runs: the top features over every pair (a, b) and by frequency; every feature's best
-    frequency, for the feature browser."""
-    from matplotlib.figure import Figure
-
-    lines, fourier = [], None
-    p = run.cfg.modulus
-    grid_tokens = run.data.tokens
-    every = torch.cat([sae.encode(capture(run.model, grid_tokens[s:s + 4096], cfg.hook)[:, -1])
-                       for s in range(0, len(grid_tokens), 4096)])
-    if run.cfg.operation == "divide":  # b = 0 is not in the table
-        grid = torch.zeros(p * p, every.shape[1], device=every.device)
-        grid[(grid_tokens[:, 0] * p + grid_tokens[:, 1])] = every
-        every = grid
-    grid = every.reshape(p, p, -1)[:, :, ranked]
-    freqs = neuron_frequencies(grid)
-    fig = Figure(figsize=(2.6 * min(top, 6), 5.4 * math.ceil(len(ranked) / 6)))
-    axes = fig.subplots(2 * math.ceil(len(ranked) / 6), min(len(ranked), 6), squeeze=False)
-    for i, feature in enumerate(ranked):
-        image_ax, spectrum_ax = axes[2 * (i // 6), i % 6], axes[2 * (i // 6) + 1, i % 6]
-        image_ax.imshow(grid[:, :, i].cpu().numpy(), cmap="viridis", origin="lower")
-        image_ax.set(title=f"feature {feature}", xlabel="b", ylabel="a")
-        spectrum_ax.bar(range(1, p // 2 + 1), freqs.shares[:, i].cpu().numpy())
-        spectrum_ax.set(title=f"k={int(freqs.frequency[i])}: {float(freqs.explained[i]):.0%} of variance",
-                        xlabel="frequency k", ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "features_grid.png"), dpi=90)
-    lines += ["## Top features over every pair (a, b)", "",
-              "Activation at `=` over all p² pairs, and each feature's share of variance in each frequency "
-              "(2-D Fourier basis, as for neurons in interp.py).", "",
-              "| feature | fires on pairs | best frequency | its share |", "| --- | --- | --- | --- |"]
-    lines += [f"| {feature} | {float((grid[:, :, i] > 0).float().mean()):.1%} | {int(freqs.frequency[i])} | "
-              f"{float(freqs.explained[i]):.2f} |" for i, feature in enumerate(ranked)]
-    lines += ["", "![features over the (a, b) grid](features_grid.png)", ""]
-    # Every feature that fires on at least 1% of the pairs, by the frequency that explains it best.
-    everything = neuron_frequencies(every.reshape(p, p, -1))
-    fourier = (everything.frequency.cpu(), everything.explained.cpu())  # for the feature browser
-    used = (every > 0).float().mean(0) >= 0.01
-    counts = torch.bincount(everything.frequency[used].cpu(), minlength=p // 2 + 1)
-    common = [(k, int(counts[k])) for k in torch.argsort(counts, descending=True).tolist() if counts[k]][:8]
-    lines.append(f"Of the {int(used.sum())} features that fire on at least 1% of the pairs, the number whose "
-                 f"variance is best explained by each frequency: " + ", ".join(f"{k}: {n}" for k, n in common)
-                 + f" (median share {float(everything.explained[used].median()):.2f}).")
-    if run.cfg.operation == "add":
-        key = fourier_losses(run).key_frequencies
-        lines.append(f"The model's key frequencies (its logits, `interp.fourier_losses`): {key}; "
-                     f"{sum(int(counts[k]) for k in key if k < len(counts))} of those features have their best "
-                     f"frequency among them.")
-    lines.append("")
-    return lines, fourier
-
-
-def text_views(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequences, stats: dict,
-               ranked: list[int], model_acts: torch.Tensor, mask: torch.Tensor, out: str,
-               top: int) -> tuple[list[str], tuple | None]:
-    """Text runs: the contexts that activate the top features most."""
-    lines = []
-    lines += ["## Top features: the contexts that activate them most", "",
-              "The activating token is in ⟦brackets⟧; the number is the activation.", ""]
-    T = mask.shape[1]
-    for feature in ranked:
-        lines.append(f"**feature {feature}** (fires on {float(stats['density'][feature]):.1%} of rows)")
-        lines.append("")
-        for value, index in zip(stats["top_values"][:5, feature].tolist(), stats["top_index"][:5, feature].tolist()):
-            if value <= 0:
-                break
-            s, t = divmod(index, T)
-            ids = held_out.tokens[s].tolist()
-            before = run.data.decode(ids[max(0, t - 40):t])
-            context = (before + "⟦" + run.data.decode(ids[t:t + 1]) + "⟧" + run.data.decode(ids[t + 1:t + 6]))
-            lines.append(f"    {value:7.3f}  {context!r}")
-        lines.append("")
-    return lines, None
-
-
-def dyck_views(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequences, stats: dict,
-               ranked: list[int], model_acts: torch.Tensor, mask: torch.Tensor, out: str,
-               top: int) -> tuple[list[str], tuple | None]:
-    """Dyck runs: the top features' mean activation by nesting depth."""
-    from matplotlib.figure import Figure
-
-    lines = []
-    k = run.cfg.dyck_types
-    tokens = held_out.tokens.to(run.device)
-    step_ = ((tokens >= 3) & (tokens < 3 + k)).long() - ((tokens >= 3 + k) & (tokens < 3 + 2 * k)).long()
-    depth = step_.cumsum(1)  # depth after reading each token
-    max_depth = int(depth[mask].max())
-    acts = torch.cat([sae.encode(model_acts[s:s + 256])[..., ranked] for s in range(0, len(model_acts), 256)])
-    table = torch.stack([acts[(depth == level) & mask].mean(0) if ((depth == level) & mask).any()
-                         else torch.zeros(len(ranked), device=run.device) for level in range(max_depth + 1)])
-    fig = Figure(figsize=(7, 4))
-    ax = fig.subplots()
-    for i, feature in enumerate(ranked):
-        ax.plot(range(max_depth + 1), table[:, i].cpu().numpy(), marker="o", label=f"feature {feature}")
-    ax.set(xlabel="nesting depth after the token", ylabel="mean activation", title="top features by depth")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "features_depth.png"), dpi=110)
-    lines += ["## Top features by nesting depth", "",
-              "| feature | " + " | ".join(f"depth {level}" for level in range(max_depth + 1)) + " |",
-              "|---" * (max_depth + 2) + "|"]
-    lines += [f"| {feature} | " + " | ".join(f"{float(value):.3f}" for value in table[:, i]) + " |"
-              for i, feature in enumerate(ranked)]
-    lines += ["", "![features by depth](features_depth.png)", ""]
-    return lines, None

@@ -3,6 +3,8 @@ sequence is right when every prediction is."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -94,6 +96,37 @@ class DyckData(_IndexedData):
         metrics["val_forced_acc"] = sums["forced_correct"] / max(sums["forced_count"], 1)
         metrics["val_valid_frac"] = sums["valid_hits"] / max(sums["count"], 1)
         return metrics
+
+    # -- what the reports show
+    def sae_sections(self, view) -> tuple[list[str], tuple | None]:
+        """Dyck runs: the top features' mean activation by nesting depth."""
+        from matplotlib.figure import Figure
+
+        lines = []
+        k, ranked, mask, device = self.cfg.dyck_types, view.ranked, view.mask, view.run.device
+        tokens = view.held_out.tokens.to(device)
+        step_ = ((tokens >= 3) & (tokens < 3 + k)).long() - ((tokens >= 3 + k) & (tokens < 3 + 2 * k)).long()
+        depth = step_.cumsum(1)  # depth after reading each token
+        max_depth = int(depth[mask].max())
+        acts = torch.cat([view.sae.encode(view.model_acts[s:s + 256])[..., ranked]
+                          for s in range(0, len(view.model_acts), 256)])
+        table = torch.stack([acts[(depth == level) & mask].mean(0) if ((depth == level) & mask).any()
+                             else torch.zeros(len(ranked), device=device) for level in range(max_depth + 1)])
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
+        for i, feature in enumerate(ranked):
+            ax.plot(range(max_depth + 1), table[:, i].cpu().numpy(), marker="o", label=f"feature {feature}")
+        ax.set(xlabel="nesting depth after the token", ylabel="mean activation", title="top features by depth")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(view.out, "features_depth.png"), dpi=110)
+        lines += ["## Top features by nesting depth", "",
+                  "| feature | " + " | ".join(f"depth {level}" for level in range(max_depth + 1)) + " |",
+                  "|---" * (max_depth + 2) + "|"]
+        lines += [f"| {feature} | " + " | ".join(f"{float(value):.3f}" for value in table[:, i]) + " |"
+                  for i, feature in enumerate(ranked)]
+        lines += ["", "![features by depth](features_depth.png)", ""]
+        return lines, None
 
 
 def generate_dyck(n: int, k: int, max_depth: int, min_len: int, max_len: int, rng: np.random.Generator):

@@ -3,10 +3,15 @@ Sequences [a, b, =], the loss read at `=` only."""
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 from config import ConfigError
-from data import _IndexedData
+from data import ReportSample, _IndexedData, _shift_tokens
+from fourier import (embedding_frequency_norms, fourier_ablation, fourier_losses, gini, key_frequencies, neuron_frequencies,
+                     neuron_grid, plot_frequency_norms, plot_neuron_frequencies)
 
 
 def modular_table(p: int, operation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,6 +49,7 @@ class ModularData(_IndexedData):
         self.p = p
         self.equals_token = p
         self.vocab_size = p + 1
+        self.answer_tokens = p  # the answer is a number
         self.a, self.b, self.answer = modular_table(p, cfg.operation)
         n = len(self.a)
         tokens = torch.stack([self.a, self.b, torch.full_like(self.a, p)], dim=1)
@@ -60,3 +66,122 @@ class ModularData(_IndexedData):
         self.train_x, self.train_y = self.tokens[self.train_idx.to(device)], self.targets[self.train_idx.to(device)]
         self.val_x, self.val_y = self.tokens[self.val_idx.to(device)], self.targets[self.val_idx.to(device)]
         self._finish()
+
+    # -- what the reports show
+    ablate_neurons = True  # one block of 512 neurons: a pass per neuron is cheap
+
+    def report_sample(self) -> ReportSample:
+        sample = super().report_sample()
+        sample.labels = ["a", "b", "="]
+        return sample
+
+    def corrupt(self, tokens: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, int]:
+        """`a` (position 0) becomes another number, so the answer changes."""
+        return _shift_tokens(tokens, 0, self.p, seed)
+
+    def probe_labels(self, tokens: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"a": tokens[:, 0], "b": tokens[:, 1], "answer": targets[:, 0]}
+
+    def report_sections(self, run, out_dir: str) -> tuple[list[str], list[str]]:
+        """Modular addition: the Fourier analysis of Nanda et al. 2023 (key frequencies of the logits and
+        the embedding, restricted and excluded loss, the key frequencies removed from the embedding,
+        the last block's neurons by frequency)."""
+        cfg, summary, lines = self.cfg, [], []
+        if cfg.operation != "add":
+            return summary, lines
+        norms = embedding_frequency_norms(run.model, cfg.modulus)
+        losses = fourier_losses(run)
+        key = losses.key_frequencies
+        embedding_key = key_frequencies(norms)
+        plot_frequency_norms(norms, key, path=os.path.join(out_dir, "fourier_embedding.png"))
+        sparse = len(key) <= 10
+
+        def listed(ks):
+            return f"{ks}" if len(ks) <= 10 else f"{len(ks)} of {len(norms)}"
+
+        lines += ["## Fourier analysis (Nanda et al. 2023)", "",
+                  f"Key frequencies of the logits (norm along cos/sin of w(a+b) >= 1/4 of the largest): "
+                  f"{listed(key)}" + ("" if sparse else " — the logits are not concentrated on a few "
+                                      "frequencies, so the model does not compute with a handful of them")
+                  + f". Of the token embedding (norm >= 1/4 of the largest): {listed(embedding_key)}; Gini "
+                  f"coefficient of its frequency norms {gini(norms):.2f} (0: spread evenly). The plot marks the "
+                  f"logits' key frequencies in red.", "",
+                  "| loss on the training pairs | value |", "| --- | --- |",
+                  f"| full | {losses.full_loss:.4f} |", f"| restricted to the key frequencies | {losses.restricted_loss:.4f} |",
+                  f"| excluding the key frequencies | {losses.excluded_loss:.4f} |", "",
+                  "![embedding norm by frequency](fourier_embedding.png)", ""]
+        summary.append(f"- Key frequencies of the logits: {key if sparse else f'{len(key)} of {len(norms)} (not sparse)'}; "
+                       f"loss on the training pairs {losses.full_loss:.4f} in full, "
+                       f"{losses.restricted_loss:.4f} restricted to them, {losses.excluded_loss:.4f} without them.")
+        if sparse:
+            ablated = fourier_ablation(run, key)
+            lines += [f"Removing the key frequencies from the embedding of the numbers: loss over all pairs "
+                      f"{ablated.clean_loss:.4f} -> {ablated.key_loss:.4f}, accuracy {ablated.clean_acc:.3f} "
+                      f"-> {ablated.key_acc:.3f}. Removing as many other frequencies (mean of "
+                      f"{len(ablated.random_sets)} random sets): loss {ablated.random_loss:.4f}, "
+                      f"accuracy {ablated.random_acc:.3f}.", ""]
+        if not cfg.attention_only:
+            neurons = neuron_frequencies(neuron_grid(run))
+            plot_neuron_frequencies(neurons, path=os.path.join(out_dir, "fourier_neurons.png"))
+            clear = neurons.explained >= 0.5
+            counts = torch.bincount(neurons.frequency[clear].cpu(), minlength=len(norms) + 1)
+            top = [(k, int(counts[k])) for k in torch.argsort(counts, descending=True).tolist() if counts[k] > 0][:8]
+            summary.append(f"- {int(clear.sum())} of {len(clear)} MLP neurons have at least half their variance in "
+                           f"one frequency.")
+            lines += [f"MLP neurons of the last block (activations at `=` over all pairs, in the 2-D Fourier "
+                      f"basis): {int(clear.sum())} of {len(clear)} have at least half their variance in one "
+                      f"frequency (median share {neurons.explained.median():.2f}). Neurons per frequency: "
+                      + ", ".join(f"{k}: {n}" for k, n in top) + ".", "",
+                      "![neurons in the Fourier basis](fourier_neurons.png)", ""]
+        return summary, lines
+
+    def sae_sections(self, view) -> tuple[list[str], tuple | None]:
+        """Modular runs: the top features over every pair (a, b) and by frequency; every feature's best
+        frequency, for the feature browser."""
+        from matplotlib.figure import Figure
+
+        lines, fourier = [], None
+        p, ranked, top, out = self.p, view.ranked, view.top, view.out
+        grid_tokens = self.tokens
+        every = torch.cat([view.encode(grid_tokens[s:s + 4096])[:, -1]
+                           for s in range(0, len(grid_tokens), 4096)])
+        if self.cfg.operation == "divide":  # b = 0 is not in the table
+            grid = torch.zeros(p * p, every.shape[1], device=every.device)
+            grid[(grid_tokens[:, 0] * p + grid_tokens[:, 1])] = every
+            every = grid
+        grid = every.reshape(p, p, -1)[:, :, ranked]
+        freqs = neuron_frequencies(grid)
+        fig = Figure(figsize=(2.6 * min(top, 6), 5.4 * math.ceil(len(ranked) / 6)))
+        axes = fig.subplots(2 * math.ceil(len(ranked) / 6), min(len(ranked), 6), squeeze=False)
+        for i, feature in enumerate(ranked):
+            image_ax, spectrum_ax = axes[2 * (i // 6), i % 6], axes[2 * (i // 6) + 1, i % 6]
+            image_ax.imshow(grid[:, :, i].cpu().numpy(), cmap="viridis", origin="lower")
+            image_ax.set(title=f"feature {feature}", xlabel="b", ylabel="a")
+            spectrum_ax.bar(range(1, p // 2 + 1), freqs.shares[:, i].cpu().numpy())
+            spectrum_ax.set(title=f"k={int(freqs.frequency[i])}: {float(freqs.explained[i]):.0%} of variance",
+                            xlabel="frequency k", ylim=(0, 1))
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "features_grid.png"), dpi=90)
+        lines += ["## Top features over every pair (a, b)", "",
+                  "Activation at `=` over all p² pairs, and each feature's share of variance in each frequency "
+                  "(2-D Fourier basis, as for neurons in interp.py).", "",
+                  "| feature | fires on pairs | best frequency | its share |", "| --- | --- | --- | --- |"]
+        lines += [f"| {feature} | {float((grid[:, :, i] > 0).float().mean()):.1%} | {int(freqs.frequency[i])} | "
+                  f"{float(freqs.explained[i]):.2f} |" for i, feature in enumerate(ranked)]
+        lines += ["", "![features over the (a, b) grid](features_grid.png)", ""]
+        # Every feature that fires on at least 1% of the pairs, by the frequency that explains it best.
+        everything = neuron_frequencies(every.reshape(p, p, -1))
+        fourier = (everything.frequency.cpu(), everything.explained.cpu())  # for the feature browser
+        used = (every > 0).float().mean(0) >= 0.01
+        counts = torch.bincount(everything.frequency[used].cpu(), minlength=p // 2 + 1)
+        common = [(k, int(counts[k])) for k in torch.argsort(counts, descending=True).tolist() if counts[k]][:8]
+        lines.append(f"Of the {int(used.sum())} features that fire on at least 1% of the pairs, the number whose "
+                     f"variance is best explained by each frequency: " + ", ".join(f"{k}: {n}" for k, n in common)
+                     + f" (median share {float(everything.explained[used].median()):.2f}).")
+        if self.cfg.operation == "add":
+            key = fourier_losses(view.run).key_frequencies
+            lines.append(f"The model's key frequencies (its logits, `fourier.fourier_losses`): {key}; "
+                         f"{sum(int(counts[k]) for k in key if k < len(counts))} of those features have their best "
+                         f"frequency among them.")
+        lines.append("")
+        return lines, fourier

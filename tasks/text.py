@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from config import SHAKESPEARE_URL, Config, ConfigError
-from data import TaskData, _step_seed, build_data
+from data import ReportSample, TaskData, _step_seed, build_data
 from plumbing.corpus import (CharTokenizer, HFTokenizer, TiktokenTokenizer, TokenStream, open_corpus,
                               tokenizer_label)
 from plumbing.distributed import Dist
@@ -160,6 +160,37 @@ class TextData(TaskData):
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
 
+    # -- what the reports show
+    def report_sample(self) -> ReportSample:
+        """The first REPORT_WINDOWS windows of the validation split, cut to their first REPORT_POSITIONS
+        tokens; residual norms at a few positions, attention over the first 32."""
+        tokens, targets = self.split_tokens("val", REPORT_WINDOWS * self.seq_len)
+        tokens, targets = tokens[:REPORT_WINDOWS, :REPORT_POSITIONS], targets[:REPORT_WINDOWS, :REPORT_POSITIONS]
+        picked = [t for t in (0, 1, 2, 4, 8, 16, 32, 64, 128, 256) if t < tokens.shape[1]]
+        return ReportSample(tokens.to(self.device), targets.to(self.device), "windows, their first 32 positions",
+                            f"{len(tokens)} windows of {tokens.shape[1]} tokens from the start of the validation split.",
+                            [f"position {t}" for t in picked], picked, 32)
+
+    def sae_sections(self, view) -> tuple[list[str], tuple | None]:
+        """Text runs: the contexts that activate the top features most."""
+        lines = []
+        lines += ["## Top features: the contexts that activate them most", "",
+                  "The activating token is in ⟦brackets⟧; the number is the activation.", ""]
+        T, stats = view.mask.shape[1], view.stats
+        for feature in view.ranked:
+            lines.append(f"**feature {feature}** (fires on {float(stats['density'][feature]):.1%} of rows)")
+            lines.append("")
+            for value, index in zip(stats["top_values"][:5, feature].tolist(), stats["top_index"][:5, feature].tolist()):
+                if value <= 0:
+                    break
+                s, t = divmod(index, T)
+                ids = view.held_out.tokens[s].tolist()
+                before = self.decode(ids[max(0, t - 40):t])
+                context = (before + "⟦" + self.decode(ids[t:t + 1]) + "⟧" + self.decode(ids[t + 1:t + 6]))
+                lines.append(f"    {value:7.3f}  {context!r}")
+            lines.append("")
+        return lines, None
+
     def save_to_run(self, run_dir: str) -> None:
         """tokenizer.json (the tokenizer; a Hugging Face one copied into hf_tokenizer/) and
         val_excerpt.npy (the first EXCERPT_WINDOWS windows of the validation split, what interp.py's
@@ -185,7 +216,8 @@ class TextData(TaskData):
 RUN_TOKENIZER, RUN_TOKENIZER_FORMAT = "tokenizer.json", "tinylab-tokenizer"
 RUN_HF_TOKENIZER = "hf_tokenizer"  # a Hugging Face tokenizer's files, copied (tokenizer.json is ours)
 RUN_VAL_EXCERPT = "val_excerpt.npy"
-EXCERPT_WINDOWS = 16  # windows of context_len: interp.py's text report reads the first 16 (TEXT_WINDOWS)
+EXCERPT_WINDOWS = 16  # windows of context_len: what interp's report reads (REPORT_WINDOWS) opens without the corpus
+REPORT_WINDOWS, REPORT_POSITIONS = EXCERPT_WINDOWS, 128  # interp's report reads this much of the validation split
 PROMPT_CHARS = 20  # a sample prompt's opening: whole words, at most this many characters
 
 
@@ -343,6 +375,9 @@ class RunTextData:
     generates_text = True
     position_mask, token_names = TaskData.position_mask, TaskData.token_names
     split_tokens = TextData.split_tokens  # from train_tokens / val_tokens: the excerpt when the corpus is away
+    report_sample, sae_sections = TextData.report_sample, TextData.sae_sections  # the excerpt is what they read
+    corrupt, probe_labels, report_sections = TaskData.corrupt, TaskData.probe_labels, TaskData.report_sections
+    ablate_neurons, answer_tokens = TaskData.ablate_neurons, TaskData.answer_tokens
 
     def corpus(self) -> TextData:
         """The run's data read from its corpus, opened once (downloaded where train.py would)."""

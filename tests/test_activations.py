@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from activations import DumpConfig, DumpSource, LiveSource, dump
+from analysis.sources import DumpConfig, DumpSource, LiveSource, dump
 from config import ConfigError
 from conftest import run_bad_input, run_torchrun
-from interp import load_run
+from analysis.runs import load_run
 
 HOOK = "blocks.0.mlp.hook_post"
 

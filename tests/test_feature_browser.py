@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import sae as sae_module
-from activations import capture, split_sequences
+from analysis.runs import capture, split_sequences
 from harness.headless_chromium import MISSING, open_page as open_in_chromium
-from interp import neuron_frequencies
+from fourier import neuron_frequencies
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=str(MISSING))]
 QUICK = ["--hook", "blocks.0.hook_resid_post", "--arch", "topk", "--k", "4", "--dict_size", "96", "--batch_size", "64",

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import lens as lens_module
-from activations import DumpConfig, DumpSource, TokenSource, dump, load_run
+from analysis.runs import load_run
+from analysis.sources import DumpConfig, DumpSource, TokenSource, dump
 from conftest import ROOT, logged_steps, run_bad_input, run_torchrun, wait_until, write_corpus
 from lens import LensConfig, Schedule, build_batch, build_lens, lens_losses
 from plumbing.tracking import read_metrics

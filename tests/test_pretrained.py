@@ -195,7 +195,7 @@ def test_export_round_trips_through_transformers_and_the_pretrained_path(tmp_pat
     train.main(common + ["--preset", "shakespeare_char_modern", "--activation", "swiglu", "--logit_softcap", "0",
                          "--norm_weights", "true", "--run_name", "qwen3"])
     train.main(common + ["--preset", "shakespeare_char_modern", "--run_name", "capped"])
-    from activations import load_run
+    from analysis.runs import load_run
     for name, family in (("gpt2", "gpt2"), ("qwen3", "qwen3")):
         out = export.main([str(runs / name), "--to", "hf", str(tmp_path / f"hf-{name}")])  # --check compares logits
         assert json.load(open(os.path.join(out, "config.json")))["model_type"] == family

@@ -17,7 +17,7 @@ import torch
 
 import sample
 import train
-from activations import load_run, split_sequences
+from analysis.runs import load_run, split_sequences
 from config import Config, ConfigError
 from conftest import SMALL_CORPUS, TIKTOKEN_CACHE, run_bad_input, run_program, write_corpus, write_documents
 from tasks.text import (RUN_TOKENIZER, RUN_VAL_EXCERPT, RunTextData, TextData, encode_text, open_run_data, sample_prompts,
@@ -223,3 +223,4 @@ def test_a_moved_bpe_run_on_documents_starts_from_the_end_of_text_token(tmp_path
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert samples_of(moved) == before
     assert samples_of(moved, "--start", "\n") != before  # --start still chooses
+

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 
 import sae as sae_module
 from config import ConfigError
-from activations import DumpConfig, dump, split_sequences
+from analysis.runs import split_sequences
+from analysis.sources import DumpConfig, dump
 from data import IGNORE
 from conftest import ROOT, logged_steps, run_bad_input, run_torchrun, wait_until
-from interp import load_run
+from analysis.runs import load_run
 from saes import ARCHS, K_ARCHS, SparseAutoencoder, build_sae
 from saes.base import bag_decode, nonzero_entries, sae_loss, sparse_decode, update
 from saes.batchtopk import largest

@@ -135,7 +135,7 @@ def test_export_writes_what_transformer_lens_opens_with_our_logits_and_hooks(tmp
 
     import export
     import train
-    from activations import load_run
+    from analysis.runs import load_run
 
     # a grokking-shaped run with the rotary, RMSNorm, SwiGLU and grouped-query pieces both versions have
     train.main(["--modulus", "11", "--max_steps", "2", "--eval_every", "2", "--save_model_dir", str(tmp_path),
