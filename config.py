@@ -665,6 +665,19 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, set[str]]:
     return cfg, explicit
 
 
+def subcommand_flags(argv: list[str], allowed: tuple[str, ...], usage: str) -> tuple[str, dict[str, str]]:
+    """`DIR --flag value ...` after a subcommand (`sae.py report`, `lens.py eval`): the directory and the
+    flags given, by name; a ConfigError with the usage for anything else."""
+    if not argv or argv[0].startswith("-") or len(argv) % 2 == 0:
+        raise ConfigError(usage)
+    flags = {}
+    for name, value in zip(argv[1::2], argv[2::2]):
+        if not name.startswith("--") or name[2:] not in allowed:
+            raise ConfigError(f"{name}: not a flag of this command; {usage}")
+        flags[name[2:]] = value
+    return argv[0], flags
+
+
 def parse_flags(cls, argv: list[str] | None, prog: str, description: str, positional: str = ""):
     """Flags -> a validated instance of another tool's settings dataclass (fields made with
     `section`, a `validate()` method), with train.py's flag rules: `--name value` or

@@ -57,7 +57,7 @@ from analysis.runs import POSITIONS, Run, encode_exactly, load_run, run_folder, 
 from analysis.sources import DumpSource, TokenSource, default_dump_dir
 from plumbing.checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
 from config import (DEVICES, DTYPES, ConfigError, ModelSourceConfig, OptimConfig, config_from_dict, need, need_name,
-                    need_one_of, override, parse_flags, section)
+                    need_one_of, override, parse_flags, section, subcommand_flags)
 from data import _step_seed
 from plumbing.distributed import all_reduce_sum, gather_objects
 from plumbing.hardware import autocast, pick_dtype
@@ -891,8 +891,10 @@ def plot_explanations(path: str, out_path: str, evals: int = 8) -> str | None:
     return out_path
 
 
-def load_lens(path: str, device: str = "auto") -> tuple[ConsistencyLens, LensConfig, Run]:
-    """A lens directory (its last.pt) or checkpoint -> (lens in eval mode, its config, the run)."""
+def load_lens(path: str, device: str = "auto", source: ModelSourceConfig | None = None
+              ) -> tuple[ConsistencyLens, LensConfig, Run]:
+    """A lens directory (its last.pt) or checkpoint -> (lens in eval mode, its config, the run).
+    `source`: a program's --data_path, for a run whose corpus moved (load_run)."""
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
     checkpoint = load_checkpoint(path)
     if "mean_square" not in checkpoint.get("model", {}):
@@ -901,7 +903,7 @@ def load_lens(path: str, device: str = "auto") -> tuple[ConsistencyLens, LensCon
     model_path = checkpoint["model_checkpoint"]
     if not os.path.isfile(model_path):  # moved: the run directory two levels up (<run>/lens/<name>/last.pt)
         model_path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
-    run = load_run(model_path, device=device)
+    run = load_run(model_path, device=device, source=source)
     if checkpoint["model_step"] != run.step:
         raise CheckpointError(f"{path}: this lens was trained on the model at step {checkpoint['model_step']}, but "
                               f"{run.checkpoint_path} now holds step {run.step}")
@@ -916,10 +918,11 @@ def load_lens(path: str, device: str = "auto") -> tuple[ConsistencyLens, LensCon
 
 
 @torch.no_grad()
-def eval_report(lens_path: str, rows: int = 2048, examples: int = 16) -> tuple[str, dict]:
+def eval_report(lens_path: str, rows: int = 2048, examples: int = 16, data_path: str = "") -> tuple[str, dict]:
     """Writes <lens>/eval/report.md: held-out FVE, KL and MSE against the two baselines, and a
-    table of example explanations beside their contexts. Returns (its path, the metrics)."""
-    lens, cfg, run = load_lens(lens_path)
+    table of example explanations beside their contexts. Returns (its path, the metrics).
+    `data_path`: where the run's corpus is now, when it moved."""
+    lens, cfg, run = load_lens(lens_path, source=ModelSourceConfig(**({"data_path": data_path} if data_path else {})))
     directory = lens_path if os.path.isdir(lens_path) else os.path.dirname(lens_path)
     out = os.path.join(directory, "eval")
     os.makedirs(out, exist_ok=True)
@@ -960,11 +963,11 @@ def eval_report(lens_path: str, rows: int = 2048, examples: int = 16) -> tuple[s
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "eval":
-        if len(argv) != 2 or argv[1].startswith("-"):
-            raise ConfigError("usage: python lens.py eval <run>/lens/<name>")
-        if not os.path.exists(argv[1]):
-            raise ConfigError(f"{argv[1]}: no such lens directory or checkpoint")
-        path, metrics = eval_report(argv[1])
+        folder, flags = subcommand_flags(argv[1:], ("data_path",),
+                                         "usage: python lens.py eval <run>/lens/<name> [--data_path CORPUS]")
+        if not os.path.exists(folder):
+            raise ConfigError(f"{folder}: no such lens directory or checkpoint")
+        path, metrics = eval_report(folder, data_path=flags.get("data_path", ""))
         print(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         print(f"wrote {path}")
         return path

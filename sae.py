@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from analysis.runs import Sequences, hook_width, load_run, rows_of, split_sequences
 from analysis.sources import DumpSource, LiveSource, default_dump_dir
-from config import ConfigError, parse_flags
+from config import ConfigError, parse_flags, subcommand_flags
 from interop.saelens import export
 from optimizer import LRSchedule, apply_lr, load_optimizer_states
 from plumbing.checkpoints import seed_everything, set_rng_state
@@ -247,10 +247,10 @@ def plot_sae_curves(metrics_path: str, out_path: str, title: str = "") -> str:
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
-        usage = "usage: python sae.py report <run>/sae/<name>, or report <SAELens folder> --model <run or model>"
-        if len(argv) not in (2, 4) or argv[1].startswith("-") or len(argv) == 4 and argv[2] != "--model":
-            raise ConfigError(usage)
-        path = report(argv[1], model=argv[3] if len(argv) == 4 else "", log=print)
+        usage = ("usage: python sae.py report <run>/sae/<name> [--data_path CORPUS], or report <SAELens folder> "
+                 "--model <run or model>")
+        folder, flags = subcommand_flags(argv[1:], ("model", "data_path"), usage)
+        path = report(folder, model=flags.get("model", ""), log=print, data_path=flags.get("data_path", ""))
         print(f"wrote {path}")
         return path
     if argv and argv[0] == "export":

@@ -138,8 +138,9 @@ def sae_dir(cfg: SAEConfig, d: int) -> tuple[str, str]:
     return os.path.join(cfg.save_model_dir or os.path.join(base, "sae"), name), name
 
 
-def load_sae(path: str, device: str = "auto"):
-    """An SAE directory (its last.pt) or checkpoint -> (SparseAutoencoder in eval mode, SAEConfig, run)."""
+def load_sae(path: str, device: str = "auto", source: ModelSourceConfig | None = None):
+    """An SAE directory (its last.pt) or checkpoint -> (SparseAutoencoder in eval mode, SAEConfig, run).
+    `source`: a program's --data_path, for a text run whose corpus moved (load_run)."""
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
     checkpoint = load_checkpoint(path)
     if "rows_since_fired" not in checkpoint:
@@ -150,7 +151,7 @@ def load_sae(path: str, device: str = "auto"):
     model_path = checkpoint.get("model_checkpoint", "")
     if not os.path.isfile(model_path):
         model_path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
-    run = load_run(model_path, device=device)
+    run = load_run(model_path, device=device, source=source)
     if checkpoint.get("model_step", run.step) != run.step:
         raise CheckpointError(f"{path}: this SAE was trained on the model at step {checkpoint['model_step']}, but "
                               f"{run.checkpoint_path} now holds step {run.step}; its metrics would not mean much")

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from analysis.runs import Sequences, capture, capture_all, split_sequences, token_names
-from config import ConfigError
+from config import ConfigError, ModelSourceConfig
 from interop.saelens import is_saelens_folder, load_saelens
 from saes.base import SparseAutoencoder
 from saes.browser import write_feature_browser
@@ -203,13 +203,14 @@ def write_browser(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequenc
 
 
 @torch.no_grad()
-def report(sae_path: str, top: int = 12, model: str = "", log=None) -> str:
+def report(sae_path: str, top: int = 12, model: str = "", log=None, data_path: str = "") -> str:
     """Writes <sae>/report/: a summary with the held-out metrics, the feature-density histogram, and
     views of the top features (by total activation on held-out rows): for modular runs each one's
     activation over the (a, b) grid and its share of variance per frequency; for text runs the
     contexts that activate it most; for Dyck runs its mean activation by nesting depth; and the
     feature browser, features.html (write_browser). A folder that SAELens saved opens too, with
-    `model` naming what it reads (load_saelens). `log`: a function that takes each stage's line."""
+    `model` naming what it reads (load_saelens). `log`: a function that takes each stage's line.
+    `data_path`: where the run's corpus is now, when the report reads past what the run carries."""
     clock, say = time.perf_counter(), log or (lambda line: None)
     if os.path.isdir(sae_path) and is_saelens_folder(sae_path):
         sae, cfg, run = load_saelens(sae_path, model)
@@ -217,7 +218,7 @@ def report(sae_path: str, top: int = 12, model: str = "", log=None) -> str:
         raise ConfigError(f"{sae_path} holds no SAE: neither last.pt (an SAE of sae.py) nor cfg.json and "
                           f"sae_weights.safetensors (one of SAELens); pass <run>/sae/<name>")
     else:
-        sae, cfg, run = load_sae(sae_path)
+        sae, cfg, run = load_sae(sae_path, source=ModelSourceConfig(**({'data_path': data_path} if data_path else {})))
     directory = sae_path if os.path.isdir(sae_path) else os.path.dirname(sae_path)
     out = os.path.join(directory, "report")
     os.makedirs(out, exist_ok=True)

@@ -257,9 +257,10 @@ def _grammar(usage: str, positionals: int, flags: dict[str, object]):
 
 # Subcommands each program's main() reads by hand rather than through a settings class.
 HAND_PARSED = {
-    ("sae", "report"): _grammar("sae.py report DIR [--model RUN_OR_MODEL]", 1, {"--model": bool}),
+    ("sae", "report"): _grammar("sae.py report DIR [--model RUN_OR_MODEL] [--data_path CORPUS]", 1,
+                                {"--model": bool, "--data_path": bool}),
     ("sae", "export"): _grammar("sae.py export DIR --to saelens OUT", 2, {"--to": lambda v: v == "saelens"}),
-    ("lens", "eval"): _grammar("lens.py eval DIR", 1, {}),
+    ("lens", "eval"): _grammar("lens.py eval DIR [--data_path CORPUS]", 1, {"--data_path": bool}),
     ("sweep", "report"): _grammar("sweep.py report DIR [--study NAME] [--top N]", 1,
                                   {"--study": bool, "--top": lambda v: v.isdigit() and int(v) >= 1}),
 }

@@ -224,3 +224,38 @@ def test_a_moved_bpe_run_on_documents_starts_from_the_end_of_text_token(tmp_path
     assert samples_of(moved) == before
     assert samples_of(moved, "--start", "\n") != before  # --start still chooses
 
+
+@pytest.mark.slow
+def test_an_sae_report_and_a_lens_eval_of_a_moved_run_take_data_path(tmp_path, monkeypatch):
+    """`sae.py report` and `lens.py eval` read more of the validation split than the run carries: with the
+    corpus gone each says so in one line naming --data_path, and given --data_path each writes what it
+    wrote beside the corpus."""
+    import lens
+    import sae
+    from test_lens import QUICK
+
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(tmp_path)
+    train.main(["--preset", "shakespeare_char", "--data_path", corpus, "--save_model_dir", "runs", "--run", "c",
+                *SMALL])
+    sae.main(["runs/c", "--hook", "blocks.0.hook_resid_post", "--max_steps", "4", "--eval_tokens", "4096",
+              "--device", "cpu", "--run_name", "s"])
+    lens.main(["runs/c", "--layer", "0", *QUICK, "--max_steps", "4", "--device", "cpu", "--run_name", "l"])
+
+    def reports(run_dir, *flags) -> tuple[str, str]:
+        with open(sae.main(["report", f"{run_dir}/sae/s", *flags])) as f:
+            sae_report = f.read()
+        with open(lens.main(["eval", f"{run_dir}/lens/l", *flags])) as f:
+            lens_report = f.read()
+        return sae_report, lens_report
+
+    before = reports("runs/c")
+    moved = move_away(tmp_path, tmp_path / "runs" / "c", corpus)
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.chdir(elsewhere)
+    for program, command in (("sae.py", ["report", f"{moved}/sae/s"]), ("lens.py", ["eval", f"{moved}/lens/l"])):
+        run_bad_input(program, command, elsewhere, f"--data_path: the corpus c was trained on, {corpus}, is missing",
+                      "pass --data_path with where it is now")
+    run_bad_input("sae.py", ["report", f"{moved}/sae/s", "--data", "x"], elsewhere, "--data: not a flag of this command",
+                  "usage: python sae.py report")
+    assert reports(moved, "--data_path", write_corpus(tmp_path / "new")) == before
