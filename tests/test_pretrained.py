@@ -7,6 +7,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -237,7 +238,7 @@ def test_the_analysis_programs_open_a_pretrained_model_where_they_open_a_run(tmp
     ours, cfg = pretrained.load_pretrained(folder)
     text = open(corpus).read()
     tokens = torch.tensor([[CHARS.index(c) for c in text[:64]]])  # the first window of the train split
-    first = torch.from_numpy(activations.np.load(os.path.join(out, "acts-00000.npy"))[:64])
+    first = torch.from_numpy(np.load(os.path.join(out, "acts-00000.npy"))[:64])
     assert torch.allclose(first, activations.capture(ours, tokens, "blocks.1.hook_resid_pre")[0], atol=1e-5)
 
     result = sae.main([*model, "--hook", "blocks.1.hook_resid_pre", "--positions", "all", "--max_steps", "20",
