@@ -3,6 +3,7 @@
     python sae.py runs/<run> --hook blocks.0.mlp.hook_post                   # ReLU SAE, activations live
     python sae.py runs/<run> --hook blocks.0.hook_resid_post --arch topk --k 16 --source dump
     torchrun --nproc_per_node=8 sae.py runs/<run> --hook blocks.3.hook_resid_post --arch topk
+    python sae.py runs/<run> --transcoder per_layer --layer 0 --arch topk --k 16  # block 0's MLP, replaced
     python sae.py report runs/<run>/sae/<name>                              # feature views + summary
 
 An SAE lives in `<run>/sae/<name>/` (name: `<hook>-<arch>-<dict_size>` unless --name says
@@ -21,6 +22,11 @@ fired for --dead_rows rows are dead: a ReLU SAE resamples them every --resample_
 first half of training (new directions from the inputs it reconstructs worst, Anthropic 2023);
 a TopK SAE trains them with the AuxK loss (the dead features' k_aux largest pre-activations
 reconstruct what the live ones miss, Gao et al. 2024).
+
+A transcoder (--transcoder per_layer, or skip with a linear path beside it) is the same dictionary
+reading an MLP's input (blocks.N.ln2.hook_normalized, or hook_resid_mid without a norm) and
+reconstructing its output (blocks.N.hook_mlp_out); its rows are both side by side, and its metrics
+are of the output, with the MLP's output replaced in the model for the CE and KL scores.
 
 Evaluation uses the val split of the run, which neither the SAE nor the model trained on, under the
 names SAELens's evals use: mse, explained_variance, l0, the dead and never-fired fractions, and with
@@ -73,26 +79,29 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         run = load_run(cfg.run_dir, device=str(device), source=cfg)
         for p in run.model.parameters():
             p.requires_grad_(False)  # the model is only read
-        d = hook_width(run, cfg.hook)
+        cfg.find_transcoder_hooks(run.model)
+        d = hook_width(run, cfg.hook)  # the width read
+        d_out = hook_width(run, cfg.hook_out, "hook_out") if cfg.transcoder else 0  # a transcoder's, reconstructed
         out_dir, name = sae_dir(cfg, d)
         checkpoint, cfg = resume_checkpoint(out_dir, cfg, explicit, "SAE", run.step, run.checkpoint_path)
         if cfg.batch_size % dist.world_size:
             raise ConfigError(f"--batch_size: {cfg.batch_size} rows do not split into {dist.world_size} ranks")
         dict_size = cfg.dict_size or int(cfg.expansion * d)
         cfg.check_kind(dict_size, "--dict_size" if cfg.dict_size else f"--expansion {cfg.expansion:g} x width {d}")
-        source = open_source(cfg, run, d, session)
+        source = open_source(cfg, run, d + d_out, session)
         held_out = split_sequences(run, "val", cfg.positions, cfg.eval_tokens)
         session.claim_directory(out_dir, cfg.resume == "auto", f"--run_name: {out_dir} already holds an SAE; pass "
                                 f"another --run_name, or --resume auto to continue it", cfg.to_dict(), cfg.claim_timeout)
 
         # ---- the SAE, its optimizer, its state
-        eval_rows = all_rows(run, held_out, cfg.hook, device, dtype)
+        eval_rows = all_rows(run, held_out, cfg.rows_hook, device, dtype)
         seed_everything(cfg.seed)  # the same initialisation on every rank
-        sae = build_sae(d, dict_size, cfg.arch, cfg.k, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth).to(device)
+        sae = build_sae(d, dict_size, cfg.arch, cfg.k, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth, d_out,
+                        cfg.transcoder == "skip").to(device)
         # The input scale and b_dec from the rows it will train on: a dump's own (as stored), else the
         # model's on the first 32,768 tokens of the train split.
         sae.calibrate(source.rows(torch.arange(min(source.num_rows, 32768))) if cfg.source == "dump" else
-                      all_rows(run, split_sequences(run, "train", cfg.positions, 32768), cfg.hook, device, dtype),
+                      all_rows(run, split_sequences(run, "train", cfg.positions, 32768), cfg.rows_hook, device, dtype),
                       cfg.normalize)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         for group in optimizer.param_groups:
@@ -111,7 +120,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                     "source": gather_to_main(source.state_dict()),  # a live buffer per rank: only rank 0 needs them
                     "rows_since_fired": rows_since_fired.cpu(), "lr_schedule": schedule.state_dict(),
                     "config": cfg.to_dict(), "elapsed_seconds": loop.clock.elapsed(), "wandb_id": loop.tracker.wandb_id,
-                    "d": d, "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step}
+                    "d": d, "d_out": d_out, "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step}
 
         # ---- the loop
         window = dict.fromkeys(("mse_sum", "l0_sum", *sae.logged, "rows"), 0.0)
@@ -146,7 +155,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                 with loop.clock.paused():  # evals and checkpoints stay out of ms/step and rows/s
                     if due.evaluate:
                         sae.eval()
-                        last_eval, density = held_out_metrics(sae, run, held_out, eval_rows, cfg.hook)
+                        last_eval, density = held_out_metrics(sae, run, held_out, eval_rows, cfg.rows_hook)
                         sae.train()
                         record = {"step": step, **record, **last_eval}
                         log.info(f"eval {step:>6} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
@@ -179,10 +188,11 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
 def describe(cfg: SAEConfig, run, sae: SparseAutoencoder, name: str, out_dir: str, eval_rows: int,
              resumed_at: int | None, session: Session) -> None:
     """The SAE describes itself at the top of its log."""
-    session.log.info(f"SAE {name} on {cfg.hook} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) "
-                     f"-> {out_dir}")
+    what = f"{cfg.transcoder} transcoder {name} from {cfg.hook} to {cfg.hook_out}" if cfg.transcoder else \
+        f"SAE {name} on {cfg.hook}"
+    session.log.info(f"{what} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) -> {out_dir}")
     session.log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
-    session.log.info(f"d={sae.d} -> {sae.dict_size} features ({sae.describe()}) | {cfg.source} source | "
+    session.log.info(f"d={sae.d} -> {sae.dict_size} features{f' -> d_out={sae.d_out}' if sae.transcoder else ''} ({sae.describe()}) | {cfg.source} source | "
                      f"{cfg.batch_size} rows/step on {session.dist.world_size} rank(s) | eval on {eval_rows:,} val rows "
                      f"| input scale {float(sae.scale):.4g}"
                      + (f" | resumed at step {resumed_at}" if resumed_at is not None else ""))
@@ -193,11 +203,11 @@ def open_source(cfg: SAEConfig, run, d: int, session: Session):
     differs, if it is not of this hook, width, positions and model step), or the model live."""
     dist = session.dist
     if cfg.source == "live":
-        return LiveSource(run, cfg.hook, cfg.positions, "train", cfg.batch_size // dist.world_size,
+        return LiveSource(run, cfg.rows_hook, cfg.positions, "train", cfg.batch_size // dist.world_size,
                           cfg.buffer_rows // dist.world_size, cfg.seed, dist.rank, dist.world_size, cfg.max_tokens,
                           dtype=cfg.dtype)
-    directory = cfg.dump or default_dump_dir(cfg.run_dir, cfg.hook, "train", cfg.positions)
-    wanted = {"hook": cfg.hook, "d": d, "split": "train", "positions": cfg.positions, "step": run.step}
+    directory = cfg.dump or default_dump_dir(cfg.run_dir, cfg.rows_hook, "train", cfg.positions)
+    wanted = {"hook": cfg.rows_hook, "d": d, "split": "train", "positions": cfg.positions, "step": run.step}
     return DumpSource(directory, cfg.batch_size, session.device, cfg.seed, dist.rank, dist.world_size).require(
         wanted, "SAE", cfg.run_dir, f" (the train split of the model at step {run.step})")
 

@@ -196,19 +196,21 @@ class _Captured(Exception):
     """Raised by the capturing hook: the forward pass need not go past the hook point."""
 
 
-def hook_width(run: Run, hook: str) -> int:
-    """The width d of one position's activation at `hook`; a ConfigError names hooks that are not
-    per position (attention scores and patterns are [batch, head, query, key])."""
+def hook_width(run: Run, hook: str, flag: str = "hook") -> int:
+    """The width d of one position's activation at `hook` (hooks joined by `+`: their widths added,
+    as capture() puts them side by side); a ConfigError naming --`flag` for a hook the model lacks or
+    one that is not per position (attention scores and patterns are [batch, head, query, key])."""
     model = run.model
-    if hook not in model.hook_names:
-        import difflib
+    for name in hook.split("+"):
+        if name not in model.hook_names:
+            import difflib
 
-        close = difflib.get_close_matches(hook, model.hook_names, n=3)
-        raise ConfigError(f"--hook: this model has no hook point {hook!r}"
-                          + (f"; did you mean {', '.join(close)}?" if close else "; see model.hook_names"))
-    if hook.endswith(("hook_attn_scores", "hook_pattern")):
-        raise ConfigError(f"--hook: {hook} is [batch, head, query, key], not one vector per position; "
-                          f"take hook_z, hook_result or hook_attn_out instead")
+            close = difflib.get_close_matches(name, model.hook_names, n=3)
+            raise ConfigError(f"--{flag}: this model has no hook point {name!r}"
+                              + (f"; did you mean {', '.join(close)}?" if close else "; see model.hook_names"))
+        if name.endswith(("hook_attn_scores", "hook_pattern")):
+            raise ConfigError(f"--{flag}: {name} is [batch, head, query, key], not one vector per position; "
+                              f"take hook_z, hook_result or hook_attn_out instead")
     tokens = torch.zeros(1, run.data.seq_len, dtype=torch.long, device=run.device)
     return capture(model, tokens, hook).shape[-1]
 
@@ -216,19 +218,21 @@ def hook_width(run: Run, hook: str) -> int:
 @torch.no_grad()
 def capture(model, tokens: torch.Tensor, hook: str) -> torch.Tensor:
     """The activation at `hook` for tokens [B, T] as [B, T, d] (head dimensions flattened), in
-    float32. The forward pass stops at the hook point."""
-    box = []
+    float32; hooks joined by `+` (a transcoder's input and output) side by side, in that order. The
+    forward pass stops at the last hook point it reaches."""
+    names = hook.split("+")
+    box = {}
 
     def grab(x, hook_point):
-        box.append(x)
-        raise _Captured
+        box[hook_point.name] = x
+        if len(box) == len(names):
+            raise _Captured
 
     try:
-        model.run_with_hooks(tokens, [(hook, grab)])
+        model.run_with_hooks(tokens, [(name, grab) for name in names])
     except _Captured:
         pass
-    x = box[0]
-    return x.reshape(*x.shape[:2], -1).float()
+    return torch.cat([box[n].reshape(*box[n].shape[:2], -1).float() for n in names], -1)
 
 
 def capture_all(run: Run, tokens: torch.Tensor, hook: str, chunk: int = 1024) -> torch.Tensor:

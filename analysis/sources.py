@@ -48,7 +48,8 @@ _how = section("how")
 @dataclass
 class DumpConfig(ModelSourceConfig):
     run_dir: str = _what("", "a run directory (runs/<run>) or a checkpoint file (or --model)")
-    hook: str = _what("", "hook point, e.g. blocks.0.mlp.hook_post or blocks.0.hook_resid_post")
+    hook: str = _what("", "hook point, e.g. blocks.0.mlp.hook_post or blocks.0.hook_resid_post; hooks joined by + "
+                          "side by side (a transcoder's rows: blocks.0.ln2.hook_normalized+blocks.0.hook_mlp_out)")
     positions: str = _what("answer", "answer (the positions the loss reads) | all (every token)")
     split: str = _what("train", "train | val")
     max_tokens: int = _what(0, "cap on tokens taken from the split (0: all of it)")

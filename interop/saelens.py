@@ -26,6 +26,9 @@ def saelens_folder(sae: SparseAutoencoder, cfg: SAEConfig, model_name: str) -> t
     (SAELens computes (x - b_dec) W_enc + b_enc; ours (x / scale - b_dec) W_enc + b_enc, then times
     scale out), so `normalize_activations` is none and the pre-activations, thresholds and
     features are ours exactly; only the decoder rows then have norm `scale` instead of 1."""
+    if sae.transcoder:
+        raise ConfigError(f"--to saelens: this is a {cfg.transcoder} transcoder, and sae.py writes SAELens's format "
+                          f"for SAEs only so far")
     scale = float(sae.scale)
     weights = {"W_enc": sae.W_enc.detach() / scale, "W_dec": sae.W_dec.detach() * scale,
                "b_enc": sae.b_enc.detach().clone(), "b_dec": sae.b_dec.detach() * scale}

@@ -24,8 +24,9 @@ BATCH_ARCHS = tuple(name for name, kind in KINDS.items() if kind.batch_training)
 
 
 def build_sae(d: int, dict_size: int, arch: str = "relu", k: int = 32, jumprelu_init_threshold: float = 0.01,
-              jumprelu_bandwidth: float = 0.05) -> SparseAutoencoder:
+              jumprelu_bandwidth: float = 0.05, d_out: int = 0, skip: bool = False) -> SparseAutoencoder:
     """A new dictionary of kind `arch` on d-wide activations with `dict_size` features (decoder rows
-    random unit vectors, the encoder tied to them, biases zero)."""
+    random unit vectors, the encoder tied to them, biases zero). d_out > 0: a transcoder from d-wide
+    inputs to d_out-wide outputs (its encoder random unit columns), with `skip` a linear skip path."""
     return KINDS[arch](d, dict_size, k=k, jumprelu_init_threshold=jumprelu_init_threshold,
-                       jumprelu_bandwidth=jumprelu_bandwidth)
+                       jumprelu_bandwidth=jumprelu_bandwidth, d_out=d_out, skip=skip)

@@ -5,7 +5,12 @@ registers itself under its `--arch` name with @register.
 
 x̂ = (W_dec f + b_dec) · scale with f = activate(W_enc (x/scale - b_dec) + b_enc). Shapes: W_enc [d, n],
 W_dec [n, d] (row i is feature i's direction), b_enc [n], b_dec [d]. The weights keep the names
-and shapes SAE folders have always had, so every folder sae.py ever wrote opens."""
+and shapes SAE folders have always had, so every folder sae.py ever wrote opens.
+
+A transcoder (d_out > 0) reads one activation and reconstructs another, an MLP's input and its
+output: each row is the input [d] and the target [d_out] side by side (a `+`-joined hook's capture),
+f = activate(W_enc x/scale + b_enc) and ŷ = (W_dec f + b_dec) · out_scale, plus x W_skip with a
+skip path (Paulo et al. 2025). W_enc [d, n], W_dec [n, d_out], b_dec [d_out]. Every kind is both."""
 
 from __future__ import annotations
 
@@ -42,20 +47,46 @@ class SparseAutoencoder(nn.Module):
     logged: tuple[str, ...] = ()
 
     def __init__(self, d: int, dict_size: int, k: int = 32, jumprelu_init_threshold: float = 0.01,
-                 jumprelu_bandwidth: float = 0.05):
+                 jumprelu_bandwidth: float = 0.05, d_out: int = 0, skip: bool = False):
         super().__init__()
-        self.d, self.dict_size, self.k = d, dict_size, k
-        W_dec = torch.randn(dict_size, d)
+        self.d, self.dict_size, self.k = d, dict_size, k  # d: the width read
+        self.transcoder, self.d_out, self.skip = bool(d_out), d_out or d, skip  # d_out: the width reconstructed
+        W_dec = torch.randn(dict_size, self.d_out)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        self.W_enc = nn.Parameter(W_dec.t().clone())  # tied at the start (Gao et al.)
+        if self.transcoder:  # input and output are different spaces: nothing to tie
+            W_enc = torch.randn(d, dict_size)
+            self.W_enc = nn.Parameter(W_enc / W_enc.norm(dim=0, keepdim=True))
+        else:
+            self.W_enc = nn.Parameter(W_dec.t().clone())  # tied at the start (Gao et al.)
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
-        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
         self.register_buffer("scale", torch.ones(()))
+        if self.transcoder:
+            self.register_buffer("out_scale", torch.ones(()))
+        if skip:
+            self.W_skip = nn.Parameter(torch.zeros(d, self.d_out))
 
     @property
     def arch(self) -> str:
         return self.name
+
+    @property
+    def target_scale(self) -> torch.Tensor:
+        """The scale of what is reconstructed: the input's for an SAE, the output's for a transcoder."""
+        return self.out_scale if self.transcoder else self.scale
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads of rows x: all of it, or a transcoder's input part."""
+        return x[..., :self.d] if self.transcoder else x
+
+    def targets(self, x: torch.Tensor) -> torch.Tensor:
+        """What the decoder reconstructs of rows x: all of it, or a transcoder's output part."""
+        return x[..., self.d:] if self.transcoder else x
+
+    def add_skip(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A skip transcoder's reconstruction y plus its linear path from the input of rows x."""
+        return y + self.inputs(x) @ self.W_skip if self.skip else y
 
     def describe(self) -> str:
         """How the log names this dictionary, e.g. `topk, k=32`."""
@@ -73,6 +104,8 @@ class SparseAutoencoder(nn.Module):
     # ---- the forward pass
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transcoder:
+            return (self.inputs(x) / self.scale) @ self.W_enc + self.b_enc
         return (x / self.scale - self.b_dec) @ self.W_enc + self.b_enc
 
     def activate(self, pre: torch.Tensor, batch: bool = False) -> torch.Tensor:
@@ -82,17 +115,18 @@ class SparseAutoencoder(nn.Module):
         return self.activate(self.pre_activations(x))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """Features -> the reconstruction in the model's units."""
-        return (f @ self.W_dec + self.b_dec) * self.scale
+        """Features -> the reconstruction in the model's units (a skip transcoder's path not included)."""
+        return (f @ self.W_dec + self.b_dec) * self.target_scale
 
     def forward(self, x: torch.Tensor, batch: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, d] -> (x̂ [B, d] in the model's units, f [B, n], pre-activations [B, n]). batch=True:
-        a batch_training kind chooses its features across the batch (training)."""
+        """x [B, d] -> (x̂ [B, d] in the model's units, f [B, n], pre-activations [B, n]); a transcoder's
+        rows are [B, d + d_out] and x̂ is [B, d_out]. batch=True: a batch_training kind chooses its
+        features across the batch (training)."""
         pre = self.pre_activations(x)
         f = self.activate(pre, batch)
         if batch:  # training's few features per row: decode only those (in use, early on, many more fire)
-            return (bag_decode(*nonzero_entries(f), self.W_dec) + self.b_dec) * self.scale, f, pre
-        return self.decode(f), f, pre
+            return self.add_skip((bag_decode(*nonzero_entries(f), self.W_dec) + self.b_dec) * self.target_scale, x), f, pre
+        return self.add_skip(self.decode(f), x), f, pre
 
     # ---- training
 
@@ -102,13 +136,15 @@ class SparseAutoencoder(nn.Module):
         averaged over rows), plus what the kind adds (extra_loss). `forward` is the module to call
         (the DDP wrapper under torchrun, so that gradients are all-reduced)."""
         x_hat, f, pre = (forward or self)(x, batch=self.batch_training)
-        error = (x - x_hat) / self.scale
+        target = self.targets(x)
+        error = (target - x_hat) / self.target_scale
         squared = error.pow(2).sum(-1)
         parts = {"mse_sum": squared.sum().detach(), "l0_sum": (f > 0).sum().detach().float()}
-        return self.add_penalties(squared.mean(), x, f, pre, error, cfg, l1_weight, dead, parts), parts, f
+        return self.add_penalties(squared.mean(), target, f, pre, error, cfg, l1_weight, dead, parts), parts, f
 
     def add_penalties(self, loss, x, f, pre, error, cfg, l1_weight: float, dead: torch.Tensor | None, parts: dict):
-        """`loss` (the MSE) plus what the kind adds; it may put its own sums in `parts`."""
+        """`loss` (the MSE) plus what the kind adds; it may put its own sums in `parts`. `x`: what is
+        reconstructed (a transcoder's target)."""
         return loss
 
     def add_auxk(self, loss, pre: torch.Tensor, error: torch.Tensor, cfg, dead: torch.Tensor | None, parts: dict):
@@ -116,7 +152,7 @@ class SparseAutoencoder(nn.Module):
         reconstruct what the live ones miss, weighted by --aux_coefficient; nothing when none is dead."""
         if dead is None or not bool(dead.any()) or not cfg.aux_coefficient:
             return loss
-        k_aux = min(cfg.aux_k or self.d // 2, int(dead.sum()))
+        k_aux = min(cfg.aux_k or self.d_out // 2, int(dead.sum()))
         top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=-1)
         missed = sparse_decode(top.indices, F.relu(top.values), self.W_dec)
         aux = (error.detach() - missed).pow(2).sum(-1)
@@ -149,10 +185,14 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, normalize: bool) -> None:
-        """Input scale (E‖x/scale‖² = d) and b_dec = the mean input, from a sample x [N, d]."""
+        """Input scale (E‖x/scale‖² = d) and b_dec = the mean input, from a sample x [N, d]; a
+        transcoder's output gets its own scale and b_dec its mean."""
+        inputs, targets = self.inputs(x), self.targets(x)
         if normalize:
-            self.scale.copy_(x.pow(2).sum(-1).mean().div(self.d).sqrt().clamp_min(1e-8))
-        self.b_dec.copy_(x.mean(0) / self.scale)
+            self.scale.copy_(inputs.pow(2).sum(-1).mean().div(self.d).sqrt().clamp_min(1e-8))
+            if self.transcoder:
+                self.out_scale.copy_(targets.pow(2).sum(-1).mean().div(self.d_out).sqrt().clamp_min(1e-8))
+        self.b_dec.copy_(targets.mean(0) / self.target_scale)
 
     @torch.no_grad()
     def remove_parallel_gradient(self) -> None:

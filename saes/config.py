@@ -13,6 +13,7 @@ from saes import build_sae
 from saes.base import KINDS
 
 SOURCES = ("live", "dump")
+TRANSCODERS = ("per_layer", "skip")
 
 _what = section("what to train on")
 _dictionary = section("dictionary")
@@ -24,7 +25,12 @@ _runtime = section("runtime")
 @dataclass
 class SAEConfig(OptimConfig, ModelSourceConfig):
     run_dir: str = _what("", "the model's run directory (runs/<run>) or checkpoint (or --model)")
-    hook: str = _what("", "hook point whose activations to reconstruct, e.g. blocks.0.mlp.hook_post")
+    hook: str = _what("", "hook point whose activations to reconstruct, e.g. blocks.0.mlp.hook_post (a transcoder: "
+                          "the one it reads; --layer sets it)")
+    transcoder: str = _what("", "per_layer | skip: a transcoder that reads an MLP's input and reconstructs its "
+                                "output (skip: plus a linear path); empty: an SAE")
+    layer: int = _what(-1, "with --transcoder: the block whose MLP it replaces (sets --hook and --hook_out)")
+    hook_out: str = _what("", "with --transcoder: the hook it reconstructs (default blocks.<layer>.hook_mlp_out)")
     positions: str = _what("answer", "answer (the positions the loss reads) | all (every token)")
     source: str = _what("live", "live (from the model, through a shuffling buffer) | dump (activations.py dump)")
     dump: str = _what("", "with --source dump: the dump directory (default <run>/activations/<hook>/train-<positions>)")
@@ -77,7 +83,8 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
     dtype: str = _runtime("auto", "precision of the model's forward pass (the SAE trains in float32)")
 
     # Fields that shape the SAE, its data or its live buffer (in the checkpoint): a resumed SAE keeps them.
-    FIXED_ON_RESUME = ("hook", "positions", "arch", "dict_size", "expansion", "k", "normalize", "source", "seed",
+    FIXED_ON_RESUME = ("hook", "transcoder", "layer", "hook_out", "positions", "arch", "dict_size", "expansion", "k",
+                       "normalize", "source", "seed",
                        "buffer_rows", "max_tokens", "matryoshka_sizes")
     RENAMED = {"name": "run_name"}  # the keys of SAE checkpoints written before the rename
 
@@ -86,7 +93,18 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
         for name, choices in (("arch", tuple(KINDS)), ("source", SOURCES), ("positions", POSITIONS),
                               ("device", DEVICES), ("dtype", DTYPES)):
             need_one_of(self, name, choices)
-        need(bool(self.hook), "hook", "name the hook point, e.g. --hook blocks.0.mlp.hook_post")
+        need(self.transcoder in ("",) + TRANSCODERS, "transcoder",
+             f"{self.transcoder!r} is not a transcoder; choose from {', '.join(TRANSCODERS)} (or leave it out: an SAE)")
+        if self.transcoder:
+            need(self.layer >= 0 or bool(self.hook and self.hook_out), "layer",
+                 "name the block whose MLP the transcoder replaces, e.g. --layer 0")
+            need(not (self.transcoder == "skip" and self.arch == "matryoshka"), "arch",
+                 "a skip transcoder's nested prefixes would leave out its skip path; take --transcoder per_layer "
+                 "with matryoshka, or another --arch")
+        else:
+            need(bool(self.hook), "hook", "name the hook point, e.g. --hook blocks.0.mlp.hook_post")
+            for name in ("layer", "hook_out"):
+                need(getattr(self, name) in (-1, ""), name, "only a transcoder (--transcoder per_layer or skip) has one")
         for name in ("max_steps", "batch_size", "k", "eval_every", "log_every", "buffer_rows", "dead_rows"):
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("dict_size", "l1_warmup_steps", "resample_every", "aux_k", "save_every",
@@ -112,6 +130,25 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
         self.validate_source()
         return self
 
+    @property
+    def rows_hook(self) -> str:
+        """What a row is: the hook's activation, or a transcoder's input and output side by side."""
+        return f"{self.hook}+{self.hook_out}" if self.transcoder else self.hook
+
+    def find_transcoder_hooks(self, model) -> None:
+        """--hook and --hook_out of a transcoder from --layer (the MLP's normalised input, or the
+        residual stream before it under --norm none, and its output); a ConfigError naming --layer
+        for a block that does not exist or has no MLP."""
+        if not self.transcoder or self.layer < 0:
+            return
+        blocks = model.cfg.num_blocks
+        need(self.layer < blocks, "layer", f"the model has blocks 0 to {blocks - 1}; got {self.layer}")
+        need(model.blocks[self.layer].mlp is not None, "layer",
+             f"block {self.layer} has no MLP (an attention-only model): a transcoder replaces an MLP")
+        normalized = f"blocks.{self.layer}.ln2.hook_normalized"
+        self.hook = self.hook or (normalized if normalized in model.hook_names else f"blocks.{self.layer}.hook_resid_mid")
+        self.hook_out = self.hook_out or f"blocks.{self.layer}.hook_mlp_out"
+
     def check_kind(self, dict_size: int, origin: str) -> None:
         """ConfigError if the kind's own settings do not fit a dictionary of `dict_size` features
         (`origin`: where that size came from, for the message)."""
@@ -132,9 +169,12 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
 
 
 def sae_dir(cfg: SAEConfig, d: int) -> tuple[str, str]:
-    """(where the SAE lives, its name): <save_model_dir>/<run_name>, by default <run>/sae/<hook>-<arch>-<size>."""
+    """(where the SAE lives, its name): <save_model_dir>/<run_name>, by default <run>/sae/<hook>-<arch>-<size>
+    (a transcoder: <hook_out>-<transcoder>-<arch>-<size>, e.g. blocks.0.hook_mlp_out-per_layer-relu-512)."""
     base = run_folder(cfg.run_dir)
-    name = cfg.run_name or f"{cfg.hook}-{cfg.arch}-{cfg.dict_size or int(cfg.expansion * d)}"
+    size = cfg.dict_size or int(cfg.expansion * d)
+    name = cfg.run_name or (f"{cfg.hook_out}-{cfg.transcoder}-{cfg.arch}-{size}" if cfg.transcoder
+                            else f"{cfg.hook}-{cfg.arch}-{size}")
     return os.path.join(cfg.save_model_dir or os.path.join(base, "sae"), name), name
 
 
@@ -156,6 +196,7 @@ def load_sae(path: str, device: str = "auto", source: ModelSourceConfig | None =
         raise CheckpointError(f"{path}: this SAE was trained on the model at step {checkpoint['model_step']}, but "
                               f"{run.checkpoint_path} now holds step {run.step}; its metrics would not mean much")
     weights = checkpoint["model"]
-    sae = build_sae(checkpoint["d"], weights["W_dec"].shape[0], cfg.arch, cfg.k)
+    sae = build_sae(checkpoint["d"], weights["W_dec"].shape[0], cfg.arch, cfg.k, d_out=checkpoint.get("d_out", 0),
+                    skip=cfg.transcoder == "skip")
     sae.load_state_dict(weights)
     return sae.to(run.device).eval(), cfg, run

@@ -24,13 +24,13 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def add_penalties(self, loss, x, f, pre, error, cfg, l1_weight, dead, parts):
         for inner in self.prefix_reconstructions(f, matryoshka_levels(cfg, self.dict_size)[:-1]):
-            loss = loss + ((x - inner) / self.scale).pow(2).sum(-1).mean()
+            loss = loss + ((x - inner) / self.target_scale).pow(2).sum(-1).mean()
         return super().add_penalties(loss, x, f, pre, error, cfg, l1_weight, dead, parts)
 
     def prefix_reconstructions(self, f: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
         """The reconstructions (model units) from the first `size` features, for each nested prefix."""
         rows, features, values, count = nonzero_entries(f)
-        return [(bag_decode(rows[inside], features[inside], values[inside], count, self.W_dec) + self.b_dec) * self.scale
+        return [(bag_decode(rows[inside], features[inside], values[inside], count, self.W_dec) + self.b_dec) * self.target_scale
                 for inside in (features < size for size in sizes)]
 
 

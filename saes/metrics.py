@@ -18,17 +18,19 @@ if TYPE_CHECKING:
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, chunk: int = 8192) -> dict:
     """On rows x [N, d]: mse (normalised units, as in training), explained variance (1 - residual
-    over total variance about the mean), l0, and the fraction of features that never fired."""
+    over total variance about the mean), l0, and the fraction of features that never fired. For a
+    transcoder, of what it reconstructs (its output: the MLP's, for explained variance)."""
     squared = total = l0 = 0.0
     fired = torch.zeros(sae.dict_size, dtype=torch.long, device=x.device)
-    mean = x.mean(0)
+    mean = sae.targets(x).mean(0)
     for part in x.split(chunk):
         x_hat, f, _ = sae(part)
-        squared += float((part - x_hat).pow(2).sum())
-        total += float((part - mean).pow(2).sum())
+        target = sae.targets(part)
+        squared += float((target - x_hat).pow(2).sum())
+        total += float((target - mean).pow(2).sum())
         l0 += float((f > 0).sum())
         fired += (f > 0).sum(0)
-    scale2 = float(sae.scale) ** 2
+    scale2 = float(sae.target_scale) ** 2
     return {"mse": squared / scale2 / len(x), "explained_variance": 1 - squared / max(total, 1e-12),
             "l0": l0 / len(x), "never_fired_frac": float((fired == 0).float().mean()),
             "feature_density": (fired.float() / len(x)).cpu()}
@@ -64,7 +66,12 @@ def spliced_metrics(model, sequences: Sequences, hook: str, replace, loss_positi
     ce_loss_score = (CE_ablation - CE_sae) / (CE_ablation - CE_clean): 1 for a perfect reconstruction,
     0 for one no better than zeros; kl_div_score = (KL_ablation - KL_sae) / KL_ablation, with KL the
     divergence of the clean next-token distribution from the spliced one, KL(clean || spliced),
-    summed over the vocabulary and averaged over positions."""
+    summed over the vocabulary and averaged over positions.
+
+    Hooks joined by `+` (a transcoder's): the last is replaced, and `replace` reads the rows of every
+    one side by side, the earlier ones as this forward pass reaches them; the clean and ablation
+    passes keep or zero the last one."""
+    *reads, written = hook.split("+")
     sums = dict.fromkeys(("clean", "sae", "ablation", "kl_sae", "kl_ablation"), 0.0)
     count = 0
     device = next(model.parameters()).device
@@ -76,12 +83,18 @@ def spliced_metrics(model, sequences: Sequences, hook: str, replace, loss_positi
 
         def log_probs(fn) -> torch.Tensor:
             """Log-probabilities [kept positions, vocab] with `fn` applied to the taken rows."""
+            seen = {}
+
+            def read(x, hook_point):
+                seen[hook_point.name] = x.reshape(*x.shape[:2], -1)[mask].float()
+
             def splice(x, hook_point):
                 flat = x.reshape(*x.shape[:2], -1).clone()
-                flat[mask] = fn(flat[mask].float()).to(flat.dtype)
+                rows = torch.cat([seen[name] for name in reads] + [flat[mask].float()], -1)
+                flat[mask] = fn(rows)[..., -flat.shape[-1]:].to(flat.dtype)  # the replaced hook's part
                 return flat.reshape(x.shape)
 
-            logits = model.run_with_hooks(tokens, [(hook, splice)]).float()
+            logits = model.run_with_hooks(tokens, [(name, read) for name in reads] + [(written, splice)]).float()
             if loss_positions:
                 logits = logits[:, -loss_positions:]
             return logits[keep].log_softmax(-1)

@@ -45,25 +45,33 @@ class ReLUSAE(SparseAutoencoder):
 def resample_dead(sae: SparseAutoencoder, optimizer, x: torch.Tensor, dead: torch.Tensor, distributed: bool) -> int:
     """Anthropic's resampling: each dead feature gets, as its decoder direction, an input drawn with
     probability ∝ its squared reconstruction loss (centred by b_dec, unit norm); its encoder row is
-    that direction scaled to 0.2 x the mean live encoder norm; its bias 0; its Adam moments reset.
+    that direction scaled to 0.2 x the mean live encoder norm; its bias 0; its Adam moments reset. A
+    transcoder's decoder takes the row's target and its encoder the row's input (unit norm).
     Rank 0 draws from its batch and every rank takes its choice."""
     count = int(dead.sum())
     if not count:
         return 0
     indices = dead.nonzero().squeeze(1)
     x_hat, _, _ = sae(x)
-    loss = ((x - x_hat) / sae.scale).pow(2).sum(-1)
+    target = sae.targets(x)
+    loss = ((target - x_hat) / sae.target_scale).pow(2).sum(-1)
     # Distinct inputs while there are enough, so that no two new features start on the same one.
     weights = loss.pow(2) + 1e-12
     picks = torch.multinomial(weights, count, replacement=count > len(x))
-    directions = x[picks] / sae.scale - sae.b_dec
+    directions = target[picks] / sae.target_scale - sae.b_dec
     directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
     if distributed:
         torch_dist.broadcast(directions, src=0)
+    reads = directions  # an SAE reads what it writes; a transcoder reads its rows' inputs
+    if sae.transcoder:
+        reads = sae.inputs(x)[picks] / sae.scale
+        reads /= reads.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        if distributed:
+            torch_dist.broadcast(reads, src=0)
     alive = ~dead
     encoder_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
     sae.W_dec[indices] = directions
-    sae.W_enc[:, indices] = directions.t() * 0.2 * encoder_norm
+    sae.W_enc[:, indices] = reads.t() * 0.2 * encoder_norm
     sae.b_enc[indices] = 0
     for param, rows in ((sae.W_dec, (indices, slice(None))), (sae.W_enc, (slice(None), indices)),
                         (sae.b_enc, (indices,))):

@@ -40,6 +40,14 @@ class SAEView:
     encode: Callable[[torch.Tensor], torch.Tensor]  # tokens [B, T] -> the SAE's features [B, T, n]
 
 
+def describe(cfg: SAEConfig, n: int, quote: str = "") -> str:
+    """`relu SAE with 512 features on HOOK`, or `per_layer relu transcoder with 512 features from IN to OUT`."""
+    if cfg.transcoder:
+        return (f"{cfg.transcoder} {cfg.arch} transcoder with {n:,} features from {quote}{cfg.hook}{quote} to "
+                f"{quote}{cfg.hook_out}{quote}")
+    return f"{cfg.arch} SAE with {n:,} features on {quote}{cfg.hook}{quote}"
+
+
 def plot_feature_density(density: torch.Tensor, path: str) -> str:
     """Histogram of log10 firing frequency (share of held-out rows on which each feature fires)."""
     from matplotlib.figure import Figure
@@ -173,7 +181,7 @@ def write_browser(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequenc
             on = ids >= 0
             shown.append((ids[on], windows[slot, feature][on], before - int((~on[:before]).sum()), values[slot][feature]))
         contexts.append(shown)
-    logits = logit_effects(run.model, cfg.hook, sae.W_dec * sae.scale)
+    logits = logit_effects(run.model, cfg.hook_out or cfg.hook, sae.W_dec * sae.target_scale)
     used = set(np.unique(around[around >= 0]).tolist())
     if logits is not None:
         logits = tuple(x.cpu().numpy() for x in logits)
@@ -191,7 +199,7 @@ def write_browser(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequenc
 
     labels = [label(f) for f in range(n)]
     name = os.path.basename(os.path.normpath(os.path.dirname(out)))
-    summary = (f"{cfg.arch} SAE with {n:,} features on {cfg.hook} of {cfg.run_dir} ({cfg.positions} positions); "
+    summary = (f"{describe(cfg, n)} of {cfg.run_dir} ({cfg.positions} positions); "
                f"{int(held_out.mask.sum()):,} held-out rows of the val split")
     shown_metrics = {k: v for k, v in metrics.items() if k in ("explained_variance", "l0", "mse", "ce_loss_score",
                                                                 "kl_div_score", "never_fired_frac")}
@@ -226,10 +234,10 @@ def report(sae_path: str, top: int = 12, model: str = "", log=None, data_path: s
     # One pass of the model: its activations at every position [S, T, d], and the rows at the taken
     # positions (what the SAE was trained and evaluated on); the features' numbers a few sequences at
     # a time (feature_statistics), so that a wide SAE fits in memory.
-    model_acts = capture_all(run, held_out.tokens, cfg.hook)
+    model_acts = capture_all(run, held_out.tokens, cfg.rows_hook)
     mask = held_out.mask.to(run.device)
     rows = model_acts[mask]
-    metrics, density = held_out_metrics(sae, run, held_out, rows, cfg.hook)
+    metrics, density = held_out_metrics(sae, run, held_out, rows, cfg.rows_hook)
     say(f"{len(rows):,} held-out rows read and the metrics computed ({time.perf_counter() - clock:.1f}s)")
     stats = feature_statistics(sae, model_acts, mask, held_out.tokens)
     say(f"every feature's density, top contexts and histogram ({time.perf_counter() - clock:.1f}s)")
@@ -238,14 +246,14 @@ def report(sae_path: str, top: int = 12, model: str = "", log=None, data_path: s
     plot_feature_density(density, os.path.join(out, "feature_density.png"))
 
     lines = [f"# SAE {os.path.basename(os.path.normpath(directory))}", "",
-             f"{cfg.arch} SAE with {sae.dict_size} features on `{cfg.hook}` ({cfg.positions} positions) of "
+             f"{describe(cfg, sae.dict_size, '`')} ({cfg.positions} positions) of "
              f"`{cfg.run_dir}`; {len(rows):,} held-out rows from the val split.", "",
              "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
     lines += ["", "![feature density](feature_density.png)", ""]
 
-    view = SAEView(sae, cfg.hook, run, held_out, stats, ranked, model_acts, mask, out, top,
-                   lambda tokens: sae.encode(capture(run.model, tokens, cfg.hook)))
+    view = SAEView(sae, cfg.rows_hook, run, held_out, stats, ranked, model_acts, mask, out, top,
+                   lambda tokens: sae.encode(capture(run.model, tokens, cfg.rows_hook)))
     more, fourier = run.data.sae_sections(view)  # the task's views of the top features
     lines += more
     page = write_browser(sae, cfg, run, held_out, stats, metrics, out, fourier)

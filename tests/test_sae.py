@@ -52,9 +52,9 @@ def synthetic(n: int, d: int = 32, features: int = 64, p: float = 0.05, seed: in
 RECOVERY_HOOK = "blocks.0.hook_resid_post"  # the shared modular run's residual stream: 32 wide, as the planted rows
 
 
-def write_rows_as_dump(x: torch.Tensor, run_dir: str, directory) -> str:
-    """Rows x [N, 32] as a finished dump of the modular run's train split at RECOVERY_HOOK (the files
-    and manifest activations.py writes), so that sae.py trains on them as on any dump."""
+def write_rows_as_dump(x: torch.Tensor, run_dir: str, directory, hook: str = RECOVERY_HOOK) -> str:
+    """Rows x [N, d] as a finished dump of the modular run's train split at `hook` (the files and
+    manifest activations.py writes), so that sae.py trains on them as on any dump."""
     run = load_run(run_dir, device="cpu")
     directory = str(directory)
     os.makedirs(directory)
@@ -63,7 +63,7 @@ def write_rows_as_dump(x: torch.Tensor, run_dir: str, directory) -> str:
     np.save(os.path.join(directory, "rows-00000.npy"), np.stack([np.arange(n), np.full(n, 2)], 1))
     np.save(os.path.join(directory, "tokens.npy"), np.zeros((n, 3), dtype=np.int64))
     np.save(os.path.join(directory, "targets.npy"), np.zeros((n, 3), dtype=np.int64))
-    manifest = {"hook": RECOVERY_HOOK, "positions": "answer", "split": "train", "step": run.step, "d": x.shape[1],
+    manifest = {"hook": hook, "positions": "answer", "split": "train", "step": run.step, "d": x.shape[1],
                 "num_rows": n, "num_shards": 1, "num_sequences": n, "seq_len": 3, "complete": True}
     with open(os.path.join(directory, "manifest.json"), "w") as f:
         json.dump(manifest, f)
