@@ -138,7 +138,7 @@ def test_a_transcoder_row_is_the_mlp_input_beside_its_output_and_its_loss_reads_
     assert metrics["mse"] == pytest.approx(residual / float(transcoder.out_scale) ** 2 / 256, rel=1e-5)
     cfg = SAEConfig(run_dir="x", transcoder="per_layer", layer=0, l1_coefficient=0.0)
     loss, parts, _ = transcoder.loss(rows, cfg, 0.0, None)
-    assert float(loss) == pytest.approx(residual / float(transcoder.out_scale) ** 2 / 256, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(residual / float(transcoder.out_scale) ** 2 / 256, rel=1e-5)
     skip = build_sae(8, 16, "topk", k=4, d_out=6, skip=True)
     with torch.no_grad():
         skip.W_skip.normal_()
