@@ -199,6 +199,10 @@ def test_sae_py_trains_a_transcoder_that_resumes_exactly_and_reports(tmp_path, t
     text = open(path).read()
     assert "skip topk transcoder with 96 features from `blocks.0.ln2.hook_normalized` to `blocks.0.hook_mlp_out`" in text
     assert os.path.isfile(os.path.join(os.path.dirname(path), "features.html"))
+    # The browser shows what each feature's decoder pushes up and down through the unembedding: it
+    # writes into the residual stream (hook_mlp_out), not the input hook it reads.
+    index = open(os.path.join(os.path.dirname(path), "features", "index.js")).read()
+    assert '"has_logits": true' in index
     # A dump of the same rows (activations.py dump --hook IN+OUT) trains it too.
     out = dump(DumpConfig(run_dir=run_dir, hook=LAYER0, positions="all", out=str(tmp_path / "dump")).validate(),
                log=lambda *a: None)
