@@ -13,7 +13,7 @@ import torch
 import sae as sae_module
 from analysis.runs import capture, hook_width, load_run, split_sequences
 from analysis.sources import DumpConfig, dump
-from conftest import run_bad_input
+from conftest import run_bad_input, run_torchrun
 from plumbing.tracking import read_metrics
 from saes import build_sae
 from saes.base import update
@@ -224,3 +224,27 @@ def test_sae_py_trains_a_transcoder_that_resumes_exactly_and_reports(tmp_path, t
 def test_bad_transcoder_flags_name_the_flag(tmp_path, trained_runs, args, message):
     run_bad_input("sae.py", [trained_runs["modular"], *args, "--max_steps", "2", "--device", "cpu"], tmp_path,
                   message, watch=(trained_runs["modular"],))
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_transcoder_one_process_trains(tmp_path, trained_runs):
+    """A skip batchtopk transcoder on two ranks: the same choice of features at every step (equal L0),
+    the loss and the weights (W_skip and out_scale too) equal to one process's within float sums."""
+    run_dir = trained_runs["modular"]
+    hook = rows_hook(run_dir)
+    dump(DumpConfig(run_dir=run_dir, hook=hook, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
+    common = [*QUICK, "--transcoder", "skip", "--layer", "0", "--source", "dump", "--dump", str(tmp_path / "dump"),
+              "--log_every", "1", "--arch", "batchtopk", "--k", "8"]
+    one = sae_module.main([run_dir, *common, "--name", "tc-one"])
+    result = run_torchrun([run_dir, *common, "--name", "tc-two"], cwd=str(tmp_path), script="sae.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = {r["step"]: r for r in read_metrics(os.path.join(one["sae_dir"], "metrics.jsonl"))}
+    b = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", "tc-two", "metrics.jsonl"))}
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for step in a:
+        assert b[step]["train_mse"] == pytest.approx(a[step]["train_mse"], rel=1e-6), step
+        assert b[step]["train_l0"] == a[step]["train_l0"], step
+    x = torch.load(os.path.join(one["sae_dir"], "last.pt"), weights_only=True)["model"]
+    y = torch.load(os.path.join(run_dir, "sae", "tc-two", "last.pt"), weights_only=True)["model"]
+    assert {"W_skip", "out_scale"} <= x.keys() == y.keys()
+    assert all(torch.allclose(x[k], y[k], rtol=1e-6, atol=1e-6) for k in x)
