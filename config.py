@@ -163,6 +163,12 @@ class ModelSourceConfig:
              f"name a run ({self.run_dir}) or --model ({self.model}), not both")
         self.run_dir = folder
 
+    @classmethod
+    def corpus_at(cls, data_path: str = "") -> "ModelSourceConfig":
+        """Settings that say only where a run's corpus is now (--data_path; empty: where the run left it), for
+        the subcommands that open a run's SAE or lens (load_run then names --data_path if the corpus is gone)."""
+        return cls(**({"data_path": data_path} if data_path else {}))
+
     def pretrained_spec(self) -> dict | None:
         """--model's settings as pretrained.json records them (None without --model)."""
         if not self.model:

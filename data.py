@@ -177,11 +177,11 @@ class TaskData:
         """The task's own sections of interp's report: (findings for its head, markdown lines)."""
         return [], []
 
-    def sae_sections(self, encode, run, held_out, stats: dict, ranked: list[int], out: str, top: int
-                     ) -> tuple[list[str], tuple | None]:
-        """The task's views of an SAE's top features (`ranked`) for its report: markdown lines, and what
-        the feature browser shows per feature beside its contexts (None: nothing). `encode(tokens)`
-        gives the SAE's features at every position [B, T, n]; `stats` is saes.report.feature_statistics."""
+    def sae_sections(self, view) -> tuple[list[str], tuple | None]:
+        """The task's views of an SAE's top features for its report: markdown lines, and what the feature
+        browser shows per feature beside its contexts (None: nothing). `view` is a saes.report.SAEView:
+        the top features (`ranked`), `encode(tokens)` (the SAE's features at every position [B, T, n]),
+        `stats` (saes.report.feature_statistics), the held-out sequences and the report folder."""
         return [], None
 
     # -- the run directory

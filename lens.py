@@ -922,7 +922,7 @@ def eval_report(lens_path: str, rows: int = 2048, examples: int = 16, data_path:
     """Writes <lens>/eval/report.md: held-out FVE, KL and MSE against the two baselines, and a
     table of example explanations beside their contexts. Returns (its path, the metrics).
     `data_path`: where the run's corpus is now, when it moved."""
-    lens, cfg, run = load_lens(lens_path, source=ModelSourceConfig(**({"data_path": data_path} if data_path else {})))
+    lens, cfg, run = load_lens(lens_path, source=ModelSourceConfig.corpus_at(data_path))
     directory = lens_path if os.path.isdir(lens_path) else os.path.dirname(lens_path)
     out = os.path.join(directory, "eval")
     os.makedirs(out, exist_ok=True)

@@ -120,7 +120,8 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                     "source": gather_to_main(source.state_dict()),  # a live buffer per rank: only rank 0 needs them
                     "rows_since_fired": rows_since_fired.cpu(), "lr_schedule": schedule.state_dict(),
                     "config": cfg.to_dict(), "elapsed_seconds": loop.clock.elapsed(), "wandb_id": loop.tracker.wandb_id,
-                    "d": d, "d_out": d_out, "model_checkpoint": os.path.abspath(run.checkpoint_path), "model_step": run.step}
+                    "d": d, "d_out": d_out, "model_checkpoint": os.path.abspath(run.checkpoint_path),
+                    "model_step": run.step}
 
         # ---- the loop
         window = dict.fromkeys(("mse_sum", "l0_sum", *sae.logged, "rows"), 0.0)
@@ -192,7 +193,8 @@ def describe(cfg: SAEConfig, run, sae: SparseAutoencoder, name: str, out_dir: st
         f"SAE {name} on {cfg.hook}"
     session.log.info(f"{what} of {cfg.run_dir} (checkpoint {run.checkpoint_path}, step {run.step}) -> {out_dir}")
     session.log.info("  " + " ".join(f"{k}={v!r}" for k, v in cfg.to_dict().items()))
-    session.log.info(f"d={sae.d} -> {sae.dict_size} features{f' -> d_out={sae.d_out}' if sae.transcoder else ''} ({sae.describe()}) | {cfg.source} source | "
+    widths = f"d={sae.d} -> {sae.dict_size} features" + (f" -> d_out={sae.d_out}" if sae.transcoder else "")
+    session.log.info(f"{widths} ({sae.describe()}) | {cfg.source} source | "
                      f"{cfg.batch_size} rows/step on {session.dist.world_size} rank(s) | eval on {eval_rows:,} val rows "
                      f"| input scale {float(sae.scale):.4g}"
                      + (f" | resumed at step {resumed_at}" if resumed_at is not None else ""))

@@ -33,10 +33,12 @@ def write_report(run_dir: str, out_dir: str | None = None, device: str = "auto",
                   f"{cfg.num_blocks} block(s) x {cfg.num_heads} heads x {cfg.embedding_dim}."
                   + (f" {sample.about}" if sample.about else ""), ""]
         summary, lines = [], []
-        for section in (streams, ablations, patching, task_sections):
+        for section in (streams, ablations, patching):
             found, written = section(run, sample, out_dir)
-            summary = found + summary if section is task_sections else summary + found  # the task's lead
+            summary += found
             lines += written
+        found, written = run.data.report_sections(run, out_dir)  # the task's own, last; its findings lead
+        summary, lines = found + summary, lines + written
         path = os.path.join(out_dir, "report.md")
         with open(path, "w") as f:
             f.write("\n".join(header + ["## Findings", "", *summary, ""] + lines))
@@ -130,8 +132,3 @@ def patching(run, sample, out_dir: str) -> tuple[list[str], list[str]]:
     summary = [f"- Linear probes at `{at}` on the final residual stream (held-out accuracy): " + ", ".join(
         f"{label} {by_layer[names[-1]].heldout_accuracy:.2f}" for label, by_layer in probes.items()) + "."]
     return summary, lines
-
-
-def task_sections(run, sample, out_dir: str) -> tuple[list[str], list[str]]:
-    """The task's own sections (TaskData.report_sections)."""
-    return run.data.report_sections(run, out_dir)

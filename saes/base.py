@@ -125,8 +125,10 @@ class SparseAutoencoder(nn.Module):
         pre = self.pre_activations(x)
         f = self.activate(pre, batch)
         if batch:  # training's few features per row: decode only those (in use, early on, many more fire)
-            return self.add_skip((bag_decode(*nonzero_entries(f), self.W_dec) + self.b_dec) * self.target_scale, x), f, pre
-        return self.add_skip(self.decode(f), x), f, pre
+            y = (bag_decode(*nonzero_entries(f), self.W_dec) + self.b_dec) * self.target_scale
+        else:
+            y = self.decode(f)
+        return self.add_skip(y, x), f, pre
 
     # ---- training
 

@@ -84,8 +84,7 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
 
     # Fields that shape the SAE, its data or its live buffer (in the checkpoint): a resumed SAE keeps them.
     FIXED_ON_RESUME = ("hook", "transcoder", "layer", "hook_out", "positions", "arch", "dict_size", "expansion", "k",
-                       "normalize", "source", "seed",
-                       "buffer_rows", "max_tokens", "matryoshka_sizes")
+                       "normalize", "source", "seed", "buffer_rows", "max_tokens", "matryoshka_sizes")
     RENAMED = {"name": "run_name"}  # the keys of SAE checkpoints written before the rename
 
     def validate(self) -> "SAEConfig":
@@ -104,7 +103,8 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
         else:
             need(bool(self.hook), "hook", "name the hook point, e.g. --hook blocks.0.mlp.hook_post")
             for name in ("layer", "hook_out"):
-                need(getattr(self, name) in (-1, ""), name, "only a transcoder (--transcoder per_layer or skip) has one")
+                need(getattr(self, name) in (-1, ""), name,
+                     "only a transcoder (--transcoder per_layer or skip) has one")
         for name in ("max_steps", "batch_size", "k", "eval_every", "log_every", "buffer_rows", "dead_rows"):
             need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
         for name in ("dict_size", "l1_warmup_steps", "resample_every", "aux_k", "save_every",
@@ -146,7 +146,8 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
         need(model.blocks[self.layer].mlp is not None, "layer",
              f"block {self.layer} has no MLP (an attention-only model): a transcoder replaces an MLP")
         normalized = f"blocks.{self.layer}.ln2.hook_normalized"
-        self.hook = self.hook or (normalized if normalized in model.hook_names else f"blocks.{self.layer}.hook_resid_mid")
+        resid_mid = f"blocks.{self.layer}.hook_resid_mid"
+        self.hook = self.hook or (normalized if normalized in model.hook_names else resid_mid)
         self.hook_out = self.hook_out or f"blocks.{self.layer}.hook_mlp_out"
 
     def check_kind(self, dict_size: int, origin: str) -> None:

@@ -30,8 +30,8 @@ class MatryoshkaSAE(BatchTopKSAE):
     def prefix_reconstructions(self, f: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
         """The reconstructions (model units) from the first `size` features, for each nested prefix."""
         rows, features, values, count = nonzero_entries(f)
-        return [(bag_decode(rows[inside], features[inside], values[inside], count, self.W_dec) + self.b_dec) * self.target_scale
-                for inside in (features < size for size in sizes)]
+        return [(bag_decode(rows[inside], features[inside], values[inside], count, self.W_dec) + self.b_dec)
+                * self.target_scale for inside in (features < size for size in sizes)]
 
 
 def matryoshka_levels(cfg, dict_size: int) -> list[int]:

@@ -28,7 +28,6 @@ from saes.metrics import held_out_metrics
 class SAEView:
     """What a task's views of an SAE's top features read (TaskData.sae_sections)."""
     sae: SparseAutoencoder
-    hook: str
     run: object  # analysis.runs.Run
     held_out: Sequences  # the val split's sequences the report reads
     stats: dict  # feature_statistics
@@ -226,7 +225,7 @@ def report(sae_path: str, top: int = 12, model: str = "", log=None, data_path: s
         raise ConfigError(f"{sae_path} holds no SAE: neither last.pt (an SAE of sae.py) nor cfg.json and "
                           f"sae_weights.safetensors (one of SAELens); pass <run>/sae/<name>")
     else:
-        sae, cfg, run = load_sae(sae_path, source=ModelSourceConfig(**({'data_path': data_path} if data_path else {})))
+        sae, cfg, run = load_sae(sae_path, source=ModelSourceConfig.corpus_at(data_path))
     directory = sae_path if os.path.isdir(sae_path) else os.path.dirname(sae_path)
     out = os.path.join(directory, "report")
     os.makedirs(out, exist_ok=True)
@@ -252,7 +251,7 @@ def report(sae_path: str, top: int = 12, model: str = "", log=None, data_path: s
     lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
     lines += ["", "![feature density](feature_density.png)", ""]
 
-    view = SAEView(sae, cfg.rows_hook, run, held_out, stats, ranked, model_acts, mask, out, top,
+    view = SAEView(sae, run, held_out, stats, ranked, model_acts, mask, out, top,
                    lambda tokens: sae.encode(capture(run.model, tokens, cfg.rows_hook)))
     more, fourier = run.data.sae_sections(view)  # the task's views of the top features
     lines += more

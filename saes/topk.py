@@ -26,7 +26,8 @@ class TopKSAE(SparseAutoencoder):
         top = pre.topk(min(self.k, self.dict_size), dim=-1)
         values = F.relu(top.values)
         f = torch.zeros_like(pre).scatter(-1, top.indices, values)
-        return self.add_skip((sparse_decode(top.indices, values, self.W_dec) + self.b_dec) * self.target_scale, x), f, pre
+        y = (sparse_decode(top.indices, values, self.W_dec) + self.b_dec) * self.target_scale
+        return self.add_skip(y, x), f, pre
 
     def add_penalties(self, loss, x, f, pre, error, cfg, l1_weight, dead, parts):
         return self.add_auxk(loss, pre, error, cfg, dead, parts)

@@ -26,8 +26,8 @@ def floor_of(module: str) -> int | None:
 
 def project_modules() -> dict[str, str]:
     """module name -> path, for every tracked .py file outside tests/, bench/ and notebooks."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
     return {path[:-3].replace("/", ".").removesuffix(".__init__"): path for path in files
             if not path.startswith(("tests/", "bench/", "notebooks/", "sweeps/"))}
 
