@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from config import ConfigError
-from plumbing.rundirs import Claim, process_start_time
+from plumbing.rundirs import CLAIM, Claim, process_start_time
 from utils import format_duration, write_json
 
 log = logging.getLogger("tinylab")
@@ -809,7 +809,9 @@ def prepare(source: Source, folder: str, fingerprint: str, tokenizer: str, holdo
     finished; returns the manifest. The caller holds the folder's claim."""
     started = time.monotonic()
     for name in os.listdir(folder):
-        if ".tmp-" in name:  # an attempt that was killed; its finished shards stay
+        # An attempt that was killed left these; its finished shards stay. The claim's files are the
+        # claim's: a launch waiting on the folder writes .claim.tmp-<token> before it links it.
+        if ".tmp-" in name and not name.startswith(CLAIM):
             os.remove(os.path.join(folder, name))
     units = plan_units(source, unit_bytes)
     workers = workers or default_workers()

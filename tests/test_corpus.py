@@ -374,7 +374,9 @@ def wait_for_a_train_shard(cache, processes) -> None:
     process ends first or after a minute."""
     deadline = time.monotonic() + 60
     while not any(f.startswith("train_") and f.endswith(".bin") for _, _, files in os.walk(cache) for f in files):
-        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
+        ended = [p for p in processes if p.poll() is not None]
+        assert not ended, [(p.returncode, *(stream.read() for stream in (p.stdout, p.stderr) if stream)) for p in ended]
+        assert time.monotonic() < deadline, "no train shard after a minute"
         time.sleep(0.01)
 
 
@@ -408,6 +410,21 @@ def test_a_killed_prepare_resumes_to_the_same_shards(tmp_path):
     resumed = [line for line in rerun.stdout.splitlines() if "resuming" in line]
     assert resumed and "units were done" in resumed[0], rerun.stdout
     assert_the_shards_of_an_uninterrupted_prepare(folder, data_path, tmp_path)
+
+
+def test_preparing_leaves_the_claim_file_a_waiting_launch_is_linking_alone(tmp_path):
+    """prepare() clears what a killed attempt left (its shards' .tmp- files), but not the file a launch
+    waiting on the folder's claim is about to link into place (.claim.tmp-<token>). It used to, and
+    under load the waiting launch then died with a FileNotFoundError as the claim came free."""
+    source = corpus.find_source(write_txt_folder(tmp_path / "docs", documents(20)), "data_path")
+    cache, fingerprint = corpus.cache_folder(source, "char", str(tmp_path / "cache"), holdout=0.1, text_field="text",
+                                             vocab=None, unit_bytes=corpus.UNIT_BYTES)
+    os.makedirs(cache)
+    linking, left = os.path.join(cache, ".claim.tmp-0123abcd"), os.path.join(cache, "train_00000.bin.tmp-999")
+    for path in (linking, left):
+        open(path, "w").write("x")
+    corpus.prepare(source, cache, fingerprint, "char", holdout=0.1, workers=1)
+    assert os.path.exists(linking) and not os.path.exists(left)
 
 
 def waiters_on_a_held_claim(tmp_path, folder: str, count: int, shard_mb: float = corpus.UNIT_BYTES / 2**20,
