@@ -87,7 +87,11 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         if cfg.batch_size % dist.world_size:
             raise ConfigError(f"--batch_size: {cfg.batch_size} rows do not split into {dist.world_size} ranks")
         dict_size = cfg.dict_size or int(cfg.expansion * d)
-        cfg.check_kind(dict_size, "--dict_size" if cfg.dict_size else f"--expansion {cfg.expansion:g} x width {d}")
+        layers = cfg.layers  # a cross-layer transcoder's: d, d_out and dict_size are every layer's together
+        if layers and dict_size % layers:
+            raise ConfigError(f"--dict_size: {dict_size} features do not split evenly into {layers} layers")
+        cfg.check_kind(dict_size // max(layers, 1), "--dict_size" if cfg.dict_size else
+                       f"--expansion {cfg.expansion:g} x width {d}")
         source = open_source(cfg, run, d + d_out, session)
         held_out = split_sequences(run, "val", cfg.positions, cfg.eval_tokens)
         session.claim_directory(out_dir, cfg.resume == "auto", f"--run_name: {out_dir} already holds an SAE; pass "
@@ -96,8 +100,9 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
         # ---- the SAE, its optimizer, its state
         eval_rows = all_rows(run, held_out, cfg.rows_hook, device, dtype)
         seed_everything(cfg.seed)  # the same initialisation on every rank
-        sae = build_sae(d, dict_size, cfg.arch, cfg.k, cfg.jumprelu_init_threshold, cfg.jumprelu_bandwidth, d_out,
-                        cfg.transcoder == "skip").to(device)
+        per = max(layers, 1)
+        sae = build_sae(d // per, dict_size // per, cfg.arch, cfg.k, cfg.jumprelu_init_threshold,
+                        cfg.jumprelu_bandwidth, d_out // per, cfg.transcoder == "skip", layers).to(device)
         # The input scale and b_dec from the rows it will train on: a dump's own (as stored), else the
         # model's on the first 32,768 tokens of the train split.
         sae.calibrate(source.rows(torch.arange(min(source.num_rows, 32768))) if cfg.source == "dump" else
@@ -120,7 +125,7 @@ def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
                     "source": gather_to_main(source.state_dict()),  # a live buffer per rank: only rank 0 needs them
                     "rows_since_fired": rows_since_fired.cpu(), "lr_schedule": schedule.state_dict(),
                     "config": cfg.to_dict(), "elapsed_seconds": loop.clock.elapsed(), "wandb_id": loop.tracker.wandb_id,
-                    "d": d, "d_out": d_out, "model_checkpoint": os.path.abspath(run.checkpoint_path),
+                    "d": d, "d_out": d_out, "layers": layers, "model_checkpoint": os.path.abspath(run.checkpoint_path),
                     "model_step": run.step}
 
         # ---- the loop
@@ -196,7 +201,7 @@ def describe(cfg: SAEConfig, run, sae: SparseAutoencoder, name: str, out_dir: st
     widths = f"d={sae.d} -> {sae.dict_size} features" + (f" -> d_out={sae.d_out}" if sae.transcoder else "")
     session.log.info(f"{widths} ({sae.describe()}) | {cfg.source} source | "
                      f"{cfg.batch_size} rows/step on {session.dist.world_size} rank(s) | eval on {eval_rows:,} val rows "
-                     f"| input scale {float(sae.scale):.4g}"
+                     f"| input scale {', '.join(f'{float(v):.4g}' for v in sae.scale.flatten())}"
                      + (f" | resumed at step {resumed_at}" if resumed_at is not None else ""))
 
 

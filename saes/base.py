@@ -45,6 +45,7 @@ class SparseAutoencoder(nn.Module):
     batch_training = False
     saelens_architecture: str | None = None
     logged: tuple[str, ...] = ()
+    cross_layer = False  # saes/crosslayer.py's transcoders say True
 
     def __init__(self, d: int, dict_size: int, k: int = 32, jumprelu_init_threshold: float = 0.01,
                  jumprelu_bandwidth: float = 0.05, d_out: int = 0, skip: bool = False):
@@ -206,6 +207,20 @@ class SparseAutoencoder(nn.Module):
     def saelens_weights(self) -> dict[str, torch.Tensor]:
         """Weights beyond W_enc, W_dec, b_enc, b_dec that SAELens's format of this kind holds."""
         return {}
+
+    # ---- what the report and the attribution graphs read (a cross-layer transcoder has its own)
+
+    def residual_writes(self) -> torch.Tensor:
+        """[n, d_out]: each feature's decoder direction in the model's units."""
+        return self.W_dec * self.target_scale
+
+    def decoder(self, layer: int) -> torch.Tensor:
+        """[n, d_out]: each feature's write to the output it reconstructs, in the model's units."""
+        return self.residual_writes()
+
+    def encoder(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W [d, n], b [n]): a transcoder's pre-activations are x W + b for its input x, in model units."""
+        return self.W_enc / self.scale, self.b_enc
 
 
 def update(sae: SparseAutoencoder, optimizer, x: torch.Tensor, cfg, l1_weight: float,

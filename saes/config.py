@@ -13,7 +13,7 @@ from saes import build_sae
 from saes.base import KINDS
 
 SOURCES = ("live", "dump")
-TRANSCODERS = ("per_layer", "skip")
+TRANSCODERS = ("per_layer", "skip", "cross_layer")
 
 _what = section("what to train on")
 _dictionary = section("dictionary")
@@ -28,7 +28,8 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
     hook: str = _what("", "hook point whose activations to reconstruct, e.g. blocks.0.mlp.hook_post (a transcoder: "
                           "the one it reads; --layer sets it)")
     transcoder: str = _what("", "per_layer | skip: a transcoder that reads an MLP's input and reconstructs its "
-                                "output (skip: plus a linear path); empty: an SAE")
+                                "output (skip: plus a linear path); cross_layer: one over every layer, each "
+                                "layer's features writing to its MLP's output and every later one's; empty: an SAE")
     layer: int = _what(-1, "with --transcoder: the block whose MLP it replaces (sets --hook and --hook_out)")
     hook_out: str = _what("", "with --transcoder: the hook it reconstructs (default blocks.<layer>.hook_mlp_out)")
     positions: str = _what("answer", "answer (the positions the loss reads) | all (every token)")
@@ -94,7 +95,11 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
             need_one_of(self, name, choices)
         need(self.transcoder in ("",) + TRANSCODERS, "transcoder",
              f"{self.transcoder!r} is not a transcoder; choose from {', '.join(TRANSCODERS)} (or leave it out: an SAE)")
-        if self.transcoder:
+        if self.transcoder == "cross_layer":
+            need(self.layer == -1, "layer", "a cross-layer transcoder reads and replaces every layer's MLP; leave it out")
+            need(self.arch != "matryoshka", "arch", "a cross-layer transcoder's features are per layer, not nested "
+                 "prefixes; take relu, topk, batchtopk or jumprelu")
+        elif self.transcoder:
             need(self.layer >= 0 or bool(self.hook and self.hook_out), "layer",
                  "name the block whose MLP the transcoder replaces, e.g. --layer 0")
             need(not (self.transcoder == "skip" and self.arch == "matryoshka"), "arch",
@@ -138,17 +143,29 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
     def find_transcoder_hooks(self, model) -> None:
         """--hook and --hook_out of a transcoder from --layer (the MLP's normalised input, or the
         residual stream before it under --norm none, and its output); a ConfigError naming --layer
-        for a block that does not exist or has no MLP."""
-        if not self.transcoder or self.layer < 0:
+        for a block that does not exist or has no MLP. A cross-layer transcoder's: every block's, joined
+        by `+`."""
+        if self.transcoder == "cross_layer":
+            need(model.blocks[0].mlp is not None, "transcoder",
+                 "an attention-only model has no MLP for a transcoder to replace")
+            ins, outs = ("+".join(hooks) for hooks in zip(*(mlp_hooks(model, i) for i in range(model.cfg.num_blocks))))
+            for name, hooks in (("hook", ins), ("hook_out", outs)):
+                need(getattr(self, name) in ("", hooks), name, "a cross-layer transcoder reads and replaces every "
+                     "layer's MLP; leave it out")
+            self.hook, self.hook_out = ins, outs
+        if self.transcoder not in ("per_layer", "skip") or self.layer < 0:
             return
         blocks = model.cfg.num_blocks
         need(self.layer < blocks, "layer", f"the model has blocks 0 to {blocks - 1}; got {self.layer}")
         need(model.blocks[self.layer].mlp is not None, "layer",
              f"block {self.layer} has no MLP (an attention-only model): a transcoder replaces an MLP")
-        normalized = f"blocks.{self.layer}.ln2.hook_normalized"
-        resid_mid = f"blocks.{self.layer}.hook_resid_mid"
-        self.hook = self.hook or (normalized if normalized in model.hook_names else resid_mid)
-        self.hook_out = self.hook_out or f"blocks.{self.layer}.hook_mlp_out"
+        hook_in, hook_out = mlp_hooks(model, self.layer)
+        self.hook, self.hook_out = self.hook or hook_in, self.hook_out or hook_out
+
+    @property
+    def layers(self) -> int:
+        """How many layers the dictionary spans: every block's for a cross-layer transcoder, else 0."""
+        return len(self.hook_out.split("+")) if self.transcoder == "cross_layer" else 0
 
     def check_kind(self, dict_size: int, origin: str) -> None:
         """ConfigError if the kind's own settings do not fit a dictionary of `dict_size` features
@@ -169,12 +186,22 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
         return asdict(self)
 
 
+def mlp_hooks(model, layer: int) -> tuple[str, str]:
+    """(what a transcoder of block `layer`'s MLP reads, what it reconstructs): the MLP's normalised
+    input (the residual stream before it under --norm none) and its output."""
+    normalized = f"blocks.{layer}.ln2.hook_normalized"
+    return (normalized if normalized in model.hook_names else f"blocks.{layer}.hook_resid_mid",
+            f"blocks.{layer}.hook_mlp_out")
+
+
 def sae_dir(cfg: SAEConfig, d: int) -> tuple[str, str]:
     """(where the SAE lives, its name): <save_model_dir>/<run_name>, by default <run>/sae/<hook>-<arch>-<size>
-    (a transcoder: <hook_out>-<transcoder>-<arch>-<size>, e.g. blocks.0.hook_mlp_out-per_layer-relu-512)."""
+    (a transcoder: <hook_out>-<transcoder>-<arch>-<size>, e.g. blocks.0.hook_mlp_out-per_layer-relu-512;
+    a cross-layer one: cross_layer-<arch>-<size>, its size every layer's features together)."""
     base = run_folder(cfg.run_dir)
     size = cfg.dict_size or int(cfg.expansion * d)
-    name = cfg.run_name or (f"{cfg.hook_out}-{cfg.transcoder}-{cfg.arch}-{size}" if cfg.transcoder
+    name = cfg.run_name or (f"cross_layer-{cfg.arch}-{size}" if cfg.transcoder == "cross_layer" else
+                            f"{cfg.hook_out}-{cfg.transcoder}-{cfg.arch}-{size}" if cfg.transcoder
                             else f"{cfg.hook}-{cfg.arch}-{size}")
     return os.path.join(cfg.save_model_dir or os.path.join(base, "sae"), name), name
 
@@ -197,7 +224,8 @@ def load_sae(path: str, device: str = "auto", source: ModelSourceConfig | None =
         raise CheckpointError(f"{path}: this SAE was trained on the model at step {checkpoint['model_step']}, but "
                               f"{run.checkpoint_path} now holds step {run.step}; its metrics would not mean much")
     weights = checkpoint["model"]
-    sae = build_sae(checkpoint["d"], weights["W_dec"].shape[0], cfg.arch, cfg.k, d_out=checkpoint.get("d_out", 0),
-                    skip=cfg.transcoder == "skip")
+    layers = checkpoint.get("layers", 0)
+    sae = build_sae(checkpoint["d"] // max(layers, 1), weights["W_dec"].shape[0] // max(layers, 1), cfg.arch, cfg.k,
+                    d_out=checkpoint.get("d_out", 0) // max(layers, 1), skip=cfg.transcoder == "skip", layers=layers)
     sae.load_state_dict(weights)
     return sae.to(run.device).eval(), cfg, run

@@ -19,21 +19,35 @@ if TYPE_CHECKING:
 def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, chunk: int = 8192) -> dict:
     """On rows x [N, d]: mse (normalised units, as in training), explained variance (1 - residual
     over total variance about the mean), l0, and the fraction of features that never fired. For a
-    transcoder, of what it reconstructs (its output: the MLP's, for explained variance)."""
-    squared = total = l0 = 0.0
+    transcoder, of what it reconstructs (its output: the MLP's, for explained variance); for a
+    cross-layer one, also each layer's: layer_<m>_explained_variance of MLP m's output, and
+    layer_<l>_l0 and layer_<l>_never_fired_frac of layer l's features."""
+    layers = sae.layers if sae.cross_layer else 1
+    squared, total = torch.zeros(layers, dtype=torch.float64), torch.zeros(layers, dtype=torch.float64)
+    mse = l0 = 0.0
+    layer_l0 = torch.zeros(layers, dtype=torch.float64)
     fired = torch.zeros(sae.dict_size, dtype=torch.long, device=x.device)
     mean = sae.targets(x).mean(0)
     for part in x.split(chunk):
         x_hat, f, _ = sae(part)
         target = sae.targets(part)
-        squared += float((target - x_hat).pow(2).sum())
-        total += float((target - mean).pow(2).sum())
+        mse += float(((target - x_hat) / sae.target_scale).pow(2).sum())
+        squared += (target - x_hat).pow(2).reshape(len(part), layers, -1).sum((0, 2)).double().cpu()
+        total += (target - mean).pow(2).reshape(len(part), layers, -1).sum((0, 2)).double().cpu()
         l0 += float((f > 0).sum())
+        layer_l0 += (f > 0).reshape(len(part), layers, -1).sum((0, 2)).double().cpu()
         fired += (f > 0).sum(0)
-    scale2 = float(sae.target_scale) ** 2
-    return {"mse": squared / scale2 / len(x), "explained_variance": 1 - squared / max(total, 1e-12),
-            "l0": l0 / len(x), "never_fired_frac": float((fired == 0).float().mean()),
-            "feature_density": (fired.float() / len(x)).cpu()}
+    metrics = {"mse": mse / len(x), "explained_variance": 1 - float(squared.sum()) / max(float(total.sum()), 1e-12),
+               "l0": l0 / len(x), "never_fired_frac": float((fired == 0).float().mean())}
+    if sae.cross_layer:
+        per_layer = fired.reshape(layers, -1)
+        for m in range(layers):
+            metrics[f"layer_{m}_explained_variance"] = 1 - float(squared[m]) / max(float(total[m]), 1e-12)
+        for layer in range(layers):
+            metrics[f"layer_{layer}_l0"] = float(layer_l0[layer]) / len(x)
+            metrics[f"layer_{layer}_never_fired_frac"] = float((per_layer[layer] == 0).float().mean())
+    metrics["feature_density"] = (fired.float() / len(x)).cpu()
+    return metrics
 
 
 # Metric names as SAELens's evals write them (sae_lens/evals.py), which SAEBench and Neuronpedia read;
@@ -48,7 +62,8 @@ def held_out_metrics(sae: "SparseAutoencoder", run, held_out: Sequences, rows: t
     at `hook`, and spliced_metrics of `held_out` through the model; each feature's density)."""
     metrics = reconstruction_metrics(sae, rows)
     density = metrics.pop("feature_density")
-    metrics.update(spliced_metrics(run.model, held_out, hook, lambda r: sae(r)[0], run.data.loss_positions))
+    metrics.update(spliced_metrics(run.model, held_out, hook, lambda r: sae(r)[0], run.data.loss_positions,
+                                   replaced=sae.layers if sae.cross_layer else 1))
     return metrics, density
 
 
@@ -59,7 +74,7 @@ def modern_metrics(record: dict) -> dict:
 
 @torch.no_grad()
 def spliced_metrics(model, sequences: Sequences, hook: str, replace, loss_positions: int | None,
-                    batch: int = 512) -> dict:
+                    batch: int = 512, replaced: int = 1) -> dict:
     """The model on `sequences` with the activation at `hook` left alone (clean), replaced at the taken
     positions by `replace(rows)` (an SAE's reconstruction) and set to zero there (ablation), at the
     positions the loss reads, under SAELens's names and definitions (sae_lens/evals.py):
@@ -68,10 +83,14 @@ def spliced_metrics(model, sequences: Sequences, hook: str, replace, loss_positi
     divergence of the clean next-token distribution from the spliced one, KL(clean || spliced),
     summed over the vocabulary and averaged over positions.
 
-    Hooks joined by `+` (a transcoder's): the last is replaced, and `replace` reads the rows of every
-    one side by side, the earlier ones as this forward pass reaches them; the clean and ablation
-    passes keep or zero the last one."""
-    *reads, written = hook.split("+")
+    Hooks joined by `+` (a transcoder's): the last `replaced` are replaced (a cross-layer transcoder's:
+    every MLP's output, the whole replacement model), and `replace` reads the rows of every one side
+    by side, those this forward pass has reached as it left them (the replaced ones as replaced), the
+    rest zero; each replaced hook takes its part of what `replace` returns. The clean and ablation
+    passes keep or zero the replaced ones. A cross-layer transcoder's outputs at layer m read only
+    the inputs of layers up to m, so the zeros of later layers change nothing."""
+    names = hook.split("+")
+    reads, written = names[:-replaced], names[-replaced:]
     sums = dict.fromkeys(("clean", "sae", "ablation", "kl_sae", "kl_ablation"), 0.0)
     count = 0
     device = next(model.parameters()).device
@@ -90,11 +109,16 @@ def spliced_metrics(model, sequences: Sequences, hook: str, replace, loss_positi
 
             def splice(x, hook_point):
                 flat = x.reshape(*x.shape[:2], -1).clone()
-                rows = torch.cat([seen[name] for name in reads] + [flat[mask].float()], -1)
-                flat[mask] = fn(rows)[..., -flat.shape[-1]:].to(flat.dtype)  # the replaced hook's part
+                seen[hook_point.name] = flat[mask].float()
+                parts = [seen.get(name, torch.zeros_like(seen[hook_point.name])) for name in names]
+                out = fn(torch.cat(parts, -1))  # every row, or the replaced hooks' parts: theirs end it
+                tail = sum(p.shape[-1] for p in parts[names.index(hook_point.name):])
+                flat[mask] = out[..., out.shape[-1] - tail:][..., :flat.shape[-1]].to(flat.dtype)
+                seen[hook_point.name] = flat[mask].float()
                 return flat.reshape(x.shape)
 
-            logits = model.run_with_hooks(tokens, [(name, read) for name in reads] + [(written, splice)]).float()
+            logits = model.run_with_hooks(tokens, [(name, read) for name in reads]
+                                          + [(name, splice) for name in written]).float()
             if loss_positions:
                 logits = logits[:, -loss_positions:]
             return logits[keep].log_softmax(-1)

@@ -41,6 +41,10 @@ class SAEView:
 
 def describe(cfg: SAEConfig, n: int, quote: str = "") -> str:
     """`relu SAE with 512 features on HOOK`, or `per_layer relu transcoder with 512 features from IN to OUT`."""
+    if cfg.transcoder == "cross_layer":
+        layers = cfg.layers
+        return (f"cross-layer {cfg.arch} transcoder with {n:,} features ({n // layers:,} at each of {layers} layers; "
+                f"feature g is layer g // {n // layers}'s) from {quote}{cfg.hook}{quote} to {quote}{cfg.hook_out}{quote}")
     if cfg.transcoder:
         return (f"{cfg.transcoder} {cfg.arch} transcoder with {n:,} features from {quote}{cfg.hook}{quote} to "
                 f"{quote}{cfg.hook_out}{quote}")
@@ -180,7 +184,7 @@ def write_browser(sae: SparseAutoencoder, cfg: SAEConfig, run, held_out: Sequenc
             on = ids >= 0
             shown.append((ids[on], windows[slot, feature][on], before - int((~on[:before]).sum()), values[slot][feature]))
         contexts.append(shown)
-    logits = logit_effects(run.model, cfg.hook_out or cfg.hook, sae.W_dec * sae.target_scale)
+    logits = logit_effects(run.model, (cfg.hook_out or cfg.hook).split("+")[-1], sae.residual_writes())
     used = set(np.unique(around[around >= 0]).tolist())
     if logits is not None:
         logits = tuple(x.cpu().numpy() for x in logits)
