@@ -4,6 +4,8 @@ of grokked modular arithmetic) live in the analysis package and fourier.py.
 
     python interp.py runs/<run>        # writes runs/<run>/interp/: plots and report.md
     python interp.py --model gpt2 --data_path my.txt   # a pretrained model: runs/gpt2/interp/
+    python interp.py graph runs/<run> --transcoders runs/<run>/sae/cross_layer-topk-512 --prompt "..."
+                                       # an attribution graph: <transcoders>/graphs/<prompt>/graph.json
 
 In a notebook, `import interp` (or `import analysis`) gives every analysis function by name:
 
@@ -16,13 +18,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import os
+import sys
+
+import torch
+
 from analysis import *  # noqa: F401,F403 (a notebook's namespace: `import interp; interp.logit_lens(...)`)
+from analysis.graph import open_transcoders, slug_of, write_graph
 from analysis.report import write_report
-from config import ModelSourceConfig, parse_flags, section
+from analysis.runs import encode_exactly, run_folder
+from config import ConfigError, ModelSourceConfig, need, parse_flags, section
 from plumbing.session import run_command
 
 
 _report = section("report")
+_graph = section("attribution graph")
 
 
 @dataclass
@@ -36,7 +46,70 @@ class ReportConfig(ModelSourceConfig):
         return self
 
 
+@dataclass
+class GraphConfig(ModelSourceConfig):
+    run_dir: str = _graph("", "the run the transcoders replace the MLPs of (optional: the transcoders know it)")
+    transcoders: str = _graph("", "a cross-layer transcoder's folder, per-layer transcoders' folders joined by commas, "
+                                  "or a folder holding one per block (<run>/sae)")
+    prompt: str = _graph("", "the text to trace (a text run); a modular or Dyck run: its tokens as the report names "
+                             "them, e.g. '3 5 =' (empty: the run's first validation example)")
+    out: str = _graph("", "output directory (default <transcoders>/graphs/<prompt>)")
+    node_threshold: float = _graph(0.8, "keep the most influential nodes up to this share of all influence")
+    edge_threshold: float = _graph(0.98, "keep the most influential edges up to this share")
+    max_n_logits: int = _graph(10, "at most this many output logits")
+    desired_logit_prob: float = _graph(0.95, "output logits until their probability adds up to this")
+    batch_size: int = _graph(64, "targets per backward pass")
+    device: str = _graph("cpu", "cpu | cuda | auto (on cpu the graph is computed in float64)")
+
+    def validate(self) -> "GraphConfig":
+        need(bool(self.transcoders), "transcoders", "name the transcoders that replace the MLPs, e.g. "
+             "--transcoders runs/<run>/sae/cross_layer-topk-512 (python sae.py RUN --transcoder cross_layer)")
+        for name in ("node_threshold", "edge_threshold", "desired_logit_prob"):
+            need(0 < getattr(self, name) <= 1, name, f"must be in (0, 1], got {getattr(self, name)}")
+        for name in ("max_n_logits", "batch_size"):
+            need(getattr(self, name) >= 1, name, f"must be at least 1, got {getattr(self, name)}")
+        if self.run_dir or self.model:
+            self.validate_source()
+        return self
+
+
+def graph_tokens(run, prompt: str) -> list[int]:
+    """The prompt's token ids: a text run's tokenizer, else the tokens named as the run names them
+    (`3 5 =`); no prompt: the first example the run's report reads."""
+    if not prompt:
+        return run.data.report_sample().tokens[0].tolist()
+    if run.data.generates_text:
+        return encode_exactly(run, prompt, "prompt")
+    names = {name: i for i, name in enumerate(run.data.token_names(range(run.data.vocab_size)))}
+    unknown = [word for word in prompt.split() if word not in names]
+    if unknown:
+        raise ConfigError(f"--prompt: {unknown[0]!r} is not one of this run's tokens "
+                          f"({', '.join(list(names)[:12])}{', ...' if len(names) > 12 else ''})")
+    return [names[word] for word in prompt.split()]
+
+
+def graph(argv: list[str]) -> str:
+    cfg, _ = parse_flags(GraphConfig, argv, "interp.py graph", "The attribution graph of one prompt through "
+                         "transcoders that replace the model's MLPs (circuit-tracer's graph.json).",
+                         positional="run_dir")
+    transcoders, run = open_transcoders(cfg.transcoders, cfg.device, source=cfg if cfg.data_path else None)
+    if cfg.run_dir and os.path.abspath(run_folder(cfg.run_dir)) != os.path.abspath(run_folder(run.checkpoint_path)):
+        raise ConfigError(f"--transcoders: they replace the MLPs of {run_folder(run.checkpoint_path)}, not {cfg.run_dir}")
+    if run.device.type == "cpu":
+        run.model.double()
+        transcoders.to(torch.float64)
+    tokens = graph_tokens(run, cfg.prompt)
+    out = cfg.out or os.path.join(transcoders.folders[0], "graphs", slug_of(cfg.prompt or "example"))
+    path = write_graph(run, transcoders, tokens, out, cfg.prompt, cfg.node_threshold, cfg.edge_threshold,
+                       cfg.max_n_logits, cfg.desired_logit_prob, cfg.batch_size)
+    print(f"wrote {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> str:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "graph":
+        return graph(argv[1:])
     cfg, _ = parse_flags(ReportConfig, argv, "interp.py", "Write an interpretability report for a run or a "
                          "pretrained model.", positional="run_dir")
     path = write_report(cfg.run_dir, cfg.out or None, cfg.device, source=cfg)

@@ -1,0 +1,203 @@
+"""Attribution graphs (analysis/graph.py, `interp.py graph`): the local replacement model with error
+nodes is the real model on its prompt, and each edge is the direct effect it claims to be."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis.graph import (Transcoders, attribute, clean_pass, decompose, frozen_forward, prune, read_nodes,
+                            without)
+from saes import build_sae
+from saes.config import mlp_hooks
+from test_architecture import PIECES, make
+
+KINDS = ["per_layer", "skip", "cross_layer"]
+MODELS = {"layernorm": dict(norm="layernorm"), "rmsnorm-rotary-gqa-swiglu-softcap": PIECES["all"],
+          "no-norm-learned-positions": dict(norm="none")}
+
+
+def transcoders_for(model, kind: str, arch: str = "topk", n: int = 24) -> Transcoders:
+    """Random transcoders of every MLP of `model`, calibrated on its own activations, in float64, with
+    encoder biases lifted so that many features fire (a graph with something in it), skip paths random."""
+    tokens = torch.randint(0, model.vocab_size, (8, 12), generator=torch.Generator().manual_seed(2))
+    hooks = [mlp_hooks(model, layer) for layer in range(len(model.blocks))]
+    _, cache = model.run_with_cache(tokens, [h for pair in hooks for h in pair])
+    d = cache[hooks[0][1]].shape[-1]
+    torch.manual_seed(3)
+    if kind == "cross_layer":
+        rows = torch.cat([cache[h_in] for h_in, _ in hooks] + [cache[h_out] for _, h_out in hooks], -1).flatten(0, 1)
+        saes = [build_sae(d, n, arch, k=6, d_out=d, layers=len(hooks)).double()]
+        saes[0].calibrate(rows, True)
+    else:
+        saes = []
+        for h_in, h_out in hooks:
+            sae = build_sae(d, n, arch, k=6, d_out=d, skip=kind == "skip").double()
+            sae.calibrate(torch.cat([cache[h_in], cache[h_out]], -1).flatten(0, 1), True)
+            saes.append(sae)
+    with torch.no_grad():
+        for sae in saes:
+            sae.b_enc.add_(0.5)
+            if kind == "skip":
+                sae.W_skip.normal_(0, 0.1)
+    return Transcoders([s.eval() for s in saes], [h_in for h_in, _ in hooks], ["x"], cross=kind == "cross_layer")
+
+
+def prompt(model, length: int = 6) -> torch.Tensor:
+    return torch.randint(0, model.vocab_size, (1, length), generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", MODELS)
+def test_the_replacement_with_error_nodes_is_the_real_model_on_its_prompt(kind, shape):
+    """Each MLP's output rebuilt from its parts (every active feature's write, its error node, the
+    decoder bias, the skip path on the input the replacement gives it), with patterns and norm scales
+    frozen: the real logits to 1e-9 (float64), and every feature's input is its activation."""
+    model = make(**MODELS[shape])
+    transcoders = transcoders_for(model, kind)
+    tokens = prompt(model)
+    clean = clean_pass(model, tokens, transcoders)
+    parts = decompose(model, clean, transcoders)
+    assert len(parts.active) > 10
+    rebuilt = []
+    for m in range(transcoders.layers):
+        sae = transcoders.saes[0] if transcoders.cross else transcoders.saes[m]
+        d = clean.outputs[m].shape[-1]
+        bias = (sae.b_dec * sae.target_scale)[m * d:(m + 1) * d] if transcoders.cross else sae.b_dec * sae.out_scale
+        out = parts.errors[m] + bias
+        for _, positions, vectors in parts.writes[m]:
+            out = out.index_add(0, positions, vectors)
+        rebuilt.append(out)
+    with torch.no_grad():
+        out = frozen_forward(model, clean, transcoders, rebuilt, {}, 1)
+        real = model(tokens)
+    assert torch.allclose(out["logits"], real, rtol=0, atol=1e-9 * float(real.abs().max()))
+    reads = read_nodes(out, parts, transcoders, parts.targets())
+    features = reads[len(parts.logit_ids):]
+    assert torch.allclose(features, parts.activations, rtol=0, atol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_edge_is_the_change_in_its_target_when_its_source_is_removed(kind):
+    """For every source of a small graph (each feature, error node and token), a forward pass of the
+    frozen system without it: the change in every feature's pre-activation and every logit is that
+    source's column of the adjacency matrix; and each target's edges plus its constant (the system with
+    every source removed) are its value: the activation of a feature, the logit less the mean logit."""
+    model = make(**PIECES["all"])
+    transcoders = transcoders_for(model, kind)
+    tokens = prompt(model, 5)
+    graph = attribute(model, tokens, transcoders, batch_size=7)
+    clean = clean_pass(model, tokens, transcoders)
+    parts = decompose(model, clean, transcoders)
+    F, L, T, K = graph.n_features, graph.layers, graph.n_positions, len(graph.logit_tokens)
+    rows = list(range(F)) + [F + L * T + T + k for k in range(K)]
+    targets = [("feature", f) for f in range(F)] + [("logit", k) for k in range(K)]
+    with torch.no_grad():
+        full = read_nodes(frozen_forward(model, clean, transcoders, parts.bases, {}, 1), parts, transcoders, targets)
+        assert torch.allclose(full[:F], graph.activations, atol=1e-9)
+        logits, cap = model(tokens)[0, -1], model.cfg.logit_softcap
+        logits = cap * torch.atanh(logits / cap) if cap else logits  # the logits before the soft cap
+        assert torch.allclose(full[F:], logits[graph.logit_tokens] - logits.mean(), atol=1e-9)
+        assert torch.allclose(graph.adjacency[rows].sum(1) + graph.constants[rows], full, rtol=0, atol=1e-9)
+        scale = float(graph.adjacency.abs().max())
+        for source in range(F + L * T + T):
+            injections = {}
+            if source < F:
+                outputs = without(parts, features=[source])
+            elif source < F + L * T:
+                outputs = without(parts, errors=[source - F])
+            else:
+                outputs = parts.bases
+                injections = {"tokens": torch.zeros_like(clean.embedding)[None]}
+                injections["tokens"][0, source - F - L * T] = -clean.embedding[source - F - L * T]
+            removed = read_nodes(frozen_forward(model, clean, transcoders, outputs, injections, 1), parts,
+                                 transcoders, targets)
+            assert torch.allclose(full - removed, graph.adjacency[rows, source], rtol=0, atol=1e-9 * scale), source
+    # Nothing flows backwards: a feature's edges come from earlier layers (or, cross-layer, the same
+    # layer's MLP output it reads after... never) and from its own position or before.
+    for f, (layer, position, _) in enumerate(graph.active.tolist()):
+        for g, (other_layer, other_position, _) in enumerate(graph.active.tolist()):
+            if other_layer >= layer or other_position > position:
+                assert graph.adjacency[f, g] == 0
+
+
+@pytest.mark.slow
+def test_pruning_keeps_the_tokens_and_logits_and_the_most_influential_nodes():
+    model = make(**PIECES["all"])
+    transcoders = transcoders_for(model, "per_layer")
+    graph = attribute(model, prompt(model, 5), transcoders)
+    everything = prune(graph, 1.0, 1.0)
+    pruned = prune(graph, 0.5, 0.9)
+    F, T, K = graph.n_features, graph.n_positions, len(graph.logit_tokens)
+    assert bool(pruned.nodes[-K - T:].all())
+    assert int(pruned.nodes[:F].sum()) < int(everything.nodes[:F].sum())
+    assert int(pruned.edges.sum()) < int(everything.edges.sum())
+    assert not bool((pruned.nodes & ~everything.nodes).any())
+
+
+# ---------------------------------------------------------------- interp.py graph
+
+
+@pytest.fixture(scope="module")
+def text_transcoder(trained_runs):
+    """A per-layer transcoder of the text run's one MLP (the 2026 architecture: rotary, GQA, SwiGLU)."""
+    import sae as sae_module
+    from test_transcoders import QUICK
+    run_dir = trained_runs["text"]
+    summary = sae_module.main([run_dir, "--transcoder", "per_layer", "--layer", "0", "--arch", "topk", "--k", "8",
+                               "--positions", "all", *QUICK, "--name", "graph-tc"])
+    return run_dir, summary["sae_dir"]
+
+
+@pytest.mark.slow
+def test_interp_py_graph_writes_circuit_tracers_graph_file(text_transcoder, tmp_path):
+    """`interp.py graph RUN --transcoders DIR --prompt TEXT`: graph.json in circuit-tracer's format
+    (metadata, qParams, nodes with its node ids and types, links between nodes that are there), the
+    prompt's tokens as the embedding nodes, the logits at the last position, and the pruned graph no
+    larger than the whole one."""
+    import json
+
+    import interp
+    run_dir, folder = text_transcoder
+    path = interp.main(["graph", run_dir, "--transcoders", folder, "--prompt", "But, soft", "--out",
+                        str(tmp_path / "g"), "--node_threshold", "0.9"])
+    document = json.load(open(path))
+    assert set(document) == {"metadata", "qParams", "nodes", "links"}
+    meta = document["metadata"]
+    assert meta["prompt"] == "But, soft" and "".join(meta["prompt_tokens"]) == "But, soft"
+    assert meta["node_threshold"] == 0.9 and meta["slug"] == "But-soft" and meta["scan"] == "graph-tc"
+    assert document["qParams"]["linkType"] == "both"
+    kinds = {node["feature_type"] for node in document["nodes"]}
+    assert {"embedding", "logit", "cross layer transcoder"} <= kinds
+    ids = {node["node_id"] for node in document["nodes"]}
+    assert len(ids) == len(document["nodes"])
+    tokens = [node for node in document["nodes"] if node["feature_type"] == "embedding"]
+    assert [node["ctx_idx"] for node in tokens] == list(range(9))
+    for node in document["nodes"]:
+        kind = node["feature_type"]
+        if kind == "cross layer transcoder":
+            assert node["node_id"] == f"{node['layer']}_{node['feature']}_{node['ctx_idx']}" and node["activation"] > 0
+        elif kind == "mlp reconstruction error":
+            assert node["node_id"] == f"0_{node['layer']}_{node['ctx_idx']}" and node["feature"] == -1
+        elif kind == "logit":
+            assert node["layer"] == "2" and node["ctx_idx"] == 8 and node["node_id"] == f"2_{node['feature']}_8"
+    assert sum(node["is_target_logit"] for node in document["nodes"]) == 1
+    for link in document["links"]:
+        assert link["source"] in ids and link["target"] in ids and isinstance(link["weight"], float)
+    saved = torch.load(str(tmp_path / "g" / "graph.pt"), weights_only=False)
+    assert len(document["links"]) <= int(saved["edge_mask"].sum())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    ([], "--transcoders: name the transcoders"),
+    (["--transcoders", "nowhere"], "--transcoders: nowhere does not exist"),
+    (["--transcoders", "TC", "--prompt", "To be \u00e6"], "--prompt: the run's tokenizer cannot write"),
+    (["--transcoders", "TC", "--node_threshold", "1.5"], "--node_threshold: must be in (0, 1]"),
+])
+def test_bad_graph_flags_name_the_flag(text_transcoder, tmp_path, args, message):
+    from conftest import run_bad_input
+    run_dir, folder = text_transcoder
+    run_bad_input("interp.py", ["graph", run_dir, *[folder if a == "TC" else a for a in args]], tmp_path, message,
+                  watch=(run_dir,))
