@@ -87,6 +87,14 @@ class Transcoders:
             recons.append(recon)
         return acts, recons
 
+    @torch.no_grad()
+    def activations(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each layer's feature activations [..., n] from each MLP's input [..., d] (no outputs needed)."""
+        if self.cross:
+            clt = self.saes[0]
+            return list(clt.encode(torch.cat(inputs, -1)).split(clt.layer_n, -1))
+        return [sae.encode(x) for sae, x in zip(self.saes, inputs)]
+
     def to(self, dtype) -> "Transcoders":
         for sae in self.saes:
             sae.to(dtype)
@@ -458,6 +466,7 @@ def cut_at(scores: torch.Tensor, share: float) -> torch.Tensor:
 
 @dataclass
 class Pruned:
+    influence: torch.Tensor  # [N]: each node's influence on the logits
     nodes: torch.Tensor  # [N] bool
     edges: torch.Tensor  # [N, N] bool
     cumulative: torch.Tensor  # [N]: the share of all influence held by the nodes at least as influential
@@ -488,7 +497,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     order = node_influence.sort(descending=True)
     cumulative = torch.zeros_like(node_influence)
     cumulative[order.indices] = order.values.cumsum(0) / order.values.sum()
-    return Pruned(keep, edges, cumulative)
+    return Pruned(node_influence, keep, edges, cumulative)
 
 
 # ---------------------------------------------------------------- circuit-tracer's graph file
@@ -537,16 +546,63 @@ def graph_json(graph: Graph, pruned: Pruned, names: list[str], prompt: str, slug
                                               "sg_pos": ""}, "nodes": used, "links": links}
 
 
+def node_number(graph: Graph, node: dict) -> int | None:
+    """The adjacency matrix's index of a graph.json node."""
+    kind = node["feature_type"]
+    if kind == "embedding":
+        return graph.index("token", node["ctx_idx"])
+    if kind == "logit":
+        return graph.index("logit", graph.logit_tokens.index(node["feature"]))
+    if kind == "mlp reconstruction error":
+        return graph.index("error", int(node["layer"]), node["ctx_idx"])
+    match = ((graph.active[:, 0] == int(node["layer"])) & (graph.active[:, 1] == node["ctx_idx"])
+             & (graph.active[:, 2] == node["feature"])).nonzero()
+    return int(match[0, 0]) if len(match) else None
+
+
 def slug_of(text: str) -> str:
     """A file-safe name for a prompt: its words joined by -, at most 40 characters."""
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:40] or "graph"
 
 
+@torch.no_grad()
+def top_contexts(run, transcoders: Transcoders, wanted: list[tuple[int, int]], contexts: int = 5, before: int = 8,
+                 after: int = 2, max_tokens: int = 32768) -> dict[str, list[dict]]:
+    """For each (layer, feature) wanted: the held-out contexts (the val split, at most `max_tokens`
+    tokens) where it is largest, as {tokens, values, value}: the tokens from `before` before to
+    `after` after, its activation on each, and the largest."""
+    from analysis.runs import capture_all, split_sequences
+    if not wanted:
+        return {}
+    held_out = split_sequences(run, "val", "all", max_tokens)
+    tokens = held_out.tokens
+    inputs = [capture_all(run, tokens, hook).to(next(run.model.parameters()).dtype) for hook in transcoders.hooks_in]
+    acts = transcoders.activations(inputs)  # per layer [S, T, n]
+    S, T = tokens.shape
+    ids = sorted(set(tokens.flatten().tolist()))
+    names = dict(zip(ids, token_names(run, ids)))
+    found = {}
+    for layer, feature in wanted:
+        values = acts[layer][..., feature].float().cpu()
+        best = values.flatten().topk(min(contexts, values.numel()))
+        shown = []
+        for value, where in zip(best.values.tolist(), best.indices.tolist()):
+            if value <= 0:
+                break
+            s, t = divmod(where, T)
+            window = range(max(0, t - before), min(T, t + after + 1))
+            shown.append({"tokens": [names[int(tokens[s, i])] for i in window],
+                          "values": [round(float(values[s, i]), 4) for i in window], "value": value})
+        found[f"{layer}:{feature}"] = shown
+    return found
+
+
 def write_graph(run, transcoders: Transcoders, tokens: list[int], out_dir: str, prompt: str = "",
                 node_threshold: float = 0.8, edge_threshold: float = 0.98, max_n_logits: int = 10,
                 desired_logit_prob: float = 0.95, batch_size: int = 64, log=print) -> str:
-    """Builds, prunes and writes one prompt's graph under out_dir (graph.json, graph.pt); returns the
-    json's path."""
+    """Builds, prunes and writes one prompt's graph under out_dir (graph.json, graph.pt, and graph.html
+    with each feature's top held-out contexts); returns the json's path."""
+    from analysis.graph_page import write_graph_page
     model = run.model
     graph = attribute(model, torch.tensor([tokens], device=run.device), transcoders, max_n_logits,
                       desired_logit_prob, batch_size, log)
@@ -562,8 +618,22 @@ def write_graph(run, transcoders: Transcoders, tokens: list[int], out_dir: str, 
     with open(path + ".tmp", "w") as f:
         json.dump(document, f)
     os.replace(path + ".tmp", path)
-    torch.save({"graph": graph.__dict__, "node_mask": pruned.nodes, "edge_mask": pruned.edges}, os.path.join(out_dir, "graph.pt"))
+    torch.save({"graph": graph.__dict__, "node_mask": pruned.nodes, "edge_mask": pruned.edges},
+               os.path.join(out_dir, "graph.pt"))
     kept = int(pruned.nodes[:graph.n_features].sum())
+    largest = float(pruned.influence.max()) or 1.0
+    sizes = {}  # a node's influence on the logits, the largest 1; a logit's, its probability
+    for node in document["nodes"]:
+        number = node_number(graph, node)
+        sizes[node["node_id"]] = (node["token_prob"] if node["feature_type"] == "logit" else
+                                  float(pruned.influence[number]) / largest if number is not None else 0.0)
+    wanted = sorted({(int(n["layer"]), n["feature"]) for n in document["nodes"]
+                     if n["feature_type"] == "cross layer transcoder"})
+    log(f"top contexts of {len(wanted)} features")
+    summary = (f"{graph.n_features:,} active features, {len(graph.logit_tokens)} logits; kept {kept:,} features and "
+               f"{len(document['links']):,} edges (node threshold {node_threshold:g}, edge threshold {edge_threshold:g})")
+    write_graph_page(os.path.join(out_dir, "graph.html"), document, graph.layers, sizes,
+                     top_contexts(run, transcoders, wanted), run.data.generates_text, summary)
     log(f"{graph.n_features:,} active features, {len(graph.logit_tokens)} logits "
         f"(p {float(graph.logit_probabilities.sum()):.3f}); kept {kept:,} features and {len(document['links']):,} "
         f"edges (thresholds: {node_threshold:g} of node influence, {edge_threshold:g} of edge influence)")

@@ -187,6 +187,27 @@ def test_interp_py_graph_writes_circuit_tracers_graph_file(text_transcoder, tmp_
         assert link["source"] in ids and link["target"] in ids and isinstance(link["weight"], float)
     saved = torch.load(str(tmp_path / "g" / "graph.pt"), weights_only=False)
     assert len(document["links"]) <= int(saved["edge_mask"].sum())
+    page_shows_the_graph(str(tmp_path / "g" / "graph.html"), document, tmp_path / "profile")
+
+
+def page_shows_the_graph(page: str, document: dict, profile) -> None:
+    """graph.html in headless Chromium: a circle per node and a line per link, and the most
+    influential feature's panel (opened by its address) with its edges and its top held-out
+    contexts, whose first is the largest; no console message."""
+    import re
+
+    from harness.headless_chromium import open_page
+    features = [n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    chosen = min(features, key=lambda n: n["influence"])  # the smallest cumulative share: the most influential
+    opened = open_page(page, f"node={chosen['node_id']}", profile)
+    assert opened.console == []
+    assert opened.dom.count("<circle") == len(document["nodes"]) and opened.dom.count("<line") == len(document["links"])
+    panel = opened.dom[opened.dom.index('<section id="panel"'):]
+    assert f'data-node="{chosen["node_id"]}"' in panel
+    assert f"feature {chosen['feature']} of layer {chosen['layer']} at {chosen['ctx_idx']}" in panel
+    assert f"{chosen['activation']:.4f}" in panel and "Strongest edges in" in panel and "Top contexts" in panel
+    values = [float(v) for v in re.findall(r'<span class="value">([\d.]+)</span>', panel)]
+    assert values and values == sorted(values, reverse=True)
 
 
 @pytest.mark.slow
