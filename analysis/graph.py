@@ -87,6 +87,26 @@ class Transcoders:
             recons.append(recon)
         return acts, recons
 
+    def bias(self, layer: int) -> torch.Tensor:
+        """[d]: what MLP `layer`'s replacement writes with no feature active (its decoder bias)."""
+        if self.cross:
+            clt = self.saes[0]
+            d = clt.layer_d_out
+            return (clt.b_dec * clt.target_scale)[layer * d:(layer + 1) * d]
+        return self.saes[layer].b_dec * self.saes[layer].out_scale
+
+    def encode_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer `layer`'s feature activations [..., n] from its MLP input x [..., d]. A cross-layer
+        transcoder's other layers are held far below any threshold, so that its activation (k per
+        layer, or per feature) chooses among this layer's alone."""
+        if not self.cross:
+            return self.saes[layer].encode(x)
+        clt, (W, b) = self.saes[0], self.encoder(layer)
+        n = clt.layer_n
+        pre = x.new_full((*x.shape[:-1], clt.dict_size), -1e30)
+        pre[..., layer * n:(layer + 1) * n] = x @ W + b
+        return clt.activate(pre)[..., layer * n:(layer + 1) * n]
+
     @torch.no_grad()
     def activations(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each layer's feature activations [..., n] from each MLP's input [..., d] (no outputs needed)."""
@@ -215,13 +235,15 @@ def clean_pass(model, tokens: torch.Tensor, transcoders: Transcoders) -> Clean:
                  scales, final[0])
 
 
-def frozen_forward(model, clean: Clean, transcoders: Transcoders, mlp_outputs: list[torch.Tensor],
-                   injections: dict, copies: int) -> dict:
+def frozen_forward(model, clean: Clean, transcoders: Transcoders, mlp_outputs, injections: dict, copies: int,
+                   freeze: bool = True) -> dict:
     """The frozen linear system on `copies` copies of the prompt: each attention pattern and norm scale
     the clean pass's, MLP m's output `mlp_outputs[m]` [T, d] (what its features and error write, the
     decoder bias too) plus its skip path on the input it now receives, and injections[key] [copies, T,
     d] added: key "tokens" to what block 0 receives, key m to MLP m's output. Returns {"inputs": each
-    MLP's input [copies, T, d], "final": the final norm's output [copies, T, d], "logits"}."""
+    MLP's input [copies, T, d], "final": the final norm's output [copies, T, d], "logits"}.
+    mlp_outputs may be a function (layer, the input it receives) -> output (skip path not included);
+    freeze=False recomputes the patterns and norm scales."""
     live: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -240,8 +262,8 @@ def frozen_forward(model, clean: Clean, transcoders: Transcoders, mlp_outputs: l
                 stream = stream - stream.mean(-1, keepdim=True)
             return stream / clean.scales[name]
 
-        hooks += [(before, keep), (f"{name}.hook_normalized", normalise)]
-    for name, pattern in clean.patterns.items():
+        hooks += [(before, keep)] + ([(f"{name}.hook_normalized", normalise)] if freeze else [])
+    for name, pattern in clean.patterns.items() if freeze else ():
         hooks.append((name, lambda x, hook, pattern=pattern: pattern.expand(copies, -1, -1, -1)))
     for layer, hook_in in enumerate(transcoders.hooks_in):
         def read(x, hook, layer=layer):
@@ -249,7 +271,8 @@ def frozen_forward(model, clean: Clean, transcoders: Transcoders, mlp_outputs: l
             return x
 
         def write(x, hook, layer=layer):
-            out = mlp_outputs[layer].expand(copies, -1, -1)
+            out = (mlp_outputs(layer, live[f"input{layer}"]) if callable(mlp_outputs) else
+                   mlp_outputs[layer].expand(copies, -1, -1))
             W_skip = transcoders.skip(layer)
             if W_skip is not None:
                 out = out + live[f"input{layer}"] @ W_skip
@@ -434,6 +457,82 @@ def without(parts: Parts, features=(), errors=()) -> list[torch.Tensor]:
         m, t = divmod(number, T)
         outputs[m][t] -= parts.errors[m][t]
     return outputs
+
+
+# ---------------------------------------------------------------- interventions
+
+
+def replacement_forward(model, clean: Clean, transcoders: Transcoders, parts: Parts, clamp: dict, freeze: bool,
+                        copies: int = 1) -> dict:
+    """The replacement model on the prompt with its features recomputed from the inputs they receive
+    (not held, unlike frozen_forward's) and each error node held: MLP m writes its features' decoded
+    sum, its decoder bias, its skip path and its error. clamp {(layer, position, index): value} sets
+    features. freeze: the clean pass's attention patterns and norm scales (else recomputed)."""
+    features: dict[int, torch.Tensor] = {}
+
+    def write(layer, x):
+        f = transcoders.encode_layer(layer, x)
+        for (where, position, index), value in clamp.items():
+            if where == layer:
+                f = f.clone()
+                f[..., position, index] = value
+        features[layer] = f
+        out = transcoders.bias(layer) + parts.errors[layer]
+        for source in range(layer + 1):
+            decoder = transcoders.decoder(source, layer)
+            if decoder is not None:
+                out = out + features[source] @ decoder
+        return out
+
+    return frozen_forward(model, clean, transcoders, write, {}, copies, freeze)
+
+
+@dataclass
+class Intervention:
+    """The change in each of the graph's logits (less the mean logit) when a feature is set: predicted
+    by the graph, and in the replacement model with attention frozen and with it recomputed."""
+    logit_tokens: list[int]
+    clean: torch.Tensor  # [K]
+    predicted: torch.Tensor  # [K]: through the graph's edges, every downstream feature linear
+    frozen: torch.Tensor  # [K]: features recomputed, patterns and norm scales frozen
+    recomputed: torch.Tensor  # [K]: features, patterns and norm scales recomputed
+    before: float  # the feature's activation on the prompt
+    after: float  # what it was set to
+
+
+def intervene(model, tokens: torch.Tensor, transcoders: Transcoders, feature: tuple[int, int, int],
+              value: float | None = None, scale: float | None = None, graph: Graph | None = None) -> Intervention:
+    """Sets `feature` (layer, position, index; active on the prompt) to `value`, or to its activation
+    times `scale`, and measures each logit's change three ways (Intervention)."""
+    clean = clean_pass(model, tokens, transcoders)
+    parts = decompose(model, clean, transcoders)
+    graph = graph or attribute(model, tokens, transcoders)
+    match = ((parts.active == torch.tensor(feature)).all(1)).nonzero()
+    if not len(match):
+        raise ConfigError(f"--feature: feature {feature[2]} of layer {feature[0]} is not active at position "
+                          f"{feature[1]} of this prompt; pick one of the graph's features (graph.json's node ids "
+                          f"are layer_feature_position)")
+    s = int(match[0, 0])
+    before = float(parts.activations[s])
+    after = float(value) if value is not None else before * float(scale)
+    F, L, T = graph.n_features, graph.layers, graph.n_positions
+    A = graph.adjacency.double()
+    per_unit = A[:, :F] / graph.activations.double().clamp_min(1e-30)  # each feature source's edges per unit
+    inner = per_unit[:F].clone()
+    inner[s] = 0  # the clamped feature does not follow its inputs
+    delta = torch.linalg.solve(torch.eye(F, dtype=A.dtype) - inner, torch.eye(F, dtype=A.dtype)[s] * (after - before))
+    predicted = per_unit[F + L * T + T:] @ delta
+    logit_vectors = parts.logit_vectors
+
+    def logits(freeze: bool, clamp: dict) -> torch.Tensor:
+        with torch.no_grad():
+            out = replacement_forward(model, clean, transcoders, parts, clamp, freeze)
+        return (out["final"][0, -1] @ logit_vectors.T).double().cpu()
+
+    base = {freeze: logits(freeze, {}) for freeze in (True, False)}
+    moved = {freeze: logits(freeze, {feature: after}) for freeze in (True, False)}
+    return Intervention(graph.logit_tokens, base[True], predicted, moved[True] - base[True], moved[False] - base[False],
+                        before, after)
 
 
 # ---------------------------------------------------------------- pruning (circuit-tracer's)

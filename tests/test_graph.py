@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.graph import (Transcoders, attribute, clean_pass, decompose, frozen_forward, prune, read_nodes,
-                            without)
+from analysis.graph import (Transcoders, attribute, clean_pass, decompose, frozen_forward, intervene, prune,
+                            read_nodes, replacement_forward, without)
 from saes import build_sae
 from saes.config import mlp_hooks
 from test_architecture import PIECES, make
@@ -123,6 +123,35 @@ def test_every_edge_is_the_change_in_its_target_when_its_source_is_removed(kind)
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_intervention_moves_the_logits_as_the_graph_predicts_while_no_feature_turns_on_or_off(kind):
+    """The replacement model with its features recomputed (not held) is the real model on its prompt,
+    attention frozen or not. Scaling an early feature by 0.999 moves no other feature across its
+    threshold, so the frozen-attention replacement is linear there and the graph's prediction (the
+    paths of its edges) is its change to 1e-6 of the change. With attention recomputed the change
+    differs (the patterns and norm scales move too)."""
+    model = make(**PIECES["all"])
+    transcoders = transcoders_for(model, kind)
+    tokens = prompt(model, 5)
+    clean = clean_pass(model, tokens, transcoders)
+    parts = decompose(model, clean, transcoders)
+    with torch.no_grad():
+        real = model(tokens)
+        for freeze in (True, False):
+            out = replacement_forward(model, clean, transcoders, parts, {}, freeze)
+            assert torch.allclose(out["logits"], real, rtol=0, atol=1e-9 * float(real.abs().max()))
+    graph = attribute(model, tokens, transcoders)
+    first = next(tuple(f) for f in graph.active.tolist() if f[0] == 0 and f[1] == 0)
+    small = intervene(model, tokens, transcoders, first, scale=0.999, graph=graph)
+    assert float(small.frozen.abs().max()) > 0
+    assert torch.allclose(small.predicted, small.frozen, rtol=0, atol=1e-6 * float(small.frozen.abs().max()))
+    ablated = intervene(model, tokens, transcoders, first, scale=0.0, graph=graph)
+    assert ablated.after == 0 and ablated.before == pytest.approx(float(graph.activations[0]))
+    assert not torch.allclose(ablated.recomputed, ablated.frozen, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_pruning_keeps_the_tokens_and_logits_and_the_most_influential_nodes():
     model = make(**PIECES["all"])
     transcoders = transcoders_for(model, "per_layer")
@@ -211,14 +240,36 @@ def page_shows_the_graph(page: str, document: dict, profile) -> None:
 
 
 @pytest.mark.slow
+def test_interp_py_intervene_prints_the_three_changes(text_transcoder, capsys):
+    import json
+
+    import interp
+    run_dir, folder = text_transcoder
+    path = interp.main(["graph", run_dir, "--transcoders", folder, "--prompt", "But, soft"])
+    feature = next(n for n in json.load(open(path))["nodes"] if n["feature_type"] == "cross layer transcoder")
+    capsys.readouterr()
+    result = interp.main(["intervene", run_dir, "--transcoders", folder, "--prompt", "But, soft", "--feature",
+                          feature["node_id"], "--scale", "0"])
+    printed = capsys.readouterr().out
+    assert f"feature {feature['feature']} of layer {feature['layer']} at position {feature['ctx_idx']}" in printed
+    assert "| logit | value | change predicted by the graph | attention frozen | attention recomputed |" in printed
+    assert printed.count("\n| '") == len(result.logit_tokens) and result.after == 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     ([], "--transcoders: name the transcoders"),
     (["--transcoders", "nowhere"], "--transcoders: nowhere does not exist"),
     (["--transcoders", "TC", "--prompt", "To be \u00e6"], "--prompt: the run's tokenizer cannot write"),
     (["--transcoders", "TC", "--node_threshold", "1.5"], "--node_threshold: must be in (0, 1]"),
+    (["intervene", "--transcoders", "TC", "--feature", "0-1-2"], "--feature: '0-1-2': name a feature by its node id"),
+    (["intervene", "--transcoders", "TC", "--prompt", "But", "--feature", "0_9999_0"],
+     "--feature: feature 9999 of layer 0 is not active at position 0"),
 ])
 def test_bad_graph_flags_name_the_flag(text_transcoder, tmp_path, args, message):
     from conftest import run_bad_input
     run_dir, folder = text_transcoder
-    run_bad_input("interp.py", ["graph", run_dir, *[folder if a == "TC" else a for a in args]], tmp_path, message,
+    command = ["intervene"] if args[:1] == ["intervene"] else ["graph"]
+    args = args[len(command):] if command == ["intervene"] else args
+    run_bad_input("interp.py", [*command, run_dir, *[folder if a == "TC" else a for a in args]], tmp_path, message,
                   watch=(run_dir,))
