@@ -39,3 +39,61 @@ def test_default_run_groks_and_stops_by_itself(tmp_path):
     assert losses.restricted_loss <= 3 * losses.full_loss + 0.01 and losses.excluded_loss > 3
     report = open(interp.main([str(run_dir)])).read()
     assert f"Key frequencies of the logits: {losses.key_frequencies}" in report
+    graph_leads_through_the_key_frequencies(str(run_dir), losses.key_frequencies)
+
+
+def graph_leads_through_the_key_frequencies(run_dir: str, key_frequencies: list[int]) -> None:
+    """The attribution graph of the run's own example `a b =` through a per-layer transcoder of its
+    MLP (300 steps): every feature the pruned graph keeps varies over the (a, b) grid mostly in one of
+    the run's key frequencies, and ablating those features on every pair costs more accuracy than
+    ablating as many other features active on that example (20 random draws). Seen on this run: 6
+    features kept, all of frequency 7 or 41 (key: 7, 41, 8) with 88-95 % of their variance there;
+    accuracy 0.54 with them ablated, 0.69 on average (0.58 to 0.83) with random ones."""
+    import json
+
+    import sae
+    from analysis.graph import open_transcoders
+    from analysis.runs import capture
+    from fourier import neuron_frequencies
+
+    sae.main([run_dir, "--transcoder", "per_layer", "--layer", "0", "--arch", "topk", "--k", "16", "--max_steps", "300",
+              "--batch_size", "1024", "--eval_every", "300", "--save_every", "0"])
+    path = interp.main(["graph", run_dir, "--transcoders", os.path.join(run_dir, "sae")])
+    document = json.load(open(path))
+    kept = sorted((n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"),
+                  key=lambda n: n["influence"])
+    assert len(kept) >= 3 and {n["ctx_idx"] for n in kept} == {2}  # at `=`, where the answer is read
+    transcoders, run = open_transcoders(os.path.join(run_dir, "sae"), "cpu")
+    p, tokens, answers = run.cfg.modulus, run.data.tokens, run.data.targets[:, 0]
+    with torch.no_grad():
+        acts = transcoders.activations([capture(run.model, tokens, transcoders.hooks_in[0])[:, -1]])[0]  # [p², n]
+    frequencies = neuron_frequencies(acts.reshape(p, p, -1))
+    top = [n["feature"] for n in kept]
+    print("graph features:", [(f, int(frequencies.frequency[f]), round(float(frequencies.explained[f]), 3)) for f in top],
+          "key frequencies:", key_frequencies)
+    assert all(int(frequencies.frequency[f]) in key_frequencies and float(frequencies.explained[f]) > 0.5 for f in top)
+
+    decoder = transcoders.decoder(0, 0)
+
+    def accuracy(features: list[int]) -> float:
+        """Every pair's accuracy with these features' writes taken out of the MLP's output at `=`."""
+        chosen = torch.tensor(features)
+
+        def ablate(out, hook):
+            out = out.clone()
+            out[:, -1] -= acts[:, chosen] @ decoder[chosen]
+            return out
+
+        with torch.no_grad():
+            logits = run.model.run_with_hooks(tokens, [("blocks.0.hook_mlp_out", ablate)])[:, -1]
+        return float((logits.argmax(-1) == answers).float().mean())
+
+    a, b = document["metadata"]["prompt_tokens"][:2]
+    active = (acts[int(a) * p + int(b)] > 0).nonzero().squeeze(1).tolist()
+    generator = torch.Generator().manual_seed(0)
+    random = [accuracy([active[i] for i in torch.randperm(len(active), generator=generator)[:len(top)].tolist()])
+              for _ in range(20)]
+    mean = sum(random) / len(random)
+    print(f"accuracy with the graph's {len(top)} features ablated {accuracy(top):.3f}; with as many random active "
+          f"ones {mean:.3f} ({min(random):.3f} to {max(random):.3f})")
+    assert accuracy(top) < mean
