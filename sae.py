@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from analysis.runs import Sequences, hook_width, load_run, rows_of, split_sequences
 from analysis.sources import DumpSource, LiveSource, default_dump_dir
-from config import ConfigError, parse_flags, subcommand_flags
+from config import ConfigError, ModelSourceConfig, parse_flags, subcommand_flags
 from interop.saelens import export
 from optimizer import LRSchedule, apply_lr, load_optimizer_states
 from plumbing.checkpoints import seed_everything, set_rng_state
@@ -261,6 +261,23 @@ def plot_sae_curves(metrics_path: str, out_path: str, title: str = "") -> str:
 # ---------------------------------------------------------------- command line
 
 
+def replacement(argv: list[str]) -> dict:
+    """`sae.py replacement DIR`: the whole replacement model's metrics (every MLP replaced at once)."""
+    from analysis.graph import open_transcoders
+    from saes.metrics import replacement_metrics
+    usage = ("usage: python sae.py replacement <transcoders> [--data_path CORPUS]: a cross-layer transcoder's folder, "
+             "per-layer transcoders' folders joined by commas, or a folder holding one per block (<run>/sae)")
+    folder, flags = subcommand_flags(argv, ("data_path",), usage)
+    transcoders, run = open_transcoders(folder, source=ModelSourceConfig.corpus_at(flags.get("data_path", "")))
+    held_out = split_sequences(run, "val", "answer", 32768)
+    metrics = replacement_metrics(run, transcoders, held_out)
+    print(f"every MLP of {run.checkpoint_path} replaced by {', '.join(transcoders.folders)}, on "
+          f"{int(held_out.mask.sum()):,} held-out positions:")
+    for key, value in metrics.items():
+        print(f"  {key} {value:.4f}")
+    return metrics
+
+
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
@@ -270,6 +287,8 @@ def main(argv: list[str] | None = None):
         path = report(folder, model=flags.get("model", ""), log=print, data_path=flags.get("data_path", ""))
         print(f"wrote {path}")
         return path
+    if argv and argv[0] == "replacement":
+        return replacement(argv[1:])
     if argv and argv[0] == "export":
         usage = "usage: python sae.py export <run>/sae/<name> --to saelens OUT"
         if len(argv) != 5 or argv[2] != "--to":

@@ -50,6 +50,7 @@ class Transcoders:
     hooks_in: list[str]  # what each layer's features read
     folders: list[str]
     cross: bool = False
+    positions: str = "all"  # the positions they were trained on (the top contexts read only those)
 
     @property
     def layers(self) -> int:
@@ -151,7 +152,7 @@ def open_transcoders(spec: str, device: str = "auto", source=None):
             raise ConfigError(f"--transcoders: {cross[0][0]} is a cross-layer transcoder and replaces every MLP "
                               f"alone; name it by itself")
         folder, sae, cfg, run = cross[0]
-        return Transcoders([sae.eval()], cfg.hook.split("+"), [folder], cross=True), run
+        return Transcoders([sae.eval()], cfg.hook.split("+"), [folder], cross=True, positions=cfg.positions), run
     by_layer: dict[int, list] = {}
     for item in transcoders:
         layer = int(item[2].hook_out.split(".")[1]) if item[2].hook_out.startswith("blocks.") else -1
@@ -173,7 +174,7 @@ def open_transcoders(spec: str, device: str = "auto", source=None):
     if len(steps) > 1:
         raise ConfigError(f"--transcoders: these were trained on different models ({', '.join(sorted(steps))})")
     return Transcoders([item[1].eval() for item in chosen], [item[2].hook for item in chosen],
-                       [item[0] for item in chosen]), chosen[0][3]
+                       [item[0] for item in chosen], positions=chosen[0][2].positions), chosen[0][3]
 
 
 # ---------------------------------------------------------------- the frozen linear system
@@ -668,15 +669,16 @@ def slug_of(text: str) -> str:
 def top_contexts(run, transcoders: Transcoders, wanted: list[tuple[int, int]], contexts: int = 5, before: int = 8,
                  after: int = 2, max_tokens: int = 32768) -> dict[str, list[dict]]:
     """For each (layer, feature) wanted: the held-out contexts (the val split, at most `max_tokens`
-    tokens) where it is largest, as {tokens, values, value}: the tokens from `before` before to
-    `after` after, its activation on each, and the largest."""
+    tokens, at the positions the transcoders trained on) where it is largest, as {tokens, values,
+    value}: the tokens from `before` before to `after` after, its activation on each (0 off those
+    positions), and the largest."""
     from analysis.runs import capture_all, split_sequences
     if not wanted:
         return {}
-    held_out = split_sequences(run, "val", "all", max_tokens)
+    held_out = split_sequences(run, "val", transcoders.positions, max_tokens)
     tokens = held_out.tokens
     inputs = [capture_all(run, tokens, hook).to(next(run.model.parameters()).dtype) for hook in transcoders.hooks_in]
-    acts = transcoders.activations(inputs)  # per layer [S, T, n]
+    acts = [a * held_out.mask[..., None].to(a.device) for a in transcoders.activations(inputs)]  # per layer [S, T, n]
     S, T = tokens.shape
     ids = sorted(set(tokens.flatten().tolist()))
     names = dict(zip(ids, token_names(run, ids)))

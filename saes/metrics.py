@@ -139,3 +139,24 @@ def spliced_metrics(model, sequences: Sequences, hook: str, replace, loss_positi
             "kl_div_with_sae": mean["kl_sae"], "kl_div_with_ablation": mean["kl_ablation"],
             "kl_div_score": ((mean["kl_ablation"] - mean["kl_sae"]) / mean["kl_ablation"]
                              if mean["kl_ablation"] > 0 else float("nan"))}
+
+
+@torch.no_grad()
+def replacement_metrics(run, transcoders, held_out: Sequences) -> dict:
+    """The whole replacement model of a set of transcoders (analysis.graph.Transcoders: one per block,
+    or a cross-layer one) on held-out sequences: every MLP's output replaced in turn, each MLP reading
+    the stream the replacements before it wrote (spliced_metrics), under SAELens's names."""
+    layers = transcoders.layers
+    hooks = "+".join(transcoders.hooks_in + [f"blocks.{m}.hook_mlp_out" for m in range(layers)])
+    dtype = next(transcoders.saes[0].parameters()).dtype
+
+    def replace(rows: torch.Tensor) -> torch.Tensor:
+        """Every MLP's replacement output from rows [every MLP's input, every MLP's output] (each d_model wide)."""
+        rows = rows.to(dtype)
+        if transcoders.cross:
+            return transcoders.saes[0](rows)[0].float()
+        parts = rows.chunk(2 * layers, -1)
+        return torch.cat([sae(torch.cat([parts[m], parts[layers + m]], -1))[0]
+                          for m, sae in enumerate(transcoders.saes)], -1).float()
+
+    return spliced_metrics(run.model, held_out, hooks, replace, run.data.loss_positions, replaced=layers)

@@ -259,6 +259,7 @@ def _grammar(usage: str, positionals: int, flags: dict[str, object]):
 HAND_PARSED = {
     ("sae", "report"): _grammar("sae.py report DIR [--model RUN_OR_MODEL] [--data_path CORPUS]", 1,
                                 {"--model": bool, "--data_path": bool}),
+    ("sae", "replacement"): _grammar("sae.py replacement DIR [--data_path CORPUS]", 1, {"--data_path": bool}),
     ("sae", "export"): _grammar("sae.py export DIR --to saelens OUT", 2, {"--to": lambda v: v == "saelens"}),
     ("lens", "eval"): _grammar("lens.py eval DIR [--data_path CORPUS]", 1, {"--data_path": bool}),
     ("sweep", "report"): _grammar("sweep.py report DIR [--study NAME] [--top N]", 1,

@@ -438,3 +438,20 @@ def test_a_cross_layer_dictionary_that_does_not_split_into_the_layers_is_refused
     run_bad_input("sae.py", [two_block_run, "--transcoder", "cross_layer", "--dict_size", "7", "--max_steps", "2",
                              "--device", "cpu"], tmp_path, "--dict_size: 7 features do not split evenly into 2 layers",
                   watch=(two_block_run,))
+
+
+@pytest.mark.slow
+def test_sae_py_replacement_scores_the_whole_replacement_model(trained_runs, two_block_run, tmp_path):
+    """`sae.py replacement DIR`: on a one-block run the whole replacement is the transcoder's own
+    splice, so its CE-loss and KL scores are those sae.py's evaluation wrote (same held-out rows); a
+    set that leaves a block's MLP without a transcoder is refused by name."""
+    run_dir = trained_runs["modular"]
+    trained = sae_module.main([run_dir, "--transcoder", "per_layer", "--layer", "0", "--arch", "topk", "--k", "8",
+                               *QUICK, "--eval_tokens", "32768", "--name", "whole"])
+    record = read_metrics(os.path.join(trained["sae_dir"], "metrics.jsonl"))[-1]
+    metrics = sae_module.main(["replacement", trained["sae_dir"]])
+    for key in ("ce_loss_score", "kl_div_score", "ce_loss_with_sae", "ce_loss_with_ablation"):
+        assert metrics[key] == pytest.approx(record[key], rel=1e-6), key
+    layer0 = sae_module.main([two_block_run, "--transcoder", "per_layer", "--layer", "0", *QUICK, "--name", "only-0"])
+    run_bad_input("sae.py", ["replacement", layer0["sae_dir"]], tmp_path,
+                  "--transcoders: no transcoder of block 1's MLP", watch=(two_block_run,))
