@@ -290,11 +290,18 @@ def main(argv: list[str] | None = None):
     if argv and argv[0] == "replacement":
         return replacement(argv[1:])
     if argv and argv[0] == "export":
-        usage = "usage: python sae.py export <run>/sae/<name> --to saelens OUT"
+        usage = "usage: python sae.py export <run>/sae/<name> --to saelens OUT, or export <transcoders> --to circuit-tracer OUT"
         if len(argv) != 5 or argv[2] != "--to":
             raise ConfigError(usage)
+        if argv[3] == "circuit-tracer":
+            from analysis.graph import open_transcoders
+            from interop.circuit_tracer import export_circuit_tracer
+            path = export_circuit_tracer(open_transcoders(argv[1])[0], argv[4])
+            print(f"wrote {path}: circuit-tracer opens it with load_transcoder_set (see its config.yaml)")
+            return path
         if argv[3] != "saelens":
-            raise ConfigError(f"--to: {argv[3]!r} is not a format sae.py exports; the one is saelens ({usage})")
+            raise ConfigError(f"--to: {argv[3]!r} is not a format sae.py exports; they are saelens and circuit-tracer "
+                              f"({usage})")
         path = export(argv[1], argv[4])
         print(f"wrote {path}: SAELens opens it with SAE.load_from_disk({path!r})")
         return path

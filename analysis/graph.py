@@ -359,8 +359,10 @@ class Parts:
 
 @torch.no_grad()
 def decompose(model, clean: Clean, transcoders: Transcoders, max_n_logits: int = 10,
-              desired_logit_prob: float = 0.95) -> Parts:
-    """The replacement's nodes on the clean pass: the active features, the error nodes, the logits."""
+              desired_logit_prob: float = 0.95, skip_first: bool = False) -> Parts:
+    """The replacement's nodes on the clean pass: the active features, the error nodes, the logits.
+    skip_first: the first position's features and errors are no nodes (circuit-tracer's choice, for a
+    first token that is always <bos>): what they write stays in the constants."""
     L = transcoders.layers
     acts, recons = transcoders.features(clean.inputs, clean.outputs)
     errors = [y - r for y, r in zip(clean.outputs, recons)]
@@ -371,6 +373,9 @@ def decompose(model, clean: Clean, transcoders: Transcoders, max_n_logits: int =
     found = [torch.cat([torch.full((len(where), 1), layer, device=where.device), where], 1)
              for layer, a in enumerate(acts) for where in [(a > 0).nonzero()]]
     active = torch.cat(found).cpu()
+    if skip_first:
+        active = active[active[:, 1] > 0]
+        errors = [e.clone().index_fill_(0, torch.tensor([0], device=e.device), 0) for e in errors]
     activations = torch.stack([acts[l][p, i] for l, p, i in active.tolist()]) if len(active) else \
         clean.final.new_zeros(0)
     writes = {m: [] for m in range(L)}
@@ -401,11 +406,11 @@ def read_nodes(out: dict, parts: Parts, transcoders: Transcoders, targets: list[
 
 
 def attribute(model, tokens: torch.Tensor, transcoders: Transcoders, max_n_logits: int = 10,
-              desired_logit_prob: float = 0.95, batch_size: int = 64, log=None) -> Graph:
+              desired_logit_prob: float = 0.95, batch_size: int = 64, log=None, skip_first: bool = False) -> Graph:
     """The attribution graph of tokens [1, T] (every active feature's and logit's row of edges), in the
-    model's dtype."""
+    model's dtype; skip_first: see decompose."""
     clean = clean_pass(model, tokens, transcoders)
-    parts = decompose(model, clean, transcoders, max_n_logits, desired_logit_prob)
+    parts = decompose(model, clean, transcoders, max_n_logits, desired_logit_prob, skip_first)
     T, L, F, K = tokens.shape[1], transcoders.layers, len(parts.active), len(parts.logit_ids)
     N = F + L * T + T + K
     dtype, device, width = clean.final.dtype, clean.final.device, clean.final.shape[-1]

@@ -273,3 +273,59 @@ def test_bad_graph_flags_name_the_flag(text_transcoder, tmp_path, args, message)
     args = args[len(command):] if command == ["intervene"] else args
     run_bad_input("interp.py", [*command, run_dir, *[folder if a == "TC" else a for a in args]], tmp_path, message,
                   watch=(run_dir,))
+
+
+# ---------------------------------------------------------------- circuit-tracer, the peer
+
+# circuit-tracer's release, pinned, and what it needs beyond the main environment: TransformerLens 3,
+# and the transformers and huggingface_hub it was released against (it imports names the main
+# environment's newer ones dropped).
+CIRCUIT_TRACER = ["circuit-tracer==0.5.0", "transformer_lens>=3,<4", "better-abc>=0.0.3", "transformers==4.57.3",
+                  "huggingface-hub<1.0", "tokenizers>=0.22,<0.23", "datasets==4.0.0"]
+
+
+@pytest.mark.slow
+def test_circuit_tracer_builds_the_same_graph_from_the_exported_transcoders(text_transcoder, tmp_path, trained_runs):
+    """A JumpReLU per-layer transcoder of the text run (rotary, RMSNorm, multi-query, SwiGLU, soft cap),
+    exported by `sae.py export --to circuit-tracer`, opened by circuit-tracer's own load_transcoder_set
+    in a second virtualenv, on our model converted to TransformerLens 3 with its norms folded:
+    circuit-tracer's `attribute` finds the same features and logits as ours and the same edges, with its
+    convention of leaving the first position out. It computes in float32: its edges are as far from
+    our float64 ones as our own float32 edges are (4.9e-5 of the largest edge, 2.2, both, here), and
+    the test allows twice that."""
+    import os
+    import subprocess
+
+    import sae as sae_module
+    from analysis.graph import open_transcoders
+    from analysis.runs import encode_exactly
+    from harness import overlay_venv
+    from test_transcoders import QUICK
+    python, why_not = overlay_venv.overlay_python(".venv-circuit-tracer", CIRCUIT_TRACER)
+    assert python, why_not
+    run_dir = trained_runs["text"]
+    trained = sae_module.main([run_dir, "--transcoder", "per_layer", "--layer", "0", "--arch", "jumprelu",
+                               "--positions", "all", *QUICK, "--name", "graph-jumprelu"])
+    out = str(tmp_path / "circuit-tracer")
+    sae_module.main(["export", trained["sae_dir"], "--to", "circuit-tracer", out])
+    assert sorted(os.listdir(out)) == ["config.yaml", "layer_0.safetensors"]
+    transcoders, run = open_transcoders(trained["sae_dir"], "cpu")
+    tokens = encode_exactly(run, "But, soft! what", "prompt")  # the run's context is 16
+    check = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness", "circuit_tracer_check.py")
+    done = subprocess.run([python, check, run_dir, out, ",".join(map(str, tokens)), str(tmp_path / "theirs.pt")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = torch.load(str(tmp_path / "theirs.pt"), weights_only=False)
+    single = attribute(run.model, torch.tensor([tokens]), transcoders, skip_first=True)  # float32, as theirs
+    run.model.double()
+    transcoders.to(torch.float64)
+    ours = attribute(run.model, torch.tensor([tokens]), transcoders, skip_first=True)
+    assert torch.equal(ours.active, theirs["active"][theirs["selected"]]) and ours.logit_tokens == theirs["logit_tokens"]
+    assert torch.equal(single.active, ours.active)
+    scale = float(ours.adjacency.abs().max())
+    difference = float((theirs["adjacency"].double() - ours.adjacency).abs().max())
+    rounding = float((single.adjacency.double() - ours.adjacency).abs().max())
+    print(f"{len(ours.active)} features, {len(ours.logit_tokens)} logits, {ours.adjacency.shape[0]} nodes: largest edge "
+          f"{scale:.4f}; from our float64 edges, circuit-tracer's differ by at most {difference:.2e}, our float32 "
+          f"ones by {rounding:.2e}")
+    assert 0 < difference <= 2 * rounding and rounding < 1e-4 * scale
