@@ -27,8 +27,7 @@ def saelens_folder(sae: SparseAutoencoder, cfg: SAEConfig, model_name: str) -> t
     scale out), so `normalize_activations` is none and the pre-activations, thresholds and
     features are ours exactly; only the decoder rows then have norm `scale` instead of 1."""
     if sae.transcoder:
-        raise ConfigError(f"--to saelens: this is a {cfg.transcoder} transcoder, and sae.py writes SAELens's format "
-                          f"for SAEs only so far")
+        return saelens_transcoder(sae, cfg, model_name)
     scale = float(sae.scale)
     weights = {"W_enc": sae.W_enc.detach() / scale, "W_dec": sae.W_dec.detach() * scale,
                "b_enc": sae.b_enc.detach().clone(), "b_dec": sae.b_dec.detach() * scale}
@@ -48,6 +47,38 @@ def saelens_folder(sae: SparseAutoencoder, cfg: SAEConfig, model_name: str) -> t
                            "tinylab_arch": sae.arch}}
     if architecture == "topk":
         config.update(k=sae.k, rescale_acts_by_decoder_norm=False)
+    return config, {name: value.float().contiguous() for name, value in weights.items()}
+
+
+# Our transcoder kinds -> SAELens's transcoder architectures (without, with a skip path): ReLU ones, and
+# JumpReLU ones (batchtopk and matryoshka are JumpReLU transcoders in use, one threshold for all).
+TRANSCODERS = {"relu": ("transcoder", "skip_transcoder"), "jumprelu": ("jumprelu_transcoder", "jumprelu_skip_transcoder"),
+               "batchtopk": ("jumprelu_transcoder", "jumprelu_skip_transcoder"),
+               "matryoshka": ("jumprelu_transcoder", "jumprelu_skip_transcoder")}
+
+
+def saelens_transcoder(sae: SparseAutoencoder, cfg: SAEConfig, model_name: str) -> tuple[dict, dict]:
+    """(cfg.json, the weights) of a per-layer or skip transcoder as SAELens saves its transcoders
+    (sae_lens/saes/transcoder.py): W_enc [d_in, n], W_dec [n, d_out], W_skip [d_out, d_in], the input
+    and output scales folded in, so that its features and output are ours exactly."""
+    if sae.cross_layer:
+        raise ConfigError("--to saelens: SAELens has no cross-layer transcoder; export per-layer ones")
+    if sae.arch not in TRANSCODERS:
+        raise ConfigError(f"--to saelens: SAELens has no {sae.arch} transcoder; its transcoders are ReLU and JumpReLU "
+                          f"ones (train with --arch relu, jumprelu, batchtopk or matryoshka)")
+    scale, out_scale = float(sae.scale), float(sae.out_scale)
+    weights = {"W_enc": sae.W_enc.detach() / scale, "W_dec": sae.W_dec.detach() * out_scale,
+               "b_enc": sae.b_enc.detach().clone(), "b_dec": sae.b_dec.detach() * out_scale, **sae.saelens_weights()}
+    if sae.skip:
+        weights["W_skip"] = sae.W_skip.detach().T
+    config = {"architecture": TRANSCODERS[sae.arch][int(sae.skip)], "d_in": sae.d, "d_sae": sae.dict_size,
+              "d_out": sae.d_out, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
+              "normalize_activations": "none", "reshape_activations": "none",
+              "metadata": {"sae_lens_version": "6.0.0", "sae_lens_training_version": None, "hook_name": cfg.hook,
+                           "hook_name_out": cfg.hook_out, "model_name": model_name, "hook_head_index": None,
+                           "prepend_bos": False, "context_size": None, "dataset_path": None,
+                           "model_from_pretrained_kwargs": {}, "exported_by": "tinylab sae.py export",
+                           "tinylab_arch": sae.arch, "tinylab_transcoder": cfg.transcoder}}
     return config, {name: value.float().contiguous() for name, value in weights.items()}
 
 

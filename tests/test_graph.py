@@ -267,6 +267,8 @@ def test_interp_py_intervene_prints_the_three_changes(text_transcoder, capsys):
      "--feature: feature 9999 of layer 0 is not active at position 0"),
 ])
 def test_bad_graph_flags_name_the_flag(text_transcoder, tmp_path, args, message):
+    """`interp.py graph` and `interp.py intervene` given bad flags: one line naming the flag, exit 2,
+    nothing written."""
     from conftest import run_bad_input
     run_dir, folder = text_transcoder
     command = ["intervene"] if args[:1] == ["intervene"] else ["graph"]
@@ -285,7 +287,8 @@ CIRCUIT_TRACER = ["circuit-tracer==0.5.0", "transformer_lens>=3,<4", "better-abc
 
 
 @pytest.mark.slow
-def test_circuit_tracer_builds_the_same_graph_from_the_exported_transcoders(text_transcoder, tmp_path, trained_runs):
+@pytest.mark.parametrize("kind", ["per_layer", "skip"])
+def test_circuit_tracer_builds_the_same_graph_from_the_exported_transcoders(kind, tmp_path, trained_runs):
     """A JumpReLU per-layer transcoder of the text run (rotary, RMSNorm, multi-query, SwiGLU, soft cap),
     exported by `sae.py export --to circuit-tracer`, opened by circuit-tracer's own load_transcoder_set
     in a second virtualenv, on our model converted to TransformerLens 3 with its norms folded:
@@ -304,8 +307,13 @@ def test_circuit_tracer_builds_the_same_graph_from_the_exported_transcoders(text
     python, why_not = overlay_venv.overlay_python(".venv-circuit-tracer", CIRCUIT_TRACER)
     assert python, why_not
     run_dir = trained_runs["text"]
-    trained = sae_module.main([run_dir, "--transcoder", "per_layer", "--layer", "0", "--arch", "jumprelu",
-                               "--positions", "all", *QUICK, "--name", "graph-jumprelu"])
+    trained = sae_module.main([run_dir, "--transcoder", kind, "--layer", "0", "--arch", "jumprelu",
+                               "--positions", "all", *QUICK, "--name", f"graph-jumprelu-{kind}"])
+    if kind == "skip":  # a skip path far from its start at zero, so that its export is checked
+        path = os.path.join(trained["sae_dir"], "last.pt")
+        checkpoint = torch.load(path, weights_only=False)
+        checkpoint["model"]["W_skip"] = 0.1 * torch.randn_like(checkpoint["model"]["W_skip"])
+        torch.save(checkpoint, path)
     out = str(tmp_path / "circuit-tracer")
     sae_module.main(["export", trained["sae_dir"], "--to", "circuit-tracer", out])
     assert sorted(os.listdir(out)) == ["config.yaml", "layer_0.safetensors"]
@@ -329,3 +337,14 @@ def test_circuit_tracer_builds_the_same_graph_from_the_exported_transcoders(text
           f"{scale:.4f}; from our float64 edges, circuit-tracer's differ by at most {difference:.2e}, our float32 "
           f"ones by {rounding:.2e}")
     assert 0 < difference <= 2 * rounding and rounding < 1e-4 * scale
+
+
+@pytest.mark.slow
+def test_a_transcoder_circuit_tracers_files_cannot_hold_is_refused(text_transcoder, tmp_path):
+    """circuit-tracer's files hold ReLU and JumpReLU transcoders: a TopK one is refused by name, and
+    nothing is written."""
+    from conftest import run_bad_input
+    run_dir, folder = text_transcoder
+    run_bad_input("sae.py", ["export", folder, "--to", "circuit-tracer", str(tmp_path / "out")], tmp_path,
+                  "--to circuit-tracer:", "is a topk transcoder, and circuit-tracer's files hold ReLU or JumpReLU",
+                  watch=(run_dir,))

@@ -86,6 +86,49 @@ def test_exported_saes_give_our_features_in_saelens(tmp_path, trained_runs, sael
     assert re.search("--model: .* is a SAELens SAE, which does not record the model", result.stderr)
 
 
+# Our transcoders -> the SAELens class that opens each (sae_lens/saes/transcoder.py).
+TRANSCODERS = {("per_layer", "relu"): "Transcoder", ("per_layer", "jumprelu"): "JumpReLUTranscoder",
+               ("per_layer", "batchtopk"): "JumpReLUTranscoder", ("skip", "relu"): "SkipTranscoder",
+               ("skip", "jumprelu"): "JumpReLUSkipTranscoder"}
+
+
+@pytest.mark.slow
+def test_exported_transcoders_give_our_features_and_outputs_in_saelens(tmp_path, trained_runs, saelens_python):
+    """`sae.py export --to saelens` of a per-layer or skip transcoder: SAELens's own loader opens it as
+    its transcoder class, and from the same MLP inputs computes our features and our reconstruction
+    of the MLP's output (the skip path included) to float32's rounding; a TopK one is refused by name."""
+    hooks = {}
+    for (kind, arch), _ in TRANSCODERS.items():
+        trained = sae_module.main([trained_runs["modular"], *QUICK, "--transcoder", kind, "--layer", "0", "--arch",
+                                   arch, "--k", "4", "--name", f"export-{kind}-{arch}"])
+        folder = tmp_path / f"{kind}-{arch}"
+        if kind == "skip":  # a skip path far from its start at zero, so that its export is checked
+            path = os.path.join(trained["sae_dir"], "last.pt")
+            checkpoint = torch.load(path, weights_only=False)
+            checkpoint["model"]["W_skip"] = torch.randn_like(checkpoint["model"]["W_skip"])
+            torch.save(checkpoint, path)
+        out = str(folder / "saelens")
+        sae_module.main(["export", trained["sae_dir"], "--to", "saelens", out])
+        transcoder, cfg, _ = sae_module.load_sae(trained["sae_dir"], device="cpu")
+        hooks[str(folder)] = cfg.hook
+        x = torch.randn(256, transcoder.d) * 2 + 0.5
+        with torch.no_grad():
+            y_hat, f, _ = transcoder(torch.cat([x, torch.zeros(256, transcoder.d_out)], 1))
+        for name, value in (("x", x), ("f", f), ("x_hat", y_hat)):
+            np.save(folder / f"{name}.npy", value.numpy())
+    result = subprocess.run([saelens_python, CHECK, *hooks], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["class"] for r in found] == list(TRANSCODERS.values())
+    for theirs in found:
+        assert theirs["hook_name"] == hooks[theirs["folder"]] and theirs["same_active"], theirs
+        assert theirs["features"] < 1e-5 and theirs["reconstruction"] < 1e-5, theirs
+    topk = sae_module.main([trained_runs["modular"], *QUICK, "--transcoder", "per_layer", "--layer", "0", "--arch",
+                            "topk", "--k", "4", "--name", "export-topk-transcoder"])
+    run_bad_input("sae.py", ["export", topk["sae_dir"], "--to", "saelens", str(tmp_path / "topk")], tmp_path,
+                  "--to saelens: SAELens has no topk transcoder", watch=[trained_runs["modular"]])
+
+
 # `python sae.py ARGS` ({tmp}: the test's tmp_path, holding taken/ with a file of its own and gated/, a
 # SAELens SAE of a kind sae.py does not open; {modular}: the shared run), and the pattern its one line
 # must match.

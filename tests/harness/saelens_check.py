@@ -15,7 +15,7 @@ for folder in sys.argv[1:]:
     sae = SAE.load_from_disk(os.path.join(folder, "saelens"), device="cpu")
     x, ours_f, ours_x_hat = (torch.from_numpy(np.load(os.path.join(folder, f"{n}.npy"))) for n in ("x", "f", "x_hat"))
     f = sae.encode(x)
-    x_hat = sae.decode(f)
+    x_hat = sae(x) if hasattr(sae, "W_skip") else sae.decode(f)  # a skip transcoder's path reads x
     sae.save_model(os.path.join(folder, "resaved"))
     print(json.dumps({
         "folder": folder, "class": type(sae).__name__, "hook_name": sae.cfg.metadata.hook_name,
