@@ -97,7 +97,10 @@ class InterveneConfig(GraphConfig):
 
 def open_graph_run(cfg: GraphConfig):
     """(transcoders, run, the prompt's tokens) for `interp.py graph` and `interp.py intervene`."""
-    transcoders, run = open_transcoders(cfg.transcoders, cfg.device, source=cfg if cfg.data_path else None)
+    # The transcoders record the model they read (a run, or a pretrained model's folder); --data_path only
+    # says where a run's corpus is now.
+    moved = cfg.data_path if cfg.data_path != ModelSourceConfig.data_path and not cfg.model else ""
+    transcoders, run = open_transcoders(cfg.transcoders, cfg.device, source=ModelSourceConfig.corpus_at(moved))
     if cfg.run_dir and os.path.abspath(run_folder(cfg.run_dir)) != os.path.abspath(run_folder(run.checkpoint_path)):
         raise ConfigError(f"--transcoders: they replace the MLPs of {run_folder(run.checkpoint_path)}, not {cfg.run_dir}")
     if run.device.type == "cpu":

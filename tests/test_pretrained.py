@@ -247,6 +247,14 @@ def test_the_analysis_programs_open_a_pretrained_model_where_they_open_a_run(tmp
     sae_report = open(sae.report(result["sae_dir"])).read()  # reopens the model from pretrained.json
     assert "ce_loss_score" in sae_report and f"`{os.path.join('runs', 'gpt2')}`" in sae_report
 
+    # Transcoders of every MLP and the attribution graph of a prompt, with --model as with a run.
+    clt = sae.main([*model, "--transcoder", "cross_layer", "--arch", "topk", "--k", "4", "--positions", "all",
+                    "--max_steps", "20", "--batch_size", "128", "--eval_every", "20", "--eval_tokens", "1024",
+                    "--device", "cpu"])
+    graph = json.load(open(interp.main(["graph", *model, "--transcoders", clt["sae_dir"], "--prompt", "To be"])))
+    assert graph["metadata"]["prompt_tokens"] == list("To be")
+    assert {n["feature_type"] for n in graph["nodes"]} >= {"embedding", "logit", "cross layer transcoder"}
+
     summary = lens.main([*model, "--t_text", "2", "--max_steps", "4", "--eval_every", "4", "--eval_rows", "8",
                          "--batch_size", "8", "--device", "cpu", "--run_name", "quick"])
     assert os.path.isfile(home / "lens" / "quick" / "last.pt") and "val_fve" in summary

@@ -455,3 +455,27 @@ def test_sae_py_replacement_scores_the_whole_replacement_model(trained_runs, two
     layer0 = sae_module.main([two_block_run, "--transcoder", "per_layer", "--layer", "0", *QUICK, "--name", "only-0"])
     run_bad_input("sae.py", ["replacement", layer0["sae_dir"]], tmp_path,
                   "--transcoders: no transcoder of block 1's MLP", watch=(two_block_run,))
+
+
+@pytest.mark.slow
+def test_two_ranks_train_the_cross_layer_transcoder_one_process_trains(tmp_path, two_block_run):
+    """A batchtopk cross-layer transcoder on two ranks (its cut across every rank's rows and every layer):
+    the same features chosen at every step (equal L0), loss and weights equal to one process's within
+    float sums, and the blocks below the diagonal still zero."""
+    hook = rows_hook(two_block_run, "cross_layer")
+    dump(DumpConfig(run_dir=two_block_run, hook=hook, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
+    common = [*QUICK, "--transcoder", "cross_layer", "--source", "dump", "--dump", str(tmp_path / "dump"),
+              "--log_every", "1", "--arch", "batchtopk", "--k", "4"]
+    one = sae_module.main([two_block_run, *common, "--name", "clt-one"])
+    result = run_torchrun([two_block_run, *common, "--name", "clt-two"], cwd=str(tmp_path), script="sae.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = {r["step"]: r for r in read_metrics(os.path.join(one["sae_dir"], "metrics.jsonl"))}
+    b = {r["step"]: r for r in read_metrics(os.path.join(two_block_run, "sae", "clt-two", "metrics.jsonl"))}
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for step in a:
+        assert b[step]["train_mse"] == pytest.approx(a[step]["train_mse"], rel=1e-6), step
+        assert b[step]["train_l0"] == a[step]["train_l0"], step
+    x = torch.load(os.path.join(one["sae_dir"], "last.pt"), weights_only=True)["model"]
+    y = torch.load(os.path.join(two_block_run, "sae", "clt-two", "last.pt"), weights_only=True)["model"]
+    assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=1e-6, atol=1e-6) for k in x)
+    assert float(y["W_dec"].reshape(2, 48, 2, 32)[1, :, 0].abs().max()) == 0
