@@ -229,6 +229,22 @@ def test_bad_transcoder_flags_name_the_flag(tmp_path, trained_runs, args, messag
                   message, watch=(trained_runs["modular"],))
 
 
+def one_and_two_ranks(run_dir: str, common: list[str], name: str, tmp_path) -> tuple[dict, dict]:
+    """sae.py `common` in one process and under torchrun on two ranks: asserts the same steps logged,
+    the same L0 at each and the mse within 1e-6; returns the two final weights."""
+    one = sae_module.main([run_dir, *common, "--name", f"{name}-one"])
+    result = run_torchrun([run_dir, *common, "--name", f"{name}-two"], cwd=str(tmp_path), script="sae.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = {r["step"]: r for r in read_metrics(os.path.join(one["sae_dir"], "metrics.jsonl"))}
+    b = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", f"{name}-two", "metrics.jsonl"))}
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for step in a:
+        assert b[step]["train_mse"] == pytest.approx(a[step]["train_mse"], rel=1e-6), step
+        assert b[step]["train_l0"] == a[step]["train_l0"], step
+    return tuple(torch.load(os.path.join(run_dir, "sae", f"{name}-{n}", "last.pt"), weights_only=True)["model"]
+                 for n in ("one", "two"))
+
+
 @pytest.mark.slow
 def test_two_ranks_train_the_transcoder_one_process_trains(tmp_path, trained_runs):
     """A skip batchtopk transcoder on two ranks: the same choice of features at every step (equal L0),
@@ -238,17 +254,7 @@ def test_two_ranks_train_the_transcoder_one_process_trains(tmp_path, trained_run
     dump(DumpConfig(run_dir=run_dir, hook=hook, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
     common = [*QUICK, "--transcoder", "skip", "--layer", "0", "--source", "dump", "--dump", str(tmp_path / "dump"),
               "--log_every", "1", "--arch", "batchtopk", "--k", "8"]
-    one = sae_module.main([run_dir, *common, "--name", "tc-one"])
-    result = run_torchrun([run_dir, *common, "--name", "tc-two"], cwd=str(tmp_path), script="sae.py")
-    assert result.returncode == 0, result.stderr[-3000:]
-    a = {r["step"]: r for r in read_metrics(os.path.join(one["sae_dir"], "metrics.jsonl"))}
-    b = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", "tc-two", "metrics.jsonl"))}
-    assert sorted(a) == sorted(b) == list(range(1, 21))
-    for step in a:
-        assert b[step]["train_mse"] == pytest.approx(a[step]["train_mse"], rel=1e-6), step
-        assert b[step]["train_l0"] == a[step]["train_l0"], step
-    x = torch.load(os.path.join(one["sae_dir"], "last.pt"), weights_only=True)["model"]
-    y = torch.load(os.path.join(run_dir, "sae", "tc-two", "last.pt"), weights_only=True)["model"]
+    x, y = one_and_two_ranks(run_dir, common, "tc", tmp_path)
     assert {"W_skip", "out_scale"} <= x.keys() == y.keys()
     assert all(torch.allclose(x[k], y[k], rtol=1e-6, atol=1e-6) for k in x)
 
@@ -466,16 +472,6 @@ def test_two_ranks_train_the_cross_layer_transcoder_one_process_trains(tmp_path,
     dump(DumpConfig(run_dir=two_block_run, hook=hook, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
     common = [*QUICK, "--transcoder", "cross_layer", "--source", "dump", "--dump", str(tmp_path / "dump"),
               "--log_every", "1", "--arch", "batchtopk", "--k", "4"]
-    one = sae_module.main([two_block_run, *common, "--name", "clt-one"])
-    result = run_torchrun([two_block_run, *common, "--name", "clt-two"], cwd=str(tmp_path), script="sae.py")
-    assert result.returncode == 0, result.stderr[-3000:]
-    a = {r["step"]: r for r in read_metrics(os.path.join(one["sae_dir"], "metrics.jsonl"))}
-    b = {r["step"]: r for r in read_metrics(os.path.join(two_block_run, "sae", "clt-two", "metrics.jsonl"))}
-    assert sorted(a) == sorted(b) == list(range(1, 21))
-    for step in a:
-        assert b[step]["train_mse"] == pytest.approx(a[step]["train_mse"], rel=1e-6), step
-        assert b[step]["train_l0"] == a[step]["train_l0"], step
-    x = torch.load(os.path.join(one["sae_dir"], "last.pt"), weights_only=True)["model"]
-    y = torch.load(os.path.join(two_block_run, "sae", "clt-two", "last.pt"), weights_only=True)["model"]
+    x, y = one_and_two_ranks(two_block_run, common, "clt", tmp_path)
     assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=1e-6, atol=1e-6) for k in x)
     assert float(y["W_dec"].reshape(2, 48, 2, 32)[1, :, 0].abs().max()) == 0
