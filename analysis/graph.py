@@ -608,10 +608,23 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
 # ---------------------------------------------------------------- circuit-tracer's graph file
 
 
+def cantor(layer: int, index: int) -> int:
+    """A feature's number in circuit-tracer's graph files (0.5): the Cantor pairing of its layer and its
+    index, unique over every layer."""
+    return (layer + index) * (layer + index + 1) // 2 + index
+
+
+def feature_of(node: dict) -> tuple[int, int]:
+    """(layer, index within the layer) of a graph.json feature node, from its id layer_index_position."""
+    layer, index, _ = node["node_id"].split("_")
+    return int(layer), int(index)
+
+
 def graph_json(graph: Graph, pruned: Pruned, names: list[str], prompt: str, slug: str, scan: str,
                node_threshold: float) -> dict:
-    """The graph in circuit-tracer's format (frontend/graph_models.py), which its viewer and Neuronpedia
-    read: metadata, qParams, nodes, links. `names`: each token id's text, for the prompt and logits."""
+    """The graph in circuit-tracer's format (frontend/graph_models.py, schema version 1 of its release
+    0.5), which its viewer and Neuronpedia read: metadata, qParams, nodes, links. `names`: each token
+    id's text, for the prompt and logits."""
     F, T, L = graph.n_features, graph.n_positions, graph.layers
     nodes = {}
 
@@ -624,7 +637,7 @@ def graph_json(graph: Graph, pruned: Pruned, names: list[str], prompt: str, slug
         influence_share = float(pruned.cumulative[i])
         if i < F:
             layer, position, index = graph.active[i].tolist()
-            nodes[i] = node(f"{layer}_{index}_{position}", index, layer, position, "cross layer transcoder",
+            nodes[i] = node(f"{layer}_{index}_{position}", cantor(layer, index), layer, position, "cross layer transcoder",
                             f"{layer}_{index}-0", influence=influence_share, activation=float(graph.activations[i]))
         elif i < F + L * T:
             layer, position = divmod(i - F, T)
@@ -646,7 +659,7 @@ def graph_json(graph: Graph, pruned: Pruned, names: list[str], prompt: str, slug
     connected = {link["source"] for link in links} | {link["target"] for link in links}
     used = [n for n in nodes.values() if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
     metadata = {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": [names[t] for t in graph.tokens],
-                "prompt": prompt, "node_threshold": node_threshold}
+                "prompt": prompt, "node_threshold": node_threshold, "schema_version": 1}
     return {"metadata": metadata, "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
                                               "sg_pos": ""}, "nodes": used, "links": links}
 
@@ -660,8 +673,9 @@ def node_number(graph: Graph, node: dict) -> int | None:
         return graph.index("logit", graph.logit_tokens.index(node["feature"]))
     if kind == "mlp reconstruction error":
         return graph.index("error", int(node["layer"]), node["ctx_idx"])
-    match = ((graph.active[:, 0] == int(node["layer"])) & (graph.active[:, 1] == node["ctx_idx"])
-             & (graph.active[:, 2] == node["feature"])).nonzero()
+    layer, index = feature_of(node)
+    match = ((graph.active[:, 0] == layer) & (graph.active[:, 1] == node["ctx_idx"])
+             & (graph.active[:, 2] == index)).nonzero()
     return int(match[0, 0]) if len(match) else None
 
 
@@ -733,8 +747,7 @@ def write_graph(run, transcoders: Transcoders, tokens: list[int], out_dir: str, 
         number = node_number(graph, node)
         sizes[node["node_id"]] = (node["token_prob"] if node["feature_type"] == "logit" else
                                   float(pruned.influence[number]) / largest if number is not None else 0.0)
-    wanted = sorted({(int(n["layer"]), n["feature"]) for n in document["nodes"]
-                     if n["feature_type"] == "cross layer transcoder"})
+    wanted = sorted({feature_of(n) for n in document["nodes"] if n["feature_type"] == "cross layer transcoder"})
     log(f"top contexts of {len(wanted)} features")
     summary = (f"{graph.n_features:,} active features, {len(graph.logit_tokens)} logits; kept {kept:,} features and "
                f"{len(document['links']):,} edges (node threshold {node_threshold:g}, edge threshold {edge_threshold:g})")

@@ -60,11 +60,12 @@ GRAPH.nodes.forEach(n => { const [x, y] = place[n.node_id];
   c.dataset.node = n.node_id; c.addEventListener("click", () => { location.hash = "node=" + encodeURIComponent(n.node_id); });
   el("title", {}, c).textContent = label(n); });
 document.getElementById("summary").textContent = GRAPH.summary;
+function index(n) { return n.node_id.split("_")[1]; }  // a feature's index in its layer (its id: layer_index_position)
 function label(n) {
   if (n.feature_type === "embedding") return "token " + JSON.stringify(GRAPH.prompt_tokens[n.ctx_idx]) + " at " + n.ctx_idx;
   if (n.feature_type === "logit") return n.clerp;
   if (n.feature_type === "mlp reconstruction error") return "error of MLP " + n.layer + " at " + n.ctx_idx;
-  return "feature " + n.feature + " of layer " + n.layer + " at " + n.ctx_idx;
+  return "feature " + index(n) + " of layer " + n.layer + " at " + n.ctx_idx;
 }
 function edgeRows(list, other) {
   return list.sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 12).map(l =>
@@ -82,7 +83,7 @@ function show() {
   const ins = GRAPH.links.filter(l => l.target === id), outs = GRAPH.links.filter(l => l.source === id);
   if (ins.length) text += `<h3>Strongest edges in</h3><table>${edgeRows(ins, "source")}</table>`;
   if (outs.length) text += `<h3>Strongest edges out</h3><table>${edgeRows(outs, "target")}</table>`;
-  const contexts = GRAPH.contexts[n.layer + ":" + n.feature];
+  const contexts = GRAPH.contexts[n.layer + ":" + index(n)];
   if (n.feature_type === "cross layer transcoder" && contexts) {
     text += "<h3>Top contexts</h3>" + contexts.map(c => `<div class="context"><span class="value">${c.value.toFixed(3)}</span>` +
       c.tokens.map((t, i) => `<span class="tok" style="background: rgba(244,162,97,${Math.max(0, Math.min(1, c.values[i] / c.value))})">${esc(t)}</span>`).join(GRAPH.joined ? "" : " ") + "</div>").join("");

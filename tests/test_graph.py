@@ -205,8 +205,10 @@ def test_interp_py_graph_writes_circuit_tracers_graph_file(text_transcoder, tmp_
     assert [node["ctx_idx"] for node in tokens] == list(range(9))
     for node in document["nodes"]:
         kind = node["feature_type"]
-        if kind == "cross layer transcoder":
-            assert node["node_id"] == f"{node['layer']}_{node['feature']}_{node['ctx_idx']}" and node["activation"] > 0
+        if kind == "cross layer transcoder":  # its feature number: circuit-tracer 0.5's pairing of layer and index
+            layer, index, position = map(int, node["node_id"].split("_"))
+            assert (layer, position) == (int(node["layer"]), node["ctx_idx"]) and node["activation"] > 0
+            assert node["feature"] == (layer + index) * (layer + index + 1) // 2 + index
         elif kind == "mlp reconstruction error":
             assert node["node_id"] == f"0_{node['layer']}_{node['ctx_idx']}" and node["feature"] == -1
         elif kind == "logit":
@@ -233,7 +235,8 @@ def page_shows_the_graph(page: str, document: dict, profile) -> None:
     assert opened.dom.count("<circle") == len(document["nodes"]) and opened.dom.count("<line") == len(document["links"])
     panel = opened.dom[opened.dom.index('<section id="panel"'):]
     assert f'data-node="{chosen["node_id"]}"' in panel
-    assert f"feature {chosen['feature']} of layer {chosen['layer']} at {chosen['ctx_idx']}" in panel
+    index = chosen["node_id"].split("_")[1]
+    assert f"feature {index} of layer {chosen['layer']} at {chosen['ctx_idx']}" in panel
     assert f"{chosen['activation']:.4f}" in panel and "Strongest edges in" in panel and "Top contexts" in panel
     values = [float(v) for v in re.findall(r'<span class="value">([\d.]+)</span>', panel)]
     assert values and values == sorted(values, reverse=True)
@@ -251,7 +254,8 @@ def test_interp_py_intervene_prints_the_three_changes(text_transcoder, capsys):
     result = interp.main(["intervene", run_dir, "--transcoders", folder, "--prompt", "But, soft", "--feature",
                           feature["node_id"], "--scale", "0"])
     printed = capsys.readouterr().out
-    assert f"feature {feature['feature']} of layer {feature['layer']} at position {feature['ctx_idx']}" in printed
+    layer, index, position = feature["node_id"].split("_")
+    assert f"feature {index} of layer {layer} at position {position}" in printed
     assert "| logit | value | change predicted by the graph | attention frozen | attention recomputed |" in printed
     assert printed.count("\n| '") == len(result.logit_tokens) and result.after == 0
 
@@ -295,10 +299,12 @@ def test_circuit_tracer_builds_the_same_graph_from_the_exported_transcoders(kind
     circuit-tracer's `attribute` finds the same features and logits as ours and the same edges, with its
     convention of leaving the first position out. It computes in float32: its edges are as far from
     our float64 ones as our own float32 edges are (4.9e-5 of the largest edge, 2.2, both, here), and
-    the test allows twice that."""
+    the test allows twice that. And circuit-tracer's schema for its viewer's files reads our graph.json
+    unchanged."""
     import os
     import subprocess
 
+    import interp
     import sae as sae_module
     from analysis.graph import open_transcoders
     from analysis.runs import encode_exactly
@@ -319,10 +325,13 @@ def test_circuit_tracer_builds_the_same_graph_from_the_exported_transcoders(kind
     assert sorted(os.listdir(out)) == ["config.yaml", "layer_0.safetensors"]
     transcoders, run = open_transcoders(trained["sae_dir"], "cpu")
     tokens = encode_exactly(run, "But, soft! what", "prompt")  # the run's context is 16
+    ours_file = interp.main(["graph", run_dir, "--transcoders", trained["sae_dir"], "--prompt", "But, soft! what",
+                             "--out", str(tmp_path / "ours")])
     check = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness", "circuit_tracer_check.py")
-    done = subprocess.run([python, check, run_dir, out, ",".join(map(str, tokens)), str(tmp_path / "theirs.pt")],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([python, check, run_dir, out, ",".join(map(str, tokens)), str(tmp_path / "theirs.pt"),
+                           ours_file], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "schema ok" in done.stdout  # its viewer's schema reads our graph.json unchanged
     theirs = torch.load(str(tmp_path / "theirs.pt"), weights_only=False)
     single = attribute(run.model, torch.tensor([tokens]), transcoders, skip_first=True)  # float32, as theirs
     run.model.double()

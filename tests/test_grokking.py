@@ -68,7 +68,7 @@ def graph_leads_through_the_key_frequencies(run_dir: str, key_frequencies: list[
     with torch.no_grad():
         acts = transcoders.activations([capture(run.model, tokens, transcoders.hooks_in[0])[:, -1]])[0]  # [p², n]
     frequencies = neuron_frequencies(acts.reshape(p, p, -1))
-    top = [n["feature"] for n in kept]
+    top = [int(n["node_id"].split("_")[1]) for n in kept]  # layer_index_position
     print("graph features:", [(f, int(frequencies.frequency[f]), round(float(frequencies.explained[f]), 3)) for f in top],
           "key frequencies:", key_frequencies)
     assert all(int(frequencies.frequency[f]) in key_frequencies and float(frequencies.explained[f]) > 0.5 for f in top)

@@ -1,10 +1,12 @@
 """Run in the circuit-tracer virtualenv by tests/test_graph.py: argv = run directory, the folder
-`sae.py export --to circuit-tracer` wrote, the prompt's token ids (comma-separated), an output .pt.
+`sae.py export --to circuit-tracer` wrote, the prompt's token ids (comma-separated), an output .pt,
+and a graph.json of ours, which circuit-tracer's own schema for its viewer's files must read as it is.
 It converts our model to a TransformerLens 3 HookedTransformer (interop.transformerlens) with its
 norms folded (so that `mlp.hook_in` is the normalised input before the gain, what our transcoders
 read), builds circuit-tracer's TransformerLensReplacementModel from that config with those weights
 and the transcoders circuit-tracer's own load_transcoder_set opens, runs circuit-tracer's
 `attribute` on the prompt and saves its graph's tensors."""
+import json
 import os
 import sys
 from types import SimpleNamespace
@@ -14,13 +16,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from circuit_tracer import attribute  # noqa: E402
+from circuit_tracer.frontend.graph_models import Model  # noqa: E402
 from circuit_tracer.replacement_model.replacement_model_transformerlens import TransformerLensReplacementModel  # noqa: E402
 from circuit_tracer.transcoder import load_transcoder_set  # noqa: E402
 
 from analysis.runs import load_run  # noqa: E402
 from interop.transformerlens import to_transformer_lens  # noqa: E402
 
-run_dir, folder, prompt, out = sys.argv[1:5]
+run_dir, folder, prompt, out, ours = sys.argv[1:6]
+with open(ours) as f:
+    document = json.load(f)
+read = Model.model_validate(document)  # circuit-tracer's viewer files (frontend/graph_models.py)
+assert read.model_dump() == document, "graph.json holds fields or values its schema would change"
+print("schema ok", len(read.nodes), "nodes", len(read.links), "links")
 run = load_run(run_dir, device="cpu")
 tl = to_transformer_lens(run.model.float())
 tl.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=False)
