@@ -164,6 +164,10 @@ class TaskData:
         rows = rows.to(self.val_x.device)
         return ReportSample(self.val_x[rows], self.val_y[rows], "validation examples")
 
+    def graph_example(self) -> list[int]:
+        """The prompt `interp.py graph` traces when given none: the first example the report reads."""
+        return self.report_sample().tokens[0].tolist()
+
     def corrupt(self, tokens: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, int]:
         """A corrupted copy of tokens [B, T] that differs at one position, and that position: here the
         second-to-last token becomes another token of the vocabulary (never the same one)."""

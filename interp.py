@@ -101,7 +101,7 @@ def open_graph_run(cfg: GraphConfig):
     # says where a run's corpus is now.
     moved = cfg.data_path if cfg.data_path != ModelSourceConfig.data_path and not cfg.model else ""
     transcoders, run = open_transcoders(cfg.transcoders, cfg.device, source=ModelSourceConfig.corpus_at(moved))
-    if cfg.run_dir and os.path.abspath(run_folder(cfg.run_dir)) != os.path.abspath(run_folder(run.checkpoint_path)):
+    if cfg.run_dir and os.path.realpath(run_folder(cfg.run_dir)) != os.path.realpath(run_folder(run.checkpoint_path)):
         raise ConfigError(f"--transcoders: they replace the MLPs of {run_folder(run.checkpoint_path)}, not {cfg.run_dir}")
     if run.device.type == "cpu":
         run.model.double()
@@ -129,9 +129,10 @@ def intervention(argv: list[str]):
 
 def graph_tokens(run, prompt: str) -> list[int]:
     """The prompt's token ids: a text run's tokenizer, else the tokens named as the run names them
-    (`3 5 =`); no prompt: the first example the run's report reads."""
+    (`3 5 =`); no prompt: the run's task's own example (modular: the first pair the report reads;
+    Dyck: the first example before its last closing bracket)."""
     if not prompt:
-        return run.data.report_sample().tokens[0].tolist()
+        return run.data.graph_example()
     if run.data.generates_text:
         return encode_exactly(run, prompt, "prompt")
     names = {name: i for i, name in enumerate(run.data.token_names(range(run.data.vocab_size)))}

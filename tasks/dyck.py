@@ -35,6 +35,12 @@ class DyckData(_IndexedData):
         """`all` is every position of the sequence: BOS, brackets and EOS, not the padding after it."""
         return tokens != self.PAD if positions == "all" else super().position_mask(tokens, targets, positions)
 
+    def graph_example(self) -> list[int]:
+        """The first report example up to its last closing bracket, left out: the graph of a closing bracket."""
+        tokens = self.report_sample().tokens[0].tolist()
+        last = max(i for i, t in enumerate(tokens) if t in self.close_tokens)
+        return tokens[:last]
+
     def token_names(self, ids) -> list[str]:
         """The brackets, and <pad>, <bos>, <eos>."""
         k, pairs = self.cfg.dyck_types, "([{<"

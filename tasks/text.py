@@ -376,6 +376,7 @@ class RunTextData:
     position_mask, token_names = TaskData.position_mask, TaskData.token_names
     split_tokens = TextData.split_tokens  # from train_tokens / val_tokens: the excerpt when the corpus is away
     report_sample, sae_sections = TextData.report_sample, TextData.sae_sections  # the excerpt is what they read
+    graph_example = TaskData.graph_example
     corrupt, probe_labels, report_sections = TaskData.corrupt, TaskData.probe_labels, TaskData.report_sections
     ablate_neurons, answer_tokens = TaskData.ablate_neurons, TaskData.answer_tokens
 

@@ -357,3 +357,26 @@ def test_a_transcoder_circuit_tracers_files_cannot_hold_is_refused(text_transcod
     run_bad_input("sae.py", ["export", folder, "--to", "circuit-tracer", str(tmp_path / "out")], tmp_path,
                   "--to circuit-tracer:", "is a topk transcoder, and circuit-tracer's files hold ReLU or JumpReLU",
                   watch=(run_dir,))
+
+
+@pytest.mark.slow
+def test_a_dyck_runs_own_example_is_the_graph_of_a_closing_bracket(trained_runs):
+    """`interp.py graph` of a Dyck run with no prompt traces its first example up to its last closing
+    bracket: the graph's logits are read where the next token is that bracket."""
+    import json
+
+    import interp
+    import sae as sae_module
+    from analysis.runs import load_run
+    from test_transcoders import QUICK
+    run_dir = trained_runs["dyck"]
+    trained = sae_module.main([run_dir, "--transcoder", "per_layer", "--layer", "0", "--arch", "topk", "--k", "8",
+                               "--positions", "all", *QUICK, "--name", "graph-dyck"])
+    document = json.load(open(interp.main(["graph", run_dir, "--transcoders", trained["sae_dir"]])))
+    run = load_run(run_dir, device="cpu")
+    example = run.data.report_sample().tokens[0].tolist()
+    shown = document["metadata"]["prompt_tokens"]
+    assert shown == run.data.token_names(example[:len(shown)]) and shown[0] == "<bos>"
+    cut = len(shown)
+    assert example[cut] in run.data.close_tokens  # next: a closing bracket
+    assert not set(example[cut + 1:]) & set(run.data.close_tokens)  # the example's last one
