@@ -56,9 +56,13 @@ class Transcoders:
     def layers(self) -> int:
         return len(self.hooks_in)
 
+    def of(self, layer: int):
+        """The dictionary that holds layer `layer`'s features."""
+        return self.saes[0] if self.cross else self.saes[layer]
+
     def encoder(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(W [d, n], b [n]) of layer `layer`'s features: pre-activation = x W + b for its MLP input x."""
-        return self.saes[0].encoder(layer) if self.cross else self.saes[layer].encoder(layer)
+        return self.of(layer).encoder(layer)
 
     def decoder(self, source: int, target: int) -> torch.Tensor | None:
         """[n, d]: what layer `source`'s features write, per unit of activation, to MLP `target`'s output
@@ -69,8 +73,8 @@ class Transcoders:
         return self.saes[source].decoder(source) if target == source else None
 
     def skip(self, layer: int) -> torch.Tensor | None:
-        sae = self.saes[0] if self.cross else self.saes[layer]
-        return sae.W_skip if getattr(sae, "skip", False) else None
+        sae = self.of(layer)
+        return sae.W_skip if sae.skip else None
 
     @torch.no_grad()
     def features(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]):
@@ -90,11 +94,7 @@ class Transcoders:
 
     def bias(self, layer: int) -> torch.Tensor:
         """[d]: what MLP `layer`'s replacement writes with no feature active (its decoder bias)."""
-        if self.cross:
-            clt = self.saes[0]
-            d = clt.layer_d_out
-            return (clt.b_dec * clt.target_scale)[layer * d:(layer + 1) * d]
-        return self.saes[layer].b_dec * self.saes[layer].out_scale
+        return self.of(layer).decoder_bias(layer)
 
     def encode_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Layer `layer`'s feature activations [..., n] from its MLP input x [..., d]. A cross-layer

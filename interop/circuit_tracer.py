@@ -18,17 +18,16 @@ import os
 from config import ConfigError
 from utils import new_or_empty, write_folder
 
-EXPORTED = {"relu": "relu", "jumprelu": "jumprelu", "batchtopk": "jumprelu", "matryoshka": "jumprelu"}
+EXPORTED = ("standard", "jumprelu")  # what our kinds are in use (saelens_architecture): ReLU or JumpReLU
 
 
 def circuit_tracer_weights(sae) -> dict:
     """One per-layer transcoder's tensors under circuit-tracer's names, in the model's units."""
-    weights = {"W_enc": (sae.W_enc / sae.scale).T, "W_dec": sae.W_dec * sae.out_scale, "b_enc": sae.b_enc,
-               "b_dec": sae.b_dec * sae.out_scale}
-    if sae.arch == "jumprelu":
-        weights["activation_function.threshold"] = sae.threshold
-    elif sae.arch in ("batchtopk", "matryoshka"):  # in use, a JumpReLU with one threshold for every feature
-        weights["activation_function.threshold"] = sae.threshold.to(sae.b_enc.dtype).expand(sae.dict_size)
+    W_enc, b_enc = sae.encoder(0)
+    weights = {"W_enc": W_enc.T, "W_dec": sae.decoder(0), "b_enc": b_enc, "b_dec": sae.decoder_bias(0)}
+    threshold = sae.saelens_weights().get("threshold")  # a JumpReLU's, per feature (batchtopk: one for all)
+    if threshold is not None:
+        weights["activation_function.threshold"] = threshold
     if sae.skip:
         weights["W_skip"] = sae.W_skip.T
     return {name: value.detach().float().contiguous().cpu() for name, value in weights.items()}
@@ -43,7 +42,7 @@ def export_circuit_tracer(transcoders, out: str) -> str:
         raise ConfigError("--to circuit-tracer: sae.py writes circuit-tracer's per-layer transcoders; this is a "
                           "cross-layer one")
     for folder, sae in zip(transcoders.folders, transcoders.saes):
-        if sae.arch not in EXPORTED:
+        if sae.saelens_architecture not in EXPORTED:
             raise ConfigError(f"--to circuit-tracer: {folder} is a {sae.arch} transcoder, and circuit-tracer's files "
                               f"hold ReLU or JumpReLU ones; train it with --arch jumprelu, batchtopk or relu")
     if not new_or_empty(out):

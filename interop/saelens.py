@@ -50,11 +50,9 @@ def saelens_folder(sae: SparseAutoencoder, cfg: SAEConfig, model_name: str) -> t
     return config, {name: value.float().contiguous() for name, value in weights.items()}
 
 
-# Our transcoder kinds -> SAELens's transcoder architectures (without, with a skip path): ReLU ones, and
-# JumpReLU ones (batchtopk and matryoshka are JumpReLU transcoders in use, one threshold for all).
-TRANSCODERS = {"relu": ("transcoder", "skip_transcoder"), "jumprelu": ("jumprelu_transcoder", "jumprelu_skip_transcoder"),
-               "batchtopk": ("jumprelu_transcoder", "jumprelu_skip_transcoder"),
-               "matryoshka": ("jumprelu_transcoder", "jumprelu_skip_transcoder")}
+# What our kinds are in use (saelens_architecture) -> SAELens's transcoder architectures (without, with
+# a skip path): ReLU ones, and JumpReLU ones (batchtopk and matryoshka too, one threshold for all).
+TRANSCODERS = {"standard": ("transcoder", "skip_transcoder"), "jumprelu": ("jumprelu_transcoder", "jumprelu_skip_transcoder")}
 
 
 def saelens_transcoder(sae: SparseAutoencoder, cfg: SAEConfig, model_name: str) -> tuple[dict, dict]:
@@ -63,15 +61,15 @@ def saelens_transcoder(sae: SparseAutoencoder, cfg: SAEConfig, model_name: str) 
     and output scales folded in, so that its features and output are ours exactly."""
     if sae.cross_layer:
         raise ConfigError("--to saelens: SAELens has no cross-layer transcoder; export per-layer ones")
-    if sae.arch not in TRANSCODERS:
+    if sae.saelens_architecture not in TRANSCODERS:
         raise ConfigError(f"--to saelens: SAELens has no {sae.arch} transcoder; its transcoders are ReLU and JumpReLU "
                           f"ones (train with --arch relu, jumprelu, batchtopk or matryoshka)")
-    scale, out_scale = float(sae.scale), float(sae.out_scale)
-    weights = {"W_enc": sae.W_enc.detach() / scale, "W_dec": sae.W_dec.detach() * out_scale,
-               "b_enc": sae.b_enc.detach().clone(), "b_dec": sae.b_dec.detach() * out_scale, **sae.saelens_weights()}
+    W_enc, b_enc = sae.encoder(0)
+    weights = {"W_enc": W_enc, "W_dec": sae.decoder(0), "b_enc": b_enc, "b_dec": sae.decoder_bias(0),
+               **sae.saelens_weights()}
     if sae.skip:
-        weights["W_skip"] = sae.W_skip.detach().T
-    config = {"architecture": TRANSCODERS[sae.arch][int(sae.skip)], "d_in": sae.d, "d_sae": sae.dict_size,
+        weights["W_skip"] = sae.W_skip.T
+    config = {"architecture": TRANSCODERS[sae.saelens_architecture][int(sae.skip)], "d_in": sae.d, "d_sae": sae.dict_size,
               "d_out": sae.d_out, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": False,
               "normalize_activations": "none", "reshape_activations": "none",
               "metadata": {"sae_lens_version": "6.0.0", "sae_lens_training_version": None, "hook_name": cfg.hook,
@@ -79,7 +77,7 @@ def saelens_transcoder(sae: SparseAutoencoder, cfg: SAEConfig, model_name: str) 
                            "prepend_bos": False, "context_size": None, "dataset_path": None,
                            "model_from_pretrained_kwargs": {}, "exported_by": "tinylab sae.py export",
                            "tinylab_arch": sae.arch, "tinylab_transcoder": cfg.transcoder}}
-    return config, {name: value.float().contiguous() for name, value in weights.items()}
+    return config, {name: value.detach().float().contiguous() for name, value in weights.items()}
 
 
 def is_saelens_folder(path: str) -> bool:

@@ -46,6 +46,7 @@ class SparseAutoencoder(nn.Module):
     saelens_architecture: str | None = None
     logged: tuple[str, ...] = ()
     cross_layer = False  # saes/crosslayer.py's transcoders say True
+    layers = 1  # the layers a dictionary spans (a cross-layer transcoder: every block)
 
     def __init__(self, d: int, dict_size: int, k: int = 32, jumprelu_init_threshold: float = 0.01,
                  jumprelu_bandwidth: float = 0.05, d_out: int = 0, skip: bool = False):
@@ -217,6 +218,10 @@ class SparseAutoencoder(nn.Module):
     def decoder(self, layer: int) -> torch.Tensor:
         """[n, d_out]: each feature's write to the output it reconstructs, in the model's units."""
         return self.residual_writes()
+
+    def decoder_bias(self, layer: int) -> torch.Tensor:
+        """[d_out]: what the reconstruction is with no feature active, in the model's units."""
+        return self.b_dec * self.target_scale
 
     def encoder(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(W [d, n], b [n]): a transcoder's pre-activations are x W + b for its input x, in model units."""

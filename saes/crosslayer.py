@@ -98,9 +98,6 @@ class CrossLayer:
 
     # ---- what the metrics, the report and the graphs read
 
-    def layer_of(self, feature: torch.Tensor) -> torch.Tensor:
-        return feature // self.layer_n
-
     def residual_writes(self) -> torch.Tensor:
         """[L n, d_out]: what each feature adds to the residual stream, summed over the layers it writes to."""
         return (self.W_dec * self.target_scale).unflatten(-1, (self.layers, self.layer_d_out)).sum(1)
@@ -109,6 +106,11 @@ class CrossLayer:
         """[L n, d_out]: each feature's write to layer `layer`'s MLP output, in the model's units."""
         d = self.layer_d_out
         return self.W_dec[:, layer * d:(layer + 1) * d] * self.out_scale[layer]
+
+    def decoder_bias(self, layer: int) -> torch.Tensor:
+        """[d_out]: MLP `layer`'s reconstruction with no feature active, in the model's units."""
+        d = self.layer_d_out
+        return self.b_dec[layer * d:(layer + 1) * d] * self.out_scale[layer]
 
     def encoder(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(W [d, n], b [n]): layer `layer`'s pre-activations are x W + b for its MLP input x, model units."""

@@ -22,7 +22,7 @@ def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, chunk: int =
     transcoder, of what it reconstructs (its output: the MLP's, for explained variance); for a
     cross-layer one, also each layer's: layer_<m>_explained_variance of MLP m's output, and
     layer_<l>_l0 and layer_<l>_never_fired_frac of layer l's features."""
-    layers = sae.layers if sae.cross_layer else 1
+    layers = sae.layers
     squared, total = torch.zeros(layers, dtype=torch.float64), torch.zeros(layers, dtype=torch.float64)
     mse = l0 = 0.0
     layer_l0 = torch.zeros(layers, dtype=torch.float64)
@@ -41,9 +41,8 @@ def reconstruction_metrics(sae: SparseAutoencoder, x: torch.Tensor, chunk: int =
                "l0": l0 / len(x), "never_fired_frac": float((fired == 0).float().mean())}
     if sae.cross_layer:
         per_layer = fired.reshape(layers, -1)
-        for m in range(layers):
-            metrics[f"layer_{m}_explained_variance"] = 1 - float(squared[m]) / max(float(total[m]), 1e-12)
-        for layer in range(layers):
+        for layer in range(layers):  # the explained variance of MLP `layer`'s output; its own features' l0
+            metrics[f"layer_{layer}_explained_variance"] = 1 - float(squared[layer]) / max(float(total[layer]), 1e-12)
             metrics[f"layer_{layer}_l0"] = float(layer_l0[layer]) / len(x)
             metrics[f"layer_{layer}_never_fired_frac"] = float((per_layer[layer] == 0).float().mean())
     metrics["feature_density"] = (fired.float() / len(x)).cpu()
@@ -63,7 +62,7 @@ def held_out_metrics(sae: "SparseAutoencoder", run, held_out: Sequences, rows: t
     metrics = reconstruction_metrics(sae, rows)
     density = metrics.pop("feature_density")
     metrics.update(spliced_metrics(run.model, held_out, hook, lambda r: sae(r)[0], run.data.loss_positions,
-                                   replaced=sae.layers if sae.cross_layer else 1))
+                                   replaced=sae.layers))
     return metrics, density
 
 
