@@ -378,21 +378,28 @@ def test_two_ranks_train_the_sae_one_process_trains(tmp_path, trained_runs, arch
     # Resampling draws new directions from rank 0's share of the batch, so it is off here.
     common = [*QUICK, "--source", "dump", "--dump", str(tmp_path / "dump"), "--resample_every", "0", "--log_every", "1",
               "--arch", arch, "--k", "8"]
-    one = sae_module.main([run_dir, *common, "--name", f"one-{arch}"])
-    result = run_torchrun([run_dir, *common, "--name", f"two-{arch}"], cwd=str(tmp_path), script="sae.py")
+    # Measured: mse 2.4e-7 relative apart at most (float sums split across ranks), the same features
+    # chosen at every step (equal L0), weights 9e-8 apart, batchtopk's threshold 2e-11.
+    x, y = one_and_two_ranks(run_dir, common, arch, tmp_path)
+    assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=1e-6, atol=1e-6) for k in x)
+
+
+def one_and_two_ranks(run_dir: str, common: list[str], name: str, tmp_path) -> tuple[dict, dict]:
+    """sae.py `common` in one process and under torchrun on two ranks (<name>-one, <name>-two): asserts a
+    clean exit, the same steps logged, the same L0 at each and the mse within 1e-6; returns the two
+    final weights."""
+    one = sae_module.main([run_dir, *common, "--name", f"{name}-one"])
+    result = run_torchrun([run_dir, *common, "--name", f"{name}-two"], cwd=str(tmp_path), script="sae.py")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gloo threads outlived" not in result.stderr  # the DDP wrapper went before the process group
     a = {r["step"]: r for r in read_metrics(os.path.join(one["sae_dir"], "metrics.jsonl"))}
-    b = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", f"two-{arch}", "metrics.jsonl"))}
+    b = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", f"{name}-two", "metrics.jsonl"))}
     assert sorted(a) == sorted(b) == list(range(1, 21))
-    # Measured: mse 2.4e-7 relative apart at most (float sums split across ranks), the same features
-    # chosen at every step (equal L0), weights 9e-8 apart, batchtopk's threshold 2e-11.
     for step in a:
         assert b[step]["train_mse"] == pytest.approx(a[step]["train_mse"], rel=1e-6), step
         assert b[step]["train_l0"] == a[step]["train_l0"], step
-    x = torch.load(os.path.join(one["sae_dir"], "last.pt"), weights_only=True)["model"]
-    y = torch.load(os.path.join(run_dir, "sae", f"two-{arch}", "last.pt"), weights_only=True)["model"]
-    assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=1e-6, atol=1e-6) for k in x)
+    return tuple(torch.load(os.path.join(run_dir, "sae", f"{name}-{n}", "last.pt"), weights_only=True)["model"]
+                 for n in ("one", "two"))
 
 
 @pytest.mark.parametrize("task,picture,text", [

@@ -13,13 +13,13 @@ import torch
 import sae as sae_module
 from analysis.runs import capture, hook_width, load_run, split_sequences
 from analysis.sources import DumpConfig, dump
-from conftest import run_bad_input, run_torchrun
+from conftest import run_bad_input
 from plumbing.tracking import read_metrics
 from saes import build_sae
 from saes.base import update
 from saes.config import SAEConfig
 from saes.metrics import reconstruction_metrics, spliced_metrics
-from test_sae import write_rows_as_dump
+from test_sae import one_and_two_ranks, write_rows_as_dump
 
 LAYER0 = "blocks.0.ln2.hook_normalized+blocks.0.hook_mlp_out"  # what a row of a per-layer transcoder at block 0 is
 QUICK = ["--dict_size", "96", "--batch_size", "64", "--max_steps", "20", "--eval_every", "10", "--log_every", "5",
@@ -227,22 +227,6 @@ def test_sae_py_trains_a_transcoder_that_resumes_exactly_and_reports(tmp_path, t
 def test_bad_transcoder_flags_name_the_flag(tmp_path, trained_runs, args, message):
     run_bad_input("sae.py", [trained_runs["modular"], *args, "--max_steps", "2", "--device", "cpu"], tmp_path,
                   message, watch=(trained_runs["modular"],))
-
-
-def one_and_two_ranks(run_dir: str, common: list[str], name: str, tmp_path) -> tuple[dict, dict]:
-    """sae.py `common` in one process and under torchrun on two ranks: asserts the same steps logged,
-    the same L0 at each and the mse within 1e-6; returns the two final weights."""
-    one = sae_module.main([run_dir, *common, "--name", f"{name}-one"])
-    result = run_torchrun([run_dir, *common, "--name", f"{name}-two"], cwd=str(tmp_path), script="sae.py")
-    assert result.returncode == 0, result.stderr[-3000:]
-    a = {r["step"]: r for r in read_metrics(os.path.join(one["sae_dir"], "metrics.jsonl"))}
-    b = {r["step"]: r for r in read_metrics(os.path.join(run_dir, "sae", f"{name}-two", "metrics.jsonl"))}
-    assert sorted(a) == sorted(b) == list(range(1, 21))
-    for step in a:
-        assert b[step]["train_mse"] == pytest.approx(a[step]["train_mse"], rel=1e-6), step
-        assert b[step]["train_l0"] == a[step]["train_l0"], step
-    return tuple(torch.load(os.path.join(run_dir, "sae", f"{name}-{n}", "last.pt"), weights_only=True)["model"]
-                 for n in ("one", "two"))
 
 
 @pytest.mark.slow
