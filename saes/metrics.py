@@ -151,11 +151,7 @@ def replacement_metrics(run, transcoders, held_out: Sequences) -> dict:
 
     def replace(rows: torch.Tensor) -> torch.Tensor:
         """Every MLP's replacement output from rows [every MLP's input, every MLP's output] (each d_model wide)."""
-        rows = rows.to(dtype)
-        if transcoders.cross:
-            return transcoders.saes[0](rows)[0].float()
-        parts = rows.chunk(2 * layers, -1)
-        return torch.cat([sae(torch.cat([parts[m], parts[layers + m]], -1))[0]
-                          for m, sae in enumerate(transcoders.saes)], -1).float()
+        parts = list(rows.to(dtype).chunk(2 * layers, -1))
+        return torch.cat(transcoders.features(parts[:layers], parts[layers:])[1], -1).float()
 
     return spliced_metrics(run.model, held_out, hooks, replace, run.data.loss_positions, replaced=layers)
