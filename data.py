@@ -168,6 +168,12 @@ class TaskData:
         """The prompt `interp.py graph` traces when given none: the first example the report reads."""
         return self.report_sample().tokens[0].tolist()
 
+    def circuit_pairs(self, count: int, seed: int = 0) -> list[tuple[list[int], list[int], int, int]]:
+        """`interp.py circuit --pairs builtin`: up to `count` (clean, corrupted, right answer, wrong answer)
+        rows of token ids, each pair's two inputs of the same length."""
+        raise ConfigError("--pairs builtin: this run's task has no built-in clean/corrupted pairs; give a JSONL "
+                          "file of {\"clean\", \"corrupted\", \"right\", \"wrong\"} rows (docs/circuits.md)")
+
     def corrupt(self, tokens: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, int]:
         """A corrupted copy of tokens [B, T] that differs at one position, and that position: here the
         second-to-last token becomes another token of the vocabulary (never the same one)."""

@@ -8,6 +8,8 @@ of grokked modular arithmetic) live in the analysis package and fourier.py.
                                        # an attribution graph: <transcoders>/graphs/<prompt>/graph.json
     python interp.py intervene runs/<run> --transcoders DIR --prompt "..." --feature 0_31_1 --scale 0
                                        # the logits' change: the graph's prediction against the model's
+    python interp.py circuit runs/<run> --pairs builtin --method eap_ig --faithfulness 0.9
+                                       # the circuit: <run>/circuit/<method>-<ablation>-<metric>/circuit.json
 
 In a notebook, `import interp` (or `import analysis`) gives every analysis function by name:
 
@@ -26,15 +28,18 @@ import sys
 import torch
 
 from analysis import *  # noqa: F401,F403 (a notebook's namespace: `import interp; interp.logit_lens(...)`)
+from analysis.circuit import ABLATIONS, IG_PATHS, METHODS, METRICS, SEARCHES, edge_graph, find_circuit, read_pairs, score
+from analysis.circuit_page import summary_of, write_circuit
 from analysis.graph import intervene, open_transcoders, slug_of, write_graph
 from analysis.report import write_report
-from analysis.runs import encode_exactly, run_folder
+from analysis.runs import encode_exactly, load_run, run_folder
 from config import ConfigError, ModelSourceConfig, need, parse_flags, section
 from plumbing.session import run_command
 
 
 _report = section("report")
 _graph = section("attribution graph")
+_circuit = section("circuit discovery")
 
 
 @dataclass
@@ -93,6 +98,72 @@ class InterveneConfig(GraphConfig):
     def where(self) -> tuple[int, int, int]:
         layer, feature, position = map(int, self.feature.split("_"))
         return layer, position, feature
+
+
+@dataclass
+class CircuitConfig(ModelSourceConfig):
+    run_dir: str = _circuit("", "a run directory (runs/<run>) or a checkpoint file (or --model)")
+    pairs: str = _circuit("builtin", "clean/corrupted pairs: a JSONL file of {clean, corrupted, right, wrong} rows, or "
+                                     "builtin (the run's task's own: modular, another operand; Dyck, a bracket swapped)")
+    num_pairs: int = _circuit(64, "use at most this many pairs (0: all in the file; builtin: 128)")
+    method: str = _circuit("eap_ig", "eap_ig | eap | attribution (nodes) | exact (one patched pass per edge)")
+    ablation: str = _circuit("resample", "what an ablated edge carries: resample (the corrupted run's value) | mean "
+                                         "(its mean over the corrupted inputs) | zero")
+    metric: str = _circuit("logit_diff", "logit_diff (right - wrong answer) | loss (the right answer's log-probability)")
+    ig_steps: int = _circuit(5, "with eap_ig: points on the path from ablated to clean")
+    ig_path: str = _circuit("inputs", "with eap_ig: inputs (interpolate the input embeddings, Hanna et al.; resample "
+                                      "only) | edges (every edge ablated by the same amount, auto-circuit's)")
+    level: str = _circuit("edge", "edge | node (heads and MLPs; attribution is always node-level)")
+    positions: bool = _circuit(False, "score each edge at each position apart (pairs of one length)")
+    faithfulness: float = _circuit(0.9, "the share of the behaviour the circuit must keep, in (0, 1]")
+    search: str = _circuit("topn", "topn (the best |score| first) | greedy (grow a connected circuit from the logits)")
+    batch_size: int = _circuit(32, "pairs per pass")
+    out: str = _circuit("", "output directory (default <run>/circuit/<method>-<ablation>-<metric>)")
+    device: str = _circuit("cpu", "cpu | cuda | auto (on cpu in float64)")
+
+    def validate(self) -> "CircuitConfig":
+        for name, allowed in (("method", METHODS), ("ablation", ABLATIONS), ("metric", METRICS),
+                              ("search", SEARCHES), ("ig_path", IG_PATHS), ("level", ("edge", "node"))):
+            need(getattr(self, name) in allowed, name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        need(0 < self.faithfulness <= 1, "faithfulness", f"must be in (0, 1], got {self.faithfulness}")
+        need(self.ig_steps >= 1, "ig_steps", f"must be at least 1, got {self.ig_steps}")
+        need(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        need(self.num_pairs >= 0, "num_pairs", f"must be 0 or more, got {self.num_pairs}")
+        need(bool(self.pairs), "pairs", "name a JSONL file of clean/corrupted pairs, or builtin")
+        need(not (self.method == "eap_ig" and self.ig_path == "inputs" and self.ablation != "resample"), "ig_path",
+             f"inputs interpolates towards the corrupted inputs, so it needs --ablation resample; use --ig_path edges "
+             f"with --ablation {self.ablation}")
+        self.validate_source()
+        return self
+
+
+def circuit(argv: list[str]) -> str:
+    """interp.py circuit: scores, circuit.json, circuit.html, faithfulness.png and report.md under --out."""
+    from utils import new_or_empty, write_folder
+
+    cfg, _ = parse_flags(CircuitConfig, argv, "interp.py circuit", "Score every edge of the model's graph on "
+                         "clean/corrupted pairs and find the smallest circuit that keeps --faithfulness of the "
+                         "behaviour, with MIB's CPR and CMD.", positional="run_dir")
+    run = load_run(cfg.run_dir, cfg.device, source=cfg)
+    pairs, source = read_pairs(run, cfg.pairs, cfg.num_pairs)
+    if cfg.positions and not pairs.same_length:
+        raise ConfigError("--positions: the pairs have different lengths; per-position scores need pairs of one length")
+    out = cfg.out or os.path.join(run_folder(cfg.run_dir), "circuit", f"{cfg.method}-{cfg.ablation}-{cfg.metric}")
+    if not new_or_empty(out):
+        raise ConfigError(f"--out: {out} already holds files; name another folder with --out")
+    model = run.model.double() if run.device.type == "cpu" else run.model
+    pairs = pairs.to(run.device)
+    graph = edge_graph(model)
+    print(f"{len(pairs)} pairs, {graph.num_edges:,} edges between {len(graph.senders)} senders and "
+          f"{len(graph.receivers)} receivers; {cfg.method} with {cfg.ablation} ablation", flush=True)
+    scores = score(model, graph, pairs, cfg.method, cfg.ablation, cfg.metric, cfg.ig_steps, cfg.positions,
+                   cfg.level == "node", cfg.batch_size, cfg.ig_path, quiet=False)
+    result = find_circuit(model, scores, pairs, cfg.faithfulness, cfg.search, cfg.batch_size)
+    doc = write_folder(out, lambda staging: write_circuit(staging, result, cfg.run_dir, source, len(pairs), cfg.ig_path,
+                                                          run.cfg.num_blocks, run.cfg.num_heads))
+    print(summary_of(doc))
+    print(f"wrote {out}/circuit.json")
+    return os.path.join(out, "circuit.json")
 
 
 def open_graph_run(cfg: GraphConfig):
@@ -161,6 +232,8 @@ def main(argv: list[str] | None = None) -> str:
         return graph(argv[1:])
     if argv and argv[0] == "intervene":
         return intervention(argv[1:])
+    if argv and argv[0] == "circuit":
+        return circuit(argv[1:])
     cfg, _ = parse_flags(ReportConfig, argv, "interp.py", "Write an interpretability report for a run or a "
                          "pretrained model.", positional="run_dir")
     path = write_report(cfg.run_dir, cfg.out or None, cfg.device, source=cfg)

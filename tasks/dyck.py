@@ -41,6 +41,37 @@ class DyckData(_IndexedData):
         last = max(i for i, t in enumerate(tokens) if t in self.close_tokens)
         return tokens[:last]
 
+    def circuit_pairs(self, count: int, seed: int = 0) -> list[tuple[list[int], list[int], int, int]]:
+        """A validation prefix whose next token is a closing bracket, against the same prefix with the
+        bracket it closes swapped for another type: right is the closing bracket of the first, wrong that
+        of the second. One closing position per sequence, drawn at random."""
+        k = self.cfg.dyck_types
+        if k < 2:
+            raise ConfigError("--pairs builtin: a Dyck run with one bracket type has no bracket to swap")
+        rng = np.random.default_rng(seed)
+        pairs = []
+        for row in self.val_sequences[: 4 * count]:
+            row = [int(t) for t in row]
+            closes = [t for t in range(1, len(row)) if row[t] in self.close_tokens]
+            if not closes:
+                continue
+            at = int(rng.choice(closes))  # predicted from the prefix row[:at]
+            stack = []
+            for t in range(at):
+                if row[t] in self.open_tokens:
+                    stack.append(t)
+                elif row[t] in self.close_tokens:
+                    stack.pop()
+            opened = stack[-1]
+            kind = row[opened] - self.open_tokens[0]
+            other = (kind + int(rng.integers(1, k))) % k
+            corrupted = list(row[:at])
+            corrupted[opened] = self.open_tokens[other]
+            pairs.append((row[:at], corrupted, self.close_tokens[kind], self.close_tokens[other]))
+            if len(pairs) == count:
+                break
+        return pairs
+
     def token_names(self, ids) -> list[str]:
         """The brackets, and <pad>, <bos>, <eos>."""
         k, pairs = self.cfg.dyck_types, "([{<"

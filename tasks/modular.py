@@ -75,6 +75,21 @@ class ModularData(_IndexedData):
         sample.labels = ["a", "b", "="]
         return sample
 
+    def circuit_pairs(self, count: int, seed: int = 0) -> list[tuple[list[int], list[int], int, int]]:
+        """`a b =` against `a' b =` with another operand a' (drawn at random), right the answer to the first
+        and wrong the answer to the second: pairs drawn from the whole table, none whose answers agree."""
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(len(self.a), generator=generator)[:count]
+        shifts = torch.randint(1, self.p, (len(rows),), generator=generator)
+        table = {(int(a), int(b)): int(c) for a, b, c in zip(self.a, self.b, self.answer)}
+        pairs = []
+        for row, shift in zip(rows.tolist(), shifts.tolist()):
+            a, b = int(self.a[row]), int(self.b[row])
+            other = (a + shift) % self.p
+            if (other, b) in table and table[(other, b)] != table[(a, b)]:
+                pairs.append(([a, b, self.p], [other, b, self.p], table[(a, b)], table[(other, b)]))
+        return pairs
+
     def corrupt(self, tokens: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, int]:
         """`a` (position 0) becomes another number, so the answer changes."""
         return _shift_tokens(tokens, 0, self.p, seed)
