@@ -22,6 +22,7 @@ from data import ReportSample, TaskData, _step_seed, build_data
 from plumbing.corpus import (CharTokenizer, HFTokenizer, TiktokenTokenizer, TokenStream, open_corpus,
                               tokenizer_label)
 from plumbing.distributed import Dist
+from tasks import ioi
 from utils import write_json
 
 
@@ -159,6 +160,13 @@ class TextData(TaskData):
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
+
+    def circuit_pairs(self, count: int, seed: int = 0) -> list[tuple[list[int], list[int], int, int]]:
+        """IOI-style pairs (tasks/ioi.py) in the run's tokenizer: a BPE tokenizer's (GPT-2's, say)."""
+        try:
+            return ioi.pairs(self.encode, count, seed)[0]
+        except ValueError as error:
+            raise ConfigError(f"--pairs builtin: {error}; give a JSONL file of pairs instead (docs/circuits.md)") from None
 
     # -- what the reports show
     def report_sample(self) -> ReportSample:
@@ -376,7 +384,7 @@ class RunTextData:
     position_mask, token_names = TaskData.position_mask, TaskData.token_names
     split_tokens = TextData.split_tokens  # from train_tokens / val_tokens: the excerpt when the corpus is away
     report_sample, sae_sections = TextData.report_sample, TextData.sae_sections  # the excerpt is what they read
-    graph_example = TaskData.graph_example
+    graph_example, circuit_pairs = TaskData.graph_example, TextData.circuit_pairs
     corrupt, probe_labels, report_sections = TaskData.corrupt, TaskData.probe_labels, TaskData.report_sections
     ablate_neurons, answer_tokens = TaskData.ablate_neurons, TaskData.answer_tokens
 
