@@ -39,6 +39,7 @@ def write_report(run_dir: str, out_dir: str | None = None, device: str = "auto",
             lines += written
         found, written = run.data.report_sections(run, out_dir)  # the task's own, last; its findings lead
         summary, lines = found + summary, lines + written
+        lines += circuits(run_folder(run_dir), out_dir)
         path = os.path.join(out_dir, "report.md")
         with open(path, "w") as f:
             f.write("\n".join(header + ["## Findings", "", *summary, ""] + lines))
@@ -132,3 +133,20 @@ def patching(run, sample, out_dir: str) -> tuple[list[str], list[str]]:
     summary = [f"- Linear probes at `{at}` on the final residual stream (held-out accuracy): " + ", ".join(
         f"{label} {by_layer[names[-1]].heldout_accuracy:.2f}" for label, by_layer in probes.items()) + "."]
     return summary, lines
+
+
+def circuits(run_dir: str, out_dir: str) -> list[str]:
+    """The sections of the circuits `interp.py circuit` wrote under <run>/circuit/, each with its curve
+    and page linked from the report's folder."""
+    import json
+
+    from analysis.circuit_page import report_lines
+
+    root = os.path.join(run_dir, "circuit")
+    lines = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name, "circuit.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                lines += report_lines(json.load(f), os.path.relpath(os.path.join(root, name), out_dir))
+    return lines

@@ -225,14 +225,37 @@ def test_interp_circuit_writes_the_circuit(trained_runs, tmp_path):
     pairs.write_text("\n".join(json.dumps({"clean": f"{a} 3 =", "corrupted": f"{(a + 5) % 17} 3 =",
                                            "right": str((a + 3) % 17), "wrong": str((a + 8) % 17)})
                                for a in range(10)) + "\n")
+    out = tmp_path / "run" / "circuit" / "exact"
     path = interp.main(["circuit", trained_runs["modular"], "--pairs", str(pairs), "--method", "exact",
-                        "--out", str(tmp_path / "c")])
+                        "--out", str(out)])
     doc = json.load(open(path))
     assert doc["num_pairs"] == 10 and doc["method"] == "exact" and len(doc["edges"]) == doc["total"] == 13
     assert {"cpr", "cmd", "curve", "signed_curve", "complement", "faithfulness"} <= set(doc)
     assert sum(e["in_circuit"] for e in doc["edges"]) == doc["size"]
-    assert sorted(os.listdir(tmp_path / "c")) == ["circuit.html", "circuit.json", "faithfulness.png", "report.md",
-                                                  "scores.pt"]
+    assert sorted(os.listdir(out)) == ["circuit.html", "circuit.json", "faithfulness.png", "report.md", "scores.pt"]
+    saved = torch.load(out / "scores.pt", weights_only=False)
+    assert saved["edges"].shape == (len(saved["senders"]), len(saved["receivers"])) and saved["size"] == doc["size"]
+    # interp's report takes the section of every circuit under <run>/circuit/, its pictures linked
+    from analysis.report import circuits
+    section = "\n".join(circuits(str(tmp_path / "run"), str(tmp_path / "run" / "interp")))
+    assert "## Circuit (exact, resample ablation)" in section and "../circuit/exact/faithfulness.png" in section
+    assert f"{doc['size']} of 13 edges keep {doc['faithfulness']:.3f}" in section
+
+
+@pytest.mark.slow
+def test_the_circuit_page_draws_the_circuit(trained_runs, tmp_path):
+    """circuit.html in headless Chromium: a circle per node, a curve per edge of the circuit, the edge
+    table, the summary, and no console messages."""
+    import interp
+    from harness.headless_chromium import open_page
+    path = interp.main(["circuit", trained_runs["dyck"], "--pairs", "builtin", "--num_pairs", "16",
+                        "--faithfulness", "0.8", "--out", str(tmp_path / "c")])
+    doc = json.load(open(path))
+    opened = open_page(os.path.join(os.path.dirname(path), "circuit.html"), "", tmp_path / "profile")
+    assert opened.console == []
+    kept = [e for e in doc["edges"] if e["in_circuit"]]
+    assert opened.dom.count("<circle") == len(doc["nodes"]) and opened.dom.count("<path") == len(kept) > 0
+    assert opened.dom.count("<tr>") == len(kept) + 1 and f"{doc['size']} of {doc['total']} edges" in opened.dom
 
 
 @pytest.mark.parametrize("content, args, message", [

@@ -255,6 +255,15 @@ def test_the_analysis_programs_open_a_pretrained_model_where_they_open_a_run(tmp
     assert graph["metadata"]["prompt_tokens"] == list("To be")
     assert {n["feature_type"] for n in graph["nodes"]} >= {"embedding", "logit", "cross layer transcoder"}
 
+    # Circuit discovery on JSONL pairs in the model's own (character) tokens; builtin IOI pairs need names
+    # its tokenizer writes as one token, which a character tokenizer has none of (refused below).
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"clean": "To be or not to b", "corrupted": "To be or not to m", "right": "e",
+                                 "wrong": "a"}) + "\n")
+    found = json.load(open(interp.main(["circuit", *model, "--pairs", str(pairs), "--method", "eap"])))
+    assert found["num_pairs"] == 1 and found["total"] == len(found["edges"]) > 0
+    assert os.path.isfile(home / "circuit" / "eap-resample-logit_diff" / "circuit.html")
+
     summary = lens.main([*model, "--t_text", "2", "--max_steps", "4", "--eval_every", "4", "--eval_rows", "8",
                          "--batch_size", "8", "--device", "cpu", "--run_name", "quick"])
     assert os.path.isfile(home / "lens" / "quick" / "last.pt") and "val_fve" in summary
@@ -280,6 +289,7 @@ def test_the_analysis_programs_open_a_pretrained_model_where_they_open_a_run(tmp
             ("interp.py", [*model, "--runs_dir", str(tmp_path / "elsewhere")], "--model: .*elsewhere/gpt2 is a run's directory"),
             ("sae.py", ["runs/elsewhere", *model, "--hook", "blocks.1.hook_resid_pre"],
              "--model: name a run .* or --model .*, not both"),
+            ("interp.py", ["circuit", *model, "--pairs", "builtin"], "--pairs builtin: the tokenizer writes only 0 of the IOI names"),
             ("sae.py", ["--hook", "blocks.1.hook_resid_pre"],
              "--run_dir: name a run directory or checkpoint .* or a pretrained model")):
         assert re.search(pattern, run_bad_input(script, args, tmp_path, watch=[folder]).stderr), (script, args)
