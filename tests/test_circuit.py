@@ -82,7 +82,8 @@ def test_exact_patching_of_one_edge_is_interps_path_patching():
                                           ("a1.h1", "logits", "hook_resid_final", None)]:
         one = torch.zeros(1, 1, *graph.valid.shape, dtype=torch.float64)
         one[0, 0, graph.senders.index(sender), graph.receivers.index(receiver)] = 1
-        patched = behaviour(run_edges(model, graph, pairs.corrupted, clean_out, one).logits, pairs, "logit_diff").mean()
+        with torch.no_grad():
+            patched = behaviour(run_edges(model, graph, pairs.corrupted, clean_out, one).logits, pairs, "logit_diff").mean()
         ours = (patched - corrupted_diff) / (clean_diff - corrupted_diff)
         block, head = int(sender[1]), int(sender.split("h")[1])
         theirs = path_patch(model, pairs.clean, pairs.corrupted, pairs.right, pairs.wrong, (block, head), [(hook, index)])
@@ -194,6 +195,7 @@ def test_spearman_matches_a_hand_computation():
         0.9486832980505138)  # ties at the mean rank: the Pearson correlation of (1, 2.5, 2.5, 4) and (1, 2, 3, 4)
 
 
+@pytest.mark.slow
 def test_builtin_pairs(trained_runs):
     """Modular: `a b =` against another a; Dyck: a prefix before a closing bracket against the same prefix
     with the bracket it closes swapped; the answers differ and the lengths agree."""
@@ -217,6 +219,7 @@ def test_builtin_pairs(trained_runs):
         assert pairs.wrong[i] == data.close_tokens[data.open_tokens.index(corrupted[changed[0]])]
 
 
+@pytest.mark.slow
 def test_interp_circuit_writes_the_circuit(trained_runs, tmp_path):
     """`interp.py circuit RUN --pairs FILE` writes scores.pt, circuit.json (with CPR, CMD and the
     curves), circuit.html, faithfulness.png and report.md."""
@@ -258,6 +261,7 @@ def test_the_circuit_page_draws_the_circuit(trained_runs, tmp_path):
     assert opened.dom.count("<tr>") == len(kept) + 1 and f"{doc['size']} of {doc['total']} edges" in opened.dom
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content, args, message", [
     ('{"clean": "1 2 =", "corrupted": "1 =", "right": "3", "wrong": "2"}\n', [], "line 1: the clean input is 3 tokens"),
     ('{"clean": "1 2 =", "corrupted": "4 2 =", "right": "3 4", "wrong": "6"}\n', [], "right '3 4' is 2 tokens"),
@@ -280,6 +284,7 @@ def test_bad_circuit_input_names_the_problem(trained_runs, tmp_path, content, ar
                   watch=(trained_runs["modular"],))
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_open_is_one_line(tmp_path):
     from conftest import run_bad_input
     run_bad_input("interp.py", ["circuit", "--model", str(tmp_path / "nowhere"), "--pairs", "builtin"], tmp_path,
