@@ -65,6 +65,7 @@ def test_edges_are_the_upstream_pairs():
     assert not {"a0.h0->a0.h1<q>", "a1.h0->a1.h1<v>", "m1->a1.h0<q>", "m0->m0", "m1->m0"} & edges
 
 
+@torch.no_grad()
 def test_exact_patching_of_one_edge_is_interps_path_patching():
     """Patching one edge's clean value into the corrupted run (every other edge corrupted) recovers what
     analysis.patching.path_patch computes with that receiver: the query of one head, the value of
