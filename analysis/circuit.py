@@ -240,7 +240,6 @@ def _attention_by_head(attn, xq, xk, xv, rope) -> torch.Tensor:
     Hkv, Dh = attn.num_kv_heads, attn.head_dim
     w, b = attn.qkv.weight, attn.qkv.bias
     rows_q, rows_k, _ = attn.split
-    group = H // Hkv
 
     def project(x, rows, heads):
         weight = w[rows].view(heads, Dh, D).repeat_interleave(H // heads, 0)  # [H, Dh, D]
@@ -250,7 +249,6 @@ def _attention_by_head(attn, xq, xk, xv, rope) -> torch.Tensor:
     q = project(xq, slice(0, rows_q), H)
     k = project(xk, slice(rows_q, rows_q + rows_k), Hkv)
     v = project(xv, slice(rows_q + rows_k, None), Hkv)
-    del group
     if attn.q_norm is not None:
         q, k = attn.q_norm(q), attn.k_norm(k)
     if attn.rotary:
@@ -534,8 +532,6 @@ def score(model, graph: EdgeGraph, pairs: Pairs, method: str = "eap_ig", ablatio
         node_scores[..., 0] = float("nan")  # the input is no node to drop
         if nodes:
             edges = None
-    if not positions and node_scores.dim() == 1:
-        node_scores[0] = float("nan")
     return Scores(graph, edges, node_scores, method, ablation, metric, ig_steps if method == "eap_ig" else 0, clean,
                   ablated_value, time.perf_counter() - start, positions)
 
@@ -546,36 +542,36 @@ def score(model, graph: EdgeGraph, pairs: Pairs, method: str = "eap_ig", ablatio
 def order_of(scores: Scores, search: str = "topn", signed: bool = False) -> torch.Tensor:
     """The slots (flat indices into the edge or node score tensor) in the order a circuit takes them:
     `topn` by |score| (by score when signed); `greedy` grows a connected circuit from the logits, each
-    time taking the best edge into a node the circuit already has."""
+    time taking the best edge into a node the circuit already has (edges that can never connect come
+    last, by score)."""
+    import heapq
+
     values = scores.edges if scores.edges is not None else scores.nodes
-    key = values if signed else values.abs()
-    flat = key.flatten()
+    flat = (values if signed else values.abs()).flatten()
     finite = ~flat.isnan()
+    ranked = flat.masked_fill(~finite, float("-inf")).argsort(descending=True, stable=True)[:int(finite.sum())]
     if search == "topn" or scores.edges is None:
-        ranked = flat.masked_fill(~finite, float("-inf")).argsort(descending=True, stable=True)
-        return ranked[:int(finite.sum())]
+        return ranked
     graph = scores.graph
     S, R = graph.valid.shape
-    shape = key.shape
-    in_circuit = {"logits"}
-    taken = torch.zeros(flat.shape, dtype=torch.bool)
-    order = []
-    receivers_of = [graph.receiver_node(r) for r in range(R)]
-    candidates = sorted(((float(flat[i]), int(i)) for i in finite.nonzero()[:, 0]), reverse=True)
-    while len(order) < len(candidates):
-        for value, i in candidates:
-            if taken[i]:
-                continue
-            s, r = (i % (S * R)) // R, i % R
-            if receivers_of[r] in in_circuit:
-                taken[i] = True
-                order.append(i)
-                in_circuit.add(graph.senders[s])
-                break
-        else:  # what is left cannot connect to the circuit: append it by score
-            order += [i for _, i in candidates if not taken[i]]
-            break
-    del shape
+    into: dict[str, list[int]] = {}  # node -> the slots whose receiver is one of its inputs
+    for i in ranked.tolist():
+        into.setdefault(graph.receiver_node(i % R), []).append(i)
+    available = [(-float(flat[i]), i) for i in into.get("logits", [])]
+    heapq.heapify(available)
+    reached, order, taken = {"logits"}, [], set()
+    while available:
+        _, i = heapq.heappop(available)
+        if i in taken:
+            continue
+        taken.add(i)
+        order.append(i)
+        sender = graph.senders[(i % (S * R)) // R]
+        if sender not in reached:
+            reached.add(sender)
+            for j in into.get(sender, []):
+                heapq.heappush(available, (-float(flat[j]), j))
+    order += [i for i in ranked.tolist() if i not in taken]
     return torch.tensor(order, dtype=torch.long)
 
 

@@ -121,9 +121,10 @@ def test_exact_scores_and_the_node_scores():
     graph = edge_graph(model)
     pairs = random_pairs(model, 8)
     exact = score(model, graph, pairs, "exact")
-    clean = behaviour(model(pairs.clean), pairs, "logit_diff").mean()
+    with torch.no_grad():
+        clean = behaviour(model(pairs.clean), pairs, "logit_diff").mean()
     assert abs(exact.clean - float(clean)) < 1e-12
-    assert abs(exact.ablated - float(behaviour(model(pairs.corrupted), pairs, "logit_diff").mean())) < 1e-12
+    assert abs(exact.ablated - float(behaviour(model(pairs.corrupted).detach(), pairs, "logit_diff").mean())) < 1e-12
     _, cache = model.run_with_cache(pairs.corrupted, "blocks.1.attn.hook_z")
 
     def corrupt_head(z, hook):
@@ -131,7 +132,8 @@ def test_exact_scores_and_the_node_scores():
         z[:, :, 2] = cache["blocks.1.attn.hook_z"][:, :, 2]
         return z
 
-    hooked = behaviour(model.run_with_hooks(pairs.clean, [("blocks.1.attn.hook_z", corrupt_head)]), pairs, "logit_diff")
+    with torch.no_grad():
+        hooked = behaviour(model.run_with_hooks(pairs.clean, [("blocks.1.attn.hook_z", corrupt_head)]), pairs, "logit_diff")
     assert abs(exact.nodes[graph.senders.index("a1.h2")] - (clean - hooked.mean())) < 1e-12
     attribution = score(model, graph, pairs, "attribution")
     eap = score(model, graph, pairs, "eap")
