@@ -436,6 +436,16 @@ def ablation_of(graph: EdgeGraph, keep: torch.Tensor, nodes: bool, positions: bo
     return (drop if positions else drop[:, None]).double()
 
 
+def variants_per_pass(model, graph: EdgeGraph, pairs: Pairs, batch_size: int, budget: float = 2e9) -> int:
+    """How many patched variants of a batch of pairs one pass runs: about 16,384 rows of tokens, fewer
+    when the senders' outputs and their differences (three copies of [V B, T, S, D]) would pass
+    `budget` bytes."""
+    B, T = min(len(pairs), batch_size), pairs.clean.shape[1]
+    parameter = next(model.parameters())
+    one = 3 * B * T * len(graph.senders) * model.cfg.embedding_dim * parameter.element_size()
+    return max(1, min(16384 // (B * T), int(budget // one)))
+
+
 def exact_scores(model, graph, pairs, ablated: Ablated, metric: str, clean: float, nodes: bool, positions: bool,
                  batch_size: int, variants: int = 0, quiet: bool = False) -> torch.Tensor:
     """b(clean) - b(one edge, or node, ablated) for every slot: one patched pass per slot, `variants` of
@@ -444,7 +454,7 @@ def exact_scores(model, graph, pairs, ablated: Ablated, metric: str, clean: floa
     slots = _slots(graph, T, positions, nodes)
     where = slots.nonzero()
     scores = torch.full(slots.shape, float("nan"), dtype=torch.float64)
-    per_batch = variants or max(1, 16384 // max(1, min(len(pairs), batch_size)) // T)
+    per_batch = variants or variants_per_pass(model, graph, pairs, batch_size)
     progress = Progress("exact patching", len(where), quiet)
     for start in range(0, len(where), per_batch):
         part = where[start:start + per_batch]
@@ -599,7 +609,7 @@ class Evaluator:
         self.nodes = scores.edges is None
         self.slots = _slots(scores.graph, pairs.clean.shape[1], scores.positions, self.nodes)
         self.ablated = Ablated(model, scores.graph, pairs, scores.ablation, batch_size)
-        self.per_batch = max(1, 16384 // max(1, min(len(pairs), batch_size)) // pairs.clean.shape[1])
+        self.per_batch = variants_per_pass(model, scores.graph, pairs, batch_size)
 
     def behaviour(self, keeps: torch.Tensor) -> torch.Tensor:
         """[V] b for circuits keep [V, *slots]."""
