@@ -104,8 +104,9 @@ class InterveneConfig(GraphConfig):
 class CircuitConfig(ModelSourceConfig):
     run_dir: str = _circuit("", "a run directory (runs/<run>) or a checkpoint file (or --model)")
     pairs: str = _circuit("builtin", "clean/corrupted pairs: a JSONL file of {clean, corrupted, right, wrong} rows, or "
-                                     "builtin (the run's task's own: modular, another operand; Dyck, a bracket swapped)")
-    num_pairs: int = _circuit(64, "use at most this many pairs (0: all in the file; builtin: 128)")
+                                     "builtin (the run's task's own: modular, another operand; Dyck, a bracket "
+                                     "swapped; text and --model, IOI-style sentences)")
+    num_pairs: int = _circuit(64, "use at most this many pairs (0: every pair in the file, or 128 built-in ones)")
     method: str = _circuit("eap_ig", "eap_ig | eap | attribution (nodes) | exact (one patched pass per edge)")
     ablation: str = _circuit("resample", "what an ablated edge carries: resample (the corrupted run's value) | mean "
                                          "(its mean over the corrupted inputs) | zero")
