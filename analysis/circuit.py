@@ -449,7 +449,7 @@ def variants_per_pass(model, graph: EdgeGraph, pairs: Pairs, batch_size: int, bu
 def exact_scores(model, graph, pairs, ablated: Ablated, metric: str, clean: float, nodes: bool, positions: bool,
                  batch_size: int, variants: int = 0, quiet: bool = False) -> torch.Tensor:
     """b(clean) - b(one edge, or node, ablated) for every slot: one patched pass per slot, `variants` of
-    them per batch (default: as many as make about 4,096 rows)."""
+    them per pass (default: variants_per_pass)."""
     T = pairs.clean.shape[1]
     slots = _slots(graph, T, positions, nodes)
     where = slots.nonzero()
@@ -493,8 +493,8 @@ def gradient_scores(model, graph, pairs: Pairs, ablated: Ablated, metric: str, p
                 amount = amount.clone().requires_grad_(True)
                 with torch.enable_grad():
                     run = run_edges(model, graph, chunk.clean, ablated_out, amount)
-                    behaviour(run.logits, chunk, metric).sum().backward()
-                grad = amount.grad[0] if positions else amount.grad[0, 0]
+                    (grad,) = torch.autograd.grad(behaviour(run.logits, chunk, metric).sum(), [amount])
+                grad = grad[0] if positions else grad[0, 0]
                 total -= grad.to(total.dtype) / (steps + 1)
             continue
         grads = 0
@@ -502,10 +502,10 @@ def gradient_scores(model, graph, pairs: Pairs, ablated: Ablated, metric: str, p
             embedding = None
             if steps > 1:
                 embedding = ablated_out[:, :, 0] + k / steps * (clean_out[:, :, 0] - ablated_out[:, :, 0])
-            with torch.enable_grad():
+            with torch.enable_grad():  # gradients for the probes alone, none for the weights
                 run = run_edges(model, graph, chunk.clean, probe=True, embedding=embedding)
-                behaviour(run.logits, chunk, metric).sum().backward()
-            grads = grads + torch.cat([p.grad for p in run.probes], 2)  # [B, T, R, D]
+                found = torch.autograd.grad(behaviour(run.logits, chunk, metric).sum(), run.probes)
+            grads = grads + torch.cat(found, 2)  # [B, T, R, D]
         diff = (clean_out - ablated_out).to(total.dtype)
         grads = grads.to(total.dtype) / steps
         total += torch.einsum("btsd,btrd->tsr" if positions else "btsd,btrd->sr", diff, grads)
