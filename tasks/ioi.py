@@ -1,7 +1,8 @@
 """Indirect-object identification (Wang et al. 2022), IOI-style: "When Mary and John went to the store,
 John gave a drink to" -> " Mary". The built-in clean/corrupted pairs of a text run (`interp.py circuit
 --pairs builtin`, TextData.circuit_pairs) and a corpus of such sentences to train a small model on
-(`write_corpus`; docs/circuits.md trains a GPT-2-shaped model on it).
+(`write_corpus`, and `write_tokenizer` for a small BPE of it; docs/circuits.md trains a GPT-2-shaped
+model on them).
 
 A clean input names two people and repeats one of them (the subject); the answer is the other (the
 indirect object). Its corrupted twin replaces the repeated name with a third one, so nothing in it
@@ -48,6 +49,24 @@ def write_corpus(path: str, count: int = 50_000, seed: int = 0) -> str:
         for _ in range(count):
             clean, io, _, _ = sentence(rng, NAMES)
             f.write(f"{clean}{io}.\n")
+    return path
+
+
+def write_tokenizer(corpus: str, path: str, vocab_size: int = 512) -> str:
+    """A byte-level BPE of `vocab_size` tokens (GPT-2's scheme) learnt from the corpus, as a Hugging Face
+    tokenizer.json for train.py --tokenizer: every name, place and object becomes one token with its
+    leading space, and a CPU trains a model on it far faster than on GPT-2's 50,257 tokens. Needs the
+    `tokenizers` package (pip install tokenizers)."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError as error:
+        raise ImportError(f"write_tokenizer needs the tokenizers package: pip install tokenizers ({error})") from None
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train([corpus], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[],
+                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.save(path)
     return path
 
 

@@ -372,3 +372,27 @@ def test_fast_scores_rank_edges_as_exact_patching_does(tmp_path):
     print(figures)
     assert figures["eap_ig"] > 0.85 and figures["eap_ig_edges"] > 0.83 and figures["eap"] > 0.75
     assert figures["attribution"] > 0.9
+
+
+def test_ioi_pairs_in_gpt2s_tokens(monkeypatch, tmp_path):
+    """The IOI-style pairs through GPT-2's tokenizer: every name is one token, each pair's inputs have one
+    length and differ only where the subject is repeated (a third name there), right is the name said
+    once and wrong the repeated one; the corpus's sentences end with their answer."""
+    import tiktoken
+
+    from conftest import TIKTOKEN_CACHE
+    from tasks import ioi
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", TIKTOKEN_CACHE)
+    gpt2 = tiktoken.get_encoding("gpt2")
+    assert all(len(gpt2.encode(name)) == 1 for name in ioi.NAMES)
+    rows, texts = ioi.pairs(gpt2.encode_ordinary, 50, seed=3)
+    for (clean, corrupted, right, wrong), text in zip(rows, texts):
+        assert len(clean) == len(corrupted) and gpt2.decode(clean) == text
+        changed = [t for t in range(len(clean)) if clean[t] != corrupted[t]]
+        assert len(changed) == 1 and clean[changed[0]] == wrong and corrupted[changed[0]] not in (right, wrong)
+        assert clean.count(wrong) == 2 and clean.count(right) == 1
+    lines = open(ioi.write_corpus(str(tmp_path / "ioi.txt"), 20)).read().splitlines()
+    words = [line.rstrip(".").replace(",", "").split() for line in lines]
+    assert len(lines) == 20 and all(w.count(w[-1]) == 2 and w[-2] == "to" for w in words)  # the name said once, then
+    with pytest.raises(ValueError, match="only 0 of the IOI names"):
+        ioi.pairs(lambda text: list(text.encode()), 5)
