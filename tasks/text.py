@@ -209,9 +209,10 @@ class TextData(TaskData):
             folder = os.path.join(run_dir, RUN_HF_TOKENIZER)
             os.makedirs(folder, exist_ok=True)
             beside = os.path.join(os.path.dirname(self.tokenizer.path), "tokenizer_config.json")
-            for source in (self.tokenizer.path, beside):
-                if os.path.isfile(source) and os.path.dirname(os.path.abspath(source)) != os.path.abspath(folder):
-                    shutil.copyfile(source, os.path.join(folder, os.path.basename(source)))
+            # under the names the run reopens them by, whatever the file given to --tokenizer was called
+            for source, name in ((self.tokenizer.path, "tokenizer.json"), (beside, "tokenizer_config.json")):
+                if os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(os.path.join(folder, name)):
+                    shutil.copyfile(source, os.path.join(folder, name))
         tmp = os.path.join(run_dir, f"{RUN_VAL_EXCERPT}.tmp-{os.getpid()}")
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(self.val_head))
@@ -305,7 +306,11 @@ def tokenizer_from_record(record: dict, run_dir: str):
         return CharTokenizer(record["vocab"], record["eot_token"] is not None)
     if record["kind"] == "tiktoken":
         return TiktokenTokenizer(record["name"])
-    tokenizer = HFTokenizer(os.path.join(run_dir, record["files"]))
+    folder = os.path.join(run_dir, record["files"])
+    copied = [f for f in sorted(os.listdir(folder)) if f.endswith(".json") and f != "tokenizer_config.json"] \
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "tokenizer.json")) else []
+    # runs from before the copy was renamed hold the file under the name it had (my-bpe.json)
+    tokenizer = HFTokenizer(os.path.join(folder, copied[0]) if len(copied) == 1 else folder)
     tokenizer.eot_token = record["eot_token"]  # the one found beside the original file
     return tokenizer
 

@@ -130,15 +130,18 @@ def test_a_hugging_face_tokenizer_is_copied_into_the_run(tmp_path):
 
     chars = "".join(sorted(set(SMALL_CORPUS)))
     os.makedirs(tmp_path / "hf")
-    write_char_tokenizer(str(tmp_path / "hf" / "tokenizer.json"), chars, len(chars))
+    write_char_tokenizer(str(tmp_path / "hf" / "my-bpe.json"), chars, len(chars))  # a file of any name
     corpus = write_corpus(tmp_path)
-    cfg = text_cfg(corpus, tokenizer=str(tmp_path / "hf" / "tokenizer.json"))
+    cfg = text_cfg(corpus, tokenizer=str(tmp_path / "hf" / "my-bpe.json"))
     data = saved(cfg, tmp_path / "run")
     shutil.rmtree(tmp_path / "hf")  # the model's folder is gone too
     shutil.rmtree(os.path.dirname(corpus))
     opened = open_run_data(cfg, str(tmp_path / "run"), CPU)
     assert opened.tokenizer.path == str(tmp_path / "run" / "hf_tokenizer" / "tokenizer.json")
     assert opened.encode("All:") == data.encode("All:") and opened.tokenizer.eot_token == data.tokenizer.eot_token
+    # a run written before the copy took the name tokenizer.json still opens
+    os.rename(tmp_path / "run" / "hf_tokenizer" / "tokenizer.json", tmp_path / "run" / "hf_tokenizer" / "my-bpe.json")
+    assert open_run_data(cfg, str(tmp_path / "run"), CPU).encode("All:") == data.encode("All:")
 
 
 # ---------------------------------------------------------------- trained, moved, corpus gone
