@@ -39,12 +39,12 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--ig_steps", type=int, default=5)
-    parser.add_argument("--exact_sample", type=int, default=256, help="edges exact patching is timed on")
+    parser.add_argument("--exact_sample", type=int, default=64, help="edges exact patching is timed on")
     parser.add_argument("--no_peer", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    cfg = Config(num_blocks=args.blocks, num_heads=args.heads, embedding_dim=args.width, context_len=1024,
-                 norm="layernorm", activation="gelu_tanh", tie_embeddings=True).validate()
+    cfg = Config(num_blocks=args.blocks, num_heads=args.heads, embedding_dim=args.width, mlp_dim=4 * args.width,
+                 context_len=1024, norm="layernorm", activation="gelu_tanh", bias=True, tie_embeddings=True).validate()
     model = Transformer(cfg, args.vocab).eval()
     graph = edge_graph(model)
     generator = torch.Generator().manual_seed(1)
@@ -58,6 +58,33 @@ def main(argv=None):
           f"{graph.num_edges:,} edges; float32 on {torch.get_num_threads()} CPU threads", flush=True)
 
     rows = []
+    # auto-circuit first, while this process holds little beyond the model: on GPT-2 small's shape it
+    # peaks at 18 GB, which beside our own caches would not fit in 24.
+    peer = None
+    if not args.no_peer:
+        from harness import overlay_venv
+        from interop.transformerlens import _hooked_settings, _hooked_state
+        from test_circuit import AUTO_CIRCUIT
+        python, why_not = overlay_venv.overlay_python(".venv-auto-circuit", AUTO_CIRCUIT)
+        if not python:
+            print(f"auto-circuit: {why_not}")
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                given, out = os.path.join(folder, "given.pt"), os.path.join(folder, "peer.pt")
+                with torch.no_grad():
+                    logits = model(clean)
+                torch.save({"settings": _hooked_settings(model), "state": _hooked_state(model), "clean": clean,
+                            "corrupted": corrupted, "right": right, "wrong": wrong, "ig_steps": args.ig_steps,
+                            "logits": logits}, given)
+                done = subprocess.run([python, os.path.join(ROOT, "tests", "harness", "auto_circuit_check.py"), given,
+                                       out], capture_output=True, text=True)
+                if done.returncode:
+                    print(f"auto-circuit failed (exit {done.returncode}):", done.stderr[-2000:], done.stdout[-500:])
+                else:
+                    peer = torch.load(out, weights_only=False)
+                    rows.append(("auto-circuit: EAP", peer["eap_seconds"]))
+                    rows.append((f"auto-circuit: integrated gradients, {args.ig_steps + 1} points", peer["ig_seconds"]))
+
 
     def timed(label, fn):
         start = time.perf_counter()
@@ -87,31 +114,6 @@ def main(argv=None):
     exact_total = per_edge * graph.num_edges
     rows.append((f"exact patching, every edge (estimated from {int(sample.sum())})", exact_total))
     print(f"  exact: {per_edge * 1000:.1f} ms per edge -> {exact_total:.0f} s for {graph.num_edges:,} edges", flush=True)
-
-    peer = None
-    if not args.no_peer:
-        from harness import overlay_venv
-        from interop.transformerlens import _hooked_settings, _hooked_state
-        from test_circuit import AUTO_CIRCUIT
-        python, why_not = overlay_venv.overlay_python(".venv-auto-circuit", AUTO_CIRCUIT)
-        if not python:
-            print(f"auto-circuit: {why_not}")
-        else:
-            with tempfile.TemporaryDirectory() as folder:
-                given, out = os.path.join(folder, "given.pt"), os.path.join(folder, "peer.pt")
-                with torch.no_grad():
-                    logits = model(clean)
-                torch.save({"settings": _hooked_settings(model), "state": _hooked_state(model), "clean": clean,
-                            "corrupted": corrupted, "right": right, "wrong": wrong, "ig_steps": args.ig_steps,
-                            "logits": logits}, given)
-                done = subprocess.run([python, os.path.join(ROOT, "tests", "harness", "auto_circuit_check.py"), given,
-                                       out], capture_output=True, text=True)
-                if done.returncode:
-                    print("auto-circuit failed:", done.stderr[-2000:])
-                else:
-                    peer = torch.load(out, weights_only=False)
-                    rows.append(("auto-circuit: EAP", peer["eap_seconds"]))
-                    rows.append((f"auto-circuit: integrated gradients, {args.ig_steps + 1} points", peer["ig_seconds"]))
 
     print()
     print("| what | seconds | exact patching's cost in units of it |")

@@ -263,3 +263,18 @@ def test_the_gpu_check_without_a_gpu_says_to_use_smoke(corpus):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu.py"), "--device", "cpu",
                              "--data_path", str(corpus)], capture_output=True, text=True)
     assert result.returncode == 2 and "--smoke" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.extended
+def test_circuit_bench_times_every_method_and_the_peer_side_by_side():
+    """bench/circuit.py on a small shape: our EAP-IG (both paths) and EAP, exact patching estimated from a
+    sample, auto-circuit's EAP and integrated gradients in the same run, each with its ratio to exact,
+    and the two sides' scores compared."""
+    out = bench("circuit.py", "--blocks", "2", "--width", "64", "--heads", "4", "--vocab", "200", "--pairs", "4",
+                "--tokens", "6", "--exact_sample", "8", timeout=600)
+    for row in ("ours: EAP-IG, 5 steps (inputs, Hanna et al.)", "ours: EAP-IG, 6 points (edges, auto-circuit's)",
+                "ours: EAP |", "exact patching, every edge (estimated from 8)", "auto-circuit: EAP |",
+                "auto-circuit: integrated gradients, 6 points"):
+        assert f"| {row}" in out, row
+    differ = re.search(r"EAP differs by at most ([\d.e+-]+), integrated gradients by ([\d.e+-]+)", out)
+    assert differ and float(differ.group(1)) < 1e-4 and float(differ.group(2)) < 1e-4
