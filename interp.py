@@ -32,7 +32,7 @@ from analysis.circuit import ABLATIONS, IG_PATHS, METHODS, METRICS, SEARCHES, ed
 from analysis.circuit_page import summary_of, write_circuit
 from analysis.graph import intervene, open_transcoders, slug_of, write_graph
 from analysis.report import write_report
-from analysis.runs import encode_exactly, load_run, run_folder
+from analysis.runs import encode_tokens, load_run, run_folder
 from config import ConfigError, ModelSourceConfig, need, parse_flags, section
 from plumbing.session import run_command
 
@@ -203,16 +203,7 @@ def graph_tokens(run, prompt: str) -> list[int]:
     """The prompt's token ids: a text run's tokenizer, else the tokens named as the run names them
     (`3 5 =`); no prompt: the run's task's own example (modular: the first pair the report reads;
     Dyck: the first example before its last closing bracket)."""
-    if not prompt:
-        return run.data.graph_example()
-    if run.data.generates_text:
-        return encode_exactly(run, prompt, "prompt")
-    names = {name: i for i, name in enumerate(run.data.token_names(range(run.data.vocab_size)))}
-    unknown = [word for word in prompt.split() if word not in names]
-    if unknown:
-        raise ConfigError(f"--prompt: {unknown[0]!r} is not one of this run's tokens "
-                          f"({', '.join(list(names)[:12])}{', ...' if len(names) > 12 else ''})")
-    return [names[word] for word in prompt.split()]
+    return encode_tokens(run, prompt, "prompt") if prompt else run.data.graph_example()
 
 
 def graph(argv: list[str]) -> str:

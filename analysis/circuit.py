@@ -109,25 +109,14 @@ def behaviour(logits: torch.Tensor, pairs: Pairs, metric: str) -> torch.Tensor:
     return at.gather(1, right[:, None])[:, 0] - at.gather(1, wrong[:, None])[:, 0]
 
 
-def _tokens_of(run, text: str, where: str) -> list[int]:
-    """A text run's token ids for text; a modular or Dyck run's: its token names, space-separated."""
-    if run.data.generates_text:
-        from analysis.runs import encode_exactly
-        return encode_exactly(run, text, where)
-    names = {name: i for i, name in enumerate(run.data.token_names(range(run.data.vocab_size)))}
-    unknown = [word for word in text.split() if word not in names]
-    if unknown:
-        raise ConfigError(f"--{where}: {unknown[0]!r} is not one of this run's tokens "
-                          f"({', '.join(list(names)[:12])}{', ...' if len(names) > 12 else ''})")
-    return [names[word] for word in text.split()]
-
-
 def read_pairs(run, spec: str, count: int = 0, seed: int = 0) -> tuple[Pairs, str]:
     """(pairs, where they came from) for --pairs: `builtin` (the run's task's own, TaskData.circuit_pairs)
     or a JSONL file of {"clean", "corrupted", "right", "wrong"} rows (text, or a modular or Dyck run's
     token names); count > 0 keeps the first count. Bad input is a ConfigError naming the file and line."""
     import json
     import os
+
+    from analysis.runs import encode_tokens
 
     if spec == "builtin":
         rows = run.data.circuit_pairs(count or 128, seed)
@@ -153,7 +142,7 @@ def read_pairs(run, spec: str, count: int = 0, seed: int = 0) -> tuple[Pairs, st
         if missing:
             raise ConfigError(f"--pairs: {spec} line {n} has no text for {', '.join(missing)}; each line needs "
                               f"clean, corrupted, right and wrong")
-        clean, corrupted = _tokens_of(run, row["clean"], where), _tokens_of(run, row["corrupted"], where)
+        clean, corrupted = encode_tokens(run, row["clean"], where), encode_tokens(run, row["corrupted"], where)
         if len(clean) != len(corrupted):
             raise ConfigError(f"--pairs: {spec} line {n}: the clean input is {len(clean)} tokens and the corrupted "
                               f"one {len(corrupted)}; a pair's inputs must have the same length")
@@ -161,7 +150,7 @@ def read_pairs(run, spec: str, count: int = 0, seed: int = 0) -> tuple[Pairs, st
             raise ConfigError(f"--pairs: {spec} line {n}: the clean input is empty")
         answers = []
         for key in ("right", "wrong"):
-            ids = _tokens_of(run, row[key], where)
+            ids = encode_tokens(run, row[key], where)
             if len(ids) != 1:
                 raise ConfigError(f"--pairs: {spec} line {n}: {key} {row[key]!r} is {len(ids)} tokens; an answer "
                                   f"must be one token" + (" (with a text tokenizer, mind the leading space)"

@@ -164,6 +164,19 @@ def encode_exactly(run: Run, text: str, flag: str) -> list[int]:
     return encoded
 
 
+def encode_tokens(run: Run, text: str, flag: str) -> list[int]:
+    """Token ids from what a person types: a text run's text (encode_exactly), or a modular or Dyck run's
+    token names separated by spaces (`3 5 =`); a ConfigError naming the flag for a word that is no token."""
+    if run.data.generates_text:
+        return encode_exactly(run, text, flag)
+    names = {name: i for i, name in enumerate(run.data.token_names(range(run.data.vocab_size)))}
+    unknown = [word for word in text.split() if word not in names]
+    if unknown:
+        raise ConfigError(f"--{flag}: {unknown[0]!r} is not one of this run's tokens "
+                          f"({', '.join(list(names)[:12])}{', ...' if len(names) > 12 else ''})")
+    return [names[word] for word in text.split()]
+
+
 # ---------------------------------------------------------------- which tokens, which positions
 
 
