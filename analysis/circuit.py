@@ -365,9 +365,8 @@ class Ablated:
                 with torch.no_grad():
                     self.corrupted[index] = run_edges(self.model, self.graph, chunk.corrupted).outputs
             return self.corrupted[index]
-        shape = (len(chunk),) + tuple(self.mean.shape if self.mean is not None else ())
         if self.ablation == "mean":
-            return self.mean[None].expand(shape)
+            return self.mean[None].expand(len(chunk), *self.mean.shape)
         S, D = len(self.graph.senders), self.model.cfg.embedding_dim
         return torch.zeros(len(chunk), chunk.clean.shape[1], S, D, device=chunk.clean.device,
                            dtype=next(self.model.parameters()).dtype)
