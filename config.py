@@ -295,6 +295,13 @@ class Config(OptimConfig, CorpusConfig):
     device: str = _runtime("auto", "auto | cpu | cuda | mps")
     dtype: str = _runtime("auto", "auto (bf16 autocast on capable GPUs, else fp32) | float32 | bfloat16 | float16")
     torch_compile: bool = _runtime(False, "torch.compile the model (slow start; worth it on GPUs)")
+    fsdp: bool = _runtime(False, "shard weights, gradients and optimizer state over the ranks (FSDP2: each block "
+                                 "and the root); checkpoints become last.dcp/ folders that resume on any number of ranks")
+    activation_checkpointing: bool = _runtime(False, "recompute each block's activations during the backward pass "
+                                                     "instead of keeping them: less memory, about a third more compute")
+    step_timeout: float = _runtime(900.0, "seconds a rank may wait on the others before the run is called hung: "
+                                          "every live rank prints its stack, the ranks that did not arrive are named "
+                                          "and the run exits 3, to be restarted from its last checkpoint (0: off)")
 
     def validate(self) -> "Config":
         """Raises ConfigError naming the first flag whose value cannot work."""
@@ -337,6 +344,16 @@ class Config(OptimConfig, CorpusConfig):
         for name in ("muon_momentum", "grokfast_alpha"):
             need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         need(self.max_steps > 0 or self.epochs > 0, "max_steps", "set --max_steps or --epochs above 0")
+        need(self.step_timeout == 0 or self.step_timeout >= MIN_STEP_TIMEOUT, "step_timeout",
+             f"{self.step_timeout:g} s would call a healthy run hung (a heartbeat takes a second to travel); "
+             f"give {MIN_STEP_TIMEOUT:g} or more, or 0 for no watchdog")
+        if self.fsdp:
+            need(self.dtype != "float16", "fsdp", "float16 needs a gradient scaler that sees every shard; use "
+                                                  "--dtype bfloat16 (or auto) with --fsdp")
+            need(not self.grokfast_lamb, "fsdp", "the Grokfast gradient average is kept whole on every rank; drop "
+                                                 "--grokfast_lamb or --fsdp")
+            need(not self.track_progress, "fsdp", "the progress measures read whole weight matrices at every eval; "
+                                                  "drop --track_progress (a model that small needs no sharding)")
         if self.task == "modular":
             need(self.modulus >= 2, "modulus", f"must be at least 2, got {self.modulus}")
             if self.operation == "divide":
@@ -365,6 +382,9 @@ class Config(OptimConfig, CorpusConfig):
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=2)
             f.write("\n")
+
+
+MIN_STEP_TIMEOUT = 5.0  # seconds: below this a heartbeat's delay alone could look like a hang
 
 
 def rope_scaling(cfg) -> dict | None:

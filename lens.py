@@ -901,7 +901,7 @@ def load_lens(path: str, device: str = "auto", source: ModelSourceConfig | None 
         raise CheckpointError(f"{path} is not a lens checkpoint; pass <run>/lens/<name>")
     cfg = config_from_dict(checkpoint["config"], cls=LensConfig)
     model_path = checkpoint["model_checkpoint"]
-    if not os.path.isfile(model_path):  # moved: the run directory two levels up (<run>/lens/<name>/last.pt)
+    if not os.path.exists(model_path):  # moved: the run directory two levels up (<run>/lens/<name>/last.pt)
         model_path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
     run = load_run(model_path, device=device, source=source)
     if checkpoint["model_step"] != run.step:

@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from config import Config, rope_scaling
@@ -444,6 +445,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self.hook_names = self._list_hook_names()
+        self.checkpoint_blocks = False  # train.py's --activation_checkpointing (see forward)
 
     def _apply(self, fn, *args, **kwargs):
         # After .to(), .double(), .cuda(): the rotary tables afresh in their new dtype and device,
@@ -542,8 +544,15 @@ class Transformer(nn.Module):
             embed = embed + pos_embed
         x = self.drop(embed)
         last_block, rope = len(self.blocks) - 1, self.rope
+        # --activation_checkpointing: keep only each block's input for the backward pass, and run the
+        # block again there (its dropout draws replayed) instead of keeping what is inside it.
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled() and not hooked
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, last_positions if i == last_block and not hooked else None)
+            last = last_positions if i == last_block and not hooked else None
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, last, use_reentrant=False)
+            else:
+                x = block(x, rope, last)
         if hooked:
             x = _run_hooks(self._hooks, "hook_resid_final", x)  # [B, T, D], the residual stream at the end
             if last_positions:

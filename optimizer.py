@@ -50,6 +50,14 @@ class Muon(torch.optim.Optimizer):
     orthogonalised together as one batched Newton–Schulz: a transformer has three such shapes
     however deep it is, so a step launches a few dozen kernels rather than a few dozen per
     matrix, which is what a small model's step on a GPU waits for.
+
+    Under FSDP (--fsdp) each rank holds a slice of rows of every matrix, but Newton–Schulz needs
+    whole matrices: every rank gathers each whole update (one all-gather per matrix), orthogonalises
+    all of them, and keeps its own rows. modded-nanogpt and nanochat instead give each rank its own
+    share of the matrices and gather the results, dividing the Newton–Schulz arithmetic by N. We
+    gather: it is exactly the single-process update, the momentum stays sharded, and at the sizes
+    one node trains, Newton–Schulz is about 1 % of a step's arithmetic (5 iterations of d x d matmuls
+    per matrix against a forward and backward over the whole batch).
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
@@ -80,6 +88,8 @@ class Muon(torch.optim.Optimizer):
             buffers = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
+            shards = list(updates)  # DTensors under FSDP: each rank's rows of the matrix
+            updates = [whole_matrix(u) for u in updates]
             # Newton–Schulz works on the wide orientation, so a [rows, cols] matrix and a
             # [cols, rows] one (an MLP's two matrices) go into the same batch, one transposed.
             batches: dict[tuple, list[int]] = {}
@@ -93,12 +103,28 @@ class Muon(torch.optim.Optimizer):
                 result = orthogonalize(torch.stack(wide), group["ns_steps"], ns_dtype).to(first.dtype)
                 for i, matrix in zip(indices, result.unbind(0)):
                     orthogonal[i] = matrix.mT if params[i].size(0) > params[i].size(1) else matrix
+            orthogonal = [own_rows(matrix, like) for matrix, like in zip(orthogonal, shards)]
             # torch.optim.Muon's shape adjustment: tall matrices take larger steps
             torch._foreach_mul_(orthogonal, [math.sqrt(max(1.0, p.size(0) / p.size(1))) for p in params])
             if decay:
                 torch._foreach_mul_(params, 1 - lr * decay)
             torch._foreach_add_(params, orthogonal, alpha=-lr)
         return loss
+
+
+def whole_matrix(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP) matrix gathered whole on every rank; any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def own_rows(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a whole `matrix`, sharded as `like` is (no communication: every rank
+    holds the same whole matrix); `matrix` itself when `like` is not sharded."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(like, DTensor):
+        return matrix
+    return distribute_tensor(matrix, like.device_mesh, like.placements, src_data_rank=None)
 
 
 class GrokfastEMA:
@@ -165,7 +191,10 @@ def build_optimizers(model: nn.Module, cfg: Config) -> list[torch.optim.Optimize
         [(name, p) for name, p in model.named_parameters() if p.requires_grad],
         to_muon=lambda name, p: cfg.use_muon and _is_hidden_matrix(name, p),
         decayed=lambda name, p: p.ndim >= 2 or cfg.decay_all_params)
-    fused = next(model.parameters()).is_cuda
+    from torch.distributed.tensor import DTensor
+    first = next(model.parameters())
+    # fused kernels on GPU; the foreach ones for FSDP's sharded parameters (DTensors)
+    fused = first.is_cuda and not isinstance(first, DTensor)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(

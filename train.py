@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import itertools
 import math
 import os
 import platform
@@ -30,7 +31,7 @@ from config import Config, ConfigError, format_config, parse_config, resumed_con
 from data import IGNORE, build_data
 from tasks import TASKS
 from plumbing.distributed import (all_reduce_sum, broadcast_object, elastic_restart_count, gather_objects,
-                         regroup_ddp_buckets)
+                         max_over_ranks, regroup_ddp_buckets)
 from fourier import progress_measures
 from plumbing.hardware import autocast, describe_environment, flops_per_token, no_mfu_reason, peak_flops
 from model import ModelWithLoss, Transformer, head_width
@@ -38,6 +39,8 @@ from optimizer import EarlyStopping, GrokfastEMA, LRSchedule, apply_lr, build_op
 from interop.huggingface import apply_init_from, load_weights, resolve
 from plumbing.rundirs import forget_launch, launched_run, remember_launch, unique_run_name
 from plumbing.session import Loop, Session, StepClock, run_command
+from plumbing.sharding import full_value, load_sharded, set_gradient_sync, shard, state_for_saving
+from plumbing.sharding import is_sharded as sharded
 from plumbing.tracking import plot_training_curves, wandb_sweep_run
 from utils import format_duration
 
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     written (exit 2). SIGTERM / SIGUSR1: a checkpoint after the step the ranks agree on (summary["interrupted"];
     exit 128 + the signal). A run that diverges raises TrainingDiverged (exit 1)."""
     cfg, explicit = parse_config(argv)
-    with Session(cfg.device, cfg.dtype) as session:
+    with Session(cfg.device, cfg.dtype, cfg.step_timeout) as session:
         log, dist, device, dtype = session.log, session.dist, session.device, session.dtype
         cfg, explicit, sweep = join_wandb_sweep(cfg, explicit)
         resume = resolve_resume(cfg, explicit)
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_steps = plan_steps(cfg, data, dist.world_size)
         raw_model, model = build_model(cfg, data, session, resume)
         training = Training.build(cfg, raw_model, session, resume, max_steps)
-        if dist.enabled and resume.checkpoint is not None:  # bit-exact resume on 3+ ranks (see there)
+        if isinstance(model, DDP) and resume.checkpoint is not None:  # bit-exact resume on 3+ ranks (see there)
             regroup_ddp_buckets(model, functools.partial(first_loss, model, data, training.step, device, dtype), device)
         run_dir = claim_run_dir(cfg, explicit, session, resume)
         if session.is_main:  # a text run's tokenizer beside config.json: the run opens without its corpus
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         speed = describe_run(cfg, raw_model, data, session, resume, training.step, max_steps)
         loop = session.loop(run_dir, cfg, max_steps, training.step, raw_model.parameters, name=cfg.run_name,
                             last=resume.last_good, wandb_id=resume.wandb_id, elapsed=training.elapsed_before,
-                            wandb_entity=cfg.wandb_entity, save=cfg.save_model)
+                            wandb_entity=cfg.wandb_entity, save=cfg.save_model, sharded=cfg.fsdp)
 
         # ---- the loop; SIGTERM / SIGUSR1 (preemption) end it after a step all ranks agree on, with a checkpoint
         step, stop, last = training.step, False, {}
@@ -78,8 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
                 correct = torch.zeros((), device=device, dtype=torch.long)
                 for micro, (x, y) in enumerate(batches):
                     # Gradients are all-reduced only on the last micro-step (DDP's no_sync on the others).
-                    sync = micro == len(batches) - 1
-                    with (model.no_sync() if dist.enabled and not sync else contextlib.nullcontext()):
+                    with gradient_sync(model, raw_model, dist, micro == len(batches) - 1):
                         with autocast(device, dtype):
                             loss, micro_correct = model(x, y)  # summed cross-entropy (fp32), correct predictions
                         # This micro-batch's share of the global mean; DDP averages over ranks, so x world size.
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
                         if training.schedule.observe(val["val_loss"]):
                             log.info(f"plateau: LR x {training.schedule.factor:.3g} of its schedule from step "
                                      f"{step + 1}")
-                        if data.generates_text and cfg.sample_tokens and session.is_main:
+                        if data.generates_text and cfg.sample_tokens and (session.is_main or sharded(raw_model)):
                             print_samples(raw_model, data, cfg, step, session)
                         if val["val_loss"] < training.best_val_loss:
                             training.best_val_loss = val["val_loss"]
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
             # ---- the end: checkpoint, picture, summary (a second signal here changes nothing)
             loop.save(step, training.state(step, loop))
         del model  # the DDP wrapper goes before the process group does (see distributed.teardown_distributed)
-        session.report_replicas(raw_model.parameters())
+        if not sharded(raw_model):
+            session.report_replicas(raw_model.parameters())
         summary = finish_run(cfg, session, loop, run_dir, step, stop, training, last, sweep)
     return summary
 
@@ -208,7 +211,7 @@ def _resolve_resume(cfg: Config, explicit: set[str]) -> Resume:
             return Resume(cfg, continuing=True)
     else:
         path = find_checkpoint(cfg.resume)
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, weights=False)  # a sharded one's weights are read into the shards later
     resumed = resumed_config(cfg, checkpoint["config"], explicit)
     source_dir = os.path.dirname(os.path.abspath(path))
     resumed.runs_dir = cfg.runs_dir if "runs_dir" in explicit else os.path.dirname(source_dir)
@@ -228,25 +231,35 @@ def plan_steps(cfg: Config, data, world_size: int) -> int:
 
 
 def build_model(cfg: Config, data, session: Session, resume: Resume):
-    """(the model, what the loop calls: model and loss in one module, compiled and DDP-wrapped as
-    asked). The same initialisation on every rank (DDP also broadcasts rank 0's weights), then each
-    rank its own dropout streams."""
+    """(the model, what the loop calls: model and loss in one module, compiled and DDP-wrapped or
+    sharded (--fsdp) as asked). The same initialisation on every rank (DDP also broadcasts rank 0's
+    weights), then each rank its own dropout streams. A sharded checkpoint's weights are read later,
+    with the optimizers' state (Training.build)."""
     seed_everything(cfg.seed)
     raw_model = Transformer(cfg, data.vocab_size).to(session.device)
+    raw_model.checkpoint_blocks = cfg.activation_checkpointing
     if session.dist.rank:
         seed_everything(cfg.seed + session.dist.rank)
-    if resume.checkpoint is not None:
+    shard_it = cfg.fsdp and session.dist.enabled
+    if resume.checkpoint is not None and resume.checkpoint.get("sharded"):
+        pass
+    elif resume.checkpoint is not None:
+        if shard_it:
+            raise CheckpointError(f"{resume.path} was saved by a run without --fsdp, whose optimizer state is not "
+                                  f"sharded; continue it without --fsdp (or with --fsdp false)")
         try:
             raw_model.load_state_dict(resume.checkpoint["model"])
         except RuntimeError as e:
             raise CheckpointError(f"{resume.path} does not fit this model ({str(e).splitlines()[0]})") from None
     elif cfg.init_from:
         load_weights(raw_model, resolve(cfg.init_from, "init_from"), "init_from", cfg.init_from)
+    if shard_it:  # each block, then the root: 1/N of the weights, gradients and moments per rank
+        shard(raw_model, session.device, session.dtype)
     # Forward and loss in one module, so that compile fuses the loss too.
     model = ModelWithLoss(raw_model, data.loss_positions, IGNORE)
     if cfg.torch_compile:
         model = torch.compile(model)
-    if session.dist.enabled:
+    if session.dist.enabled and not shard_it:
         # The only buffers are rotary tables, a function of the config on every rank: DDP's default
         # would broadcast them from rank 0 before every forward. (torch 2.13 deprecates the flag in
         # favour of forward_sync_buffers; we keep the one every torch we admit has, and silence the
@@ -290,10 +303,13 @@ class Training:
         checkpoint = resume.checkpoint
         if checkpoint is None:
             return training
-        try:
-            load_optimizer_states(training.optimizers, checkpoint["optimizers"])  # keeps today's LRs
-        except ValueError as e:
-            raise CheckpointError(f"{resume.path}: its optimizer state does not fit ({e})") from None
+        if checkpoint.get("sharded"):  # each rank reads the pieces of its own shards, whatever the world size was
+            load_sharded(checkpoint["sharded"], raw_model, training.optimizers)
+        else:
+            try:
+                load_optimizer_states(training.optimizers, checkpoint["optimizers"])  # keeps today's LRs
+            except ValueError as e:
+                raise CheckpointError(f"{resume.path}: its optimizer state does not fit ({e})") from None
         if training.scaler.is_enabled() and checkpoint["scaler"]:  # fp16 then and now
             training.scaler.load_state_dict(checkpoint["scaler"])
         training.early_stopping.load_state_dict(checkpoint["early_stopping"])
@@ -315,7 +331,8 @@ class Training:
             self.scaler.unscale_(optimizer)
         if self.grokfast is not None:
             self.grokfast.apply()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), grad_clip or math.inf)
+        # the norm over every rank's shards when sharded (a DTensor: its whole value)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), grad_clip or math.inf))
         for optimizer in self.optimizers:
             self.scaler.step(optimizer)
         self.scaler.update()
@@ -324,10 +341,13 @@ class Training:
         return grad_norm
 
     def state(self, step: int, loop: Loop) -> dict:
-        """The checkpoint's entries (the run layer adds every rank's RNG streams)."""
+        """The checkpoint's entries (the run layer adds every rank's RNG streams). --fsdp: the weights and
+        moments as each rank holds them, keyed by parameter name, for a sharded checkpoint."""
+        tensors = (state_for_saving(self.raw_model, self.optimizers) if self.cfg.fsdp else
+                   {"model": self.raw_model.state_dict(),  # clean keys: never the compiled or DDP wrapper's
+                    "optimizers": [optimizer.state_dict() for optimizer in self.optimizers]})
         return {
-            "model": self.raw_model.state_dict(),  # clean keys: never the compiled or DDP wrapper's
-            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            **tensors,
             "scaler": self.scaler.state_dict(),
             "step": step,
             "data_position": {"step": step},  # batches are a function of (seed, step)
@@ -423,9 +443,11 @@ def evaluate(model, raw_model: Transformer, data, cfg: Config, session: Session)
     --track_progress also Nanda et al.'s progress measures (every rank computes the same numbers)."""
     model.eval()
     sums = dict.fromkeys(data.EVAL_KEYS, 0.0)  # the same keys on every rank, batches or not
-    for x, y, extras in data.val_batches():
+    for x, y, extras in lockstep(data.val_batches(), sharded(raw_model), session.dist):
         with autocast(session.device, session.dtype):
             logits = raw_model(x, data.loss_positions)  # no DDP wrapper: eval needs no gradient sync
+        if y is None:
+            continue  # a sharded forward this rank joins with nothing of its own to evaluate
         for key, value in data.eval_sums(logits, y, extras).items():
             sums[key] += value
     model.train()
@@ -433,6 +455,35 @@ def evaluate(model, raw_model: Transformer, data, cfg: Config, session: Session)
     if cfg.track_progress:
         metrics.update(progress_measures(raw_model, data, cfg.modulus))
     return metrics
+
+
+def lockstep(batches, together: bool, dist_info):
+    """`batches`, or under FSDP (`together`), as many batches on every rank: a sharded forward is a
+    collective, so a rank whose share has run out joins the others' forwards with its last batch
+    again (targets None: not counted) until every rank's has."""
+    if not together:
+        yield from batches
+        return
+    last = None
+    for batch in itertools.chain(batches, itertools.repeat(None)):
+        if not max_over_ranks(int(batch is not None), dist_info):
+            return
+        if batch is None:
+            if last is None:
+                raise RuntimeError("a rank has no validation batch at all under --fsdp")
+            yield last[0], None, None
+        else:
+            last = batch
+            yield batch
+
+
+def gradient_sync(model, raw_model, dist_info, sync: bool):
+    """Whether this micro-step's backward reduces the gradients over the ranks (the last one does):
+    DDP's no_sync on the others, FSDP's reduce-scatter skipped on them (whole gradients kept here)."""
+    if sharded(raw_model):
+        set_gradient_sync(raw_model, sync)
+        return contextlib.nullcontext()
+    return model.no_sync() if dist_info.enabled and not sync else contextlib.nullcontext()
 
 
 def print_samples(raw_model: Transformer, data, cfg: Config, step: int, session: Session) -> None:
@@ -465,7 +516,7 @@ def finish_run(cfg: Config, session: Session, loop: Loop, run_dir: str, step: in
     seconds = loop.finish(
         step, f"(training {format_duration(train_seconds)})"
         + "".join(f" | {k} {last[k]:.4f}" for k in ("val_loss", "val_acc") if k in last) + f" | {run_dir}",
-        interrupted=(f"last.pt saved. Continue with --resume auto --run_name {cfg.run_name}"
+        interrupted=(f"{'last.dcp' if cfg.fsdp else 'last.pt'} saved. Continue with --resume auto --run_name {cfg.run_name}"
                      + (f" --runs_dir {cfg.runs_dir}" if cfg.runs_dir != "runs" else "")
                      if cfg.save_model else "nothing saved (--save_model false)"),
         preempted=bool(preempted) and not (sweep and preempted == signal.SIGTERM))

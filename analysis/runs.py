@@ -16,7 +16,7 @@ from data import TaskData, build_data
 from tasks.text import encode_text, open_run_data
 from model import Transformer
 from interop.huggingface import DEFAULT_TRAIN_CONTEXT, load_pretrained
-from plumbing.checkpoints import find_checkpoint, load_checkpoint, newest_checkpoint
+from plumbing.checkpoints import checkpoint_in, find_checkpoint, load_checkpoint, newest_checkpoint
 from plumbing.corpus import make_tokenizer
 from plumbing.distributed import Dist
 from plumbing.hardware import autocast, pick_device
@@ -64,9 +64,10 @@ def load_run(path: str, device: str = "auto", prefer: str = "best", source=None)
     recorded = path if path.endswith(PRETRAINED_FILE) else os.path.join(path, PRETRAINED_FILE)
     if os.path.isfile(recorded) and not (os.path.isdir(path) and newest_checkpoint(path)):
         return open_pretrained(_read_spec(recorded), device, recorded)
-    if os.path.isdir(path):
-        names = ("best.pt", "last.pt") if prefer == "best" else ("last.pt", "best.pt")
-        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+    path = os.path.normpath(path)
+    if os.path.isdir(path) and find_checkpoint(path) != path:  # a run directory, not a sharded checkpoint
+        names = ("best", "last") if prefer == "best" else ("last", "best")
+        found = [c for c in (checkpoint_in(path, n) for n in names) if c]
         path = found[0] if found else find_checkpoint(path)  # find_checkpoint names what is missing
     checkpoint = load_checkpoint(path)  # weights_only=True
     cfg = config_from_dict(checkpoint["config"], {})

@@ -54,13 +54,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def temporary_path(path: str) -> str:
+    """Where `path` is written before it is renamed into place (beside it, named for this process)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+
+
 def save_checkpoint(obj: dict, path: str) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over `path`.
 
     A crash (or kill) mid-write leaves the previous checkpoint intact and loadable.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -72,8 +76,23 @@ def save_checkpoint(obj: dict, path: str) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Loads with weights_only=True; any failure becomes a CheckpointError naming the file."""
+def load_checkpoint(path: str, map_location="cpu", weights: bool = True) -> dict:
+    """A checkpoint file (loaded with weights_only=True) or a sharded checkpoint folder (its entries,
+    with "sharded": the folder, and the whole weights as "model" unless weights=False: a sharded
+    resume reads its own shards); any failure becomes a CheckpointError naming the file."""
+    if os.path.isdir(path):
+        from plumbing.sharding import load_full, load_meta
+        meta = load_meta(path)
+        meta["sharded"] = path
+        meta["model"] = load_full(path) if weights else None
+        if "config" not in meta:
+            raise CheckpointError(f"{path} is not a tinylab checkpoint (no 'config' entry)")
+        return meta
+    return load_checkpoint_file(path, map_location)
+
+
+def load_checkpoint_file(path: str, map_location="cpu", check: bool = True) -> dict:
+    """One torch.save file, loaded with weights_only=True; `check`: it must be a tinylab checkpoint."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist")
     try:
@@ -87,24 +106,47 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         else:  # e.g. "PytorchStreamReader failed reading zip archive: failed finding central directory"
             detail = text.splitlines()[0].split(". ")[0][:160]
         raise CheckpointError(f"{path} is not a readable checkpoint ({detail})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+    if check and (not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt):
         raise CheckpointError(f"{path} is not a tinylab checkpoint (no 'model' and 'config' entries)")
     return ckpt
 
 
-def newest_checkpoint(run_dir: str) -> str | None:
-    """The later of a run directory's last.pt and best.pt, or None when it holds neither.
+CHECKPOINT_NAMES = ("last.pt", "best.pt", "last.dcp", "best.dcp")  # .dcp: a sharded (FSDP) run's folders
 
-    last.pt is written every save_every steps, best.pt at every eval that improves val_loss, so
-    after a preemption either may be the later one; both hold the full training state.
+
+def checkpoint_in(run_dir: str, name: str) -> str | None:
+    """<run_dir>/<name> (last.pt, best.pt) or its sharded twin (last.dcp, best.dcp) if complete."""
+    from plumbing.sharding import is_sharded_checkpoint, recover
+    stem = name[:-3] if name.endswith(".pt") else name
+    path = os.path.join(run_dir, stem + ".pt")
+    if os.path.isfile(path):
+        return path
+    folder = os.path.join(run_dir, stem + ".dcp")
+    recover(folder)
+    return folder if is_sharded_checkpoint(folder) else None
+
+
+def newest_checkpoint(run_dir: str) -> str | None:
+    """The later of a run directory's last and best checkpoints (last.pt and best.pt, or a sharded
+    run's last.dcp and best.dcp folders), or None when it holds neither.
+
+    last is written every save_every steps, best at every eval that improves val_loss, so after a
+    preemption either may be the later one; both hold the full training state.
     """
-    candidates = [os.path.join(run_dir, n) for n in ("last.pt", "best.pt")]
-    candidates = [c for c in candidates if os.path.isfile(c)]
-    return max(candidates, key=os.path.getmtime) if candidates else None
+    candidates = [c for c in (checkpoint_in(run_dir, "last"), checkpoint_in(run_dir, "best")) if c]
+    return max(candidates, key=_written_at) if candidates else None
+
+
+def _written_at(path: str) -> float:
+    from plumbing.sharding import META
+    return os.path.getmtime(os.path.join(path, META) if os.path.isdir(path) else path)
 
 
 def find_checkpoint(path: str) -> str:
-    """A checkpoint file, or a run directory's newest checkpoint."""
+    """A checkpoint file or sharded checkpoint folder, or a run directory's newest checkpoint."""
+    from plumbing.sharding import SUFFIX
+    if os.path.isdir(path) and (path.rstrip("/").endswith(SUFFIX) or os.path.isfile(os.path.join(path, ".metadata"))):
+        return path
     if os.path.isdir(path):
         newest = newest_checkpoint(path)
         if newest is None:

@@ -43,8 +43,9 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def setup_distributed(device_kind: str) -> Dist:
-    """Reads torchrun's RANK/LOCAL_RANK/WORLD_SIZE; without them the run is one process."""
+def setup_distributed(device_kind: str, timeout=None) -> Dist:
+    """Reads torchrun's RANK/LOCAL_RANK/WORLD_SIZE; without them the run is one process. `timeout` (a
+    timedelta, None for torch's default) is every process group's collective timeout."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
     info = Dist(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
@@ -66,11 +67,23 @@ def setup_distributed(device_kind: str) -> Dist:
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                                   info.world_size, is_master=False)
             dist.init_process_group(backend=backend, store=dist.PrefixStore(f"tinylab/attempt_{restart}", store),
-                                    rank=info.rank, world_size=info.world_size)
+                                    rank=info.rank, world_size=info.world_size, timeout=timeout)
         else:
-            dist.init_process_group(backend=backend)
-    info.control_group = dist.new_group(backend="gloo")
+            dist.init_process_group(backend=backend, timeout=timeout)
+    info.control_group = dist.new_group(backend="gloo", timeout=timeout)
     return info
+
+
+def shared_store(timeout: float = 10.0):
+    """A client of the key-value store every rank of this launch shares (torchrun's agent holds it
+    under torchrun, so it outlives a worker that stopped), with keys of this attempt's own; None in
+    a single process."""
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    import datetime
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    return dist.PrefixStore(f"tinylab/watchdog/attempt_{elastic_restart_count()}", store)
 
 
 def teardown_distributed(barrier: bool = False, info: Dist | None = None) -> None:

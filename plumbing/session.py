@@ -37,13 +37,20 @@ from dataclasses import dataclass
 import torch
 
 from config import ConfigError, resumed_config
-from plumbing.checkpoints import CheckpointError, load_checkpoint, rng_state, save_checkpoint
+from plumbing.checkpoints import CheckpointError, load_checkpoint, rng_state, save_checkpoint, temporary_path
 from plumbing.distributed import (StopAgreement, broadcast_object, gather_objects, gloo_threads, min_over_ranks,
-                         same_on_all_ranks, setup_distributed, stop_with_launcher, teardown_distributed)
+                         same_on_all_ranks, setup_distributed, shared_store, stop_with_launcher,
+                                 teardown_distributed)
 from plumbing.hardware import fast_math, pick_device, pick_dtype
 from plumbing.rundirs import Claim, create_run_dir
+from plumbing import sharding
+from plumbing.sharding import SUFFIX, full_value, save_sharded
+from plumbing.watchdog import Watchdog, collective_timeout
 from plumbing.tracking import Tracker, attach_log_file, close_logging, load_env_files, setup_logging, wandb_settings
 from utils import format_duration
+
+
+DEFAULT_STEP_TIMEOUT = 900.0  # seconds: longer than a first compile or a long evaluation (train.py's --step_timeout)
 
 
 class TrainingDiverged(Exception):
@@ -95,9 +102,11 @@ class Session:
     releases the directory's claim, closes the log and tears the process group down.
     """
 
-    def __init__(self, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, device: str = "auto", dtype: str = "auto", step_timeout: float = DEFAULT_STEP_TIMEOUT):
         self.started = time.perf_counter()
         self.requested = (device, dtype)
+        self.step_timeout = step_timeout
+        self.watchdog = Watchdog(0, 1, 0)  # a real one once the ranks are known
         self.claim: Claim | None = None
         self._tracker: Tracker | None = None
         self._signals: StopSignals | None = None
@@ -108,13 +117,17 @@ class Session:
         load_env_files()  # WANDB_API_KEY, WANDB_MODE, RCLONE_DEST, ... from .env files
         stop_with_launcher()
         self.device = pick_device(self.requested[0], int(os.environ.get("LOCAL_RANK", 0)))
-        self.dist = setup_distributed(self.device.type)
+        self.dist = setup_distributed(self.device.type, collective_timeout(self.step_timeout))
         self.dtype = pick_dtype(self.requested[1], self.device)
         self.math = fast_math(self.device)  # how subnormals are handled, for the log
         self.log = setup_logging(self.dist.is_main)
+        if self.dist.enabled and self.step_timeout:
+            self.watchdog = Watchdog(self.dist.rank, self.dist.world_size, self.step_timeout,
+                                     self.log).start(shared_store())
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
+        self.watchdog.stop()
         if self._signals is not None:
             self._signals.__exit__()
         if self._tracker is not None:
@@ -128,7 +141,14 @@ class Session:
             self._stop_agreement = None  # its reduction in flight holds the control group
         teardown_distributed(barrier=kind is None, info=self.dist)
         left = gloo_threads() if self.dist.enabled else []
-        if left and kind is None:  # something still holds the process group: say so, it may abort at exit
+        if left and sharding.USED:
+            # FSDP2 and DTensor keep the group alive from C++ after every Python reference is gone
+            # (torch 2.13), so its threads would run into the interpreter's shutdown, where they can
+            # abort the process (see distributed.teardown_distributed). run_command ends such a
+            # process without finalizing the interpreter instead, once everything is written.
+            global _FINALIZE
+            _FINALIZE = False
+        elif left and kind is None:  # something still holds the process group: say so, it may abort at exit
             print(f"warning: rank {self.dist.rank}: gloo threads outlived the process group ({', '.join(left)}); "
                   f"a DDP wrapper still referenced?", file=sys.stderr)
 
@@ -181,7 +201,7 @@ class Session:
 
     def loop(self, directory: str, cfg, max_steps: int, step: int, params, checkpoint: dict | None = None,
              name: str = "", advice: str = "", last: tuple[str, int] | None = None, wandb_id: str | None = None,
-             elapsed: float = 0.0, wandb_entity: str = "", save: bool = True) -> "Loop":
+             elapsed: float = 0.0, wandb_entity: str = "", save: bool = True, sharded: bool = False) -> "Loop":
         """What surrounds a training loop writing to `directory` (see Loop), from `step` on. `cfg`
         has the cadence and W&B fields every trainer's settings share (log_every, eval_every,
         save_every, wandb_enabled, wandb_project). A trainer that continues its own directory passes
@@ -195,6 +215,7 @@ class Session:
                  if cfg.wandb_enabled else None)
         tracker = self.tracker(directory, step, wandb, wandb_id)
         checkpointer = self.checkpointer(directory, params, max_steps, save, last, advice)
+        checkpointer.sharded = sharded
         if checkpoint is not None:
             elapsed = checkpoint.get("elapsed_seconds", 0.0)
         return Loop(self, cfg, max_steps, step, tracker, checkpointer, StepClock(max_steps, elapsed))
@@ -255,6 +276,7 @@ class Checkpointer:
         self.last = last  # (path, step) of the newest good checkpoint
         self.advice = advice or "Lower --lr, lengthen --warmup_steps or set --grad_clip, then start again"
         self.first_bad_step = torch.zeros((), dtype=torch.long, device=session.device)
+        self.sharded = False  # --fsdp: a folder per checkpoint, each rank writing its shard (sharding.py)
 
     def watch(self, step: int, value: torch.Tensor) -> None:
         """Step `step` (the step just taken, counted from 1) produced `value`, a scalar on the device
@@ -266,7 +288,8 @@ class Checkpointer:
         """Raises TrainingDiverged, on every rank, if any rank saw a non-finite value or has
         non-finite weights."""
         bad = int(self.first_bad_step)
-        if not bad and not math.isfinite(float(torch.nn.utils.get_total_norm([p.detach() for p in self.params()]))):
+        if not bad and not math.isfinite(float(full_value(torch.nn.utils.get_total_norm(
+                [p.detach() for p in self.params()])))):
             bad = step
         bad = min_over_ranks(bad or self.max_steps + 1, self.session.dist)  # the earliest step any rank saw
         if bad > self.max_steps:
@@ -282,12 +305,22 @@ class Checkpointer:
         """Checks the run (above), then writes `state` (the program's own entries; "rng" is added:
         every rank's streams, in rank order) to <directory>/<name>. Every rank calls it."""
         self.check(step)
+        if self.sharded:
+            name = os.path.splitext(name)[0] + SUFFIX
         path = os.path.join(self.directory, name)
         if not self.enabled:
             return path
         rng = gather_objects(rng_state())  # every rank takes part
-        if self.session.is_main:
-            save_checkpoint({**state, "rng": rng}, path)
+        if self.sharded:
+            tensors = {key: state[key] for key in ("model", "optimizers")}
+            meta = {key: value for key, value in state.items() if key not in tensors}
+            save_sharded(path, tensors, {**meta, "rng": rng}, self.session.is_main, self.session.watchdog)
+        elif self.session.is_main:
+            self.session.watchdog.writing(temporary_path(path))  # a long write is progress, not a hang
+            try:
+                save_checkpoint({**state, "rng": rng}, path)
+            finally:
+                self.session.watchdog.writing(None)
         self.last = (path, step)
         return path
 
@@ -342,6 +375,7 @@ class Loop:
         clock ticks, the guard records it, and when anything is due the guard is checked first, on
         every rank, so that nothing non-finite is logged as good or saved."""
         self.clock.tick()
+        self.session.watchdog.step(step)
         self.checkpointer.watch(step, watched)
         cfg = self.cfg
         record = step == 1 or step % cfg.log_every == 0 or step == self.max_steps
@@ -472,8 +506,22 @@ def run_command(main) -> None:
     except (ConfigError, CheckpointError) as error:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
             print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2)
     except TrainingDiverged:
-        sys.exit(1)
+        _exit(1)
     if isinstance(summary, dict) and summary.get("interrupted"):
-        sys.exit(128 + signal.Signals[summary["interrupted"]])
+        _exit(128 + signal.Signals[summary["interrupted"]])
+    _exit(0)
+
+
+_FINALIZE = True  # False: the process group's threads outlived it (FSDP), so exit without finalizing
+
+
+def _exit(status: int) -> None:
+    """sys.exit, or, where gloo threads outlived the process group (Session.__exit__), os._exit once
+    stdout and stderr are flushed: the interpreter's finalization is where those threads abort."""
+    if _FINALIZE:
+        sys.exit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

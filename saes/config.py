@@ -217,7 +217,7 @@ def load_sae(path: str, device: str = "auto", source: ModelSourceConfig | None =
     # The model checkpoint it was trained on, by absolute path (run_dir may be relative to elsewhere);
     # else the run directory two levels up (<run>/sae/<name>/last.pt).
     model_path = checkpoint.get("model_checkpoint", "")
-    if not os.path.isfile(model_path):
+    if not os.path.exists(model_path):  # a checkpoint file, or a sharded run's folder
         model_path = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
     run = load_run(model_path, device=device, source=source)
     if checkpoint.get("model_step", run.step) != run.step:

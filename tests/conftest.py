@@ -244,9 +244,10 @@ def logged_steps(run_dir) -> list[int]:
 
 
 def model_weights(path) -> dict:
-    import torch
+    """A checkpoint's weights: a last.pt file, or a sharded run's last.dcp folder, whole."""
+    from plumbing.checkpoints import load_checkpoint
 
-    return torch.load(path, weights_only=True)["model"]
+    return load_checkpoint(str(path))["model"]
 
 
 def assert_same_run(run_dir, reference) -> None:

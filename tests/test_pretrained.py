@@ -315,6 +315,19 @@ def test_a_fine_tune_runs_on_two_ranks_as_on_one_and_resumes_exactly(tmp_path, r
                 assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
     assert "weights identical on all 2 ranks" in (tmp_path / "two" / "train.log").read_text()
 
+    # the same fine-tune sharded (--fsdp) on 2 ranks: the same steps too, saved as a sharded folder
+    result = run_torchrun(common + ["--run_name", "sharded", "--max_steps", "6", "--fsdp"], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(one, run_metrics(tmp_path / "sharded")):
+        assert a["step"] == b["step"]
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
+    # (its weights are not compared elementwise: AdamW moves a weight whose gradient is at rounding level
+    # by about lr either way, so another reduction order can leave such weights 2 x lr x steps apart)
+    a, b = model_weights(tmp_path / "one" / "last.pt"), model_weights(tmp_path / "sharded" / "last.dcp")
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+
     # stopped after step 3 and resumed: the uninterrupted run's losses and weights exactly, the
     # pretrained weights not read again (the checkpoint's are the run's)
     train.main(common + ["--run_name", "stopped", "--max_steps", "3"])

@@ -199,3 +199,46 @@ def test_a_consistency_lens_is_requeued_and_resumes_under_train_slurm(slurm, tmp
     wandb_id = checkpoint(os.path.join(lens_dir, "last.pt"))["wandb_id"]
     attempts = [d for d in os.listdir(os.path.join(lens_dir, "wandb")) if d.startswith("offline-run-")]
     assert len(attempts) == 2 and all(d.endswith(f"-{wandb_id}") for d in attempts)
+
+
+def rank_of(pid: int) -> int | None:
+    """A process's RANK from its environment (torchrun's workers), or None."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return None
+    return int(env[b"RANK"]) if b"RANK" in env else None
+
+
+@pytest.mark.slow
+@requires_slurm
+def test_a_hung_rank_is_named_the_job_requeues_and_ends_as_an_uninterrupted_run(slurm, tmp_path):
+    """Rank 1 SIGSTOPped mid-run (a wedged GPU): the watchdog (--step_timeout 5) prints the stacks and
+    names rank 1, the ranks exit 3, train.slurm requeues the job, and it resumes from its last
+    checkpoint and ends with the very weights of an uninterrupted run."""
+    flags = [*TINY, "--max_steps", "300", "--save_every", "50", "--step_timeout", "5"]
+    reference_dir, hung_dir = tmp_path / "reference", tmp_path / "hung"
+    reference_dir.mkdir()
+    hung_dir.mkdir()
+    reference = submit(slurm, reference_dir, "reference", flags, processes=2)
+    job = submit(slurm, hung_dir, "hung", flags, processes=2)
+    run_dir = hung_dir / "runs" / f"hung-{job}"
+    slurm.wait_until(lambda: any(r["step"] >= 60 for r in run_metrics(run_dir)), timeout=180,
+                     what="the job to pass its first checkpoint", job_id=job)
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and f"hung-{job}" in " ".join(process_argv(int(p)))
+               and "train.py" in " ".join(process_argv(int(p))) and rank_of(int(p)) == 1]
+    assert len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGSTOP)
+    slurm.wait_until(lambda: slurm.restart_count(job) >= 1, timeout=120, what="the job to requeue", job_id=job)
+    assert slurm.wait(job, timeout=240) == "COMPLETED", job_log(hung_dir, "hung", job) + slurm.logs(job)
+    assert slurm.wait(reference, timeout=240) == "COMPLETED", slurm.logs(reference)
+
+    log = job_log(hung_dir, "hung", job)
+    assert "error: hang: no rank has made progress for 5 s (--step_timeout)" in log
+    assert "ranks that did not arrive: 1" in log and "rank 0 stacks:" in log
+    assert "the run hung" in log and "requeueing job" in log and "training finished (restart 1)" in log
+    resumed_at = [int(step) for step in re.findall(r"resumed at step (\d+)", log)]
+    assert resumed_at and resumed_at[0] % 50 == 0, log  # from the periodic checkpoint before the hang
+    reference_run = reference_dir / "runs" / f"reference-{reference}"
+    assert_same_run(run_dir, reference_run)
