@@ -5,7 +5,7 @@ started. hardware.fast_math fixes the intra-op thread count (which turns MKL's d
 off) and flushes subnormals on every thread or on none; these tests check both halves, then run one
 short command many times, some of them while two other processes keep both cores busy.
 
-    pytest tests/test_identical_runs.py                       # TINYLAB_IDENTICAL_RUNS runs (default 6)
+    pytest tests/test_identical_runs.py                       # TINYLAB_IDENTICAL_RUNS runs (default 4)
     TINYLAB_IDENTICAL_RUNS=30 pytest tests/test_identical_runs.py
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from plumbing import hardware
 from conftest import ROOT, model_weights, run_metrics, run_train
 
-RUNS = int(os.environ.get("TINYLAB_IDENTICAL_RUNS", "6"))  # every other one under load
+RUNS = int(os.environ.get("TINYLAB_IDENTICAL_RUNS", "4"))  # every other one under load
 COMMAND = ["--preset", "grokking", "--max_steps", "30", "--eval_every", "10", "--save_every", "10", "--log_every", "1"]
 
 # Two other heavy jobs, one on each of the machine's two cores: matrix products on one thread each.

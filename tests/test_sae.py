@@ -540,12 +540,12 @@ def test_two_ranks_on_the_live_source_with_resampling_keep_one_sae(tmp_path, tra
 
 
 @pytest.mark.extended  # three ranks on two cores, three launches: about 30 s each
-@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["batchtopk"])
 def test_three_ranks_stopped_and_resumed_train_the_same_sae_bit_for_bit(tmp_path, trained_runs, arch):
     """With three ranks the grouping of DDP's gradient buckets changes the rounding of their sums;
     a resumed SAE regroups them as the uninterrupted run's first step did (distributed.regroup_ddp_buckets).
-    Two kinds: batchtopk, whose threshold comes from the batch of every rank, and jumprelu, whose thresholds
-    are trained; every kind resumes exactly in one process (test_the_other_kinds_resume_exactly_with_their_thresholds,
+    One kind: batchtopk, whose threshold comes from the batch of every rank; every kind resumes exactly
+    in one process (test_the_other_kinds_resume_exactly_with_their_thresholds,
     test_sae_training_writes_its_directory_and_resumes_exactly), and the mechanism is the kind's own in none."""
     run_dir = trained_runs["modular"]
     dump(DumpConfig(run_dir=run_dir, hook=HOOK, out=str(tmp_path / "dump")).validate(), log=lambda *a: None)
