@@ -241,12 +241,10 @@ def build_model(cfg: Config, data, session: Session, resume: Resume):
     if session.dist.rank:
         seed_everything(cfg.seed + session.dist.rank)
     shard_it = cfg.fsdp and session.dist.enabled
-    if resume.checkpoint is not None and resume.checkpoint.get("sharded"):
-        pass
-    elif resume.checkpoint is not None:
+    if resume.checkpoint is not None and not resume.checkpoint.get("sharded"):  # (a sharded one: Training.build)
         if shard_it:
             raise CheckpointError(f"{resume.path} was saved by a run without --fsdp, whose optimizer state is not "
-                                  f"sharded; continue it without --fsdp (or with --fsdp false)")
+                                  f"sharded; continue it without --fsdp")
         try:
             raw_model.load_state_dict(resume.checkpoint["model"])
         except RuntimeError as e:

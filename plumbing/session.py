@@ -40,7 +40,7 @@ from config import ConfigError, resumed_config
 from plumbing.checkpoints import CheckpointError, load_checkpoint, rng_state, save_checkpoint, temporary_path
 from plumbing.distributed import (StopAgreement, broadcast_object, gather_objects, gloo_threads, min_over_ranks,
                          same_on_all_ranks, setup_distributed, shared_store, stop_with_launcher,
-                                 teardown_distributed)
+                         teardown_distributed)
 from plumbing.hardware import fast_math, pick_device, pick_dtype
 from plumbing.rundirs import Claim, create_run_dir
 from plumbing import sharding
@@ -96,8 +96,9 @@ class Session:
     """Device, precision, process group and logging for one run, opened and torn down in one place.
 
     Entering reads .env files, ties a torchrun worker to its launcher (it stops when the launcher
-    dies), picks the device and the autocast dtype, joins the process group and starts the logger
-    (rank 0 prints; lines reach train.log once the directory is claimed). Leaving, whether the
+    dies), picks the device and the autocast dtype, joins the process group (collectives time out
+    `step_timeout` + 60 s), starts the logger (rank 0 prints; lines reach train.log once the directory
+    is claimed) and, with several ranks, the hang watchdog (watchdog.py). Leaving, whether the
     block ended, raised or was stopped: closes the tracker if the program did not (a failed W&B run),
     releases the directory's claim, closes the log and tears the process group down.
     """
