@@ -1,7 +1,7 @@
 """Memory per rank of a Llama-shaped model of 1.1B parameters: DDP against FSDP (train.py --fsdp),
 with and without activation checkpointing, on CPU processes over gloo.
 
-    python bench/memory.py                        # both tables: about 10 minutes and 20 GB on this machine
+    python bench/memory.py                        # both tables (the full shape on 4 ranks needs about 20 GB)
     python bench/memory.py --part state --ranks 2 # only the first table, two ranks
     python bench/memory.py --blocks 1 --steps 2   # the second table on a shallower model
 
@@ -19,7 +19,7 @@ two. The last column is FSDP's share of DDP's: 1/N is the target.
 
 Table 2, peak memory per rank (--part peak): Linux's high-water mark of resident memory (VmHWM), reset
 once the model is built and wrapped, over --steps steps, for a model of the same width and --blocks
-blocks (default 2: 385M parameters, where DDP fits on 2 ranks), DDP and FSDP, without and with
+blocks (default 2, where DDP fits on 4 ranks of this machine; the count is printed), DDP and FSDP, without and with
 activation checkpointing. It counts everything the process holds: PyTorch itself (about 0.3 GB
 here), the state, the activations kept for the backward pass and the gathered weights of the block
 running.
