@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from config import Config, OptimConfig
+from plumbing.sharding import full_value
 
 # Quintic Newton–Schulz coefficients from Keller Jordan's Muon (also torch.optim.Muon's defaults).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -89,7 +90,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
             shards = list(updates)  # DTensors under FSDP: each rank's rows of the matrix
-            updates = [whole_matrix(u) for u in updates]
+            updates = [full_value(u) for u in updates]  # whole matrices on every rank
             # Newton–Schulz works on the wide orientation, so a [rows, cols] matrix and a
             # [cols, rows] one (an MLP's two matrices) go into the same batch, one transposed.
             batches: dict[tuple, list[int]] = {}
@@ -110,12 +111,6 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(params, 1 - lr * decay)
             torch._foreach_add_(params, orthogonal, alpha=-lr)
         return loss
-
-
-def whole_matrix(tensor: torch.Tensor) -> torch.Tensor:
-    """A sharded (FSDP) matrix gathered whole on every rank; any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def own_rows(matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -111,9 +111,6 @@ def load_checkpoint_file(path: str, map_location="cpu", check: bool = True) -> d
     return ckpt
 
 
-CHECKPOINT_NAMES = ("last.pt", "best.pt", "last.dcp", "best.dcp")  # .dcp: a sharded (FSDP) run's folders
-
-
 def checkpoint_in(run_dir: str, name: str) -> str | None:
     """<run_dir>/<name> (last.pt, best.pt) or its sharded twin (last.dcp, best.dcp) if complete."""
     from plumbing.sharding import is_sharded_checkpoint, recover

@@ -21,7 +21,6 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 
 SUFFIX = ".dcp"
 USED = False  # set once this process has sharded a model (session.py: how the process may exit)
@@ -153,6 +152,7 @@ def load_meta(path: str) -> dict:
 def load_full(path: str, prefix: str = "model") -> dict:
     """The whole tensors under `prefix` (e.g. the weights) of a sharded checkpoint, in this process
     alone: what the single-process readers (interp, sae, lens, sample, export) take."""
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
     from plumbing.checkpoints import CheckpointError
     try:
@@ -170,11 +170,11 @@ def load_sharded(path: str, model: torch.nn.Module, optimizers: list) -> None:
     """Fills `model` and `optimizers` (sharded or not, on any number of ranks) from the checkpoint
     folder; every rank calls it. Hyperparameters stay today's (the optimizers were built from them)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import set_state_dict
     from plumbing.checkpoints import CheckpointError
     settings = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in optimizers]
-    model_state, optim_state = get_state_dict(model, optimizers)
-    state = {"model": model_state, "optimizers": optim_state}
+    state = state_for_saving(model, optimizers)  # the shapes to fill, as this rank holds them
     try:
         with quiet():
             dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
