@@ -109,7 +109,6 @@ class Watchdog:
         self._store = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.fired = False
 
     # ------------------------------------------------------------ the loop's side
 
@@ -184,7 +183,6 @@ class Watchdog:
     def _fire(self, beats: dict[int, dict], seen: dict[int, tuple[int, float]], problem: str) -> None:
         """This rank's part of ending a hung run: its stacks to the store, the report if it is the
         lowest live rank, the status file, the exit."""
-        self.fired = True
         now = time.monotonic()
         stacks = all_stacks()
         alive = sorted(r for r in beats if now - seen.get(r, (0, now))[1] < STALE_SECONDS) or [self.rank]
