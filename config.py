@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 
 
 class ConfigError(Exception):
-    """Bad input a user can fix: one line naming the flag (or file) and what to do."""
+    """Bad input a user can fix: one line naming the flag (or file) and what to do. Every rank finds it
+    alike, so rank 0 alone says it; `every_rank`: one rank may find it alone (an out-of-memory error),
+    so each rank that does says it."""
+    every_rank = False
 
 
 def section(title: str):

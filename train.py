@@ -79,16 +79,17 @@ def main(argv: list[str] | None = None) -> dict:
                 batches, num_targets = data.train_batches(step)
                 loss_sum = torch.zeros((), device=device)
                 correct = torch.zeros((), device=device, dtype=torch.long)
-                for micro, (x, y) in enumerate(batches):
-                    # Gradients are all-reduced only on the last micro-step (DDP's no_sync on the others).
-                    with gradient_sync(model, raw_model, dist, micro == len(batches) - 1):
-                        with autocast(device, dtype):
-                            loss, micro_correct = model(x, y)  # summed cross-entropy (fp32), correct predictions
-                        # This micro-batch's share of the global mean; DDP averages over ranks, so x world size.
-                        training.scaler.scale(loss * (dist.world_size / num_targets)).backward()
-                    loss_sum += loss.detach()
-                    correct += micro_correct
-                grad_norm = training.finish_step(cfg.grad_clip)  # unscale, Grokfast, clip, step
+                with memory_advice(cfg, session, run_dir, batches[0][0], first=step == training.step):
+                    for micro, (x, y) in enumerate(batches):
+                        # Gradients are all-reduced only on the last micro-step (DDP's no_sync on the others).
+                        with gradient_sync(model, raw_model, dist, micro == len(batches) - 1):
+                            with autocast(device, dtype):
+                                loss, micro_correct = model(x, y)  # summed cross-entropy (fp32), correct predictions
+                            # This micro-batch's share of the global mean; DDP averages over ranks, so x world size.
+                            training.scaler.scale(loss * (dist.world_size / num_targets)).backward()
+                        loss_sum += loss.detach()
+                        correct += micro_correct
+                    grad_norm = training.finish_step(cfg.grad_clip)  # unscale, Grokfast, clip, step
                 step += 1
                 # Under fp16 an inf gradient is the scaler's business (it skips the step); a bad loss never is.
                 # metrics.jsonl gets step 1, every log_every-th step and the last; the console also
@@ -482,6 +483,47 @@ def gradient_sync(model, raw_model, dist_info, sync: bool):
         set_gradient_sync(raw_model, sync)
         return contextlib.nullcontext()
     return model.no_sync() if dist_info.enabled and not sync else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def memory_advice(cfg: Config, session: Session, run_dir: str, micro_batch: torch.Tensor, first: bool):
+    """Out of memory in the run's first step (forward, backward, optimizer step) is bad input: the micro
+    batch does not fit the device. One line names it and what to try (ConfigError: exit 2). Later, the
+    same micro batch has fitted, so the error is something else's (a leak, fragmentation) and stays as
+    it is. Out of memory: CUDA's torch.OutOfMemoryError, or the CPU allocator's error (under a ulimit)."""
+    try:
+        yield
+        return
+    except RuntimeError as error:  # torch.OutOfMemoryError is one
+        if not first or not (isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)):
+            raise
+        message = out_of_memory_message(cfg, session, run_dir, tuple(micro_batch.shape), cfg.task == "text")
+    error = ConfigError(message)
+    error.every_rank = True
+    raise error from None
+
+
+def out_of_memory_message(cfg: Config, session: Session, run_dir: str, shape: tuple, text: bool) -> str:
+    device, dist = session.device, session.dist
+    where = f"{device}" + (f" (rank {dist.rank})" if dist.enabled else "")
+    if device.type == "cuda":
+        used, total = torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
+        where += f", {used / 2**30:.1f} of {total / 2**30:.1f} GiB allocated at the peak"
+    sequences = shape[0]
+    size = f"{sequences} sequences of {shape[1]} tokens" if len(shape) > 1 else f"{sequences} examples"
+    tries = []
+    if sequences > 1:
+        tries.append(f"--accumulation_steps {2 * cfg.accumulation_steps} (micro batches half as large, the same "
+                     f"global batch) or a smaller --batch_size")
+    if not cfg.activation_checkpointing:
+        tries.append("--activation_checkpointing (each block's activations recomputed in the backward pass)")
+    tries.append("--fsdp (weights, gradients and optimizer state sharded over the ranks)" if not cfg.fsdp
+                 else "--fsdp on more GPUs")
+    if text:
+        tries.append("a shorter --context_len")
+    return (f"out of memory in the first step on {where}: a micro batch of {size}{' per rank' * dist.enabled} is "
+            f"too large. "
+            f"Try {'; '.join(tries)}. Nothing was trained or saved ({run_dir} holds this attempt's log).")
 
 
 def print_samples(raw_model: Transformer, data, cfg: Config, step: int, session: Session) -> None:

@@ -505,7 +505,7 @@ def run_command(main) -> None:
     try:
         summary = main()
     except (ConfigError, CheckpointError) as error:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike; one says so
+        if os.environ.get("RANK", "0") == "0" or getattr(error, "every_rank", False):  # ranks fail alike: one says so
             print(f"error: {error}", file=sys.stderr)
         _exit(2)
     except TrainingDiverged:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from conftest import disk_state, run_bad_input, run_train, tiny_args
+from conftest import assert_bad_input, disk_state, run_bad_input, run_train, tiny_args
 from plumbing.tracking import read_metrics
 
 RUN_FILES = {"config.json", "train.log", "metrics.jsonl", "last.pt", "best.pt", "training_curves.png"}
@@ -338,6 +338,32 @@ def existing_run(tmp_path):
 def test_bad_input_fails_cleanly_and_touches_nothing(tmp_path, existing_run, args, fragments):
     # the working folder holds the run and its runs folder: nothing under it may change
     run_bad_input("train.py", ["--save_model_dir", str(tmp_path / "runs"), "--run", "keep", *args], tmp_path, *fragments)
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_the_first_step_names_the_micro_batch_and_what_to_try(tmp_path):
+    """A micro batch too large for the device: one line, exit 2, naming its size and the flags that help,
+    and nothing trained or saved. The device here is the CPU under an 8 GB limit on address space, asked
+    for a 15 GB activation (3831 examples x a 1,000,000-wide MLP, fp32), whose allocator then fails at
+    once; a GPU's torch.OutOfMemoryError takes the same path. With --accumulation_steps 2 (half the micro
+    batch, still too large) the advice moves on to 4."""
+    import resource
+    import subprocess
+    import sys
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+    runs = tmp_path / "runs"
+    for accumulation, sequences, advice in ((1, 3831, 2), (2, 1916, 4)):
+        args = ["--save_model_dir", str(runs), "--run", f"acc{accumulation}", "--modulus", "113", "--batch_size", "0",
+                "--embedding_dim", "8", "--num_heads", "2", "--mlp_dim", "1000000", "--max_steps", "2",
+                "--accumulation_steps", str(accumulation)]
+        result = subprocess.run([sys.executable, "train.py", *args], cwd=os.path.dirname(train.__file__),
+                                capture_output=True, text=True, timeout=120, preexec_fn=limited)
+        assert_bad_input(result, "out of memory in the first step on cpu", f"a micro batch of {sequences} sequences",
+                         f"--accumulation_steps {advice} (micro batches half as large, the same global batch)",
+                         "--activation_checkpointing", "--fsdp", "Nothing was trained or saved")
+        assert files(runs / f"acc{accumulation}") == {"config.json", "train.log"}
 
 
 @pytest.mark.slow
