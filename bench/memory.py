@@ -45,15 +45,22 @@ VOCAB = 32000
 GB = 1e9
 
 
-def build(blocks: int | None, checkpointing: bool, device="cpu"):
+def build(blocks: int | None, checkpointing: bool, device="cpu", width: int = 2048):
     from config import parse_config
     from model import Transformer
-    flags = SHAPE + (["--num_blocks", str(blocks)] if blocks else [])
+    flags = SHAPE + (["--num_blocks", str(blocks)] if blocks else []) + (narrower(width) if width != 2048 else [])
     cfg, _ = parse_config(flags)
     with torch.device(device):
         model = Transformer(cfg, VOCAB)
     model.checkpoint_blocks = checkpointing
     return cfg, model
+
+
+def narrower(width: int) -> list[str]:
+    """The same family at another width: heads of 64, up to 4 key/value heads, SwiGLU 2.75 x width."""
+    heads = max(1, width // 64)
+    return ["--embedding_dim", str(width), "--num_heads", str(heads), "--num_kv_heads", str(min(4, heads)),
+            "--mlp_dim", str(width * 11 // 4)]
 
 
 def local_bytes(tensors) -> int:
@@ -99,7 +106,7 @@ def worker(args) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    cfg, model = build(args.blocks, args.checkpointing)
+    cfg, model = build(args.blocks, args.checkpointing, width=args.width)
     if args.mode == "fsdp":
         shard(model, torch.device("cpu"), torch.float32)
     step_model = ModelWithLoss(model, None, -1)
@@ -126,8 +133,11 @@ def worker(args) -> None:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(everyone, f)
-    del step_model
-    dist.destroy_process_group()
+    dist.barrier()
+    # FSDP2 keeps the process group alive from C++ (plumbing/session.py's _exit): its gloo threads would
+    # abort the interpreter's finalisation now and then, so the worker leaves without one.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def launch(ranks: int, mode: str, blocks: int | None, checkpointing: bool, args) -> list[dict]:
@@ -135,7 +145,7 @@ def launch(ranks: int, mode: str, blocks: int | None, checkpointing: bool, args)
         out = os.path.join(tmp, "out.json")
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                    os.path.abspath(__file__), "--worker", "--mode", mode, "--out", out, "--steps", str(args.steps),
-                   "--micro_batch", str(args.micro_batch), "--seq_len", str(args.seq_len)]
+                   "--micro_batch", str(args.micro_batch), "--seq_len", str(args.seq_len), "--width", str(args.width)]
         command += (["--blocks", str(blocks)] if blocks else []) + (["--checkpointing"] if checkpointing else [])
         result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if result.returncode != 0:
@@ -144,10 +154,10 @@ def launch(ranks: int, mode: str, blocks: int | None, checkpointing: bool, args)
             return json.load(f)
 
 
-def ddp_state(blocks: int | None) -> dict:
+def ddp_state(blocks: int | None, width: int) -> dict:
     """What every DDP rank holds after a step: the whole model's weights and gradients, and AdamW's
     two moments of each weight, counted on the meta device."""
-    _, model = build(blocks, False, device="meta")
+    _, model = build(blocks, False, device="meta", width=width)
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     return {"weights": weights, "gradients": weights, "optimizer": 2 * weights,
             "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
@@ -157,7 +167,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["both", "state", "peak"], default="both")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--blocks", type=int, default=0, help="table 2's depth (0: 2); the worker's model depth")
+    parser.add_argument("--blocks", type=int, default=0, help="the model's depth (0: 22 in table 1, 2 in table 2)")
+    parser.add_argument("--width", type=int, default=2048, help="another width of the same family (heads of 64)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--micro_batch", type=int, default=1)
     parser.add_argument("--seq_len", type=int, default=256)
@@ -172,13 +183,15 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; micro batch {args.micro_batch} x {args.seq_len} tokens "
           f"per rank, {args.steps} steps, AdamW, fp32")
     if args.part in ("both", "state"):
-        full = ddp_state(None)
-        print(f"\nState per rank after a step, TinyLlama-1.1B's shape ({full['parameters']:,} parameters), GB:\n")
+        full = ddp_state(args.blocks or None, args.width)
+        shape = ("TinyLlama-1.1B's shape" if (args.blocks or 22, args.width) == (22, 2048)
+                 else f"width {args.width}, {args.blocks or 22} blocks")
+        print(f"\nState per rank after a step, {shape} ({full['parameters']:,} parameters), GB:\n")
         print("| ranks | DDP: weights + grads + AdamW | FSDP: weights | grads | AdamW | total | FSDP / DDP | 1/N |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         ddp_total = full["weights"] + full["gradients"] + full["optimizer"]
         for ranks in args.ranks:
-            rows = launch(ranks, "fsdp", None, False, args)
+            rows = launch(ranks, "fsdp", args.blocks or None, False, args)
             worst = max(rows, key=lambda r: r["weights"] + r["gradients"] + r["optimizer"])
             total = worst["weights"] + worst["gradients"] + worst["optimizer"]
             print(f"| {ranks} | {ddp_total / GB:.2f} | {worst['weights'] / GB:.2f} | {worst['gradients'] / GB:.2f} | "
@@ -186,7 +199,7 @@ def main(argv=None) -> None:
                   flush=True)
     if args.part in ("both", "peak"):
         blocks = args.blocks or 2
-        small = ddp_state(blocks)
+        small = ddp_state(blocks, args.width)
         print(f"\nPeak resident memory per rank over {args.steps} steps, the same width with {blocks} blocks "
               f"({small['parameters']:,} parameters), GB (the largest rank's):\n")
         print("| ranks | DDP | DDP + activation checkpointing | FSDP | FSDP + activation checkpointing |")

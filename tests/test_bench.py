@@ -278,3 +278,17 @@ def test_circuit_bench_times_every_method_and_the_peer_side_by_side():
         assert f"| {row}" in out, row
     differ = re.search(r"EAP differs by at most ([\d.e+-]+), integrated gradients by ([\d.e+-]+)", out)
     assert differ and float(differ.group(1)) < 1e-4 and float(differ.group(2)) < 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp_holds_one_nth_of_ddps_state_per_rank():
+    """bench/memory.py's first table on a narrow model of the same family (width 256, 2 blocks, 18M
+    parameters): FSDP's weights, gradients and AdamW moments per rank, measured on 2 and 3 ranks (3
+    splits the rows unevenly), are within 10 % of 1/N of what every DDP rank holds."""
+    out = bench("memory.py", "--part", "state", "--ranks", "2", "3", "--width", "256", "--blocks", "2", "--steps",
+                "1", "--seq_len", "16")
+    rows = re.findall(r"^\| (\d) \| ([\d.]+) \|.* \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)
+    assert [int(r[0]) for r in rows] == [2, 3], out
+    for ranks, _, share, target in rows:
+        assert float(target) == pytest.approx(1 / int(ranks), abs=5e-4)
+        assert abs(float(share) - 1 / int(ranks)) <= 0.1 / int(ranks), out
