@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from config import Config, OptimConfig
+from plumbing.checkpoints import todays_settings
 from plumbing.sharding import full_value
 
 # Quintic Newton–Schulz coefficients from Keller Jordan's Muon (also torch.optim.Muon's defaults).
@@ -210,11 +211,9 @@ def load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[
     resumes its optimizers through this; a checkpoint whose optimizers do not fit raises ValueError."""
     if len(states) != len(optimizers):
         raise ValueError(f"the checkpoint has {len(states)} optimizers, this config builds {len(optimizers)}")
-    for optimizer, state in zip(optimizers, states):
-        current = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        optimizer.load_state_dict(state)
-        for group, settings in zip(optimizer.param_groups, current):
-            group.update(settings)
+    with todays_settings(optimizers):
+        for optimizer, state in zip(optimizers, states):
+            optimizer.load_state_dict(state)
 
 
 def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -4,6 +4,7 @@ global RNG in a form `torch.load(weights_only=True)` accepts. The run layer's Ch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -13,6 +14,18 @@ import torch
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be read or used; the message names the file."""
+
+
+@contextlib.contextmanager
+def todays_settings(optimizers: list):
+    """Optimizer states loaded in this block keep the hyperparameters the optimizers were built with
+    from today's settings (LR, weight decay, betas, momentum, the peak `initial_lr`, any entry of a
+    group but its parameters), so that flags typed at resume time take effect."""
+    kept = [[{k: v for k, v in group.items() if k != "params"} for group in o.param_groups] for o in optimizers]
+    yield
+    for optimizer, groups in zip(optimizers, kept):
+        for group, settings in zip(optimizer.param_groups, groups):
+            group.update(settings)
 
 
 def seed_everything(seed: int) -> None:

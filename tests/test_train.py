@@ -211,8 +211,9 @@ def test_resume_from_best_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_flags_typed_at_resume_take_effect(tmp_path):
-    args = tiny_args(tmp_path, "--run", "lr", "--resume", "auto", "--warmup_steps", "0")
+@pytest.mark.parametrize("flags", [[], ["--fsdp"]])  # a checkpoint file, and a sharded folder
+def test_flags_typed_at_resume_take_effect(tmp_path, flags):
+    args = tiny_args(tmp_path, "--run", "lr", "--resume", "auto", "--warmup_steps", "0", *flags)
     train.main(args + ["--max_steps", "5"])
     train.main(args + ["--max_steps", "10", "--lr", "1e-4"])
     records = read_metrics(tmp_path / "runs" / "lr" / "metrics.jsonl")
