@@ -34,7 +34,8 @@ def is_sharded_checkpoint(path: str) -> bool:
 
 
 def shard(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """FSDP2 on each block, then on the root. On a GPU under bf16: bf16 weights in the forward and
+    """FSDP2 on each block, on the embedding and unembedding when they are not tied, then on the root
+    (the rest: positions, final norm). On a GPU under bf16: bf16 weights in the forward and
     backward, gradients reduced in fp32 (the fp32 master weights stay sharded); elsewhere fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     global USED
@@ -43,6 +44,9 @@ def shard(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> N
               if device.type == "cuda" and dtype == torch.bfloat16 else MixedPrecisionPolicy())
     for block in model.blocks:
         fully_shard(block, mp_policy=policy)
+    if model.unembed.weight is not model.embed.weight:  # untied: each gathered only while it runs, not
+        fully_shard(model.embed, mp_policy=policy)      # for the whole step as the root's weights are
+        fully_shard(model.unembed, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     # sampling calls generate (its own forward); let FSDP gather the root's weights for it too
     from torch.distributed.fsdp import register_fsdp_forward_method
@@ -172,18 +176,15 @@ def load_sharded(path: str, model: torch.nn.Module, optimizers: list) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_state_dict
-    from plumbing.checkpoints import CheckpointError
-    settings = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in optimizers]
+    from plumbing.checkpoints import CheckpointError, todays_settings
     state = state_for_saving(model, optimizers)  # the shapes to fill, as this rank holds them
     try:
         with quiet():
             dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         raise CheckpointError(f"{path} does not fit this model or is missing a shard ({last_line(e)})") from None
-    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
-    for optimizer, groups in zip(optimizers, settings):
-        for group, kept in zip(optimizer.param_groups, groups):
-            group.update(kept)
+    with todays_settings(optimizers):
+        set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
 
 
 def state_for_saving(model: torch.nn.Module, optimizers: list) -> dict:

@@ -19,7 +19,7 @@ from plumbing.tracking import read_metrics
 # Three processes split a global batch of 48 evenly, as do two and one; no dropout, so that a resume on
 # another number of ranks (whose dropout streams cannot continue) is still the same computation.
 COMMON = ["--modulus", "23", "--batch_size", "48", "--lr", "1e-3", "--max_steps", "24", "--target_val_acc", "0",
-          "--log_every", "1", "--eval_every", "12", "--save_every", "12"]
+          "--log_every", "1", "--eval_every", "12", "--save_every", "12", "--tie_embeddings", "false"]
 OPTIMIZERS = {"adamw": [], "muon": ["--use_muon", "true", "--muon_lr", "0.05"]}
 
 
