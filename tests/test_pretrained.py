@@ -327,6 +327,10 @@ def test_a_fine_tune_runs_on_two_ranks_as_on_one_and_resumes_exactly(tmp_path, r
     # by about lr either way, so another reduction order can leave such weights 2 x lr x steps apart)
     a, b = model_weights(tmp_path / "one" / "last.pt"), model_weights(tmp_path / "sharded" / "last.dcp")
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    # and exports as any run: export.py reads the folder whole (--check: transformers' logits are ours)
+    out = export.main([str(tmp_path / "sharded"), "--checkpoint", "last", "--to", "hf", str(tmp_path / "hf-sharded")])
+    exported = pretrained.load_pretrained(out)[0].state_dict()
+    assert all(torch.equal(exported[k], b[k]) for k in b)
 
     # stopped after step 3 and resumed: the uninterrupted run's losses and weights exactly, the
     # pretrained weights not read again (the checkpoint's are the run's)
