@@ -17,12 +17,13 @@ every rank holds the whole model's, counted from the model built on PyTorch's me
 allocates nothing): a DDP run of this shape needs 17.6 GB per rank, and this 24 GB machine cannot hold
 two. The last column is FSDP's share of DDP's: 1/N is the target.
 
-Table 2, peak memory per rank (--part peak): Linux's high-water mark of resident memory (VmHWM), reset
-once the model is built and wrapped, over --steps steps, for a model of the same width and --blocks
-blocks (default 2, where DDP fits on 4 ranks of this machine; the count is printed), DDP and FSDP, without and with
-activation checkpointing. It counts everything the process holds: PyTorch itself (about 0.3 GB
-here), the state, the activations kept for the backward pass and the gathered weights of the block
-running.
+Table 2, peak memory per rank (--part peak): Linux's high-water mark of resident memory (VmHWM) over
+--steps steps, for a model of the same width and --blocks blocks (default 2, where DDP fits on 4 ranks
+of this machine; the count is printed), DDP and FSDP, without and with activation checkpointing. Each
+cell gives two peaks: over the forward and backward passes alone (where the activations kept for the
+backward pass live, and so where checkpointing acts), then over whole steps (the optimizer step's
+temporaries included). Both count everything the process holds: PyTorch itself (about 0.3 GB here),
+the state, the activations and the gathered weights of the block running.
 """
 
 from __future__ import annotations
@@ -118,16 +119,21 @@ def worker(args) -> None:
     y = torch.randint(0, VOCAB, (args.micro_batch, args.seq_len), generator=generator)
     before = memory_status()["VmRSS"]
     reset_peak()
+    whole = passes = 0  # the high-water marks of everything, and of the forward and backward passes alone
     for _ in range(args.steps):
+        whole = max(whole, memory_status()["VmHWM"])
+        reset_peak()  # the passes: where the activations kept for the backward pass live
         loss, _ = step_model(x, y)
         (loss / y.numel()).backward()
+        passes = max(passes, memory_status()["VmHWM"])
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         state = state_bytes(model, optimizers)  # gradients are there until zero_grad
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     state["optimizer"] = state_bytes(model, optimizers)["optimizer"]
-    mine = {"rank": rank, **state, "rss_before": before, "peak": memory_status()["VmHWM"]}
+    whole = max(whole, passes, memory_status()["VmHWM"])
+    mine = {"rank": rank, **state, "rss_before": before, "peak": whole, "passes": passes}
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     if rank == 0:
@@ -201,7 +207,7 @@ def main(argv=None) -> None:
         blocks = args.blocks or 2
         small = ddp_state(blocks, args.width)
         print(f"\nPeak resident memory per rank over {args.steps} steps, the same width with {blocks} blocks "
-              f"({small['parameters']:,} parameters), GB (the largest rank's):\n")
+              f"({small['parameters']:,} parameters), GB (the largest rank's), forward and backward / whole step:\n")
         print("| ranks | DDP | DDP + activation checkpointing | FSDP | FSDP + activation checkpointing |")
         print("| --- | --- | --- | --- | --- |")
         for ranks in args.ranks:
@@ -209,7 +215,7 @@ def main(argv=None) -> None:
             for mode in ("ddp", "fsdp"):
                 for checkpointing in (False, True):
                     rows = launch(ranks, mode, blocks, checkpointing, args)
-                    cells.append(f"{max(r['peak'] for r in rows) / GB:.2f}")
+                    cells.append(f"{max(r['passes'] for r in rows) / GB:.2f} / {max(r['peak'] for r in rows) / GB:.2f}")
             print(f"| {ranks} | " + " | ".join(cells) + " |", flush=True)
 
 
