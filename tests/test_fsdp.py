@@ -4,6 +4,7 @@ that resume on another number of ranks, activation checkpointing, and the hang w
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import train
-from conftest import child_pids, model_weights, run_bad_input, run_torchrun, torchrun_command, wait_until
+from conftest import child_pids, disk_state, model_weights, run_bad_input, run_torchrun, torchrun_command, wait_until
 from plumbing.tracking import read_metrics
 
 # Three processes split a global batch of 48 evenly, as do two and one; no dropout, so that a resume on
@@ -116,6 +117,30 @@ def test_activation_checkpointing_computes_the_same_steps(tmp_path):
         runs[f"sharded-{name}"] = [(r["train_loss"], r["grad_norm"])
                                    for r in map(metrics(tmp_path / f"sharded-{name}").get, range(1, 7))]
     assert runs["plain"] == runs["recomputed"] and runs["sharded-plain"] == runs["sharded-recomputed"]
+
+
+@pytest.mark.slow
+def test_fsdp_samples_during_training_and_stops_a_divergence_at_its_last_good_folder(tmp_path, corpus):
+    """A text run sharded on two ranks samples at its eval (a sharded forward: every rank runs it, rank 0
+    prints), then, resumed with an absurd learning rate, stops at the step whose update overflowed (the
+    guard reads the global weight norm): exit 1, one error line naming last.dcp as the last good
+    checkpoint, and that folder as it was (the diverged step was a save step)."""
+    args = ["--save_model_dir", str(tmp_path), "--run_name", "s", "--preset", "shakespeare_char", "--data_path", corpus,
+            "--num_blocks", "1", "--embedding_dim", "32", "--num_heads", "2", "--context_len", "16", "--batch_size",
+            "8", "--eval_every", "4", "--eval_max_batches", "1", "--sample_tokens", "12", "--log_every", "1",
+            "--fsdp", "--tie_embeddings", "false", "--target_val_acc", "0"]
+    first = run_torchrun(args + ["--max_steps", "4"], cwd=str(tmp_path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    prompts = re.findall(r"^--- sample from (.*):$", first.stdout, re.M)  # the corpus's prompts, each printed once
+    assert prompts and len(prompts) == len(set(prompts)), first.stdout[-3000:]
+    before = disk_state(tmp_path / "s" / "last.dcp")
+    result = run_torchrun(args + ["--max_steps", "20", "--resume", "auto", "--lr", "2e38", "--grad_clip", "0",
+                                  "--save_every", "5"], cwd=str(tmp_path))
+    assert result.returncode != 0 and "exitcode  : 1" in result.stderr, result.stderr[-3000:]
+    message = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    assert len(message) == 1, result.stdout[-3000:]
+    assert "diverged at step 5:" in message[0] and "last.dcp (step 4) is the last good checkpoint" in message[0]
+    assert disk_state(tmp_path / "s" / "last.dcp") == before
 
 
 def start_torchrun(args: list[str], cwd, nproc: int = 2) -> subprocess.Popen:
