@@ -214,15 +214,19 @@ def test_stop_check_bench_costs_the_agreement_with_and_without_latency():
 
 @pytest.mark.extended
 def test_sae_bench_trains_ours_and_saelens_on_the_same_rows_and_judges_both(tmp_path):
-    """A short bench/sae_vs_saelens.py (one seed, 20 steps, the grokking MLP): both trainers of both
-    kinds ran, SAELens's folders opened in sae.py, and at L0 = k both sides keep exactly k features a row."""
+    """A short bench/sae_vs_saelens.py (one seed, 20 steps, the MLP of a grokking model trained for 100
+    steps): both trainers of both kinds ran, SAELens's folders opened in sae.py, and at L0 = k both sides
+    keep exactly k features a row."""
     pytest.importorskip("safetensors")
-    out = bench("sae_vs_saelens.py", "--models", "grokking", "--seeds", "1", "--steps", "20", "--out", str(tmp_path),
-                timeout=900)
+    import train
+    train.main(["--save_model_dir", str(tmp_path), "--run_name", "grokking", "--max_steps", "100",
+                "--target_val_acc", "0", "--eval_every", "100"])
+    out = bench("sae_vs_saelens.py", "--models", "grokking", "--grokking_run", str(tmp_path / "grokking"), "--seeds",
+                "1", "--steps", "20", "--out", str(tmp_path / "bench"), timeout=900)
     for kind in ("batchtopk", "matryoshka"):
         for side in ("tinylab", "SAELens"):
             assert re.search(rf"^\| grokking \| {kind} \| {side} \| -?[\d.]+ \[", out, re.M), out
-    results = json.load(open(tmp_path / "results.json"))
+    results = json.load(open(tmp_path / "bench" / "results.json"))
     assert len(results) == 4 and all(r["rows_per_sec"] > 0 for r in results)
 
 
