@@ -18,6 +18,10 @@ Rows, each measured in this one run:
   SAE rows/s           one training step of every SAE kind (sae.update) on random rows, d_model 768.
   sampling             model.generate's tokens/s with the KV cache and without (the loop sample.py runs).
   data loader          tokens/s of train.py's text loader (bench/throughput.py's measure_loader).
+  largest Llama shape  the largest Llama-family shape (8B, 3B, 1B, TinyLlama) whose fine-tune step
+                       train.py fits on this card, without and with --activation_checkpointing:
+                       tok/s, MFU and peak memory (an out-of-memory start says which, in train.py's
+                       own words).
 
 Without a GPU, --smoke runs the same code on tiny shapes in eager float32: the extended test tier runs
 it that way (tests/test_bench.py), so the script cannot rot between the days a GPU is lent.
@@ -210,6 +214,67 @@ def loader_row(table: Table, args, device) -> None:
     table.add("data loader (text, char)", line.split(" (", 1)[1].split(")", 1)[0], tokens_per_sec, rest.split(" · source")[0])
 
 
+# Llama-family shapes, largest first: embedding, blocks, heads, key/value heads, MLP width, vocabulary, tied.
+LLAMA_SHAPES = {
+    "Llama-3.1-8B": (4096, 32, 32, 8, 14336, 128256, False),
+    "Llama-3.2-3B": (3072, 28, 24, 8, 8192, 128256, True),
+    "Llama-3.2-1B": (2048, 16, 32, 8, 8192, 128256, True),
+    "TinyLlama-1.1B": (2048, 22, 32, 4, 5632, 32000, False),
+}
+SMOKE_SHAPES = {"smoke 2 x 64": (64, 2, 4, 2, 128, 512, False), "smoke 1 x 32": (32, 1, 2, 1, 64, 256, True)}
+
+
+def largest_shape_rows(table: Table, args, device) -> None:
+    """The largest Llama-family shape whose fine-tune step fits this one card, as train.py runs it (the
+    whole model, as every DDP rank holds it; then with --activation_checkpointing): the shapes are tried
+    largest first, and one that runs out of memory in its first step is told apart by train.py's own
+    out-of-memory message. --fsdp on one card has nothing to shard (one process keeps the whole model):
+    its saving needs two or more GPUs."""
+    shapes = SMOKE_SHAPES if args.smoke else LLAMA_SHAPES
+    context, batch, steps = (32, 2, 3) if args.smoke else (2048, 4, 6)
+    for setting, flags in (("whole model (each DDP rank's)", []),
+                           ("+ --activation_checkpointing", ["--activation_checkpointing"])):
+        tried = []
+        for name, (width, blocks, heads, kv, mlp, vocab, tied) in shapes.items():
+            argv = ["--preset", "shakespeare_char_modern", "--data_path", args.data_path, "--run_name", "largest",
+                    "--embedding_dim", str(width), "--num_blocks", str(blocks), "--num_heads", str(heads),
+                    "--num_kv_heads", str(kv), "--mlp_dim", str(mlp), "--vocab_size", str(vocab), "--activation",
+                    "swiglu", "--norm", "rmsnorm", "--positional", "rope", "--qk_norm", "false", "--bias", "false",
+                    "--logit_softcap", "0", "--tie_embeddings", str(tied).lower(), "--use_muon", "false",
+                    "--dropout", "0", "--context_len", str(context), "--batch_size", str(batch), "--max_steps",
+                    str(steps), "--eval_every", str(steps), "--eval_max_batches", "1", "--log_every", "1",
+                    "--save_model", "false", "--sample_tokens", "0", "--device", device.type, *flags]
+            say(f"[{name}, {setting}: train.py, {steps} steps of {batch} x {context} tokens]")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with tempfile.TemporaryDirectory() as out:
+                try:
+                    with contextlib.redirect_stdout(io.StringIO()):
+                        train.main(argv + ["--save_model_dir", out])
+                    records = [r for r in read_metrics(os.path.join(out, "largest", "metrics.jsonl"))
+                               if "tokens_per_sec" in r]
+                except ConfigError as e:
+                    if "out of memory" not in str(e):
+                        raise
+                    tried.append(f"{name}: out of memory")
+                    records = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if records:
+                last = records[-1]
+                peak = (f" · {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB at the peak"
+                        if device.type == "cuda" else "")
+                mfu = f"{last['mfu']:.1%} MFU · " if "mfu" in last else ""
+                table.add(f"largest Llama shape on one card, {setting}", f"batch {batch} x {context}, AdamW, eager",
+                          f"{name}: {mfu}{last['tokens_per_sec']:,.0f} tok/s{peak}", "; ".join(tried) or
+                          "the largest tried")
+                break
+        else:
+            table.add(f"largest Llama shape on one card, {setting}", f"batch {batch} x {context}, AdamW, eager",
+                      "none fits", "; ".join(tried))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, eager float32: checks the script on a CPU")
@@ -240,7 +305,8 @@ def main() -> None:
     table = Table()
     for section in (lambda: gpt2_rows(table, args, device, dtype), lambda: shakespeare_row(table, args, device),
                     lambda: kernel_rows(table, args, device, dtype), lambda: sae_rows(table, args, device),
-                    lambda: sampling_row(table, args, device), lambda: loader_row(table, args, device)):
+                    lambda: sampling_row(table, args, device), lambda: loader_row(table, args, device),
+                    lambda: largest_shape_rows(table, args, device)):
         section()
         say(f"  ({time.perf_counter() - started:.0f} s so far)")
     table.print()

@@ -260,6 +260,9 @@ def test_the_gpu_check_runs_its_smoke_version_on_a_cpu(corpus):
         assert re.search(rf"\| SAE {arch} \| .* \| [\d,]+ rows/s \|", rows[f"SAE {arch}"]), out
     assert re.search(r"[\d,]+ tok/s cached \| [\d,]+ tok/s uncached \([\d.]+x\); the same tokens \|", out), out
     assert re.search(r"\| data loader \(text, char\) \| .* \| [\d,]+ tokens/s \|", out), out
+    for setting in ("whole model \\(each DDP rank's\\)", "\\+ --activation_checkpointing"):
+        assert re.search(rf"\| largest Llama shape on one card, {setting} \| batch 2 x 32, AdamW, eager \| "
+                         rf"smoke 2 x 64: [\d,]+ tok/s \| the largest tried \|", out), out
 
 
 @pytest.mark.slow
