@@ -21,6 +21,11 @@ class ConfigError(Exception):
     every_rank = False
 
 
+STEP_TIMEOUT_HELP = ("seconds a rank may wait on the others before the run is called hung: every live rank prints "
+                     "its stack, the ranks that did not arrive are named and the run exits 3, to be restarted from "
+                     "its last checkpoint (0: off)")
+
+
 def section(title: str):
     """Returns a field factory whose knobs are listed under `title` in --help. `aliases` are other
     flags for the same field (an old spelling, say)."""
@@ -302,9 +307,7 @@ class Config(OptimConfig, CorpusConfig):
                                  "and the root); checkpoints become last.dcp/ folders that resume on any number of ranks")
     activation_checkpointing: bool = _runtime(False, "recompute each block's activations during the backward pass "
                                                      "instead of keeping them: less memory, about a third more compute")
-    step_timeout: float = _runtime(900.0, "seconds a rank may wait on the others before the run is called hung: "
-                                          "every live rank prints its stack, the ranks that did not arrive are named "
-                                          "and the run exits 3, to be restarted from its last checkpoint (0: off)")
+    step_timeout: float = _runtime(900.0, STEP_TIMEOUT_HELP)
 
     def validate(self) -> "Config":
         """Raises ConfigError naming the first flag whose value cannot work."""
@@ -347,9 +350,7 @@ class Config(OptimConfig, CorpusConfig):
         for name in ("muon_momentum", "grokfast_alpha"):
             need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
         need(self.max_steps > 0 or self.epochs > 0, "max_steps", "set --max_steps or --epochs above 0")
-        need(self.step_timeout == 0 or self.step_timeout >= MIN_STEP_TIMEOUT, "step_timeout",
-             f"{self.step_timeout:g} s would call a healthy run hung (a heartbeat takes a second to travel); "
-             f"give {MIN_STEP_TIMEOUT:g} or more, or 0 for no watchdog")
+        check_step_timeout(self.step_timeout)
         if self.fsdp:
             need(self.dtype != "float16", "fsdp", "float16 needs a gradient scaler that sees every shard; use "
                                                   "--dtype bfloat16 (or auto) with --fsdp")
@@ -388,6 +389,13 @@ class Config(OptimConfig, CorpusConfig):
 
 
 MIN_STEP_TIMEOUT = 5.0  # seconds: below this a heartbeat's delay alone could look like a hang
+
+
+def check_step_timeout(seconds: float) -> None:
+    """--step_timeout, for every program that trains (train.py, sae.py, lens.py)."""
+    need(seconds == 0 or seconds >= MIN_STEP_TIMEOUT, "step_timeout",
+         f"{seconds:g} s would call a healthy run hung (a heartbeat takes a second to travel); "
+         f"give {MIN_STEP_TIMEOUT:g} or more, or 0 for no watchdog")
 
 
 def rope_scaling(cfg) -> dict | None:

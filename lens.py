@@ -56,8 +56,9 @@ import torch.nn.functional as F
 from analysis.runs import POSITIONS, Run, encode_exactly, load_run, run_folder, split_sequences
 from analysis.sources import DumpSource, TokenSource, default_dump_dir
 from plumbing.checkpoints import CheckpointError, load_checkpoint, seed_everything, set_rng_state
-from config import (DEVICES, DTYPES, ConfigError, ModelSourceConfig, OptimConfig, config_from_dict, need, need_name,
-                    need_one_of, override, parse_flags, section, subcommand_flags)
+from config import (DEVICES, DTYPES, STEP_TIMEOUT_HELP, ConfigError, check_step_timeout, ModelSourceConfig,
+                    OptimConfig, config_from_dict, need, need_name, need_one_of, override, parse_flags, section,
+                    subcommand_flags)
 from data import _step_seed
 from plumbing.distributed import all_reduce_sum, gather_objects
 from plumbing.hardware import autocast, pick_dtype
@@ -136,6 +137,7 @@ class LensConfig(OptimConfig, ModelSourceConfig):
 
     device: str = _runtime("auto", "auto | cpu | cuda | mps")
     dtype: str = _runtime("auto", "auto (bf16 autocast on capable GPUs) | float32 | bfloat16")
+    step_timeout: float = _runtime(900.0, STEP_TIMEOUT_HELP)
 
     # Fields that shape the lens or its optimizer state: a resumed lens keeps them (and its layers).
     FIXED_ON_RESUME = ("t_text", "decoder_prompt", "encoder_prompt", "patch_all_layers", "seed", "use_muon",
@@ -143,6 +145,7 @@ class LensConfig(OptimConfig, ModelSourceConfig):
 
     def validate(self) -> "LensConfig":
         self.validate_optimization()
+        check_step_timeout(self.step_timeout)
         for name, choices in (("source", SOURCES), ("positions", POSITIONS), ("device", DEVICES), ("dtype", DTYPES)):
             need_one_of(self, name, choices)
         for name in ("t_text", "max_steps", "batch_size", "eval_every", "eval_rows", "log_every"):
@@ -648,7 +651,7 @@ def activation_statistics(lens: ConsistencyLens, run: Run, cfg: LensConfig, rows
 def train(cfg: LensConfig, explicit: set[str] = frozenset()) -> dict:
     """Trains one lens (every rank of a torchrun job calls this); returns the final metrics and
     where the lens lives. Bad input raises ConfigError / CheckpointError before anything is written."""
-    with Session(cfg.device, cfg.dtype) as session:
+    with Session(cfg.device, cfg.dtype, cfg.step_timeout) as session:
         log, dist, device, dtype = session.log, session.dist, session.device, session.dtype
         run = load_run(cfg.run_dir, device=str(device), source=cfg)
         for p in run.model.parameters():

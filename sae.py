@@ -74,7 +74,7 @@ def first_step_loss(sae: SparseAutoencoder, model, x: torch.Tensor, cfg: SAEConf
 def train(cfg: SAEConfig, explicit: set[str] = frozenset()) -> dict:
     """Trains one SAE (every rank of a torchrun job calls this); returns the final metrics and
     where the SAE lives. Bad input raises ConfigError / CheckpointError before anything is written."""
-    with Session(cfg.device, cfg.dtype) as session:
+    with Session(cfg.device, cfg.dtype, cfg.step_timeout) as session:
         log, dist, device, dtype = session.log, session.dist, session.device, session.dtype
         run = load_run(cfg.run_dir, device=str(device), source=cfg)
         for p in run.model.parameters():

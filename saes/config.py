@@ -6,8 +6,8 @@ import os
 from dataclasses import asdict, dataclass
 
 from analysis.runs import POSITIONS, load_run, run_folder
-from config import (DEVICES, DTYPES, ConfigError, ModelSourceConfig, OptimConfig, config_from_dict, need, need_name,
-                    need_one_of, override, section)
+from config import (DEVICES, DTYPES, STEP_TIMEOUT_HELP, ConfigError, check_step_timeout, ModelSourceConfig,
+                    OptimConfig, config_from_dict, need, need_name, need_one_of, override, section)
 from plumbing.checkpoints import CheckpointError, load_checkpoint
 from saes import build_sae
 from saes.base import KINDS
@@ -82,6 +82,7 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
 
     device: str = _runtime("auto", "auto | cpu | cuda | mps")
     dtype: str = _runtime("auto", "precision of the model's forward pass (the SAE trains in float32)")
+    step_timeout: float = _runtime(900.0, STEP_TIMEOUT_HELP)
 
     # Fields that shape the SAE, its data or its live buffer (in the checkpoint): a resumed SAE keeps them.
     FIXED_ON_RESUME = ("hook", "transcoder", "layer", "hook_out", "positions", "arch", "dict_size", "expansion", "k",
@@ -90,6 +91,7 @@ class SAEConfig(OptimConfig, ModelSourceConfig):
 
     def validate(self) -> "SAEConfig":
         self.validate_optimization()
+        check_step_timeout(self.step_timeout)
         for name, choices in (("arch", tuple(KINDS)), ("source", SOURCES), ("positions", POSITIONS),
                               ("device", DEVICES), ("dtype", DTYPES)):
             need_one_of(self, name, choices)

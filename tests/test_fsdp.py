@@ -225,6 +225,21 @@ def test_bad_sharding_flags_name_the_flag(args, fragments):
     assert all(fragment in str(error.value) for fragment in fragments), str(error.value)
 
 
+@pytest.mark.parametrize("program", ["sae", "lens"])
+def test_the_other_trainers_take_the_watchdogs_flag(program):
+    """sae.py and lens.py run the same watchdog (their sessions start it): --step_timeout is theirs too,
+    checked the same way."""
+    import lens
+    from config import ConfigError, parse_flags
+    from saes.config import SAEConfig
+    Config = SAEConfig if program == "sae" else lens.LensConfig
+    needed = ["--run_dir", "runs/x"] + (["--hook", "blocks.0.mlp.hook_post"] if program == "sae" else [])
+    cfg, _ = parse_flags(Config, [*needed, "--step_timeout", "0"], f"{program}.py", "")
+    assert cfg.step_timeout == 0 and Config().step_timeout == 900
+    with pytest.raises(ConfigError, match="--step_timeout: 2 s would call a healthy run hung"):
+        parse_flags(Config, [*needed, "--step_timeout", "2"], f"{program}.py", "")
+
+
 @pytest.mark.slow
 def test_a_sharded_checkpoint_missing_a_shard_or_of_another_model_is_refused(tmp_path):
     """Exit 2 naming the folder, nothing overwritten: shards of another model under this run's meta.pt
