@@ -521,8 +521,8 @@ def out_of_memory_message(cfg: Config, session: Session, run_dir: str, shape: tu
                  else "--fsdp on more GPUs")
     if text:
         tries.append("a shorter --context_len")
-    return (f"out of memory in the first step on {where}: a micro batch of {size}{' per rank' * dist.enabled} is "
-            f"too large. "
+    per_rank = " per rank" if dist.enabled else ""
+    return (f"out of memory in the first step on {where}: a micro batch of {size}{per_rank} is too large. "
             f"Try {'; '.join(tries)}. Nothing was trained or saved ({run_dir} holds this attempt's log).")
 
 
