@@ -24,14 +24,16 @@ LONG = ["--modulus", "23", "--batch_size", "64", "--max_steps", "150", "--target
 @pytest.mark.parametrize("architecture, losses", [
     ([], 3e-7),
     (["--positional", "rope", "--qk_norm", "--num_kv_heads", "2", "--norm", "rmsnorm", "--activation", "relu2",
-      "--muon_lr", "0.02"], 1e-6)], ids=["gpt2", "rope-gqa-qknorm"])
+      "--muon_lr", "0.02"], 2e-6)], ids=["gpt2", "rope-gqa-qknorm"])
 def test_two_ranks_match_one_process(tmp_path, architecture, losses):
     """Same global batch: 2 ranks x 2 micro-steps of 16 give one process's 64-example steps.
 
     Only float rounding differs (the sums are split differently). Measured over the 36 steps on a
     2-core x86 CPU: losses 1.5e-7 relative apart at most, the gradient norm 2.3e-7; with rotary,
     QK-norm (whose division magnifies rounding) and grouped-query attention 6.3e-7 and 3.4e-6;
-    weights 4e-6 apart. The bounds below (README: "to 3e-7") keep about twice that. Large learning
+    weights 4e-6 apart. On an AMD EPYC, whose kernels round otherwise: 1.1e-7 and 1.3e-7, and with
+    the second architecture 1.14e-6 and 4.3e-6. The bounds below (README: "to 3e-7") keep about
+    twice the larger. Large learning
     rates amplify the rounding step after step (grokking's Muon lr 0.3 turns it into 1e-3 within 30
     steps), so this run uses gentle ones; with QK-norm gentler still (Muon 0.05 drifted 2e-5 apart by
     step 32). The second architecture also checks that its rotary tables (buffers, which DDP is told

@@ -106,19 +106,19 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one_two_or_three(tmp_path, kind):
 @pytest.mark.slow
 def test_activation_checkpointing_and_compile_compute_the_same_steps(tmp_path):
     """Recomputing each block in the backward pass (its dropout replayed) changes what is kept, not what
-    is computed: the same losses and gradient norms to the bit, in one process and under FSDP on two ranks.
+    is computed: the same losses and gradient norms to the bit, under DDP and under FSDP on two ranks.
     Compiled after sharding (--torch_compile --fsdp), the steps are the same to the reordering of float
     sums that fusion brings (the single-process compile test's 1e-4)."""
     common = ["--save_model_dir", str(tmp_path), *COMMON, "--dropout", "0.1", "--max_steps", "6", "--num_blocks", "2"]
     runs = {}
-    for name, flags in (("plain", []), ("recomputed", ["--activation_checkpointing"])):
-        train.main(common + ["--run", name, *flags])
-        result = run_torchrun(common + ["--run_name", f"sharded-{name}", "--fsdp", *flags], cwd=str(tmp_path))
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = [(r["train_loss"], r["grad_norm"]) for r in map(metrics(tmp_path / name).get, range(1, 7))]
-        runs[f"sharded-{name}"] = [(r["train_loss"], r["grad_norm"])
-                                   for r in map(metrics(tmp_path / f"sharded-{name}").get, range(1, 7))]
-    assert runs["plain"] == runs["recomputed"] and runs["sharded-plain"] == runs["sharded-recomputed"]
+    for kind in ("ddp", "fsdp"):
+        for name, flags in (("plain", []), ("recomputed", ["--activation_checkpointing"])):
+            sharding = ["--fsdp"] if kind == "fsdp" else []
+            result = run_torchrun(common + ["--run_name", f"{kind}-{name}", *sharding, *flags], cwd=str(tmp_path))
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[f"{kind}-{name}"] = [(r["train_loss"], r["grad_norm"])
+                                      for r in map(metrics(tmp_path / f"{kind}-{name}").get, range(1, 7))]
+    assert runs["ddp-plain"] == runs["ddp-recomputed"] and runs["fsdp-plain"] == runs["fsdp-recomputed"]
 
     # compiled after sharding, without dropout (compiled dropout draws its own random stream)
     train.main(common + ["--run", "eager", "--dropout", "0"])
