@@ -80,7 +80,8 @@ def test_fsdp_on_two_ranks_equals_one_process_and_ddp(tmp_path, optimizer):
 @pytest.mark.parametrize("kind", ["fsdp", "ddp"])
 def test_a_run_stopped_on_two_ranks_resumes_on_one_two_or_three(tmp_path, kind):
     """Stopped at step 12 on 2 ranks, resumed to step 24 on 1, 2 and 3: the same steps, learning rates
-    and accuracies, losses within float rounding of another reduction order."""
+    and accuracies, losses within float rounding of another reduction order. And 1 -> 2: the one-process
+    continuation stopped at step 18, resumed on 2 ranks to step 24, takes the same steps again."""
     flags = ["--fsdp"] if kind == "fsdp" else []
     first = run_torchrun(["--save_model_dir", str(tmp_path / "stopped"), "--run_name", "r", *COMMON, *flags,
                           "--max_steps", "12"], cwd=str(tmp_path))
@@ -92,8 +93,11 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one_two_or_three(tmp_path, kind):
         runs = tmp_path / f"on{ranks}"
         shutil.copytree(tmp_path / "stopped", runs)
         args = ["--save_model_dir", str(runs), "--run_name", "r", "--resume", "auto", *COMMON, *flags]
-        if ranks == 1:
-            train.main(args)
+        if ranks == 1:  # stopped at 18 in one process, then on two ranks
+            train.main([*args, "--max_steps", "18"])
+            result = run_torchrun(args, cwd=str(tmp_path))
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert "resumed at step 18" in result.stdout
         else:
             result = run_torchrun(args, cwd=str(tmp_path), nproc=ranks)
             assert result.returncode == 0, result.stderr[-3000:]
